@@ -1,0 +1,32 @@
+"""maskdsl: a compiler for attention locality patterns.
+
+Write a pattern in a small declarative DSL, compile it for a token grid, call it::
+
+    import maskdsl as md
+    p = md.neighborhood(kernel_size=(7, 7), dilation=(1, 2)) & md.causal(dims=(0,))
+    attn = md.compile(p, shape=(64, 64), heads=4)
+    out = attn(q, k, v)                      # q, k, v: [B, H, N, D], N = 64 * 64
+
+``md.reference`` holds the dense semantics every backend is tested against.
+"""
+from . import reference
+from ._compile import CompiledAttention, compile
+from ._errors import MaskDSLError
+from ._parse import parse
+from ._pattern import (Pattern, block, causal, document, empty, full, heads, neighborhood, power,
+                       radial, sink, window)
+from ._score import (Score, alibi, distance_decay, dropout, relative_bias, sink_logit, softcap)
+from ._values import per_head
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # patterns
+    "neighborhood", "window", "causal", "block", "sink", "full", "empty", "document",
+    "radial", "power", "heads", "per_head",
+    # score terms
+    "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout",
+    # compiling and checking
+    "compile", "CompiledAttention", "parse", "reference", "MaskDSLError",
+    "Pattern", "Score",
+]

@@ -1,0 +1,181 @@
+"""The base of every DSL node: frozen dataclass, checked fields, constructor-call repr,
+structural equality (tensors compare by identity) and per-head binding."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import ClassVar, Dict, List
+
+from ._errors import MaskDSLError
+from ._values import Check, PerHead, _is_tensor, at_head, dim_count, fmt_value, head_counts, normalize
+
+__all__ = ["Node", "check_shape", "check_heads"]
+
+
+def _key_of(v):
+    if _is_tensor(v):
+        return ("<tensor>", id(v))
+    if isinstance(v, tuple):
+        return tuple(_key_of(x) for x in v)
+    return v
+
+
+class Node:
+    """Base class of pattern and score nodes.
+
+    Subclasses are frozen dataclasses (``eq=False``: equality is defined here) and set
+
+    * ``_name``: the DSL constructor name used by ``repr`` and the parser,
+    * ``_checks``: ``{field: Check}`` for numeric fields, normalised in ``__post_init__``,
+    * ``_npos``: how many leading fields ``repr`` prints positionally,
+    * ``_bind_head(p, shape, heads, where)`` for the checks that need the grid shape.
+    """
+
+    _name: ClassVar[str] = "?"
+    _checks: ClassVar[Dict[str, Check]] = {}
+    _npos: ClassVar[int] = 0
+
+    # ---------------------------------------------------------------- construction
+    def __post_init__(self):
+        for name, check in self._checks.items():
+            v = getattr(self, name)
+            if v is None:
+                continue
+            object.__setattr__(self, name, normalize(self._name, name, v, check))
+        counts = set()
+        for name in self._checks:
+            counts |= head_counts(getattr(self, name))
+        if len(counts) > 1:
+            shown = ", ".join(
+                f"{n} has {c.pop()}" for n in self._checks
+                if (c := head_counts(getattr(self, n)))
+            )
+            raise MaskDSLError(
+                f"{self._name}: per_head lists must all have the same length; {shown}"
+            )
+        dims = {
+            n: dim_count(getattr(self, n)) for n, c in self._checks.items() if c.per_dim
+        }
+        for n, d in dims.items():
+            if d == -1:
+                raise MaskDSLError(
+                    f"{self._name}: {n}={fmt_value(getattr(self, n))}: per_head tuples must all "
+                    f"have the same number of entries"
+                )
+        named = {n: d for n, d in dims.items() if d is not None}
+        if len(set(named.values())) > 1:
+            shown = ", ".join(f"{n} has {d}" for n, d in named.items())
+            raise MaskDSLError(
+                f"{self._name}: per-dimension parameters disagree on the number of dimensions: {shown}"
+            )
+        self._check()
+
+    def _check(self) -> None:
+        """Cross-field checks that need no shape (override)."""
+
+    def _head_count(self) -> int:
+        counts = set()
+        for name in self._checks:
+            counts |= head_counts(getattr(self, name))
+        return counts.pop() if counts else 1
+
+    def _rank_hint(self) -> int:
+        ranks = [
+            d for n, c in self._checks.items() if c.per_dim
+            and (d := dim_count(getattr(self, n))) is not None
+        ]
+        return ranks[0] if ranks else 1
+
+    # ---------------------------------------------------------------- binding
+    def bind(self, shape: tuple, heads: int) -> List[dict]:
+        """Resolve this node's parameters for every head of a grid ``shape``.
+
+        Returns one dict per head with every per_head value resolved and every per-dim
+        value broadcast to ``len(shape)`` entries. Raises MaskDSLError for a per_head list
+        whose length is not ``heads`` and for parameters the shape cannot hold.
+        """
+        for name in self._checks:
+            v = getattr(self, name)
+            for c in head_counts(v):
+                if c != heads:
+                    raise MaskDSLError(
+                        f"{self._name}: {name}={fmt_value(v)} has {c} values but heads={heads}; "
+                        f"give one value per head"
+                    )
+        varies = any(head_counts(getattr(self, n)) for n in self._checks)
+        out = []
+        for h in range(heads):
+            p = {f.name: at_head(getattr(self, f.name), h) for f in dataclasses.fields(self)}
+            where = f" (head {h})" if varies else ""
+            out.append(self._bind_head(p, tuple(shape), heads, where))
+        return out
+
+    def _bind_head(self, p: dict, shape: tuple, heads: int, where: str) -> dict:
+        return p
+
+    # ---------------------------------------------------------------- identity
+    def _key(self):
+        return tuple(_key_of(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def __eq__(self, other):
+        if type(self) is not type(other):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self):
+        return hash((type(self).__name__, self._key()))
+
+    def __repr__(self) -> str:
+        args = []
+        for i, f in enumerate(dataclasses.fields(self)):
+            v = getattr(self, f.name)
+            if i >= self._npos and f.default is not dataclasses.MISSING and _same(v, f.default):
+                continue
+            text = self._fmt_field(f.name, v)
+            args.append(text if i < self._npos else f"{f.name}={text}")
+        return f"{self._name}({', '.join(args)})"
+
+    def _fmt_field(self, name: str, v) -> str:
+        return fmt_value(v)
+
+    def __reduce__(self):
+        # Pickle keeps only the spec: the constructor and its arguments.
+        return (type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+
+def _same(a, b) -> bool:
+    if _is_tensor(a) or _is_tensor(b):
+        return a is b
+    return type(a) is type(b) and a == b or (
+        isinstance(a, numbers.Real) and isinstance(b, numbers.Real) and a == b
+        and not isinstance(a, bool) and not isinstance(b, bool)
+    )
+
+
+def check_shape(shape) -> tuple:
+    """Normalise and check a grid shape: 1 to 3 positive ints."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 3:
+        raise MaskDSLError(
+            f"shape={shape!r}: expected a tuple of 1 to 3 positive ints, e.g. (64, 64)"
+        )
+    out = []
+    for i, s in enumerate(shape):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise MaskDSLError(f"shape[{i}]={s!r}: expected a positive int")
+        out.append(int(s))
+    if math.prod(out) > 2**31 - 1:
+        raise MaskDSLError(f"shape={tuple(out)}: {math.prod(out)} tokens exceeds 2**31 - 1")
+    return tuple(out)
+
+
+def check_heads(heads) -> int:
+    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+        raise MaskDSLError(f"heads={heads!r}: expected a positive int")
+    return int(heads)

@@ -1,0 +1,167 @@
+"""``md.parse``: the DSL's text form, read by a whitelist over Python's ``ast`` (no ``eval``).
+
+Accepted: calls of DSL constructors (by name, positional and keyword arguments), numbers
+(with unary ``-``/``+``), strings, ``True``/``False``/``None``, tuples, lists, and the operators
+``& | ~`` (patterns) and ``+`` (score terms). Anything else — attribute access, other names,
+subscripts, lambdas, comprehensions — is a MaskDSLError naming what was found and where.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import numbers
+
+from . import _pattern, _score
+from ._errors import MaskDSLError
+from ._node import Node
+from ._pattern import Pattern
+from ._score import Score
+from ._values import per_head
+
+__all__ = ["parse", "NAMES"]
+
+NAMES = {
+    name: getattr(_pattern, name) for name in (
+        "neighborhood", "window", "causal", "block", "sink", "full", "empty", "document",
+        "radial", "power", "heads")
+}
+NAMES.update({
+    name: getattr(_score, name) for name in (
+        "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout")
+})
+NAMES["per_head"] = per_head
+
+MAX_LENGTH = 100_000   # characters
+MAX_DEPTH = 64         # nested calls/containers/operators
+
+
+def parse(text: str):
+    """Read a pattern (or score terms) written in the DSL's text form.
+
+    ``parse(repr(p)) == p`` for every pattern and literal score.
+
+    Example:
+        >>> import maskdsl as md
+        >>> md.parse("neighborhood(kernel_size=(7, 7)) & causal(dims=(0,))")
+        neighborhood(kernel_size=(7, 7)) & causal(dims=(0,))
+    """
+    if not isinstance(text, str):
+        raise MaskDSLError(f"parse: expected a string, got {type(text).__name__}")
+    if len(text) > MAX_LENGTH:
+        raise MaskDSLError(f"parse: spec has {len(text)} characters; expected at most {MAX_LENGTH}")
+    if not text.strip():
+        raise MaskDSLError("parse: empty spec; expected a pattern such as neighborhood(7)")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        col = f" at column {e.offset}" if e.offset else ""
+        raise MaskDSLError(f"parse: invalid syntax{col} in {_clip(text)!r}: {e.msg}") from None
+    except (ValueError, RecursionError, MemoryError, OverflowError) as e:
+        raise MaskDSLError(f"parse: cannot read {_clip(text)!r}: {type(e).__name__}") from None
+    try:
+        out = _Reader(text).read(tree.body, 0)
+    except RecursionError:
+        raise MaskDSLError(f"parse: spec nests too deeply; expected at most {MAX_DEPTH} levels") from None
+    if not isinstance(out, (Pattern, Score)):
+        raise MaskDSLError(
+            f"parse: {_clip(text)!r} is {_describe(out)}, not a pattern or score; expected e.g. "
+            f"neighborhood(7) or softcap(30.0)"
+        )
+    return out
+
+
+def _clip(text: str, n: int = 60) -> str:
+    text = text.strip()
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _describe(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return repr(v)
+    if isinstance(v, numbers.Number):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (tuple, list)):
+        return "a tuple" if isinstance(v, tuple) else "a list"
+    return type(v).__name__
+
+
+_WHAT = {
+    ast.Attribute: "attribute access", ast.Subscript: "subscripts", ast.Lambda: "lambdas",
+    ast.BoolOp: "'and'/'or' (use & and |)", ast.Compare: "comparisons", ast.Dict: "dicts",
+    ast.Set: "sets", ast.ListComp: "comprehensions", ast.GeneratorExp: "comprehensions",
+    ast.SetComp: "comprehensions", ast.DictComp: "comprehensions", ast.IfExp: "if/else",
+    ast.JoinedStr: "f-strings", ast.Starred: "* unpacking", ast.NamedExpr: ":=",
+    ast.Await: "await", ast.Yield: "yield", ast.YieldFrom: "yield",
+}
+
+
+class _Reader:
+    def __init__(self, text: str):
+        self.text = text
+
+    def fail(self, node, what: str):
+        where = f" at column {node.col_offset + 1}" if hasattr(node, "col_offset") else ""
+        raise MaskDSLError(f"parse: {what}{where} in {_clip(self.text)!r}")
+
+    def read(self, node, depth: int):
+        if depth > MAX_DEPTH:
+            self.fail(node, f"nesting deeper than {MAX_DEPTH} levels")
+        d = depth + 1
+        if isinstance(node, ast.Constant):
+            v = node.value
+            if v is None or isinstance(v, (bool, int, float, str)):
+                return v
+            self.fail(node, f"the literal {_clip(repr(v), 30)} is not allowed")
+        if isinstance(node, ast.Tuple):
+            return tuple(self.read(x, d) for x in node.elts)
+        if isinstance(node, ast.List):
+            return [self.read(x, d) for x in node.elts]
+        if isinstance(node, ast.UnaryOp):
+            v = self.read(node.operand, d)
+            if isinstance(node.op, ast.Invert):
+                if isinstance(v, Node):
+                    return ~v
+                self.fail(node, f"~ applies to patterns, got {_describe(v)}")
+            if isinstance(node.op, (ast.USub, ast.UAdd)):
+                if isinstance(v, numbers.Real) and not isinstance(v, bool):
+                    return -v if isinstance(node.op, ast.USub) else +v
+                self.fail(node, f"unary {'-' if isinstance(node.op, ast.USub) else '+'} applies "
+                                f"to numbers, got {_describe(v)}")
+            self.fail(node, "'not' is not allowed (use ~)")
+        if isinstance(node, ast.BinOp):
+            ops = {ast.BitAnd: "&", ast.BitOr: "|", ast.Add: "+"}
+            op = ops.get(type(node.op))
+            if op is None:
+                self.fail(node, f"the operator {type(node.op).__name__} is not allowed; expected "
+                                f"& | ~ (patterns) or + (scores)")
+            a, b = self.read(node.left, d), self.read(node.right, d)
+            if not isinstance(a, Node) or not isinstance(b, Node):
+                bad = a if not isinstance(a, Node) else b
+                self.fail(node, f"{op} combines patterns or scores, got {_describe(bad)}")
+            return a & b if op == "&" else a | b if op == "|" else a + b
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name):
+                self.fail(node, "only DSL constructors can be called, e.g. neighborhood(7)")
+            fn = NAMES.get(node.func.id)
+            if fn is None:
+                self.fail(node, f"unknown function {node.func.id!r}; expected one of "
+                                f"{', '.join(sorted(NAMES))}")
+            args = [self.read(x, d) for x in node.args]
+            kwargs = {}
+            for kw in node.keywords:
+                if kw.arg is None:
+                    self.fail(node, "** unpacking is not allowed")
+                kwargs[kw.arg] = self.read(kw.value, d)
+            try:
+                inspect.signature(fn).bind(*args, **kwargs)
+            except TypeError as e:
+                self.fail(node, f"{node.func.id}(): {e}")
+            return fn(*args, **kwargs)
+        if isinstance(node, ast.Name):
+            if node.id in NAMES:
+                self.fail(node, f"{node.id} must be called, e.g. {node.id}(...)")
+            self.fail(node, f"unknown name {node.id!r}; only DSL constructors, numbers, strings, "
+                            f"tuples and lists are allowed")
+        self.fail(node, f"{_WHAT.get(type(node), type(node).__name__)} not allowed")

@@ -1,0 +1,488 @@
+"""Pattern nodes: the predicates ``allowed(h, q, k)`` of the DSL and their algebra.
+
+The exact semantics of every node are written in DESIGN.md (Semantics) and implemented,
+independently of the compiler, in :mod:`maskdsl.reference`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Tuple
+
+from ._errors import MaskDSLError
+from ._node import Node
+from ._values import Check, PerHead, _fmt, _is_tensor, at_head, per_dim
+
+__all__ = [
+    "Pattern", "Neighborhood", "Window", "Causal", "Block", "Sink", "Full", "Empty",
+    "Document", "Radial", "Power", "And", "Or", "Not", "Heads",
+    "neighborhood", "window", "causal", "block", "sink", "full", "empty", "document",
+    "radial", "power", "heads",
+]
+
+_INT_GE = {n: (lambda n: (lambda v: v >= n))(n) for n in (0, 1, 2)}
+
+
+def _int(lo: int, legal: str, *, per_dim=False, per_head=True) -> Check:
+    return Check("int", _INT_GE[lo], legal, per_dim=per_dim, per_head=per_head)
+
+
+class Pattern(Node):
+    """Base class of the locality patterns; combine them with ``&``, ``|`` and ``~``."""
+
+    _prec: ClassVar[int] = 4  # binding strength in repr: | = 1, & = 2, ~ = 3, atoms = 4
+
+    def __and__(self, other):
+        return And(self, _as_pattern(other, "&"))
+
+    def __rand__(self, other):
+        return And(_as_pattern(other, "&"), self)
+
+    def __or__(self, other):
+        return Or(self, _as_pattern(other, "|"))
+
+    def __ror__(self, other):
+        return Or(_as_pattern(other, "|"), self)
+
+    def __invert__(self):
+        return Not(self)
+
+    def __add__(self, other):
+        raise MaskDSLError(
+            f"+ combines score terms, got the pattern {self!r}; combine patterns with & or |"
+        )
+
+    __radd__ = __add__
+
+
+def _as_pattern(x, op: str) -> Pattern:
+    if not isinstance(x, Pattern):
+        raise MaskDSLError(f"{op} expects a pattern on both sides, got {x!r}")
+    return x
+
+
+# ----------------------------------------------------------------------------- leaves
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Neighborhood(Pattern):
+    """NATTEN's generalized neighborhood attention, per dimension, AND-ed across dims.
+
+    Args:
+        kernel_size: window size K per dim (2 <= K, K * dilation <= shape).
+        stride: queries in groups of ``stride`` share a window (1 <= stride <= K).
+        dilation: attend within the residue class ``x % dilation``.
+        causal: a bool, or one bool per dim.
+    """
+
+    kernel_size: Any
+    stride: Any = 1
+    dilation: Any = 1
+    causal: Any = False
+
+    _name: ClassVar[str] = "neighborhood"
+    _checks: ClassVar = {
+        "kernel_size": _int(2, "an int >= 2", per_dim=True),
+        "stride": _int(1, "an int >= 1", per_dim=True),
+        "dilation": _int(1, "an int >= 1", per_dim=True),
+    }
+
+    def _check(self):
+        c = self.causal
+        if isinstance(c, list):
+            c = tuple(c)
+        if isinstance(c, tuple):
+            if not 1 <= len(c) <= 3 or not all(isinstance(x, bool) for x in c):
+                raise MaskDSLError(
+                    f"neighborhood: causal={c!r}: expected a bool or one bool per dimension"
+                )
+            named = [len(x) for x in (self.kernel_size, self.stride, self.dilation)
+                     if isinstance(x, tuple)]
+            if named and named[0] != len(c):
+                raise MaskDSLError(
+                    f"neighborhood: causal={_fmt(c)} has {len(c)} entries but kernel_size/stride/"
+                    f"dilation name {named[0]} dimensions"
+                )
+        elif not isinstance(c, bool):
+            raise MaskDSLError(f"neighborhood: causal={c!r}: expected a bool or one bool per dimension")
+        object.__setattr__(self, "causal", c)
+        rank = self._rank_hint()
+        for h in range(self._head_count()):
+            k = per_dim("neighborhood", "kernel_size", at_head(self.kernel_size, h), rank)
+            s = per_dim("neighborhood", "stride", at_head(self.stride, h), rank)
+            for i in range(rank):
+                if s[i] > k[i]:
+                    raise MaskDSLError(
+                        f"neighborhood: stride[{i}]={s[i]} exceeds kernel_size[{i}]={k[i]}; "
+                        f"expected 1 <= stride <= kernel_size"
+                    )
+
+    def _bind_head(self, p, shape, heads, where):
+        r = len(shape)
+        k = per_dim(self._name, "kernel_size", p["kernel_size"], r)
+        s = per_dim(self._name, "stride", p["stride"], r)
+        d = per_dim(self._name, "dilation", p["dilation"], r)
+        c = per_dim(self._name, "causal", p["causal"], r)
+        for i in range(r):
+            if k[i] * d[i] > shape[i]:
+                with_d = f" with dilation {d[i]}" if d[i] > 1 else ""
+                raise MaskDSLError(
+                    f"neighborhood: kernel_size[{i}]={k[i]}{with_d} needs shape[{i}] >= "
+                    f"{k[i] * d[i]}, got {shape[i]}{where}"
+                )
+        return {"kernel_size": k, "stride": s, "dilation": d, "causal": c}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Window(Pattern):
+    """Truncated sliding window: allowed iff ``-left <= k - q <= right`` on every dim.
+    No shifting at the borders (FlashAttention's ``window_size``)."""
+
+    left: Any
+    right: Any = None
+
+    _name: ClassVar[str] = "window"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {
+        "left": _int(0, "an int >= 0", per_dim=True),
+        "right": _int(0, "an int >= 0", per_dim=True),
+    }
+
+    def __post_init__(self):
+        if self.right is None:
+            object.__setattr__(self, "right", self.left)
+        super().__post_init__()
+
+    def __repr__(self):
+        if self.right == self.left:
+            return f"window({_fmt_any(self.left)})"
+        return f"window({_fmt_any(self.left)}, right={_fmt_any(self.right)})"
+
+    def _bind_head(self, p, shape, heads, where):
+        r = len(shape)
+        return {"left": per_dim(self._name, "left", p["left"], r),
+                "right": per_dim(self._name, "right", p["right"], r)}
+
+
+def _fmt_any(v):
+    return repr(v) if isinstance(v, PerHead) else _fmt(v)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Causal(Pattern):
+    """``k <= q`` on each listed dim (all dims by default; 1-D: the usual causal mask)."""
+
+    dims: Any = None
+
+    _name: ClassVar[str] = "causal"
+
+    def _check(self):
+        d = self.dims
+        if d is None:
+            return
+        if isinstance(d, numbers.Integral) and not isinstance(d, bool):
+            d = (d,)
+        if isinstance(d, list):
+            d = tuple(d)
+        if (not isinstance(d, tuple) or not 1 <= len(d) <= 3
+                or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in d)
+                or len(set(d)) != len(d)):
+            raise MaskDSLError(
+                f"causal: dims={self.dims!r}: expected a tuple of distinct dimension indices "
+                f"in 0..2, e.g. dims=(0,)"
+            )
+        object.__setattr__(self, "dims", tuple(int(x) for x in d))
+
+    def _bind_head(self, p, shape, heads, where):
+        dims = tuple(range(len(shape))) if self.dims is None else self.dims
+        for x in dims:
+            if x >= len(shape):
+                raise MaskDSLError(
+                    f"causal: dims={_fmt(self.dims)} names dim {x} but the shape {shape} has "
+                    f"dims 0..{len(shape) - 1}"
+                )
+        return {"dims": dims}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Block(Pattern):
+    """Same block on every dim: ``q // size == k // size`` (Swin-style, no shift)."""
+
+    size: Any
+
+    _name: ClassVar[str] = "block"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {"size": _int(1, "an int >= 1", per_dim=True)}
+
+    def _bind_head(self, p, shape, heads, where):
+        size = per_dim(self._name, "size", p["size"], len(shape))
+        for i, (b, n) in enumerate(zip(size, shape)):
+            if b > n:
+                raise MaskDSLError(
+                    f"block: size[{i}]={b} exceeds shape[{i}]={n}; expected 1 <= size <= {n}{where}"
+                )
+        return {"size": size}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Sink(Pattern):
+    """The first ``n`` tokens (flat index) are visible to every query."""
+
+    n: Any
+
+    _name: ClassVar[str] = "sink"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {"n": _int(0, "an int >= 0")}
+
+    def _bind_head(self, p, shape, heads, where):
+        total = math.prod(shape)
+        if p["n"] > total:
+            raise MaskDSLError(
+                f"sink: n={p['n']} exceeds the {total} tokens of shape {shape}; "
+                f"expected 0 <= n <= {total}{where}"
+            )
+        return {"n": p["n"]}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Full(Pattern):
+    """Every key is visible (the identity of ``&``)."""
+
+    _name: ClassVar[str] = "full"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Empty(Pattern):
+    """No key is visible (the identity of ``|``)."""
+
+    _name: ClassVar[str] = "empty"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Document(Pattern):
+    """Sequence packing: allowed iff ``ids[q] == ids[k]``; ``ids`` has one int per token."""
+
+    ids: Any
+
+    _name: ClassVar[str] = "document"
+    _npos: ClassVar[int] = 1
+
+    def _check(self):
+        ids = self.ids
+        if _is_tensor(ids):
+            import torch
+
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise MaskDSLError(
+                    f"document: ids: expected a 1-D integer tensor, got dtype {ids.dtype} "
+                    f"shape {list(ids.shape)}"
+                )
+            return
+        if isinstance(ids, list):
+            ids = tuple(ids)
+        if (not isinstance(ids, tuple) or len(ids) == 0
+                or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in ids)):
+            raise MaskDSLError(
+                f"document: ids={self.ids!r}: expected a non-empty list of ints (one per token) "
+                f"or a 1-D integer tensor"
+            )
+        object.__setattr__(self, "ids", tuple(int(x) for x in ids))
+
+    def _fmt_field(self, name, v):
+        if isinstance(v, tuple):
+            return "[" + ", ".join(map(str, v)) + "]"
+        return super()._fmt_field(name, v)
+
+    def _bind_head(self, p, shape, heads, where):
+        n = math.prod(shape)
+        length = self.ids.shape[0] if _is_tensor(self.ids) else len(self.ids)
+        if length != n:
+            raise MaskDSLError(
+                f"document: ids has {length} entries but shape {shape} has {n} tokens; "
+                f"expected one id per token"
+            )
+        return {"ids": self.ids}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Radial(Pattern):
+    """Radial Attention's token mask for video: dim 0 is time, the rest is one frame.
+
+    Frames ``d <= 1`` apart (or keys in the first ``sink_frames`` frames) see each other
+    fully; farther frames see a spatial band that halves with each doubling of ``d``, and
+    once the band would drop below ``min_window`` only every ``min_window / band``-th frame
+    is kept. Token-exact (no 128x128 coarsening).
+    """
+
+    decay: Any = 1.0
+    min_window: Any = 128
+    sink_frames: Any = 0
+
+    _name: ClassVar[str] = "radial"
+    _checks: ClassVar = {
+        "decay": Check("float", lambda v: v >= 0, "a number >= 0"),
+        "min_window": Check("float", lambda v: v > 0, "a number > 0"),
+        "sink_frames": _int(0, "an int >= 0"),
+    }
+
+    def _bind_head(self, p, shape, heads, where):
+        if p["sink_frames"] > shape[0]:
+            raise MaskDSLError(
+                f"radial: sink_frames={p['sink_frames']} exceeds the {shape[0]} frames of "
+                f"shape {shape} (dim 0 is time){where}"
+            )
+        return dict(p)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Power(Pattern):
+    """PowerAttention: key block ``D`` blocks back is visible iff ``D == 0`` or ``D`` is a
+    power of two (blocks of ``block`` tokens on the flat index)."""
+
+    block: Any = 1
+
+    _name: ClassVar[str] = "power"
+    _checks: ClassVar = {"block": _int(1, "an int >= 1")}
+
+
+# ----------------------------------------------------------------------------- algebra
+
+@dataclass(frozen=True, eq=False, repr=False)
+class And(Pattern):
+    a: Pattern
+    b: Pattern
+    _name: ClassVar[str] = "&"
+    _prec: ClassVar[int] = 2
+
+    def _check(self):
+        _as_pattern(self.a, "&"), _as_pattern(self.b, "&")
+
+    def __repr__(self):
+        return _binary(self, " & ")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Or(Pattern):
+    a: Pattern
+    b: Pattern
+    _name: ClassVar[str] = "|"
+    _prec: ClassVar[int] = 1
+
+    def _check(self):
+        _as_pattern(self.a, "|"), _as_pattern(self.b, "|")
+
+    def __repr__(self):
+        return _binary(self, " | ")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Not(Pattern):
+    a: Pattern
+    _name: ClassVar[str] = "~"
+    _prec: ClassVar[int] = 3
+
+    def _check(self):
+        _as_pattern(self.a, "~")
+
+    def __repr__(self):
+        inner = repr(self.a)
+        return "~" + (f"({inner})" if self.a._prec < self._prec else inner)
+
+
+def _binary(node, op: str) -> str:
+    left, right = repr(node.a), repr(node.b)
+    if node.a._prec < node._prec:
+        left = f"({left})"
+    if node.b._prec <= node._prec:  # left-associative: a & (b & c) keeps its parentheses
+        right = f"({right})"
+    return left + op + right
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Heads(Pattern):
+    """A different pattern on each head: ``heads([p0, p1, ...])`` (length == heads)."""
+
+    patterns: Tuple[Pattern, ...]
+
+    _name: ClassVar[str] = "heads"
+
+    def _check(self):
+        ps = self.patterns
+        if isinstance(ps, list):
+            ps = tuple(ps)
+        if not isinstance(ps, tuple) or len(ps) == 0:
+            raise MaskDSLError(
+                f"heads: patterns={self.patterns!r}: expected a non-empty list of patterns, "
+                f"one per head"
+            )
+        for i, x in enumerate(ps):
+            if not isinstance(x, Pattern):
+                raise MaskDSLError(f"heads: patterns[{i}]={x!r}: expected a pattern")
+        object.__setattr__(self, "patterns", ps)
+
+    def __repr__(self):
+        return "heads([" + ", ".join(repr(x) for x in self.patterns) + "])"
+
+    def _bind_head(self, p, shape, heads, where):
+        if len(self.patterns) != heads:
+            raise MaskDSLError(
+                f"heads: got {len(self.patterns)} patterns but heads={heads}; give one pattern per head"
+            )
+        return p
+
+
+# ----------------------------------------------------------------------------- constructors
+
+def neighborhood(kernel_size, stride=1, dilation=1, causal=False) -> Neighborhood:
+    """Neighborhood attention exactly as NATTEN defines it (see :class:`Neighborhood`)."""
+    return Neighborhood(kernel_size, stride, dilation, causal)
+
+
+def window(left, right=None) -> Window:
+    """Sliding window ``-left <= k - q <= right`` per dim; ``right`` defaults to ``left``."""
+    return Window(left, right)
+
+
+def causal(dims=None) -> Causal:
+    """``k <= q`` on the listed dims (default: all)."""
+    return Causal(dims)
+
+
+def block(size) -> Block:
+    """Tokens attend within their own block of ``size`` per dim."""
+    return Block(size)
+
+
+def sink(n) -> Sink:
+    """The first ``n`` tokens are visible to all queries."""
+    return Sink(n)
+
+
+def full() -> Full:
+    """Every key is visible."""
+    return Full()
+
+
+def empty() -> Empty:
+    """No key is visible."""
+    return Empty()
+
+
+def document(ids) -> Document:
+    """Packed sequences: a query sees only keys with the same document id."""
+    return Document(ids)
+
+
+def radial(decay=1.0, min_window=128, sink_frames=0) -> Radial:
+    """Radial Attention's video mask (see :class:`Radial`)."""
+    return Radial(decay, min_window, sink_frames)
+
+
+def power(block=1) -> Power:
+    """PowerAttention: blocks a power-of-two distance back (see :class:`Power`)."""
+    return Power(block)
+
+
+def heads(patterns) -> Heads:
+    """One pattern per head."""
+    return Heads(tuple(patterns) if isinstance(patterns, list) else patterns)

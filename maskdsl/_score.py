@@ -1,0 +1,297 @@
+"""Score nodes: terms added to ``q . k * scale`` before the softmax, combined with ``+``,
+plus the two softmax extras FlexAttention cannot express (``sink_logit``, ``dropout``)."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, ClassVar, Tuple
+
+from ._errors import MaskDSLError
+from ._node import Node
+from ._values import Check, _is_tensor, fmt_value
+
+__all__ = [
+    "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
+    "ScoreSum", "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout",
+    "score_terms",
+]
+
+METRICS = ("euclidean", "manhattan", "chebyshev")
+
+
+class Score(Node):
+    """Base class of score terms; combine them with ``+``."""
+
+    def __add__(self, other):
+        if isinstance(other, numbers.Number) and other == 0:
+            return self  # lets sum([...]) work
+        if not isinstance(other, Score):
+            raise MaskDSLError(f"+ expects score terms on both sides, got {other!r}")
+        return ScoreSum(score_terms(self) + score_terms(other))
+
+    def __radd__(self, other):
+        if isinstance(other, numbers.Number) and other == 0:
+            return self
+        if not isinstance(other, Score):
+            raise MaskDSLError(f"+ expects score terms on both sides, got {other!r}")
+        return ScoreSum(score_terms(other) + score_terms(self))
+
+    def _refuse(self, op):
+        raise MaskDSLError(
+            f"{op} combines patterns, got the score term {self!r}; pass scores as score=... "
+            f"and combine them with +"
+        )
+
+    def __and__(self, other):
+        self._refuse("&")
+
+    __rand__ = __and__
+
+    def __or__(self, other):
+        self._refuse("|")
+
+    __ror__ = __or__
+
+    def __invert__(self):
+        self._refuse("~")
+
+    def _bind_head(self, p, shape, heads, where):
+        for name, check in self._checks.items():
+            v = p.get(name)
+            if check.tensor and _is_tensor(v) and v.numel() not in (1, heads):
+                raise MaskDSLError(
+                    f"{self._name}: {name} is a tensor of shape {list(v.shape)}; expected shape [] "
+                    f"or [{heads}] (one value per head)"
+                )
+        return p
+
+
+def score_terms(s) -> tuple:
+    """The terms of a score (a single term or a ScoreSum) as a flat tuple."""
+    if s is None:
+        return ()
+    if isinstance(s, ScoreSum):
+        return s.terms
+    return (s,)
+
+
+_REAL = Check("float", lambda v: True, "a finite number", tensor=True)
+
+
+def _check_dims(node: str, dims):
+    if dims is None:
+        return None
+    if isinstance(dims, numbers.Integral) and not isinstance(dims, bool):
+        dims = (dims,)
+    if isinstance(dims, list):
+        dims = tuple(dims)
+    if (not isinstance(dims, tuple) or not 1 <= len(dims) <= 3
+            or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in dims)
+            or len(set(dims)) != len(dims)):
+        raise MaskDSLError(
+            f"{node}: dims={dims!r}: expected a tuple of distinct dimension indices in 0..2"
+        )
+    return tuple(int(x) for x in dims)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class DistanceDecay(Score):
+    """``score - rate_h * dist(q, k)`` on grid coordinates (the radial-decay bias)."""
+
+    rate: Any
+    metric: str = "euclidean"
+    dims: Any = None
+
+    _name: ClassVar[str] = "distance_decay"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {"rate": _REAL}
+
+    def _check(self):
+        if self.metric not in METRICS:
+            raise MaskDSLError(
+                f"distance_decay: metric={self.metric!r}: expected one of {', '.join(map(repr, METRICS))}"
+            )
+        object.__setattr__(self, "dims", _check_dims("distance_decay", self.dims))
+
+    def _bind_head(self, p, shape, heads, where):
+        p = super()._bind_head(p, shape, heads, where)
+        dims = tuple(range(len(shape))) if self.dims is None else self.dims
+        for x in dims:
+            if x >= len(shape):
+                raise MaskDSLError(
+                    f"distance_decay: dims={self.dims} names dim {x} but the shape {shape} has "
+                    f"dims 0..{len(shape) - 1}"
+                )
+        return dict(p, dims=dims)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Alibi(Score):
+    """``score - slope_h * |q - k|`` on the flat index. ``slopes="geometric"`` gives the ALiBi
+    paper's per-head slopes ``2 ** (-8 (h + 1) / H)`` (with its rule for H not a power of 2)."""
+
+    slopes: Any = "geometric"
+
+    _name: ClassVar[str] = "alibi"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {"slopes": _REAL}
+
+    def __post_init__(self):
+        if isinstance(self.slopes, str):
+            if self.slopes != "geometric":
+                raise MaskDSLError(
+                    f"alibi: slopes={self.slopes!r}: expected 'geometric', a number, per_head([...]) "
+                    f"or a tensor"
+                )
+            return
+        super().__post_init__()
+
+
+def geometric_slopes(heads: int) -> list:
+    """ALiBi's slopes for ``heads`` heads (Press et al., 2022)."""
+    def pow2(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    p = 1 << (heads.bit_length() - 1)  # the largest power of two <= heads
+    if p == heads:
+        return pow2(heads)
+    return pow2(p) + pow2(2 * p)[0::2][: heads - p]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class RelativeBias(Score):
+    """A learnable relative-position bias ``table[h, o_0 + R_0, ..., o_{r-1} + R_{r-1}]`` indexed
+    by the per-dim offset ``o_i = k_i - q_i``. The table has shape ``[heads, 2R_0+1, ...]``
+    (or no heads dim: shared); offsets beyond ``R_i`` use the edge entry (clipped), so a
+    ``(2K-1)``-wide table serves a K-neighborhood and a ``(2S-1)``-wide one covers the grid."""
+
+    table: Any
+
+    _name: ClassVar[str] = "relative_bias"
+    _npos: ClassVar[int] = 1
+
+    def _check(self):
+        t = self.table
+        if not _is_tensor(t) or not t.is_floating_point():
+            raise MaskDSLError(
+                f"relative_bias: table={fmt_value(t)}: expected a floating-point tensor of shape "
+                f"[heads, 2*R0+1, ...] or [2*R0+1, ...]"
+            )
+
+    def _bind_head(self, p, shape, heads, where):
+        t, r = self.table, len(shape)
+        if t.dim() == r + 1:
+            if t.shape[0] != heads:
+                raise MaskDSLError(
+                    f"relative_bias: table has shape {list(t.shape)}: its first dim is {t.shape[0]} "
+                    f"but heads={heads}"
+                )
+            sizes = tuple(t.shape[1:])
+        elif t.dim() == r:
+            sizes = tuple(t.shape)
+        else:
+            raise MaskDSLError(
+                f"relative_bias: table has shape {list(t.shape)}: expected {r} or {r + 1} dims for "
+                f"a {r}-D shape {shape} ([heads,] then one odd size 2*R+1 per dim)"
+            )
+        for i, n in enumerate(sizes):
+            if n % 2 == 0:
+                raise MaskDSLError(
+                    f"relative_bias: table size {n} on grid dim {i} is even; expected an odd size "
+                    f"2*R+1 (e.g. {2 * shape[i] - 1} to cover every offset of shape[{i}]={shape[i]})"
+                )
+        return {"table": t, "radius": tuple(n // 2 for n in sizes), "shared": t.dim() == r}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Softcap(Score):
+    """``cap * tanh(score / cap)``, applied after every additive term."""
+
+    cap: Any
+
+    _name: ClassVar[str] = "softcap"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {"cap": Check("float", lambda v: v > 0, "a number > 0", tensor=True)}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class SinkLogit(Score):
+    """A per-head logit that joins the softmax denominator only (no value row)."""
+
+    values: Any
+
+    _name: ClassVar[str] = "sink_logit"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {"values": _REAL}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Dropout(Score):
+    """Attention dropout on the probabilities (kept ones scaled by ``1 / (1 - p)``),
+    reproducible from ``seed``."""
+
+    p: Any
+    seed: int = 0
+
+    _name: ClassVar[str] = "dropout"
+    _npos: ClassVar[int] = 1
+    _checks: ClassVar = {
+        "p": Check("float", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+        "seed": Check("int", lambda v: 0 <= v < 2**63, "an int in [0, 2**63)", per_head=False),
+    }
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ScoreSum(Score):
+    """Several score terms; built by ``+``."""
+
+    terms: Tuple[Score, ...]
+
+    _name: ClassVar[str] = "+"
+
+    def _check(self):
+        seen = {}
+        for t in self.terms:
+            if not isinstance(t, Score) or isinstance(t, ScoreSum):
+                raise MaskDSLError(f"+: expected score terms, got {t!r}")
+            if isinstance(t, (Softcap, SinkLogit, Dropout)):
+                if type(t) in seen:
+                    raise MaskDSLError(
+                        f"+: {t._name} appears twice ({seen[type(t)]!r} and {t!r}); "
+                        f"expected at most one"
+                    )
+                seen[type(t)] = t
+
+    def __repr__(self):
+        return " + ".join(repr(t) for t in self.terms)
+
+
+def distance_decay(rate, metric="euclidean", dims=None) -> DistanceDecay:
+    """Subtract ``rate_h * dist(q, k)`` (euclidean, manhattan or chebyshev on grid coords)."""
+    return DistanceDecay(rate, metric, dims)
+
+
+def alibi(slopes="geometric") -> Alibi:
+    """ALiBi: subtract ``slope_h * |q - k|`` on the flat index."""
+    return Alibi(slopes)
+
+
+def relative_bias(table) -> RelativeBias:
+    """Add a learnable bias indexed by the per-dim offset ``k - q``."""
+    return RelativeBias(table)
+
+
+def softcap(cap) -> Softcap:
+    """``cap * tanh(score / cap)`` (applied last)."""
+    return Softcap(cap)
+
+
+def sink_logit(values) -> SinkLogit:
+    """A learnable per-head logit in the softmax denominator."""
+    return SinkLogit(values)
+
+
+def dropout(p, seed=0) -> Dropout:
+    """Attention dropout with probability ``p``, reproducible from ``seed``."""
+    return Dropout(p, seed)

@@ -1,0 +1,218 @@
+"""Parameter values: plain numbers, per-dimension tuples and ``per_head`` lists.
+
+Every numeric parameter of a pattern or score node may be
+
+* a number (the same on every dimension and every head),
+* a tuple with one entry per grid dimension (for per-dimension parameters),
+* ``per_head([v0, v1, ...])`` with one value per head (each value may itself be a
+  per-dimension tuple), or a tuple whose entries are ``per_head`` lists.
+
+This module normalises and checks such values at construction time (what can be checked
+without a shape) and resolves them for one head at bind time.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from ._errors import MaskDSLError
+
+__all__ = ["PerHead", "per_head"]
+
+
+@dataclass(frozen=True, eq=True)
+class PerHead:
+    """One value per attention head; build it with :func:`per_head`."""
+
+    values: tuple
+
+    def __repr__(self) -> str:
+        return "per_head([" + ", ".join(_fmt(v) for v in self.values) + "])"
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def per_head(values) -> PerHead:
+    """Give a numeric parameter a different value on each head.
+
+    Args:
+        values: a non-empty list or tuple with one number (or per-dimension tuple) per head.
+            Its length must equal the ``heads`` the pattern is compiled with.
+
+    Example:
+        >>> import maskdsl as md
+        >>> md.window(md.per_head([64, 128, 256, 512]))
+        window(per_head([64, 128, 256, 512]))
+    """
+    if isinstance(values, PerHead):
+        return values
+    if not isinstance(values, (list, tuple)) or len(values) == 0:
+        raise MaskDSLError(
+            f"per_head: values={values!r}: expected a non-empty list with one value per head"
+        )
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, PerHead):
+            raise MaskDSLError(f"per_head: values[{i}]={v!r}: per_head lists cannot be nested")
+        if isinstance(v, list):
+            v = tuple(v)
+        if isinstance(v, tuple):
+            if len(v) == 0 or any(not _is_number(x) for x in v):
+                raise MaskDSLError(
+                    f"per_head: values[{i}]={v!r}: expected a number or a tuple of numbers"
+                )
+        elif not _is_number(v):
+            raise MaskDSLError(f"per_head: values[{i}]={v!r}: expected a number or a tuple of numbers")
+        out.append(v)
+    return PerHead(tuple(out))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    return repr(v)
+
+
+def fmt_value(v) -> str:
+    """The DSL spelling of a parameter value (used by node reprs)."""
+    if _is_tensor(v):
+        return "<tensor [" + ", ".join(str(s) for s in v.shape) + "]>"
+    return _fmt(v)
+
+
+def _is_tensor(x) -> bool:
+    # Imported lazily so that building patterns never needs torch's import time.
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+# --------------------------------------------------------------------------- checking
+
+class Check:
+    """What one numeric field accepts: ``kind`` is "int" or "float", ``ok`` the range test,
+    ``legal`` its description for messages."""
+
+    def __init__(self, kind: str, ok: Callable[[Any], bool], legal: str, *,
+                 per_dim: bool = False, per_head: bool = True, tensor: bool = False):
+        self.kind, self.ok, self.legal = kind, ok, legal
+        self.per_dim, self.per_head, self.tensor = per_dim, per_head, tensor
+
+
+def _scalar(node: str, field: str, v, check: Check, shown: Optional[str] = None):
+    """Normalise one scalar (int-like -> int, real -> float) and range-check it."""
+    name = shown or field
+    if check.kind == "int":
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise MaskDSLError(f"{node}: {name}={v!r}: expected {check.legal}")
+        v = int(v)
+    else:
+        if not _is_number(v):
+            raise MaskDSLError(f"{node}: {name}={v!r}: expected {check.legal}")
+        v = int(v) if isinstance(v, numbers.Integral) else float(v)
+        if not math.isfinite(v):
+            raise MaskDSLError(f"{node}: {name}={v!r}: expected a finite number, {check.legal}")
+    if not check.ok(v):
+        raise MaskDSLError(f"{node}: {name}={v!r} is out of range: expected {check.legal}")
+    return v
+
+
+def normalize(node: str, field: str, v, check: Check):
+    """Check a parameter value at construction time and return it normalised
+    (lists -> tuples, numpy scalars -> Python numbers)."""
+    if check.tensor and _is_tensor(v):
+        if not v.is_floating_point():
+            raise MaskDSLError(f"{node}: {field}: expected a floating-point tensor, got dtype {v.dtype}")
+        if v.dim() > 1:
+            raise MaskDSLError(
+                f"{node}: {field}: expected a tensor of shape [] or [heads], got {list(v.shape)}"
+            )
+        return v
+    if isinstance(v, (list, PerHead)) and not (check.per_dim and isinstance(v, list)):
+        if isinstance(v, list):
+            raise MaskDSLError(
+                f"{node}: {field}={v!r}: a list is ambiguous here; write per_head({v!r}) "
+                f"for one value per head"
+            )
+        if not check.per_head:
+            raise MaskDSLError(f"{node}: {field}={v!r}: this parameter cannot vary per head")
+        vals = []
+        for i, x in enumerate(v.values):
+            if isinstance(x, tuple):
+                if not check.per_dim:
+                    raise MaskDSLError(
+                        f"{node}: {field}={v!r}: per_head values must be numbers, got {x!r}"
+                    )
+                vals.append(tuple(_scalar(node, field, e, check, f"{field}[head {i}]") for e in x))
+            else:
+                vals.append(_scalar(node, field, x, check, f"{field}[head {i}]"))
+        return PerHead(tuple(vals))
+    if isinstance(v, (tuple, list)):
+        if not check.per_dim:
+            raise MaskDSLError(f"{node}: {field}={v!r}: expected a single value, {check.legal}")
+        if len(v) == 0 or len(v) > 3:
+            raise MaskDSLError(
+                f"{node}: {field}={v!r}: expected one entry per grid dimension (1 to 3 entries)"
+            )
+        out = []
+        for i, x in enumerate(v):
+            if isinstance(x, PerHead):
+                out.append(normalize(node, f"{field}[{i}]", x, Check(
+                    check.kind, check.ok, check.legal, per_dim=False, per_head=check.per_head)))
+            else:
+                out.append(_scalar(node, field, x, check, f"{field}[{i}]"))
+        return tuple(out)
+    return _scalar(node, field, v, check)
+
+
+def head_counts(v) -> set:
+    """The lengths of the per_head lists inside a value."""
+    if isinstance(v, PerHead):
+        return {len(v)}
+    if isinstance(v, tuple):
+        out = set()
+        for x in v:
+            out |= head_counts(x)
+        return out
+    return set()
+
+
+def dim_count(v) -> Optional[int]:
+    """How many per-dimension entries a value names (None when it broadcasts)."""
+    if isinstance(v, tuple):
+        return len(v)
+    if isinstance(v, PerHead):
+        counts = {len(x) for x in v.values if isinstance(x, tuple)}
+        return counts.pop() if len(counts) == 1 else (None if not counts else -1)
+    return None
+
+
+def at_head(v, h: int):
+    """The value for head ``h`` (per_head lists replaced by their h-th entry)."""
+    if isinstance(v, PerHead):
+        return v.values[h]
+    if isinstance(v, tuple):
+        return tuple(at_head(x, h) for x in v)
+    return v
+
+
+def per_dim(node: str, field: str, v, rank: int) -> tuple:
+    """Broadcast a resolved (per-head free) value to one entry per dimension."""
+    if isinstance(v, tuple):
+        if len(v) != rank:
+            raise MaskDSLError(
+                f"{node}: {field}={_fmt(v)} has {len(v)} entries but the shape has {rank} "
+                f"dimension{'s' if rank != 1 else ''}; give one entry per dimension or a single number"
+            )
+        return v
+    return (v,) * rank
