@@ -102,8 +102,8 @@ class _Reader:
         self.text = text
 
     def fail(self, node, what: str):
-        where = f" at column {node.col_offset + 1}" if hasattr(node, "col_offset") else ""
-        raise MaskDSLError(f"parse: {what}{where} in {_clip(self.text)!r}")
+        where = f"column {node.col_offset + 1} of " if hasattr(node, "col_offset") else ""
+        raise MaskDSLError(f"parse: {what} ({where}{_clip(self.text)!r})")
 
     def read(self, node, depth: int):
         if depth > MAX_DEPTH:

@@ -1,0 +1,167 @@
+"""The ``maskdsl`` command line: ``show`` draws a pattern, ``check`` runs it against the reference.
+
+Bad input prints one line naming what is wrong and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from ._errors import MaskDSLError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, never a usage dump
+        sub = self.prog.split()[1:]
+        raise MaskDSLError(f"{sub[0]}: {message}" if sub else message)
+
+
+def _shape(text: str) -> tuple:
+    try:
+        out = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise MaskDSLError(f"--shape={text!r}: expected sizes joined by 'x', e.g. 64x64") from None
+    if not 1 <= len(out) <= 3 or any(s < 1 for s in out):
+        raise MaskDSLError(f"--shape={text!r}: expected 1 to 3 positive sizes joined by 'x', e.g. 64x64")
+    return out
+
+
+def _coords(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise MaskDSLError(f"--query={text!r}: expected comma-separated ints, e.g. 10,20") from None
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("spec", help="the pattern, e.g. 'neighborhood((7, 7)) & causal(dims=(0,))'")
+    p.add_argument("--shape", required=True, type=str, help="token grid, e.g. 64x64")
+    p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
+    p.add_argument("--score", default=None, help="score terms, e.g. 'softcap(30.0)'")
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="maskdsl", description="Compile, draw and check attention locality patterns.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    show = sub.add_parser("show", help="draw the mask in the terminal")
+    _common(show)
+    show.add_argument("--head", type=int, default=None, help="draw only this head")
+    show.add_argument("--query", type=str, default=None,
+                      help="grid coordinates of the query to draw on the grid (default: the centre)")
+    show.add_argument("--width", type=int, default=64, help="columns of the block picture")
+    check = sub.add_parser("check", help="run the compiled attention against the reference")
+    _common(check)
+    check.add_argument("--backend", default="auto")
+    check.add_argument("--batch", type=int, default=1)
+    check.add_argument("--dim", type=int, default=16, help="head dim D")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--quiet", action="store_true", help="skip the picture")
+    return parser
+
+
+def _spec(args):
+    from ._parse import parse
+    from ._pattern import Pattern
+    from ._score import Score
+
+    p = parse(args.spec)
+    if not isinstance(p, Pattern):
+        raise MaskDSLError(f"SPEC: {args.spec!r} is a score; expected a pattern (scores go in --score)")
+    s = parse(args.score) if args.score else None
+    if s is not None and not isinstance(s, Score):
+        raise MaskDSLError(f"--score: {args.score!r} is a pattern; expected score terms")
+    return p, s
+
+
+def _picture(p, shape, heads, only_head, query, width) -> str:
+    import torch
+
+    from . import reference
+    from ._draw import draw_blocks, draw_query
+
+    m = reference.mask(p, shape, heads)
+    n = math.prod(shape)
+    if query is None:
+        query = tuple(s // 2 for s in shape)
+    if len(query) != len(shape) or any(not 0 <= c < s for c, s in zip(query, shape)):
+        raise MaskDSLError(
+            f"--query={','.join(map(str, query))}: expected {len(shape)} coordinates within shape {shape}"
+        )
+    flat = 0
+    for c, s in zip(query, shape):
+        flat = flat * s + c
+    if only_head is not None and not 0 <= only_head < heads:
+        raise MaskDSLError(f"--head={only_head}: expected 0 <= head < {heads}")
+    out, groups = [], {}
+    for h in ([only_head] if only_head is not None else range(heads)):
+        same = next((g for g in groups if torch.equal(m[g], m[h])), None)
+        groups.setdefault(h if same is None else same, []).append(h)
+    for h, members in groups.items():
+        density = m[h].float().mean().item()
+        label = f"head {h}" if len(members) == 1 else "heads " + ",".join(map(str, members))
+        out.append(f"{label}: {int(m[h].sum())} of {n * n} pairs allowed ({density:.1%})")
+        out.append(draw_blocks(m[h], width))
+        if len(shape) > 1 or n > width:
+            out.append(draw_query(m[h, flat], shape, query, width))
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _cmd_show(args) -> int:
+    from ._compile import validate
+
+    p, s = _spec(args)
+    shape = validate(p, _shape(args.shape), args.heads, s)
+    query = _coords(args.query) if args.query else None
+    print(f"{p!r}  shape={'x'.join(map(str, shape))}  heads={args.heads}")
+    print(_picture(p, shape, args.heads, args.head, query, args.width))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    import torch
+
+    from . import reference
+    from ._compile import compile
+
+    p, s = _spec(args)
+    attn = compile(p, _shape(args.shape), args.heads, score=s, backend=args.backend)
+    if args.batch < 1 or args.dim < 1:
+        raise MaskDSLError(f"--batch={args.batch}, --dim={args.dim}: expected positive ints")
+    torch.manual_seed(args.seed)
+    q, k, v = (torch.randn(args.batch, args.heads, attn.n, args.dim) for _ in range(3))
+    out = attn(q, k, v)
+    ref = reference.attention(q.double(), k.double(), v.double(), p, attn.shape, score=s)
+    err = (out.double() - ref).abs().max().item()
+    tol = 1e-4
+    print(f"{p!r}  shape={'x'.join(map(str, attn.shape))}  heads={args.heads}"
+          + (f"  score={s!r}" if s is not None else ""))
+    print(f"backend: {attn.backend}: {attn.reason}")
+    if not args.quiet:
+        print(_picture(p, attn.shape, args.heads, None, None, 64))
+    verdict = "OK" if err <= tol else "MISMATCH"
+    print(f"max |compiled - reference(fp64)| = {err:.3e}  (fp32, tolerance {tol:.0e}): {verdict}")
+    return 0 if err <= tol else 1
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return {"show": _cmd_show, "check": _cmd_check}[args.command](args)
+    except MaskDSLError as e:
+        print(f"maskdsl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maskdsl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Shared test setup: Hypothesis profiles and the requires_cuda marker.
+
+Profiles: ``derandomize`` (the default, used in CI: fixed seeds, moderate example counts) and
+``thorough`` (``pytest --hypothesis-profile=thorough``: random seeds, many more examples).
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("derandomize", derandomize=True, max_examples=60, print_blob=True, **_common)
+settings.register_profile("thorough", max_examples=1000, print_blob=True, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomize"))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
