@@ -58,6 +58,13 @@ class Pattern(Node):
 
 def _as_pattern(x, op: str) -> Pattern:
     if not isinstance(x, Pattern):
+        from ._score import Score
+
+        if isinstance(x, Score):
+            raise MaskDSLError(
+                f"{op} combines patterns, got the score term {x!r}; pass scores as score=... "
+                f"and combine them with +"
+            )
         raise MaskDSLError(f"{op} expects a pattern on both sides, got {x!r}")
     return x
 
