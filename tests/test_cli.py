@@ -1,0 +1,56 @@
+"""The command line through subprocess: exit codes, output, one-line errors."""
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "maskdsl", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_check_runs_compares_and_draws():
+    r = run("check", "neighborhood(kernel_size=(5, 5), dilation=(1, 2)) & causal(dims=(0,))",
+            "--shape", "12x12", "--heads", "2", "--score", "distance_decay(per_head([0.0, 0.2]))")
+    assert r.returncode == 0, r.stderr
+    assert "backend: dense" in r.stdout and ": OK" in r.stdout
+    assert "heads 0,1: 2160 of 20736 pairs allowed (10.4%)" in r.stdout
+    assert "◆" in r.stdout and "▒" in r.stdout                 # query marker, partial blocks
+
+
+def test_show_draws_the_query_neighborhood_on_the_grid():
+    r = run("show", "neighborhood(3)", "--shape", "5x5", "--query", "0,0")
+    assert r.returncode == 0, r.stderr
+    grid = r.stdout.split("not seen\n")[1].splitlines()
+    assert grid[:3] == ["◆◆████····", "██████····", "██████····"]  # border-shifted 3x3 window
+    assert grid[3:5] == ["··········"] * 2
+
+
+def test_show_blocks_distinguish_full_partial_empty():
+    r = run("show", "block(4)", "--shape", "64", "--width", "32")
+    assert r.returncode == 0 and "one cell = 4 x 4 tokens" in r.stdout
+    picture = r.stdout.split("none)\n")[1].splitlines()[:16]
+    assert picture[0] == "██" + "··" * 15            # a 4x4 block fully allowed, the rest empty
+    assert picture[15] == "··" * 15 + "██"
+    r = run("show", "window(1)", "--shape", "64", "--width", "32")
+    picture = r.stdout.split("none)\n")[1].splitlines()[:16]
+    assert picture[0] == "▒▒▒▒" + "··" * 14          # a band: partial on and next to the diagonal
+
+
+@pytest.mark.parametrize("args,message", [
+    (("show", "neighborhood(1)", "--shape", "8"), "neighborhood: kernel_size=1 is out of range"),
+    (("show", "neighborhood(9)", "--shape", "8"), "kernel_size[0]=9 needs shape[0] >= 9, got 8"),
+    (("check", "foo(3)", "--shape", "8"), "unknown function 'foo'"),
+    (("check", "window(2)", "--shape", "8x"), "--shape='8x'"),
+    (("show", "window(2)"), "the following arguments are required: --shape"),
+    (("show", "softcap(2.0)", "--shape", "8"), "is a score; expected a pattern"),
+    (("show", "window(2)", "--shape", "8", "--query", "9"), "--query=9: expected 1 coordinates within shape (8,)"),
+    (("bogus",), "invalid choice: 'bogus'"),
+    (("check", "window(per_head([1, 2]))", "--shape", "8", "--heads", "3"), "has 2 values but heads=3"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = run(*args)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("maskdsl: error: ") and message in r.stderr
