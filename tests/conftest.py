@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("derandomize", derandomize=True, max_examples=60, print_blob=True, **_common)
+settings.register_profile("derandomize", derandomize=True, max_examples=100, print_blob=True, **_common)
 settings.register_profile("thorough", max_examples=1000, print_blob=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomize"))
 
