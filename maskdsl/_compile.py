@@ -1,7 +1,7 @@
 """``md.compile``: check a pattern against a shape once, then hand back a callable.
 
-This version ships the ``dense`` backend (the reference path, for small N); the compiler
-issue adds ``flex``, ``tiles`` and ``triton`` behind the same :class:`CompiledAttention`.
+Backends: ``flex`` (generated mask_mod/score_mod + analytic BlockMask, torch.compile'd
+flex_attention) and ``dense`` (the reference path, small N). ``auto`` picks one and says why.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ._score import Dropout, Score, score_terms
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
-BACKENDS = ("auto", "dense")
+BACKENDS = ("auto", "dense", "flex")
 DENSE_MAX_TOKENS = 32768  # the dense path materialises [B, H, N, N] logits
 
 
@@ -59,21 +59,55 @@ class CompiledAttention:
         pattern, shape, heads, score: what it was compiled for.
         backend: the backend that runs it; reason: why that one, in one sentence.
         training: whether a ``dropout`` term is applied (default True; set False to evaluate).
+        source: the generated ``mask_mod`` (and ``score_mod``) Python source.
+        mask_mod, score_mod: the generated functions (flex signatures).
     """
 
-    def __init__(self, pattern, shape, heads, score, backend: str, reason: str):
+    def __init__(self, pattern, shape, heads, score, backend: str, reason: str, auto: bool):
         self.pattern, self.shape, self.heads, self.score = pattern, shape, heads, score
         self.backend, self.reason = backend, reason
         self.n = math.prod(shape)
         self.training = True
+        self._auto = auto
         drop = next((t for t in score_terms(score) if isinstance(t, Dropout)), None)
         self._generator = torch.Generator().manual_seed(drop.seed) if drop is not None else None
         self._masks = {}
+        self._program = None
 
     def __repr__(self):
         score = f", score={self.score!r}" if self.score is not None else ""
         return (f"CompiledAttention({self.pattern!r}, shape={self.shape}, heads={self.heads}"
                 f"{score}, backend={self.backend!r})")
+
+    # ------------------------------------------------------------------ generated artefacts
+    @property
+    def program(self):
+        """The codegen Program (IR, layout, generated source, tile classes), built on first use."""
+        if self._program is None:
+            from .codegen.program import program
+
+            self._program = program(self.pattern, self.score, self.shape, self.heads)
+        return self._program
+
+    @property
+    def source(self) -> str:
+        return self.program.source
+
+    @property
+    def mask_mod(self):
+        return self.program.mods("cpu")[0]
+
+    @property
+    def score_mod(self):
+        return self.program.mods("cpu")[1]
+
+    def block_mask(self, device="cpu"):
+        """The torch BlockMask, built analytically (in the program's token layout)."""
+        return self.program.block_mask(device)
+
+    def stats(self) -> dict:
+        """Token density, block density before/after token tiling, ideal speedup, layout."""
+        return self.program.stats()
 
     def mask(self, device="cpu") -> torch.Tensor:
         """The bool [H, N, N] mask (built once per device by the reference)."""
@@ -82,11 +116,29 @@ class CompiledAttention:
             self._masks[device] = reference.mask(self.pattern, self.shape, self.heads, device)
         return self._masks[device]
 
+    # ------------------------------------------------------------------ running
     def __call__(self, q, k, v, *, scale: Optional[float] = None) -> torch.Tensor:
         """Attention output [B, H, N, Dv] for q, k, v of shape [B, H, N, D]."""
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads)
         scale = check_scale(scale, D)
         reference.check_params_device(self.score, q.device)
+        if self.backend == "flex":
+            from .codegen.dispatch import call_time_fallback
+            from .codegen.flex import run_flex
+
+            why = call_time_fallback(q, k, v)
+            if why is None:
+                return run_flex(self.program, q, k, v, scale)
+            if not self._auto or self.n > DENSE_MAX_TOKENS:
+                raise MaskDSLError(
+                    f"backend='flex': {why}; use float32/bfloat16/float16 inputs, run under "
+                    f"torch.no_grad(), or pick backend='dense' (N <= {DENSE_MAX_TOKENS})"
+                )
+            self.reason = f"{self.reason.split('; this call')[0]}; this call ran dense: {why}"
+        return self._dense(q, k, v, scale)
+
+    def _dense(self, q, k, v, scale):
+        B, H, N, _ = q.shape
         keep = None
         if self._generator is not None and self.training:
             keep = reference.dropout_mask(self.score, B, H, N, q.device, generator=self._generator)
@@ -105,7 +157,7 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         shape: the token grid (1 to 3 dims); q, k, v carry N = prod(shape) tokens, row-major.
         heads: the number of heads H (per_head lists and heads([...]) must have H entries).
         score: score terms combined with ``+``, or None.
-        backend: ``"auto"`` or ``"dense"`` in this version.
+        backend: ``"auto"`` (pick and say why in ``attn.reason``), ``"flex"`` or ``"dense"``.
 
     Returns:
         a :class:`CompiledAttention`; ``attn(q, k, v)`` with q, k, v of shape [B, H, N, D].
@@ -124,11 +176,24 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
             f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}"
         )
     n = math.prod(shape)
-    if n > DENSE_MAX_TOKENS:
+    if backend == "auto":
+        from .codegen.dispatch import choose
+
+        chosen, reason = choose(shape, heads, score, DENSE_MAX_TOKENS)
+        if chosen == "none":
+            raise MaskDSLError(f"backend='auto': {reason}")
+        return CompiledAttention(p, shape, heads, score, chosen, reason, auto=True)
+    if backend == "dense" and n > DENSE_MAX_TOKENS:
         raise MaskDSLError(
             f"shape={shape}: {n} tokens is too many for the dense backend, which materialises "
-            f"[B, H, N, N]; expected N <= {DENSE_MAX_TOKENS}"
+            f"[B, H, N, N]; expected N <= {DENSE_MAX_TOKENS} (try backend='flex')"
         )
-    reason = ("dense was requested" if backend == "dense" else
-              "dense is the only backend in this version (the reference path)")
-    return CompiledAttention(p, shape, heads, score, "dense", reason)
+    if backend == "flex":
+        from .codegen.dispatch import _beyond_flex
+
+        node = _beyond_flex(score)
+        if node is not None:
+            raise MaskDSLError(
+                f"backend='flex': FlexAttention cannot express {node!r}; use backend='auto' or 'dense'"
+            )
+    return CompiledAttention(p, shape, heads, score, backend, f"{backend} was requested", auto=False)

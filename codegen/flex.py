@@ -1,0 +1,74 @@
+"""The ``flex`` backend: torch's flex_attention with the generated mods and the analytic BlockMask.
+
+q, k, v are laid out in the program's token layout (tiles contiguous, padded), attended, and the
+output is put back in the user's order; the layout is invisible outside this module.
+One ``torch.compile(flex_attention)`` is shared by every program: mask_mod/score_mod objects
+come from the cached Program, so layers with the same pattern reuse one compiled graph.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Dict
+
+import torch
+
+from .program import Program
+
+__all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex"]
+
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_compiled = None
+_lock = threading.Lock()
+
+
+def compiled_flex():
+    """The process-wide ``torch.compile(flex_attention)``."""
+    global _compiled
+    with _lock:
+        if _compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            _compiled = torch.compile(flex_attention, dynamic=False)
+        return _compiled
+
+
+class _Perm:
+    """Gather/scatter indices of a layout, per device."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.cache: Dict[torch.device, tuple] = {}
+
+    def get(self, device):
+        if device not in self.cache:
+            lay = self.program.layout
+            self.cache[device] = (lay.gather_index().to(device), lay.scatter_index().to(device))
+        return self.cache[device]
+
+
+_perms: Dict[int, _Perm] = {}
+
+
+def _to_layout(x, gather):
+    pad = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
+    return torch.cat([x, pad], 2).index_select(2, gather)
+
+
+def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True):
+    """flex_attention on [B, H, N, D] inputs in the user's token order."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    device = q.device
+    mask_mod, score_mod = program.mods(device)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    block_mask = program.block_mask(device, compute_q_blocks=needs_grad or device.type != "cpu")
+    lay = program.layout
+    if not lay.identity:
+        perm = _perms.setdefault(id(program), _Perm(program))
+        gather, scatter = perm.get(device)
+        q, k, v = (_to_layout(t, gather) for t in (q, k, v))
+    fn = compiled_flex() if compiled else flex_attention
+    out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    if not lay.identity:
+        out = out.index_select(2, scatter)
+    return out

@@ -1,0 +1,218 @@
+"""Print IR expressions as torch source and exec them into named functions.
+
+One ``_print_<Node>`` method per sympy node (sympy's own printers are the model); nodes with no
+method raise :class:`UnsupportedNode`. The generated functions only use integer tensor ops
+(``//``, ``%``, ``torch.minimum``, comparisons, ``& | ~``) for masks, plus ``torch.sqrt``,
+``torch.tanh``, ``torch.abs`` for scores. Per-head parameters and data tables are captured
+tensors passed in as globals of the exec'd function — never Python floats in closures.
+"""
+from __future__ import annotations
+
+import keyword
+import re
+from typing import Dict, Iterable, List, Tuple
+
+import sympy as sp
+from sympy.printing.str import StrPrinter
+
+from .ir import IsPow2
+
+__all__ = ["TorchPrinter", "UnsupportedNode", "emit_function", "identifier"]
+
+
+class UnsupportedNode(TypeError):
+    """The printer met a sympy node it has no rule for (an internal error, not user input)."""
+
+
+class TorchPrinter(StrPrinter):
+    """sympy -> torch expression source."""
+
+    def emptyPrinter(self, expr):  # noqa: N802 (sympy's name)
+        raise UnsupportedNode(f"no torch printing rule for {type(expr).__name__}: {expr}")
+
+    def _print_Symbol(self, e):
+        return e.name
+
+    def _print_Integer(self, e):
+        return str(int(e))
+
+    def _print_Zero(self, e):
+        return "0"
+
+    def _print_One(self, e):
+        return "1"
+
+    def _print_NegativeOne(self, e):
+        return "-1"
+
+    def _print_Float(self, e):
+        return repr(float(e))
+
+    def _print_Rational(self, e):
+        return repr(float(e))
+
+    def _print_Half(self, e):
+        return "0.5"
+
+    def _print_Indexed(self, e):
+        return f"{e.base}[{', '.join(self._print(i) for i in e.indices)}]"
+
+    def _print_IndexedBase(self, e):
+        return str(e)
+
+    def _wrap(self, e) -> str:
+        text = self._print(e)
+        atom = e.is_Symbol or e.is_Integer or isinstance(e, sp.Indexed)
+        return text if atom or (text.startswith("(") and text.endswith(")") and _balanced(text[1:-1])) else f"({text})"
+
+    def _print_floor(self, e):
+        num, den = e.args[0].as_numer_denom()
+        if den == 1:
+            return self._print(num)
+        return f"({self._wrap(num)} // {self._wrap(den)})"
+
+    def _print_Mod(self, e):
+        a, b = e.args
+        return f"({self._wrap(a)} % {self._wrap(b)})"
+
+    def _fold(self, fn: str, clamp: str, args) -> str:
+        nums = [a for a in args if a.is_number]
+        rest = [self._print(a) for a in args if not a.is_number]
+        out = rest[0]
+        for r in rest[1:]:
+            out = f"torch.{fn}({out}, {r})"
+        for n in nums:
+            out = f"torch.clamp({out}, {clamp}={self._print(n)})"
+        return out
+
+    def _print_Min(self, e):
+        return self._fold("minimum", "max", e.args)
+
+    def _print_Max(self, e):
+        return self._fold("maximum", "min", e.args)
+
+    def _print_Abs(self, e):
+        return f"torch.abs({self._print(e.args[0])})"
+
+    def _print_Pow(self, e):
+        base, exp = e.args
+        if exp == sp.Rational(1, 2):
+            return f"torch.sqrt({self._print(base)})"
+        if exp == -1:
+            return f"(1.0 / ({self._print(base)}))"
+        if exp.is_Integer and exp > 0:
+            return f"(({self._print(base)}) ** {int(exp)})"
+        raise UnsupportedNode(f"no torch printing rule for the power {e}")
+
+    def _print_Mul(self, e):
+        coeff, rest = e.as_coeff_Mul()
+        if coeff == -1:
+            return f"(-{self._print(rest)})"
+        factors = [self._print(a) for a in e.as_ordered_factors()]
+        return "(" + " * ".join(factors) + ")"
+
+    def _print_Add(self, e):
+        terms = e.as_ordered_terms()
+        out = self._print(terms[0])
+        for t in terms[1:]:
+            c, rest = t.as_coeff_Mul()
+            if c.is_number and c < 0:
+                out += f" - {self._print(-t)}"
+            else:
+                out += f" + {self._print(t)}"
+        return f"({out})"
+
+    def _print_sqrt(self, e):
+        return f"torch.sqrt({self._print(e.args[0])})"
+
+    def _print_tanh(self, e):
+        return f"torch.tanh({self._print(e.args[0])})"
+
+    def _rel(self, e, op):
+        return f"({self._print(e.lhs)} {op} {self._print(e.rhs)})"
+
+    def _print_LessThan(self, e):
+        return self._rel(e, "<=")
+
+    def _print_StrictLessThan(self, e):
+        return self._rel(e, "<")
+
+    def _print_GreaterThan(self, e):
+        return self._rel(e, ">=")
+
+    def _print_StrictGreaterThan(self, e):
+        return self._rel(e, ">")
+
+    def _print_Equality(self, e):
+        return self._rel(e, "==")
+
+    def _print_Unequality(self, e):
+        return self._rel(e, "!=")
+
+    def _print_And(self, e):
+        return "(" + " & ".join(self._print(a) for a in e.args) + ")"
+
+    def _print_Or(self, e):
+        return "(" + " | ".join(self._print(a) for a in e.args) + ")"
+
+    def _print_Not(self, e):
+        return f"(~{self._print(e.args[0])})"
+
+    def _print_BooleanTrue(self, e):
+        return "TRUE"
+
+    def _print_BooleanFalse(self, e):
+        return "FALSE"
+
+    def _print_IsPow2(self, e):
+        x = self._wrap(e.args[0])
+        return f"(({x} & ({x} - 1)) == 0)"
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for c in text:
+        depth += (c == "(") - (c == ")")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def identifier(text: str, limit: int = 96) -> str:
+    """A Python identifier made from ``text`` (for generated function names)."""
+    s = re.sub(r"[^0-9a-zA-Z_]+", "_", text).strip("_") or "fn"
+    if s[0].isdigit() or keyword.iskeyword(s):
+        s = "f_" + s
+    return s[:limit].rstrip("_")
+
+
+def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Basic]],
+                  result: sp.Basic, doc: str = "", true_like: str = "") -> str:
+    """Source of ``def name(params): ...`` computing ``result``.
+
+    ``prologue`` binds names to expressions first (e.g. grid coordinates decoded from
+    ``q_idx``); common subexpressions of the result are hoisted into ``xN`` temporaries.
+    ``true_like`` names a tensor whose shape a constant True/False result takes.
+    """
+    p = TorchPrinter()
+    lines = [f"def {name}({', '.join(params)}):"]
+    if doc:
+        lines.append(f'    """{doc}"""')
+    used = result.free_symbols
+    for sym, expr in reversed(prologue):  # keep only what the result (transitively) needs
+        if sp.Symbol(sym) in used or any(s.name == sym for s in used):
+            used |= expr.free_symbols if isinstance(expr, sp.Basic) else set()
+    body: List[str] = []
+    for sym, expr in prologue:
+        if any(s.name == sym for s in used):
+            body.append(f"    {sym} = {p._print(expr) if isinstance(expr, sp.Basic) else expr}")
+    reps, (reduced,) = sp.cse([result], symbols=sp.numbered_symbols("x"), optimizations=None)
+    for s, e in reps:
+        body.append(f"    {s} = {p._print(e)}")
+    text = p._print(reduced)
+    if "TRUE" in text or "FALSE" in text:
+        body.append(f"    TRUE = {true_like} >= 0")
+        body.append(f"    FALSE = {true_like} < 0")
+    lines += body
+    lines.append(f"    return {text}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,188 @@
+"""Token layouts: the order in which q/k/v tokens are laid out for a block-sparse kernel.
+
+``Layout(shape, tile=None)`` is row-major (the user's order). ``Layout(shape, tile, groups)``
+is a *token tiling*: each dimension is first regrouped by residue (``groups[d] = dilation``:
+coordinate ``x = g + dilation * i`` moves to ``g * G + i``, so a dilated neighborhood becomes
+contiguous within its group), padded to a multiple of ``tile[d]``, and the grid is cut into
+N-D tiles of ``prod(tile)`` tokens that are laid out contiguously, tile after tile. With
+``prod(tile) == BLOCK_SIZE`` every block of the BlockMask is one compact N-D tile, which is
+what makes neighborhoods block-dense. Padding tokens are zero and masked out.
+
+Everything here is about *positions*: ``p`` in ``[0, n_padded)`` is a position in the laid-out
+sequence; ``tokens()`` maps positions back to the user's flat token index (-1 for padding).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+import sympy as sp
+import torch
+
+__all__ = ["Layout", "candidate_tiles"]
+
+
+class Layout:
+    def __init__(self, shape: tuple, tile: Optional[tuple] = None, groups: Optional[tuple] = None,
+                 block: int = 128):
+        self.shape, self.rank = tuple(shape), len(shape)
+        self.n = math.prod(shape)
+        self.tile = None if tile is None else tuple(tile)
+        self.groups = tuple(groups) if groups is not None else (1,) * self.rank
+        self.block = block if tile is None else math.prod(tile)
+        if tile is None:
+            self.n_padded = -(-self.n // block) * block
+            self.grouped = self.shape
+            self.padded = None
+            self.grid = None
+        else:
+            G = [-(-L // g) for L, g in zip(shape, self.groups)]
+            self.group_len = tuple(G)
+            self.grouped = tuple(g * n for g, n in zip(self.groups, G))
+            self.padded = tuple(-(-U // t) * t for U, t in zip(self.grouped, self.tile))
+            self.grid = tuple(P // t for P, t in zip(self.padded, self.tile))
+            self.n_padded = math.prod(self.padded)
+        self.n_tiles = self.n_padded // self.block
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def identity(self) -> bool:
+        return self.tile is None and self.n_padded == self.n
+
+    @property
+    def key(self) -> tuple:
+        return (self.shape, self.tile, self.groups, self.block)
+
+    def __repr__(self):
+        if self.tile is None:
+            return f"Layout(row-major, blocks of {self.block})"
+        g = "" if all(x == 1 for x in self.groups) else f", groups={self.groups}"
+        return f"Layout(tile={'x'.join(map(str, self.tile))}{g})"
+
+    def describe(self) -> str:
+        if self.tile is None:
+            return f"row-major, {self.block}-token blocks"
+        g = ("" if all(x == 1 for x in self.groups)
+             else ", tokens grouped by residue mod " + "x".join(map(str, self.groups)))
+        pad = "" if self.n_padded == self.n else f", padded {self.n} -> {self.n_padded} tokens"
+        return f"{'x'.join(map(str, self.tile))} tiles{g}{pad}"
+
+    # ---------------------------------------------------------------- positions <-> tokens
+    def dim_order(self, d: int) -> np.ndarray:
+        """For a tiled layout: per padded coordinate u of dim d, the user coordinate (or -1)."""
+        u = np.arange(self.padded[d])
+        G, g = self.group_len[d], self.groups[d]
+        x = (u // G) + g * (u % G) if g > 1 else u
+        valid = (u < self.grouped[d]) & (x < self.shape[d])
+        return np.where(valid, x, -1)
+
+    def tokens(self) -> np.ndarray:
+        """int64 [n_padded]: the user's flat token index at each position (-1 = padding)."""
+        if self.tile is None:
+            out = np.arange(self.n_padded)
+            out[self.n:] = -1
+            return out
+        orders = [self.dim_order(d) for d in range(self.rank)]
+        # position -> (tile coords, offset coords) -> padded coords u_d
+        p = np.arange(self.n_padded)
+        tile_idx, off = p // self.block, p % self.block
+        flat = np.zeros(self.n_padded, dtype=np.int64)
+        valid = np.ones(self.n_padded, dtype=bool)
+        T = np.unravel_index(tile_idx, self.grid)
+        O = np.unravel_index(off, self.tile)
+        for d in range(self.rank):
+            x = orders[d][T[d] * self.tile[d] + O[d]]
+            valid &= x >= 0
+            flat = flat * self.shape[d] + np.maximum(x, 0)
+        return np.where(valid, flat, -1)
+
+    def gather_index(self) -> torch.Tensor:
+        """Index into ``cat([x, zero_row])`` along the token dim that lays x out (pads -> n)."""
+        t = self.tokens()
+        return torch.from_numpy(np.where(t >= 0, t, self.n))
+
+    def scatter_index(self) -> torch.Tensor:
+        """For each user token, its position in the layout (inverse of gather_index)."""
+        t = self.tokens()
+        inv = np.empty(self.n, dtype=np.int64)
+        pos = np.nonzero(t >= 0)[0]
+        inv[t[pos]] = pos
+        return torch.from_numpy(inv)
+
+    # ---------------------------------------------------------------- symbolic decoding
+    def decode(self, idx: sp.Symbol, prefix: str) -> List[Tuple[str, sp.Expr]]:
+        """Prologue lines computing grid coordinates ``{prefix}0..``, the flat index
+        ``{prefix}_flat`` and (when the layout pads) ``{prefix}_valid`` from position ``idx``."""
+        lines: List[Tuple[str, sp.Basic]] = []
+        coords = []
+        if self.tile is None:
+            stride = 1
+            for d in reversed(range(self.rank)):
+                e = sp.floor(idx / stride) if stride > 1 else idx
+                if d > 0:
+                    e = sp.Mod(e, self.shape[d])
+                coords.append((f"{prefix}{d}", e))
+                stride *= self.shape[d]
+            lines += coords[::-1]
+            lines.append((f"{prefix}_flat", idx))
+            if self.n_padded != self.n:
+                lines.append((f"{prefix}_valid", sp.Lt(idx, self.n)))
+            return lines
+        tile = sp.Symbol(f"{prefix}_tile", integer=True, nonnegative=True)
+        off = sp.Symbol(f"{prefix}_off", integer=True, nonnegative=True)
+        lines.append((tile.name, sp.floor(idx / self.block)))
+        lines.append((off.name, sp.Mod(idx, self.block)))
+        valid = []
+        for d in range(self.rank):
+            tstride = math.prod(self.grid[d + 1:])
+            ostride = math.prod(self.tile[d + 1:])
+            T = sp.floor(tile / tstride) if tstride > 1 else tile
+            if d > 0:
+                T = sp.Mod(T, self.grid[d])
+            O = sp.floor(off / ostride) if ostride > 1 else off
+            if d > 0:
+                O = sp.Mod(O, self.tile[d])
+            u = T * self.tile[d] + O
+            g, G = self.groups[d], self.group_len[d]
+            x = sp.floor(u / G) + g * sp.Mod(u, G) if g > 1 else u
+            lines.append((f"{prefix}{d}", x))
+            usym = sp.Symbol(f"{prefix}{d}", integer=True, nonnegative=True)
+            if self.padded[d] != self.shape[d] or g > 1:
+                valid.append(sp.Lt(usym, self.shape[d]))
+                if g > 1 and self.grouped[d] != self.padded[d]:
+                    valid.append(sp.Lt(u, self.grouped[d]))
+        flat = 0
+        for d in range(self.rank):
+            flat = flat * self.shape[d] + sp.Symbol(f"{prefix}{d}", integer=True, nonnegative=True)
+        lines.append((f"{prefix}_flat", flat))
+        if valid:
+            lines.append((f"{prefix}_valid", sp.And(*valid)))
+        return lines
+
+    @property
+    def pads(self) -> bool:
+        return self.n_padded != self.n
+
+
+def candidate_tiles(shape: tuple, block: int = 128) -> List[tuple]:
+    """N-D tile shapes with ``prod == block`` (powers of two) that fit the grid reasonably:
+    no tile side longer than twice its dim rounded up to a power of two."""
+    r = len(shape)
+    if r == 1:
+        return []
+    sides = [1 << i for i in range(block.bit_length())]
+    limit = [1 << max(0, (2 * L - 1).bit_length()) for L in shape]
+    out = []
+    if r == 2:
+        for a in sides:
+            b = block // a
+            if a * b == block and a <= limit[0] and b <= limit[1]:
+                out.append((a, b))
+    else:
+        for a in sides:
+            for b in sides:
+                c = block // (a * b) if a * b <= block else 0
+                if c and a * b * c == block and a <= limit[0] and b <= limit[1] and c <= limit[2]:
+                    out.append((a, b, c))
+    return out
