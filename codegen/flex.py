@@ -28,6 +28,13 @@ def compiled_flex():
         if _compiled is None:
             from torch.nn.attention.flex_attention import flex_attention
 
+            # Each distinct pattern is a new code object and so one more compile of this
+            # function; past dynamo's recompile limit (8) calls silently run unfused.
+            import torch._dynamo
+
+            cfg = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+            setattr(cfg, name, max(getattr(cfg, name), 256))
             _compiled = torch.compile(flex_attention, dynamic=False)
         return _compiled
 
@@ -59,8 +66,10 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True):
     from torch.nn.attention.flex_attention import flex_attention
 
     device = q.device
-    mask_mod, score_mod = program.mods(device)
+    mask_mod, score_mod = program.mods(device, detach=device.type == "cpu")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if device.type == "cpu":  # flex refuses inputs that require grad on CPU, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     block_mask = program.block_mask(device, compute_q_blocks=needs_grad or device.type != "cpu")
     lay = program.layout
     if not lay.identity:

@@ -21,6 +21,7 @@ Simplification happens here, once, at compile time.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -103,8 +104,8 @@ class DimRange:
     steps: Tuple[sp.Expr, ...] = ()
 
     def __and__(self, other: "DimRange") -> "DimRange":
-        lo = self.lo if other.lo is None else other.lo if self.lo is None else sp.Max(self.lo, other.lo)
-        hi = self.hi if other.hi is None else other.hi if self.hi is None else sp.Min(self.hi, other.hi)
+        lo = self.lo if other.lo is None else other.lo if self.lo is None else smax(self.lo, other.lo)
+        hi = self.hi if other.hi is None else other.hi if self.hi is None else smin(self.hi, other.hi)
         steps = [s for s in self.steps + other.steps if s != 1]
         nums = [int(s) for s in steps if s.is_Integer]
         syms = tuple(dict.fromkeys(s for s in steps if not s.is_Integer))
@@ -170,6 +171,27 @@ def _name(node) -> str:
     return node._name
 
 
+def _minmax(cls, *args):
+    """Min/Max without sympy's (slow) pairwise simplification: numbers are folded, repeated
+    arguments dropped; ``tighten`` later removes arguments that never win."""
+    flat = []
+    for a in map(sp.sympify, args):
+        flat.extend(a.args if isinstance(a, cls) else [a])
+    nums = [a for a in flat if a.is_number]
+    rest = list(dict.fromkeys(a for a in flat if not a.is_number))
+    if nums:
+        rest.append(min(nums) if cls is sp.Min else max(nums))
+    return rest[0] if len(rest) == 1 else cls(*rest, evaluate=False)
+
+
+def smin(*args):
+    return _minmax(sp.Min, *args)
+
+
+def smax(*args):
+    return _minmax(sp.Max, *args)
+
+
 def tighten(expr, L: int):
     """Drop the arguments of Min/Max that never win for q in [0, L) (checked numerically, once,
     at compile time): e.g. ``Min(15, q0)`` on a dim of length 16 is ``q0``."""
@@ -178,7 +200,12 @@ def tighten(expr, L: int):
     if not expr.args:
         return expr
     args = [tighten(a, L) for a in expr.args]
-    expr = expr.func(*args)
+    if isinstance(expr, (sp.Min, sp.Max)):
+        expr = _minmax(expr.func, *args)
+        if not isinstance(expr, (sp.Min, sp.Max)):
+            return expr
+    else:
+        expr = expr.func(*args)
     if isinstance(expr, (sp.Min, sp.Max)):
         import numpy as np
 
@@ -194,18 +221,19 @@ def tighten(expr, L: int):
     return expr
 
 
+@functools.lru_cache(maxsize=4096)
 def _neighborhood_dim(L, K, s, d, causal: bool) -> DimRange:
     q = Q[0]
     g = sp.Mod(q, d)
     i = sp.floor(q / d)
     group_len = sp.floor((L - g + d - 1) / d)
     if causal:
-        leader = sp.Min(sp.floor(i / s) * s + s - 1, group_len - 1)
-        start = sp.Max(leader - K + 1, 0)
+        leader = smin(sp.floor(i / s) * s + s - 1, group_len - 1)
+        start = smax(leader - K + 1, 0)
         lo, hi = start * d + g, q + 1
     else:
-        leader = sp.Min(sp.floor(i / s) * s + sp.floor(s / 2), group_len - 1)
-        start = sp.Min(sp.Max(leader - sp.floor(K / 2), 0), group_len - K)
+        leader = smin(sp.floor(i / s) * s + sp.floor(s / 2), group_len - 1)
+        start = smin(smax(leader - sp.floor(K / 2), 0), group_len - K)
         lo = start * d + g
         hi = lo + (K - 1) * d + 1
     return DimRange(tighten(lo, L), tighten(hi, L), (sp.sympify(d),) if d != 1 else ())
@@ -439,7 +467,7 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
             elif term.metric == "manhattan":
                 dist = sp.Add(*[sp.Abs(x) for x in diffs])
             else:
-                dist = sp.Max(*[sp.Abs(x) for x in diffs]) if len(diffs) > 1 else sp.Abs(diffs[0])
+                dist = smax(*[sp.Abs(x) for x in diffs]) if len(diffs) > 1 else sp.Abs(diffs[0])
             expr = expr - value("rate") * dist
         elif isinstance(term, Alibi):
             if term.slopes == "geometric":
@@ -450,7 +478,7 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
         elif isinstance(term, RelativeBias):
             info = b[0]
             base = t.tensor(f"{tag}_table", term.table)
-            idx = [sp.Min(sp.Max(K[d] - Q[d], -R), R) + R for d, R in enumerate(info["radius"])]
+            idx = [smin(smax(K[d] - Q[d], -R), R) + R for d, R in enumerate(info["radius"])]
             expr = expr + (base[tuple(idx)] if info["shared"] else base[(H, *idx)])
         elif isinstance(term, Softcap):
             cap = value("cap")

@@ -20,6 +20,19 @@ from .ir import IsPow2
 __all__ = ["TorchPrinter", "UnsupportedNode", "emit_function", "identifier"]
 
 
+class FloorDiv(sp.Function):
+    """``a // b`` kept atomic: common-subexpression elimination must not split ``floor(a / b)``
+    into a reciprocal and a product (that would print a float division)."""
+    is_integer = True
+
+
+def _atomic_floors(e):
+    if not isinstance(e, sp.Basic):
+        return e
+    return e.replace(lambda x: isinstance(x, sp.floor),
+                     lambda x: FloorDiv(*x.args[0].as_numer_denom()))
+
+
 class UnsupportedNode(TypeError):
     """The printer met a sympy node it has no rule for (an internal error, not user input)."""
 
@@ -67,6 +80,12 @@ class TorchPrinter(StrPrinter):
 
     def _print_floor(self, e):
         num, den = e.args[0].as_numer_denom()
+        if den == 1:
+            return self._print(num)
+        return f"({self._wrap(num)} // {self._wrap(den)})"
+
+    def _print_FloorDiv(self, e):
+        num, den = e.args
         if den == 1:
             return self._print(num)
         return f"({self._wrap(num)} // {self._wrap(den)})"
@@ -187,13 +206,20 @@ def identifier(text: str, limit: int = 96) -> str:
 
 
 def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Basic]],
-                  result: sp.Basic, doc: str = "", true_like: str = "") -> str:
+                  result: sp.Basic, doc: str = "", true_like: str = "",
+                  captured: Iterable[str] = ()) -> str:
     """Source of ``def name(params): ...`` computing ``result``.
 
     ``prologue`` binds names to expressions first (e.g. grid coordinates decoded from
     ``q_idx``); common subexpressions of the result are hoisted into ``xN`` temporaries.
     ``true_like`` names a tensor whose shape a constant True/False result takes.
+    ``captured`` names tensors the function closes over: the source is then a factory
+    ``make_<name>(tables...)`` returning the function, so that one code object serves every
+    set of tables (torch.compile guards on the code object; closure tensors are its inputs).
     """
+    captured = [c for c in captured if c in _names(result, prologue)]
+    result = _atomic_floors(result)
+    prologue = [(n, _atomic_floors(e)) for n, e in prologue]
     p = TorchPrinter()
     lines = [f"def {name}({', '.join(params)}):"]
     if doc:
@@ -205,7 +231,10 @@ def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Bas
     body: List[str] = []
     for sym, expr in prologue:
         if any(s.name == sym for s in used):
-            body.append(f"    {sym} = {p._print(expr) if isinstance(expr, sp.Basic) else expr}")
+            if isinstance(expr, sp.Basic) and expr.is_number:   # keep it a tensor
+                body.append(f"    {sym} = {true_like} * 0 + {p._print(expr)}")
+            else:
+                body.append(f"    {sym} = {p._print(expr) if isinstance(expr, sp.Basic) else expr}")
     reps, (reduced,) = sp.cse([result], symbols=sp.numbered_symbols("x"), optimizations=None)
     for s, e in reps:
         body.append(f"    {s} = {p._print(e)}")
@@ -215,4 +244,15 @@ def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Bas
         body.append(f"    FALSE = {true_like} < 0")
     lines += body
     lines.append(f"    return {text}")
+    if captured:
+        lines = [f"def make_{name}({', '.join(captured)}):"] + ["    " + x for x in lines]
+        lines.append(f"    return {name}")
     return "\n".join(lines) + "\n"
+
+
+def _names(result, prologue) -> set:
+    out = set()
+    for e in [result] + [x for _, x in prologue]:
+        if isinstance(e, sp.Basic):
+            out |= {str(b.label) for b in e.atoms(sp.Indexed) for b in [b.base]}
+    return out

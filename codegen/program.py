@@ -170,7 +170,8 @@ class Program:
             expr = sp.And(expr, sp.Symbol("q_valid"), sp.Symbol("k_valid"))
         doc = f"{self.pattern!r} on {'x'.join(map(str, self.shape))}, layout: {self.layout.describe()}"
         return emit_function(f"mask_{self.name}", ["b", "h", "q_idx", "kv_idx"], pro, expr,
-                             doc=doc.replace('"', "'"), true_like="(q_idx + kv_idx)")
+                             doc=doc.replace('"', "'"), true_like="(q_idx + kv_idx)",
+                             captured=self._table_names())
 
     def _score_source(self) -> Optional[str]:
         if self.score_expr is None:
@@ -180,31 +181,68 @@ class Program:
         sub.update({K[d]: ks[d] for d in range(len(ks))})
         sub.update({QF: qf, KF: kf})
         expr = self.score_expr.xreplace(sub)
-        return emit_function(f"score_{identifier(self.score._name if hasattr(self.score, '_name') else 'score')}",
-                             ["score", "b", "h", "q_idx", "kv_idx"],
+        from .._score import score_terms
+
+        name = identifier("__".join(t._name for t in score_terms(self.score)))
+        return emit_function(f"score_{name}", ["score", "b", "h", "q_idx", "kv_idx"],
                              [x for x in pro if not x[0].endswith("_valid")], expr,
-                             doc=repr(self.score).replace('"', "'"), true_like="q_idx")
+                             doc=repr(self.score).replace('"', "'"), true_like="q_idx",
+                             captured=self._table_names())
+
+    def _table_names(self) -> List[str]:
+        return sorted(self.tables.values) + sorted(self.tables.tensors)
 
     @property
     def source(self) -> str:
         return self.mask_source + ("\n" + self.score_source if self.score_source else "")
 
-    def mods(self, device) -> tuple:
-        """(mask_mod, score_mod) with their tables on ``device`` (built once per device)."""
+    def _factories(self):
+        if not hasattr(self, "_factory_fns"):
+            self._factory_fns = (_exec_named(self.mask_source),
+                                 _exec_named(self.score_source) if self.score_source else None)
+        return self._factory_fns
+
+    def _tables_on(self, device, detach: bool) -> dict:
+        """Per-head tables (int64 / float32) and the user's tensors on ``device``. User float
+        tensors are passed as float32 (compiled flex on CPU mis-compiles float64 captures);
+        ``detach`` for compiled CPU flex (no backward there; a captured leaf needing grad fails)."""
+        out = {}
+        for name, v in self.tables.values.items():
+            arr = np.asarray(v)
+            dt = torch.float32 if arr.dtype.kind == "f" else torch.int64
+            out[name] = torch.as_tensor(arr, dtype=dt, device=device)
+        for name, t in self.tables.tensors.items():
+            if detach:
+                t = t.detach()
+            if t.is_floating_point():
+                t = t.to(torch.float32)
+            out[name] = t.to(device)
+        return out
+
+    def _build(self, factory, tables: dict):
+        if factory is None:
+            return None
+        if not factory.__name__.startswith("make_"):
+            return factory
+        args = [tables[n] for n in factory.__code__.co_varnames[:factory.__code__.co_argcount]]
+        return factory(*args)
+
+    def mods(self, device, detach: bool = False) -> tuple:
+        """(mask_mod, score_mod) with their tables on ``device``. The mask_mod is built once
+        per device; the score_mod is rebuilt when it reads user tensors (learnable parameters
+        change between calls), from the same code object, so nothing recompiles."""
         device = torch.device(device)
+        mask_factory, score_factory = self._factories()
+        key = (device, detach)
         with self._lock:
-            if device not in self._mods:
-                env = {"torch": torch}
-                for name, v in self.tables.values.items():
-                    arr = np.asarray(v)
-                    dt = torch.float32 if arr.dtype.kind == "f" else torch.int64
-                    env[name] = torch.as_tensor(arr, dtype=dt, device=device)
-                for name, t in self.tables.tensors.items():
-                    env[name] = t if t.device == device else t.to(device)
-                mask = _exec_named(self.mask_source, env)
-                score = _exec_named(self.score_source, env) if self.score_source else None
-                self._mods[device] = (mask, score)
-            return self._mods[device]
+            if key not in self._mods:
+                tables = self._tables_on(device, detach)
+                self._mods[key] = (self._build(mask_factory, tables),
+                                   self._build(score_factory, tables))
+            mask, score = self._mods[key]
+        if score is not None and self.tables.tensors:
+            score = self._build(score_factory, self._tables_on(device, detach))
+        return mask, score
 
     # ------------------------------------------------------------------ block mask
     def block_mask(self, device="cpu", compute_q_blocks: bool = True):
@@ -222,7 +260,7 @@ class Program:
             cls = cls[:1]
         partial_num, partial_idx = _indices(cls == PARTIAL)
         full_num, full_idx = _indices(cls == FULL)
-        mask_mod, _ = self.mods(device)
+        mask_mod, _ = self.mods(device, detach=device.type == "cpu")
         bm = BlockMask.from_kv_blocks(
             partial_num[None].to(device), partial_idx[None].to(device),
             full_num[None].to(device), full_idx[None].to(device),
@@ -324,9 +362,10 @@ def _indices(mask: torch.Tensor):
     return num, idx
 
 
-def _exec_named(src: str, env: dict):
+def _exec_named(src: str):
+    """Exec generated source once; returns its (first) function: a factory or a plain mod."""
     name = src.split("(", 1)[0].split()[-1]
-    g = dict(env)
+    g = {"torch": torch}
     exec(compile(src, f"<maskdsl:{name}>", "exec"), g)
     return g[name]
 

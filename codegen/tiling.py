@@ -125,9 +125,12 @@ class Layout:
                 coords.append((f"{prefix}{d}", e))
                 stride *= self.shape[d]
             lines += coords[::-1]
-            lines.append((f"{prefix}_flat", idx))
             if self.n_padded != self.n:
+                # clamped: generated code evaluates table lookups at padding positions too
+                lines.append((f"{prefix}_flat", sp.Min(idx, self.n - 1)))
                 lines.append((f"{prefix}_valid", sp.Lt(idx, self.n)))
+            else:
+                lines.append((f"{prefix}_flat", idx))
             return lines
         tile = sp.Symbol(f"{prefix}_tile", integer=True, nonnegative=True)
         off = sp.Symbol(f"{prefix}_off", integer=True, nonnegative=True)
@@ -155,6 +158,8 @@ class Layout:
         flat = 0
         for d in range(self.rank):
             flat = flat * self.shape[d] + sp.Symbol(f"{prefix}{d}", integer=True, nonnegative=True)
+        if valid:  # padding positions decode past the grid: keep table lookups in bounds
+            flat = sp.Min(flat, self.n - 1)
         lines.append((f"{prefix}_flat", flat))
         if valid:
             lines.append((f"{prefix}_valid", sp.And(*valid)))

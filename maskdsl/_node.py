@@ -140,6 +140,9 @@ class Node:
             args.append(text if i < self._npos else f"{f.name}={text}")
         return f"{self._name}({', '.join(args)})"
 
+    def _repr_pretty_(self, printer, cycle):  # IPython / Hypothesis show the DSL spelling
+        printer.text(repr(self))
+
     def _fmt_field(self, name: str, v) -> str:
         return fmt_value(v)
 

@@ -63,7 +63,7 @@ def test_gradients_flow_through_the_dense_backend():
 
 def test_too_many_tokens_for_dense():
     with pytest.raises(md.MaskDSLError, match=r"too many for the dense backend"):
-        md.compile(md.window(8), (200, 200))
+        md.compile(md.window(8), (200, 200), backend="dense")
 
 
 def test_public_surface():

@@ -1,0 +1,303 @@
+"""The compiler against the reference: generated mask_mod/score_mod, the analytic BlockMask
+(exact empty/partial/full classes), token layouts, and the flex backend's output."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import maskdsl as md
+from maskdsl.codegen.blockmask import EMPTY, FULL, PARTIAL, tile_classes
+from maskdsl.codegen.program import Program
+from maskdsl.codegen.tiling import Layout, candidate_tiles
+from strategies import cases, literal_scores
+
+BLOCK = 16   # small blocks: many tiles on small grids
+
+
+def layouts_for(shape):
+    """Row-major plus every candidate N-D tiling (with and without residue grouping)."""
+    out = [None]
+    if len(shape) > 1:
+        out += candidate_tiles(shape, BLOCK)
+    return out
+
+
+def reference_classes(p, shape, heads, layout):
+    """Block reduction of the reference mask in a layout: the oracle for the analytic classes."""
+    m = md.reference.mask(p, shape, heads)
+    tok = torch.from_numpy(layout.tokens())
+    T, V = layout.n_tiles, layout.block
+    valid = tok >= 0
+    idx = tok.clamp(min=0)
+    mp = m[:, idx][:, :, idx] & valid[None, :, None] & valid[None, None, :]
+    cnt = mp.reshape(heads, T, V, T, V).sum((2, 4))
+    return torch.where(cnt == 0, EMPTY, torch.where(cnt == V * V, FULL, PARTIAL)).numpy()
+
+
+def mask_in_user_order(program, device="cpu"):
+    """Evaluate the generated mask_mod on every (q, kv) position pair and map back to user order."""
+    mask_mod, _ = program.mods(device)
+    lay = program.layout
+    P = lay.n_padded
+    pos = torch.arange(P)
+    H = program.heads
+    m = torch.stack([mask_mod(0, torch.tensor(h), pos[:, None], pos[None, :]).expand(P, P)
+                     for h in range(H)])
+    inv = lay.scatter_index()
+    return m[:, inv][:, :, inv], m, torch.from_numpy(lay.tokens())
+
+
+@st.composite
+def program_cases(draw, max_tokens=100):
+    shape, heads, p = draw(cases(max_tokens=max_tokens))
+    tile = draw(st.sampled_from(layouts_for(shape)))
+    return shape, heads, p, tile
+
+
+@given(program_cases())
+def test_generated_mask_mod_equals_reference(case):
+    shape, heads, p, tile = case
+    prog = Program(p, None, shape, heads, block=BLOCK, tile=tile)
+    user, raw, tok = mask_in_user_order(prog)
+    assert torch.equal(user, md.reference.mask(p, shape, heads)), prog.mask_source
+    assert not raw[:, tok < 0].any() and not raw[:, :, tok < 0].any()   # padding never attends
+
+
+@given(program_cases(max_tokens=120))
+def test_analytic_classes_equal_block_reduction_of_reference(case):
+    shape, heads, p, tile = case
+    prog = Program(p, None, shape, heads, block=BLOCK, tile=tile)
+    expected = reference_classes(p, shape, heads, prog.layout)
+    assert np.array_equal(prog.classes, expected), (repr(p), prog.layout)
+
+
+@pytest.mark.parametrize("p,shape,tile", [
+    (md.neighborhood((3, 5), dilation=(1, 2)) & md.causal(dims=(0,)), (10, 12), (4, 4)),
+    (md.neighborhood((3, 3, 3), stride=(1, 2, 3), causal=(True, False, False)), (5, 6, 7), (2, 2, 4)),
+    (md.neighborhood(5, dilation=3), (40,), None),
+    (md.window(3) & ~md.sink(4) | md.power(2), (9, 7), (2, 8)),
+    (md.document([0] * 10 + [1] * 20 + [2] * 15), (45,), None),
+    (md.document(torch.tensor([0, 1] * 20)), (40,), None),           # interleaved: refined
+    (md.radial(min_window=4), (6, 4, 4), (1, 2, 8)),
+    (md.radial(min_window=2, sink_frames=1), (6, 4, 4), None),
+    (md.heads([md.window(2), md.block(4)]) & md.neighborhood(md.per_head([3, 5])), (12, 8), (4, 4)),
+])
+def test_analytic_classes_on_hand_picked_cases(p, shape, tile):
+    H = 2 if "heads" in repr(p) else 1
+    prog = Program(p, None, shape, H, block=BLOCK, tile=tile)
+    assert np.array_equal(prog.classes, reference_classes(p, shape, H, prog.layout))
+
+
+def test_long_1d_uses_key_ranges_and_is_exact():
+    # above the per-dim dense limit: classes from per-query key ranges
+    from maskdsl.codegen import blockmask
+    p = md.causal() & md.window(300) | md.neighborhood(9, dilation=7)
+    old = blockmask.DENSE_DIM_LIMIT
+    blockmask.DENSE_DIM_LIMIT = 64
+    try:
+        prog = Program(p, None, (1000,), 1, block=BLOCK)
+    finally:
+        blockmask.DENSE_DIM_LIMIT = old
+    assert np.array_equal(prog.classes, reference_classes(p, (1000,), 1, prog.layout))
+
+
+@given(st.data())
+def test_layout_round_trip(data):
+    shape = data.draw(st.sampled_from([(7,), (5, 6), (9, 4), (3, 5, 7), (4, 4, 4)]))
+    tile = data.draw(st.sampled_from(layouts_for(shape)))
+    groups = tuple(data.draw(st.integers(1, max(1, L // 2))) for L in shape) if tile else None
+    lay = Layout(shape, tile, groups, block=BLOCK)
+    tok = lay.tokens()
+    assert sorted(tok[tok >= 0].tolist()) == list(range(math.prod(shape)))
+    x = torch.randn(2, 3, math.prod(shape), 4)
+    laid = torch.cat([x, x.new_zeros(2, 3, 1, 4)], 2).index_select(2, lay.gather_index())
+    assert torch.equal(laid.index_select(2, lay.scatter_index()), x)
+    assert (laid[:, :, torch.from_numpy(tok < 0)] == 0).all()
+
+
+@given(cases(max_tokens=64), st.data())
+def test_score_mod_equals_reference_bias(case, data):
+    shape, heads, p = case
+    s = data.draw(literal_scores(shape, heads))
+    terms = [t for t in md._score.score_terms(s)
+             if not isinstance(t, (md._score.SinkLogit, md._score.Dropout))]
+    if not terms:
+        return
+    s = sum(terms)
+    prog = Program(md.full(), s, shape, heads, block=BLOCK, tile=None)
+    _, score_mod = prog.mods("cpu")
+    n = math.prod(shape)
+    pos = torch.arange(n)
+    base = torch.randn(heads, n, n, dtype=torch.float32)
+    got = torch.stack([score_mod(base[h], 0, torch.tensor(h), pos[:, None], pos[None, :])
+                       for h in range(heads)])
+    expected = base.double() + md.reference.bias(s, shape, heads, dtype=torch.float64)
+    cap = next((t for t in terms if isinstance(t, md._score.Softcap)), None)
+    if cap is not None:
+        expected = cap.cap * torch.tanh(expected / cap.cap)
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_relative_bias_score_mod_gets_gradients():
+    table = torch.randn(2, 7, 9, requires_grad=True)
+    prog = Program(md.full(), md.relative_bias(table), (4, 5), 2, block=BLOCK, tile=None)
+    _, score_mod = prog.mods("cpu")
+    pos = torch.arange(20)
+    out = score_mod(torch.zeros(20, 20), 0, torch.tensor(1), pos[:, None], pos[None, :])
+    out.sum().backward()
+    assert table.grad[1].sum() == 400 and table.grad[0].abs().sum() == 0
+    torch.testing.assert_close(out, md.reference.bias(md.relative_bias(table), (4, 5), 2)[1].detach())
+
+
+def test_generated_source_is_pinned_and_named():
+    prog = Program(md.window(2) & md.causal(), None, (64,), 1, block=BLOCK, tile=None)
+    assert prog.mask_source == (
+        'def mask_window_2__and__causal(b, h, q_idx, kv_idx):\n'
+        '    """window(2) & causal() on 64, layout: row-major, 16-token blocks"""\n'
+        '    q0 = q_idx\n'
+        '    k0 = kv_idx\n'
+        '    return (((q0 - 2) <= k0) & (k0 < (q0 + 1)))\n')
+    mask_mod, _ = prog.mods("cpu")
+    assert mask_mod.__name__ == "mask_window_2__and__causal"
+    attn = md.compile(md.neighborhood((7, 7), dilation=(1, 2)) & md.causal(dims=(0,)), (16, 16))
+    assert attn.mask_mod.__name__ == "mask_neighborhood_7x7_d1x2__and__causal_0"
+    assert "def mask_neighborhood_7x7_d1x2__and__causal_0(b, h, q_idx, kv_idx):" in attn.source
+
+
+def test_per_head_parameters_are_captured_tables_not_floats():
+    prog = Program(md.window(md.per_head([1, 2, 3])), md.alibi(md.per_head([0.5, 0.25, 0.125])),
+                   (32,), 3, block=BLOCK, tile=None)
+    assert "[h]" in prog.mask_source and "[h]" in prog.score_source
+    mask_mod, score_mod = prog.mods("cpu")
+    for fn in (mask_mod, score_mod):
+        cells = [c.cell_contents for c in fn.__closure__]
+        assert cells and all(isinstance(c, torch.Tensor) for c in cells)   # no Python floats
+    again, _ = Program(md.window(md.per_head([1, 2, 3])), None, (32,), 3, block=BLOCK, tile=None).mods("cpu")
+    assert again.__code__ is not mask_mod.__code__ or again is mask_mod
+
+
+def test_tiling_pays_on_a_2d_neighborhood():
+    prog = Program(md.neighborhood((13, 13)), None, (128, 128), 1)
+    st_ = prog.stats()
+    assert st_["block_density"] <= 0.65 * st_["block_density_row_major"]
+    assert st_["block_density"] * prog.layout.n_tiles ** 2 == min(st_["layouts_tried"].values())
+    assert st_["layout"] == "8x16 tiles"
+
+
+def test_stats_token_density_is_exact():
+    for p, shape, H in [(md.neighborhood((5, 3)), (9, 8), 1),
+                        (md.window(2) | md.sink(3), (30,), 1),
+                        (md.heads([md.causal(), md.block(4)]), (20,), 2)]:
+        prog = Program(p, None, shape, H, block=BLOCK)
+        assert prog.stats()["token_density"] == pytest.approx(
+            md.reference.mask(p, shape, H).float().mean().item())
+
+
+# ----------------------------------------------------------------------------- flex
+
+def _flex_inputs(shape, heads, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    return [torch.randn(1, heads, n, D, generator=g) for _ in range(3)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@given(program_cases(max_tokens=80), st.data())
+def test_eager_flex_matches_reference(case, data):
+    from maskdsl.codegen.flex import run_flex
+
+    shape, heads, p, tile = case
+    s = data.draw(st.none() | literal_scores(shape, heads))
+    if s is not None:
+        s = sum([t for t in md._score.score_terms(s)
+                 if not isinstance(t, (md._score.SinkLogit, md._score.Dropout))], 0) or None
+    prog = Program(p, s, shape, heads, block=BLOCK, tile=tile)
+    q, k, v = _flex_inputs(shape, heads)
+    out = run_flex(prog, q, k, v, scale=0.25, compiled=False)
+    ref = md.reference.attention(q.double(), k.double(), v.double(), p, shape, score=s, scale=0.25)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+COMPILED_CASES = [
+    # one shared set of compiled programs (each distinct compile costs seconds on CPU)
+    (md.neighborhood((7, 7), dilation=(1, 2)) & md.causal(dims=(0,)), (20, 24), 2,
+     md.distance_decay(md.per_head([0.1, 0.2])) + md.softcap(30.0)),
+    (md.causal() & md.window(100) | md.sink(4), (700,), 2, md.alibi()),
+    (md.neighborhood((3, 5, 5), stride=(1, 2, 2)) & ~md.block((1, 4, 4)), (6, 10, 12), 1, None),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled_attns():
+    return [md.compile(p, shape, H, score=s, backend="flex") for p, shape, H, s in COMPILED_CASES]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("i", range(len(COMPILED_CASES)))
+def test_compiled_flex_matches_reference(compiled_attns, i):
+    p, shape, H, s = COMPILED_CASES[i]
+    attn = compiled_attns[i]
+    q, k, v = _flex_inputs(shape, H, D=32, seed=i)
+    out = attn(q, k, v)
+    ref = md.reference.attention(q.double(), k.double(), v.double(), p, shape, score=s)
+    torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fully_masked_rows_are_zero_under_compiled_flex(compiled_attns):
+    attn = compiled_attns[2]          # ~block removes the diagonal blocks of some queries
+    p, shape, H, _ = COMPILED_CASES[2]
+    q, k, v = _flex_inputs(shape, H, D=32, seed=9)
+    m = md.reference.mask(p, shape, H)
+    out = attn(q, k, v)
+    empty_rows = ~m.any(-1)
+    assert torch.isfinite(out).all()
+    if empty_rows.any():
+        assert (out[0][empty_rows] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_same_pattern_reuses_one_compile(compiled_attns):
+    from torch._dynamo.utils import counters
+
+    p, shape, H, s = COMPILED_CASES[0]
+    q, k, v = _flex_inputs(shape, H, D=32)
+    compiled_attns[0](q, k, v)                      # warm
+    before = counters["stats"]["unique_graphs"]
+    again = md.compile(p, shape, H, score=s, backend="flex")   # a second "layer"
+    assert again.program is compiled_attns[0].program
+    for _ in range(3):
+        again(q, k, v)
+        compiled_attns[0](q, k, v)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_auto_dispatch_reasons():
+    small = md.compile(md.window(4), (100,))
+    assert small.backend == "dense" and "small" in small.reason
+    big = md.compile(md.neighborhood((7, 7)), (64, 64), heads=2)
+    assert big.backend == "flex" and big.reason.startswith("flex:")
+    sl = md.compile(md.window(4), (100,), score=md.sink_logit(0.5))
+    assert sl.backend == "dense" and "sink_logit" in sl.reason
+    with pytest.raises(md.MaskDSLError, match=r"backend='flex': FlexAttention cannot express dropout\(0.1\)"):
+        md.compile(md.window(4), (100,), score=md.dropout(0.1), backend="flex")
+
+
+def test_explicit_flex_refuses_float64_and_cpu_backward():
+    attn = md.compile(md.window(4), (64,), backend="flex")
+    q = torch.randn(1, 1, 64, 8, dtype=torch.float64)
+    with pytest.raises(md.MaskDSLError, match=r"flex does not support torch.float64"):
+        attn(q, q, q)
+    q = torch.randn(1, 1, 64, 8, requires_grad=True)
+    with pytest.raises(md.MaskDSLError, match=r"flex has no backward on CPU"):
+        attn(q, q, q)
+
+
+def test_auto_falls_back_to_dense_for_cpu_backward():
+    attn = md.compile(md.neighborhood((7, 7)), (64, 64))
+    q = torch.randn(1, 1, 4096, 8, requires_grad=True)
+    out = attn(q, q, q)
+    out.sum().backward()
+    assert q.grad is not None and "this call ran dense: flex has no backward on CPU" in attn.reason
