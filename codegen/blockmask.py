@@ -23,7 +23,8 @@ import numpy as np
 import sympy as sp
 import torch
 
-from .ir import (K, KF, Q, QF, AndN, Const, DimRange, Flat, HeadsN, NotN, OrN, Sep, predicate)
+from .ir import (K, KF, Q, QF, AndN, Const, DimRange, Flat, HeadsN, NotN, OrN, Sep, evaluate,
+                 predicate)
 from .printer_torch import emit_function
 from .tiling import Layout
 
@@ -93,11 +94,7 @@ class _TileSets:
     @staticmethod
     def _dim_classes_dense(dr: DimRange, order: np.ndarray, t: int) -> np.ndarray:
         """Tile-interval classes on one dim from the L x L condition (any coordinate order)."""
-        if dr.lo is None and dr.hi is None and not dr.steps:
-            m = np.ones((len(order), len(order)), dtype=bool)
-        else:
-            x = torch.from_numpy(np.maximum(order, 0))
-            m = _dim_function(dr)(x[:, None], x[None, :]).numpy()
+        m = dim_matrix(dr, np.maximum(order, 0))
         ok = order >= 0
         m = m & ok[:, None] & ok[None, :]
         n = len(order) // t
@@ -113,36 +110,50 @@ class _TileSets:
             order[L:] = -1
             return _TileSets._dim_classes_dense(dr, order, B)
         x = np.arange(L)
-        lo = _eval_bound(dr.lo, x, 0)
-        hi = _eval_bound(dr.hi, x, L)
-        lo, hi = np.clip(lo, 0, L), np.clip(hi, 0, L)
+        lo, hi = key_range(dr, x, L)
         steps = [int(s) for s in dr.steps]
         step = math.lcm(*steps) if steps else 1
         pad = T * B - L
         lo_t = np.pad(lo, (0, pad), constant_values=L).reshape(T, B)
         hi_t = np.pad(hi, (0, pad), constant_values=0).reshape(T, B)
-        nonempty_q = hi_t > lo_t
+        real = np.minimum(B, L - np.arange(T) * B)              # real tokens per tile
+        has = hi_t > lo_t                                       # queries with any key
         big = np.iinfo(np.int64).max
-        min_lo = np.where(nonempty_q, lo_t, big).min(1)
-        max_hi = np.where(nonempty_q, hi_t, -1).max(1)
+        min_lo = np.where(has, lo_t, big).min(1)
+        max_lo = np.where(has, lo_t, -1).max(1)
+        min_hi = np.where(has, hi_t, big).min(1)
+        max_hi = np.where(has, hi_t, 0).max(1)
+        all_have = has.sum(1) == real
         out = np.zeros((T, T), dtype=np.int8)
-        real = np.minimum(B, L - np.arange(T) * B)             # real tokens per tile
-        for i in np.nonzero(max_hi > 0)[0]:
-            j0, j1 = min_lo[i] // B, (max_hi[i] - 1) // B + 1
-            js = np.arange(j0, j1)
-            b0, b1 = js * B, np.minimum(js * B + B, L)
-            # exact counts for every query of tile i against candidate tiles js
-            qlo, qhi = lo_t[i][:, None], hi_t[i][:, None]
-            s, e = np.maximum(qlo, b0[None]), np.minimum(qhi, b1[None])
+        rows = np.nonzero(max_hi > 0)[0]
+        if len(rows) == 0:
+            return out
+        j0 = min_lo[rows] // B
+        j1 = (max_hi[rows] - 1) // B + 1
+        # candidate (tile, key tile) pairs, all rows at once
+        width = j1 - j0
+        i_idx = np.repeat(rows, width)
+        j_idx = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width - j0, width)
+        b0, b1 = j_idx * B, np.minimum(j_idx * B + B, L)
+        full = (step == 1) & all_have[i_idx] & (max_lo[i_idx] <= b0) & (min_hi[i_idx] >= b1)
+        empty = (b1 <= min_lo[i_idx]) | (b0 >= max_hi[i_idx])
+        cls = np.where(full, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
+        # undecided boundary pairs: count exactly (a few per row for banded patterns)
+        und = np.nonzero(~full & ~empty)[0]
+        if len(und):
+            ii, bb0, bb1 = i_idx[und], b0[und], b1[und]
+            qlo, qhi = lo_t[ii], hi_t[ii]                               # [P, B]
+            s_, e_ = np.maximum(qlo, bb0[:, None]), np.minimum(qhi, bb1[:, None])
             if step == 1:
-                cnt = np.clip(e - s, 0, None)
+                cnt = np.clip(e_ - s_, 0, None)
             else:
-                q = (i * B + np.arange(B))[:, None]
-                first = s + np.mod(q - s, step)
-                cnt = np.where(e > first, (e - first + step - 1) // step, 0)
-            cnt = np.where(np.arange(B)[:, None] < real[i], cnt, 0).sum(0)
-            size = real[i] * (b1 - b0)
-            out[i, js] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
+                q = ii[:, None] * B + np.arange(B)[None, :]
+                first = s_ + np.mod(q - s_, step)
+                cnt = np.where(e_ > first, (e_ - first + step - 1) // step, 0)
+            cnt = np.where(np.arange(B)[None, :] < real[ii][:, None], cnt, 0).sum(1)
+            size = real[ii] * (bb1 - bb0)
+            cls[und] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
+        out[i_idx, j_idx] = cls
         return out
 
     def boxes(self):
@@ -169,9 +180,7 @@ class _TileSets:
         prefix = []
         for d, dr in enumerate(sep.dims):
             n = L.shape[d]
-            x = torch.arange(n)
-            m = (np.ones((n, n), dtype=bool) if dr.lo is None and dr.hi is None and not dr.steps
-                 else _dim_function(dr)(x[:, None], x[None, :]).numpy())
+            m = dim_matrix(dr, np.arange(n))
             c = np.zeros((n + 1, n + 1), dtype=np.int64)
             c[1:, 1:] = m.cumsum(0).cumsum(1)
             prefix.append(c)
@@ -267,7 +276,7 @@ def dim_tile_classes(dr: DimRange, layout: Layout, d: int) -> np.ndarray:
     """Classes [n_d, n_d] of one dim's condition between the tile intervals of a tiled layout
     (cached: the layout search asks for the same (dim, tile side, grouping) many times)."""
     L, t, g = layout.shape[d], layout.tile[d], layout.groups[d]
-    key = (repr(dr), L, t, g, layout.padded[d])
+    key = (dr, L, t, g, layout.padded[d])
     out = _DIM_CACHE.get(key)
     if out is None:
         if g == 1 and layout.padded[d] > DENSE_DIM_LIMIT:
@@ -316,12 +325,26 @@ def _count_pow2_or_zero(dmin: np.ndarray, dmax: np.ndarray) -> np.ndarray:
     return zero + np.where(ok, np.maximum(0, hi_bits - lo_bits + 1), 0)
 
 
-def _eval_bound(e, x: np.ndarray, default: int) -> np.ndarray:
-    if e is None:
-        return np.full(x.shape, default, dtype=np.int64)
-    src = emit_function("bound", ["q0"], [], e, true_like="q0")
-    v = _exec(src, "bound", {})(torch.from_numpy(x))
-    return np.broadcast_to(np.asarray(v), x.shape).astype(np.int64)
+def key_range(dr: DimRange, x: np.ndarray, L: int):
+    """Per query coordinate x: its key range [lo, hi) on the dim, clipped to [0, L)."""
+    lo = np.zeros(x.shape, np.int64) if dr.lo is None else np.broadcast_to(evaluate(dr.lo, {Q[0]: x}), x.shape)
+    hi = np.full(x.shape, L, np.int64) if dr.hi is None else np.broadcast_to(evaluate(dr.hi, {Q[0]: x}), x.shape)
+    return np.clip(lo, 0, L).astype(np.int64), np.clip(hi, 0, L).astype(np.int64)
+
+
+def dim_matrix(dr: DimRange, x: np.ndarray) -> np.ndarray:
+    """bool [len(x), len(x)]: the dim condition between every pair of the coordinates x."""
+    n = len(x)
+    if dr.lo is None and dr.hi is None and not dr.steps:
+        return np.ones((n, n), dtype=bool)
+    big = np.iinfo(np.int64).max // 4
+    lo = np.full(n, -big) if dr.lo is None else np.broadcast_to(evaluate(dr.lo, {Q[0]: x}), (n,))
+    hi = np.full(n, big) if dr.hi is None else np.broadcast_to(evaluate(dr.hi, {Q[0]: x}), (n,))
+    k = x[None, :]
+    m = (lo[:, None] <= k) & (k < hi[:, None])
+    for s in dr.steps:
+        m &= np.mod(k - x[:, None], int(s)) == 0
+    return m
 
 
 def _flat_range_boxes(a: int, b: int, shape: tuple) -> List[tuple]:
@@ -415,7 +438,7 @@ def classify(ir, tables, layout: Layout, head: int, ts: Optional[_TileSets] = No
     """int8 [T, T] classes of one head's (specialised) IR on a layout, padding included."""
     ts = ts or _TileSets(layout)
     cls = np.array(_classify_ir(ir, ts, head), dtype=np.int8, copy=True)
-    if refine:
+    if refine and (cls == UNDECIDED).any():
         _refine(cls, ts, flat_evaluator(ir, tables, layout.shape))
     # padding: a tile pair with padded tokens is never FULL; all-padding tiles are EMPTY
     if layout.pads:

@@ -113,6 +113,10 @@ class DimRange:
         return DimRange(lo, hi, tuple(s for s in merged if s != 1) + syms)
 
     def condition(self, q, k) -> sp.Basic:
+        with sp.evaluate(False):  # substituting must not re-run Min/Max simplification
+            return self._condition(q, k)
+
+    def _condition(self, q, k) -> sp.Basic:
         sub = {Q[0]: q}
         terms = []
         if self.lo is not None:
@@ -192,6 +196,49 @@ def smax(*args):
     return _minmax(sp.Max, *args)
 
 
+def evaluate(expr, env: dict):
+    """Evaluate an integer IR expression with numpy arrays bound to its symbols (the fast
+    numeric path used at compile time: key ranges over every coordinate, tightening)."""
+    import numpy as np
+
+    def ev(e):
+        if e.is_Symbol:
+            return env[e]
+        if e.is_Integer:
+            return int(e)
+        if e.is_Rational:
+            return float(e)
+        if isinstance(e, sp.Add):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out + ev(a)
+            return out
+        if isinstance(e, sp.Mul):
+            num, den = e.as_numer_denom()
+            if den != 1:
+                return ev(num) / ev(den)
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out * ev(a)
+            return out
+        if isinstance(e, sp.floor):
+            num, den = e.args[0].as_numer_denom()
+            return np.floor_divide(ev(num), ev(den))
+        if isinstance(e, sp.Mod):
+            return np.mod(ev(e.args[0]), ev(e.args[1]))
+        if isinstance(e, sp.Min):
+            return np.minimum.reduce(np.broadcast_arrays(*[np.asarray(ev(a)) for a in e.args]))
+        if isinstance(e, sp.Max):
+            return np.maximum.reduce(np.broadcast_arrays(*[np.asarray(ev(a)) for a in e.args]))
+        if isinstance(e, sp.Abs):
+            return np.abs(ev(e.args[0]))
+        if isinstance(e, sp.Pow) and e.args[1].is_Integer and e.args[1] > 0:
+            return ev(e.args[0]) ** int(e.args[1])
+        raise TypeError(f"cannot evaluate {type(e).__name__}: {e}")
+
+    return ev(sp.sympify(expr))
+
+
 def tighten(expr, L: int):
     """Drop the arguments of Min/Max that never win for q in [0, L) (checked numerically, once,
     at compile time): e.g. ``Min(15, q0)`` on a dim of length 16 is ``q0``."""
@@ -209,11 +256,11 @@ def tighten(expr, L: int):
     if isinstance(expr, (sp.Min, sp.Max)):
         import numpy as np
 
-        q = np.arange(L, dtype=np.float64)
+        q = np.arange(L, dtype=np.int64)
         vals = []
         for a in expr.args:
-            v = sp.lambdify(Q[0], a, "numpy")(q)
-            vals.append(np.broadcast_to(np.asarray(v, dtype=np.float64), q.shape))
+            v = evaluate(a, {Q[0]: q})
+            vals.append(np.broadcast_to(np.asarray(v), q.shape))
         best = np.minimum.reduce(vals) if isinstance(expr, sp.Min) else np.maximum.reduce(vals)
         for a, v in zip(expr.args, vals):
             if np.array_equal(v, best):

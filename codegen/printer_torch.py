@@ -235,10 +235,9 @@ def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Bas
                 body.append(f"    {sym} = {true_like} * 0 + {p._print(expr)}")
             else:
                 body.append(f"    {sym} = {p._print(expr) if isinstance(expr, sp.Basic) else expr}")
-    reps, (reduced,) = sp.cse([result], symbols=sp.numbered_symbols("x"), optimizations=None)
-    for s, e in reps:
-        body.append(f"    {s} = {p._print(e)}")
-    text = p._print(reduced)
+    hoist = _Hoister(result)
+    text = hoist.doprint(result)
+    body += [f"    {line}" for line in hoist.lines]
     if "TRUE" in text or "FALSE" in text:
         body.append(f"    TRUE = {true_like} >= 0")
         body.append(f"    FALSE = {true_like} < 0")
@@ -248,6 +247,39 @@ def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Bas
         lines = [f"def make_{name}({', '.join(captured)}):"] + ["    " + x for x in lines]
         lines.append(f"    return {name}")
     return "\n".join(lines) + "\n"
+
+
+class _Hoister(TorchPrinter):
+    """Common-subexpression elimination in one linear pass: a compound subexpression that
+    occurs twice or more is printed once into a temporary ``xN`` (children before parents)."""
+
+    def __init__(self, expr):
+        super().__init__()
+        self.counts: Dict[sp.Basic, int] = {}
+        self._count(expr)
+        self.names: Dict[sp.Basic, str] = {}
+        self.lines: List[str] = []
+
+    def _count(self, e):
+        if not isinstance(e, sp.Basic) or not e.args or isinstance(e, sp.Indexed):
+            return
+        seen = self.counts.get(e, 0)
+        self.counts[e] = seen + 1
+        if seen == 0:
+            for a in e.args:
+                self._count(a)
+
+    def _print(self, expr, **kwargs):
+        name = self.names.get(expr) if isinstance(expr, sp.Basic) else None
+        if name is not None:
+            return name
+        text = super()._print(expr, **kwargs)
+        if isinstance(expr, sp.Basic) and self.counts.get(expr, 0) > 1 and not expr.is_Boolean:
+            name = f"x{len(self.names)}"
+            self.names[expr] = name
+            self.lines.append(f"{name} = {text}")
+            return name
+        return text
 
 
 def _names(result, prologue) -> set:

@@ -12,7 +12,7 @@ import sympy as sp
 import torch
 
 from .._pattern import And, Heads, Neighborhood, Not, Or, Pattern
-from .blockmask import EMPTY, FULL, PARTIAL, separable_cost, tile_classes
+from .blockmask import EMPTY, FULL, PARTIAL, UNDECIDED, separable_cost, tile_classes
 from .ir import (K, KF, Q, QF, Const, FlexUnsupported, Sep, lower_pattern, lower_score, predicate)
 from .printer_torch import emit_function, identifier
 from .tiling import Layout, candidate_tiles
@@ -58,6 +58,19 @@ def pattern_name(p) -> str:
     return p._name
 
 
+def _varies_per_head(p) -> bool:
+    from .._compile import walk
+    from .._values import PerHead
+
+    for node in walk(p):
+        if isinstance(node, Heads):
+            return True
+        for v in vars(node).values():
+            if isinstance(v, PerHead) or (isinstance(v, tuple) and any(isinstance(x, PerHead) for x in v)):
+                return True
+    return False
+
+
 def _group_options(irs, rank: int) -> List[tuple]:
     """Residue groupings worth trying: the numeric dilation steps shared by every head."""
     per_dim = []
@@ -99,8 +112,11 @@ class Program:
         self.block = block
         self.n = math.prod(shape)
         self.name = identifier(pattern_name(pattern))
-        self.irs = [lower_pattern(pattern, shape, heads, head=h) for h in range(heads)]
         self.ir, self.tables = lower_pattern(pattern, shape, heads)
+        if _varies_per_head(pattern):
+            self.irs = [lower_pattern(pattern, shape, heads, head=h) for h in range(heads)]
+        else:  # every head lowers to the same IR
+            self.irs = [(self.ir, self.tables)] * heads
         try:
             self.score_expr = lower_score(score, shape, heads, self.tables)
             self.flex_unsupported = None
@@ -137,20 +153,28 @@ class Program:
         row-major first). Separable patterns are scored per dim (a product of per-dim counts);
         others by classifying every candidate (without refinement: undecided counts as work)."""
         layouts = self._layouts(tile)
+        if len(layouts) == 1:
+            classes = tile_classes(self.irs, layouts[0], refine=True)
+            self.candidates[layouts[0].describe()] = int((classes != EMPTY).sum())
+            return layouts[0], classes
         separable = all(isinstance(ir, Sep) for ir, _ in self.irs)
         best = None
         for i, lay in enumerate(layouts):
+            classes = None
             if separable and lay.tile is not None:
                 cost = sum(separable_cost(ir, lay) for ir, _ in self.irs)
             elif i > 0 and lay.n_tiles ** 2 * len(self.irs) > MAX_LAYOUT_SEARCH_PAIRS:
                 continue
             else:
-                cost = int((tile_classes(self.irs, lay, refine=False) != EMPTY).sum())
+                classes = tile_classes(self.irs, lay, refine=False)
+                cost = int((classes != EMPTY).sum())
             self.candidates[lay.describe()] = cost
             if best is None or cost < best[0]:
-                best = (cost, lay)
-        lay = best[1]
-        return lay, tile_classes(self.irs, lay, refine=True)
+                best = (cost, lay, classes)
+        _, lay, classes = best
+        if classes is None or (classes == UNDECIDED).any():
+            classes = tile_classes(self.irs, lay, refine=True)
+        return lay, classes
 
     # ------------------------------------------------------------------ generated source
     def _decoded(self):

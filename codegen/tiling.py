@@ -113,7 +113,12 @@ class Layout:
     # ---------------------------------------------------------------- symbolic decoding
     def decode(self, idx: sp.Symbol, prefix: str) -> List[Tuple[str, sp.Expr]]:
         """Prologue lines computing grid coordinates ``{prefix}0..``, the flat index
-        ``{prefix}_flat`` and (when the layout pads) ``{prefix}_valid`` from position ``idx``."""
+        ``{prefix}_flat`` and (when the layout pads) ``{prefix}_valid`` from position ``idx``.
+        Built unevaluated: these are plain index arithmetic, sympy has nothing to simplify."""
+        with sp.evaluate(False):
+            return self._decode(idx, prefix)
+
+    def _decode(self, idx: sp.Symbol, prefix: str) -> List[Tuple[str, sp.Expr]]:
         lines: List[Tuple[str, sp.Basic]] = []
         coords = []
         if self.tile is None:
@@ -141,7 +146,9 @@ class Layout:
             tstride = math.prod(self.grid[d + 1:])
             ostride = math.prod(self.tile[d + 1:])
             T = sp.floor(tile / tstride) if tstride > 1 else tile
-            if d > 0:
+            if self.grid[d] == 1:
+                T = sp.Integer(0)
+            elif d > 0:
                 T = sp.Mod(T, self.grid[d])
             O = sp.floor(off / ostride) if ostride > 1 else off
             if d > 0:

@@ -1,0 +1,270 @@
+"""maskdsl benchmarks: one command, one table, one results file.
+
+    python benchmarks/run.py                 # everything that runs on this device
+    python benchmarks/run.py --only build    # sections: build, tiling, attention
+    python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
+
+Every ratio is measured in one run on one machine (ours / peer: < 1 means we are faster; the
+"speedup" columns are peer / ours). Results go to benchmarks/results/<device>-<date>.{json,md}
+with the device, torch version and the exact command.
+
+Sections:
+  build      analytic BlockMask (cold: lowering + layout search + classification + BlockMask,
+             caches cleared) vs torch.compile(create_block_mask) steady state (its first call,
+             the compile, reported separately); the 3-D 524,288-token build runs in a child
+             process so its peak memory is its own.
+  tiling     block density row-major vs token-tiled (128-token tiles).
+  attention  forward time: flex backend vs SDPA with a materialised bool mask vs dense SDPA
+             (no mask) vs NATTEN (when installed), plus the ideal = dense x block density.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import maskdsl as md  # noqa: E402
+from maskdsl.codegen import blockmask as _bm, ir as _ir, program as _prog  # noqa: E402
+
+warnings.filterwarnings("ignore")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({os.cpu_count()} cores)"
+
+
+def clear_caches():
+    _prog._CACHE.clear()
+    _bm._DIM_CACHE.clear()
+    _bm._DIM_FUNCTIONS.clear()
+    _ir._neighborhood_dim.cache_clear()
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------- build
+
+BUILD_CASES = [
+    ("2-D 256x256 neighborhood((13, 13))", "neighborhood((13, 13))", (256, 256), True),
+    ("1-D 65536 causal() & window(1024)", "causal() & window(1024)", (65536,), True),
+    ("3-D 32x128x128 neighborhood((3, 13, 13))", "neighborhood((3, 13, 13))", (32, 128, 128), False),
+]
+
+
+def ours_build(spec: str, shape: tuple) -> dict:
+    p = md.parse(spec)
+    t0 = time.perf_counter()
+    prog = _prog.Program(p, None, shape, 1)
+    prog.block_mask(compute_q_blocks=False)
+    return {"seconds": time.perf_counter() - t0, "layout": prog.layout.describe(),
+            "blocks": int((prog.classes != 0).sum())}
+
+
+def child_build(spec: str, shape: tuple) -> dict:
+    """Cold build in a fresh process: time and peak RSS (total, and above the import baseline)."""
+    code = (
+        "import json, resource, time, sys; sys.path.insert(0, %r)\n"
+        "import maskdsl as md; from maskdsl.codegen import program as P\n"
+        "P.Program(md.window(1), None, (4,), 1, block=16)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "t0 = time.perf_counter(); pr = P.Program(md.parse(%r), None, %r, 1)\n"
+        "pr.block_mask(compute_q_blocks=False); t = time.perf_counter() - t0\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'seconds': t, 'peak_rss_mb': peak / 1024, 'above_import_mb': (peak - base) / 1024,"
+        " 'layout': pr.layout.describe()}))\n" % (os.path.join(HERE, ".."), spec, tuple(shape)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peer_build(spec: str, shape: tuple, reps: int) -> dict:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    prog = _prog.Program(md.parse(spec), None, shape, 1, tile=None)   # row-major mask_mod
+    mask_mod, _ = prog.mods("cpu")
+    n = math.prod(shape)
+    cbm = torch.compile(create_block_mask)
+    t0 = time.perf_counter()
+    cbm(mask_mod, 1, 1, n, n, device="cpu")
+    first = time.perf_counter() - t0
+    steady = timeit(lambda: cbm(mask_mod, 1, 1, n, n, device="cpu"), reps, warmup=1)
+    return {"first_call_seconds": first, "steady_seconds": steady}
+
+
+def section_build(reps: int, rows: list):
+    print("\n== BlockMask build (CPU) ==")
+    print(f"{'case':44} {'ours cold':>10} {'create_block_mask':>18} {'compile':>9} {'speedup':>8}")
+    for name, spec, shape, with_peer in BUILD_CASES:
+        if with_peer:
+            times = []
+            for _ in range(reps):
+                clear_caches()
+                r = ours_build(spec, shape)
+                times.append(r["seconds"])
+            ours = statistics.median(times)
+            peer = peer_build(spec, shape, reps)
+            speed = peer["steady_seconds"] / ours
+            print(f"{name:44} {ours * 1e3:8.1f}ms {peer['steady_seconds'] * 1e3:16.1f}ms "
+                  f"{peer['first_call_seconds']:8.1f}s {speed:7.0f}x")
+            rows.append({"section": "build", "case": name, "ours_seconds": ours,
+                         "create_block_mask_steady_seconds": peer["steady_seconds"],
+                         "create_block_mask_first_call_seconds": peer["first_call_seconds"],
+                         "speedup": speed, "layout": r["layout"]})
+        else:
+            r = child_build(spec, shape)
+            print(f"{name:44} {r['seconds'] * 1e3:8.1f}ms {'(not run)':>18} {'':>9} {'':>8}  "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['above_import_mb']:.0f} MB above import), "
+                  f"{r['layout']}")
+            rows.append({"section": "build", "case": name, "ours_seconds": r["seconds"],
+                         "peak_rss_mb": r["peak_rss_mb"], "above_import_mb": r["above_import_mb"],
+                         "layout": r["layout"]})
+
+
+# ---------------------------------------------------------------------------------- tiling
+
+TILING_CASES = [
+    ("2-D 128x128 neighborhood((13, 13))", "neighborhood((13, 13))", (128, 128)),
+    ("2-D 256x256 neighborhood((13, 13))", "neighborhood((13, 13))", (256, 256)),
+    ("2-D 128x128 neighborhood((7, 7), dilation=(2, 2))", "neighborhood((7, 7), dilation=(2, 2))", (128, 128)),
+    ("3-D 16x32x32 neighborhood((3, 7, 7))", "neighborhood((3, 7, 7))", (16, 32, 32)),
+    ("3-D 32x128x128 neighborhood((3, 13, 13))", "neighborhood((3, 13, 13))", (32, 128, 128)),
+]
+
+
+def section_tiling(rows: list):
+    print("\n== Token tiling: block density (128-token blocks) ==")
+    print(f"{'case':50} {'row-major':>10} {'tiled':>8} {'ratio':>6}  layout")
+    for name, spec, shape in TILING_CASES:
+        st = _prog.Program(md.parse(spec), None, shape, 1).stats()
+        ratio = st["block_density"] / st["block_density_row_major"]
+        print(f"{name:50} {st['block_density_row_major']:9.2%} {st['block_density']:7.2%} {ratio:6.2f}  {st['layout']}")
+        rows.append({"section": "tiling", "case": name, **{k: v for k, v in st.items() if k != "layouts_tried"}})
+
+
+# ---------------------------------------------------------------------------------- attention
+
+def attention_cases(quick: bool):
+    cases = [
+        ("2-D 64x64 13x13 H=4 D=64", "neighborhood((13, 13))", (64, 64), 4, 64, (13, 13)),
+        ("1-D 8192 causal & window(1024) H=4 D=64", "causal() & window(1024)", (8192,), 4, 64, None),
+    ]
+    if not quick:
+        cases.append(("2-D 128x128 13x13 H=2 D=64", "neighborhood((13, 13))", (128, 128), 2, 64, (13, 13)))
+    return cases
+
+
+def natten_forward(q, k, v, shape, kernel):
+    try:
+        import natten
+    except ImportError:
+        return None
+    B, H, N, D = q.shape
+    fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(shape)]
+    perm = lambda t: t.permute(0, 2, 1, 3).reshape(B, *shape, H, D).contiguous()
+    qn, kn, vn = perm(q), perm(k), perm(v)
+    return lambda: fn(qn, kn, vn, kernel_size=kernel, backend="flex-fna")
+
+
+def section_attention(reps: int, quick: bool, rows: list):
+    import torch.nn.functional as F
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\n== Attention forward ({dev}, fp32) ==")
+    print(f"{'case':42} {'flex':>9} {'sdpa+mask':>10} {'dense':>9} {'natten':>9} {'ideal':>9} "
+          f"{'vs mask':>8} {'vs natten':>9} {'/ideal':>7}")
+    for name, spec, shape, H, D, kernel in attention_cases(quick):
+        p = md.parse(spec)
+        n = math.prod(shape)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, H, n, D, generator=g).to(dev) for _ in range(3))
+        attn = md.compile(p, shape, H, backend="flex")
+        with torch.no_grad():
+            attn(q, k, v)                                   # compile
+            t_flex = timeit(lambda: attn(q, k, v), reps)
+            mask = md.reference.mask(p, shape, 1, device=dev)[0]
+            t_mask = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), reps)
+            del mask
+            t_dense = timeit(lambda: F.scaled_dot_product_attention(q, k, v), reps)
+            fn = natten_forward(q, k, v, shape, kernel) if kernel else None
+            t_nat = timeit(fn, max(1, reps // 2)) if fn else float("nan")
+        density = attn.stats()["block_density"]
+        ideal = t_dense * density
+        print(f"{name:42} {t_flex * 1e3:7.1f}ms {t_mask * 1e3:8.1f}ms {t_dense * 1e3:7.1f}ms "
+              f"{t_nat * 1e3:7.1f}ms {ideal * 1e3:7.1f}ms {t_mask / t_flex:7.1f}x "
+              f"{t_nat / t_flex:8.1f}x {t_flex / ideal:6.1f}x")
+        rows.append({"section": "attention", "case": name, "device": dev, "flex_seconds": t_flex,
+                     "sdpa_mask_seconds": t_mask, "sdpa_dense_seconds": t_dense,
+                     "natten_seconds": t_nat, "ideal_seconds": ideal, "block_density": density,
+                     "speedup_vs_sdpa_mask": t_mask / t_flex, "speedup_vs_natten": t_nat / t_flex,
+                     "flex_over_ideal": t_flex / ideal, "layout": attn.stats()["layout"]})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="build,tiling,attention")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args()
+    reps = args.reps or (2 if args.quick else 5)
+    torch.manual_seed(0)
+    meta = {"device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "maskdsl": md.__version__, "threads": torch.get_num_threads(),
+            "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    print(f"device: {meta['device']} | torch {meta['torch']} | threads {meta['threads']}")
+    print(f"command: {meta['command']}")
+    rows = []
+    only = set(args.only.split(","))
+    if "build" in only:
+        section_build(reps, rows)
+    if "tiling" in only:
+        section_tiling(rows)
+    if "attention" in only:
+        section_attention(reps, args.quick, rows)
+    os.makedirs(args.out, exist_ok=True)
+    tag = ("cuda-" if torch.cuda.is_available() else "cpu-") + datetime.date.today().isoformat()
+    path = os.path.join(args.out, f"{tag}.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=float)
+    print(f"\nwrote {os.path.relpath(path)}")
+
+
+if __name__ == "__main__":
+    main()
