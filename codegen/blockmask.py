@@ -114,8 +114,9 @@ class _TileSets:
         steps = [int(s) for s in dr.steps]
         step = math.lcm(*steps) if steps else 1
         pad = T * B - L
-        lo_t = np.pad(lo, (0, pad), constant_values=L).reshape(T, B)
-        hi_t = np.pad(hi, (0, pad), constant_values=0).reshape(T, B)
+        # padding queries get the empty range [L, 0): they never count (int32: L < 2**31)
+        lo_t = np.pad(lo.astype(np.int32), (0, pad), constant_values=L).reshape(T, B)
+        hi_t = np.pad(hi.astype(np.int32), (0, pad), constant_values=0).reshape(T, B)
         real = np.minimum(B, L - np.arange(T) * B)              # real tokens per tile
         has = hi_t > lo_t                                       # queries with any key
         big = np.iinfo(np.int64).max
@@ -141,16 +142,16 @@ class _TileSets:
         # undecided boundary pairs: count exactly (a few per row for banded patterns)
         und = np.nonzero(~full & ~empty)[0]
         if len(und):
-            ii, bb0, bb1 = i_idx[und], b0[und], b1[und]
-            qlo, qhi = lo_t[ii], hi_t[ii]                               # [P, B]
-            s_, e_ = np.maximum(qlo, bb0[:, None]), np.minimum(qhi, bb1[:, None])
+            ii = i_idx[und]
+            bb0, bb1 = b0[und].astype(np.int32), b1[und].astype(np.int32)
+            s_ = np.maximum(lo_t[ii], bb0[:, None])                     # [P, B]
+            e_ = np.minimum(hi_t[ii], bb1[:, None])
             if step == 1:
-                cnt = np.clip(e_ - s_, 0, None)
+                cnt = np.maximum(e_ - s_, 0).sum(1)
             else:
-                q = ii[:, None] * B + np.arange(B)[None, :]
+                q = (ii[:, None] * B + np.arange(B, dtype=np.int32)[None, :]).astype(np.int32)
                 first = s_ + np.mod(q - s_, step)
-                cnt = np.where(e_ > first, (e_ - first + step - 1) // step, 0)
-            cnt = np.where(np.arange(B)[None, :] < real[ii][:, None], cnt, 0).sum(1)
+                cnt = np.where(e_ > first, (e_ - first + step - 1) // step, 0).sum(1)
             size = real[ii] * (bb1 - bb0)
             cls[und] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
         out[i_idx, j_idx] = cls
@@ -456,7 +457,7 @@ def tile_classes(pattern_irs, layout: Layout, refine: bool = True) -> np.ndarray
     cache: Dict[str, np.ndarray] = {}
     out = []
     for h, (ir, tables) in enumerate(pattern_irs):
-        key = repr(ir) + repr(tables.values) + repr(sorted(tables.tensors))
+        key = (ir, repr(tables.values), tuple(sorted(tables.tensors))) if len(pattern_irs) > 1 else 0
         if key not in cache:
             cache[key] = classify(ir, tables, layout, h, ts, refine)
         out.append(cache[key])

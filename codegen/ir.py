@@ -451,7 +451,14 @@ def _and_dims(ds) -> DimRange:
 
 
 def predicate(n, coords_q, coords_k, qf, kf) -> sp.Basic:
-    """The IR as one sympy boolean over the given coordinate/flat expressions."""
+    """The IR as one sympy boolean over the given coordinate/flat expressions (built
+    unevaluated: the IR is already simplified, and boolean simplification is slow)."""
+    with sp.evaluate(False):
+        return _predicate(n, coords_q, coords_k, qf, kf)
+
+
+def _predicate(n, coords_q, coords_k, qf, kf) -> sp.Basic:
+    predicate = _predicate
     if isinstance(n, Const):
         return sp.true if n.value else sp.false
     if isinstance(n, Sep):

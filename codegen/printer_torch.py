@@ -131,7 +131,7 @@ class TorchPrinter(StrPrinter):
         return "(" + " * ".join(factors) + ")"
 
     def _print_Add(self, e):
-        terms = e.as_ordered_terms()
+        terms = sorted(e.args, key=lambda t: t.could_extract_minus_sign())  # positive terms first
         out = self._print(terms[0])
         for t in terms[1:]:
             c, rest = t.as_coeff_Mul()
