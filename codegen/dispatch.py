@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
-__all__ = ["choose", "call_time_fallback", "FLEX_MIN_TOKENS_CPU"]
+__all__ = ["choose", "call_time_fallback", "torch_device", "DENSE_MAX_TOKENS_SMALL"]
 
-FLEX_MIN_TOKENS_CPU = 4096   # below this, dense beats flex's compile + launch overhead on CPU
+DENSE_MAX_TOKENS_SMALL = 256   # up to here the dense reference path is fastest anywhere
 
 
 def _beyond_flex(score) -> Optional[object]:
@@ -18,21 +18,30 @@ def _beyond_flex(score) -> Optional[object]:
     return None
 
 
-def choose(shape: tuple, heads: int, score, dense_max: int) -> Tuple[str, str]:
-    """(backend, reason) for backend="auto", decided from what is known at compile time."""
+def choose(shape: tuple, heads: int, score, dense_max: int, device) -> Tuple[str, str]:
+    """(backend, reason) for backend="auto" on ``device``."""
     n = math.prod(shape)
     node = _beyond_flex(score)
-    if node is not None:
-        if n <= dense_max:
-            return "dense", (f"dense: FlexAttention cannot express {node._name}, and the tiles and "
-                             f"triton backends that can are not built yet")
-        return "none", (f"no backend can run {node._name} at {n} tokens yet (flex cannot express it, "
-                        f"dense stops at {dense_max} tokens)")
-    if n < FLEX_MIN_TOKENS_CPU:
-        return "dense", (f"dense: {n} tokens is small enough that the dense reference path beats "
-                         f"flex's compile and launch overhead")
-    return "flex", (f"flex: {n} tokens, the pattern compiles to a mask_mod with an analytic "
-                    f"BlockMask (falls back to dense for float64 or for backward on CPU)")
+    dev = torch_device(device)
+    if n <= DENSE_MAX_TOKENS_SMALL:
+        return "dense", (f"dense: {n} tokens is small enough that the dense reference path is "
+                         f"the fastest")
+    if dev.type == "cuda" and node is None:
+        return "flex", (f"flex: on CUDA the pattern compiles to a mask_mod with an analytic "
+                        f"BlockMask (forward and backward)")
+    if dev.type == "cuda":
+        return "tiles", (f"tiles: FlexAttention cannot express {node._name}; the tiled PyTorch "
+                         f"path can (the Triton kernel is not built yet)")
+    return "tiles", (f"tiles: on {dev.type}, block-sparse PyTorch over the analytic tiles is the "
+                     f"fastest path and the only one with a backward (Flex is inference-only there)")
+
+
+def torch_device(device):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def call_time_fallback(q, k, v) -> Optional[str]:

@@ -39,21 +39,13 @@ def compiled_flex():
         return _compiled
 
 
-class _Perm:
-    """Gather/scatter indices of a layout, per device."""
-
-    def __init__(self, program: Program):
-        self.program = program
-        self.cache: Dict[torch.device, tuple] = {}
-
-    def get(self, device):
-        if device not in self.cache:
-            lay = self.program.layout
-            self.cache[device] = (lay.gather_index().to(device), lay.scatter_index().to(device))
-        return self.cache[device]
-
-
-_perms: Dict[int, _Perm] = {}
+def _permutation(program: Program, device):
+    """Gather/scatter indices of the program's layout on ``device`` (kept on the program)."""
+    cache = program.__dict__.setdefault("_flex_perms", {})
+    if device not in cache:
+        lay = program.layout
+        cache[device] = (lay.gather_index().to(device), lay.scatter_index().to(device))
+    return cache[device]
 
 
 def _to_layout(x, gather):
@@ -66,15 +58,14 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True):
     from torch.nn.attention.flex_attention import flex_attention
 
     device = q.device
-    mask_mod, score_mod = program.mods(device, detach=device.type == "cpu")
+    mask_mod, score_mod = program.mods(device, flex=True)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if device.type == "cpu":  # flex refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     block_mask = program.block_mask(device, compute_q_blocks=needs_grad or device.type != "cpu")
     lay = program.layout
     if not lay.identity:
-        perm = _perms.setdefault(id(program), _Perm(program))
-        gather, scatter = perm.get(device)
+        gather, scatter = _permutation(program, device)
         q, k, v = (_to_layout(t, gather) for t in (q, k, v))
     fn = compiled_flex() if compiled else flex_attention
     out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)

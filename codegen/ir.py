@@ -479,22 +479,14 @@ def _predicate(n, coords_q, coords_k, qf, kf) -> sp.Basic:
 
 # ------------------------------------------------------------------------------ scores
 
-class FlexUnsupported(Exception):
-    """A score term FlexAttention cannot express (carries the node)."""
-
-    def __init__(self, node):
-        super().__init__(node)
-        self.node = node
-
-
 def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]:
     """The score terms as one sympy expression of ``score``, grid coordinates, flat indices and
-    the head (per-head and tensor parameters as table lookups). None when there is no score.
-    Raises FlexUnsupported for sink_logit and dropout."""
+    the head (per-head and tensor parameters as table lookups). None when there is no additive
+    term or softcap. ``sink_logit`` and ``dropout`` are skipped: they act on the softmax."""
     from .._score import (Alibi, DistanceDecay, Dropout, RelativeBias, SinkLogit, Softcap,
                           geometric_slopes, score_terms)
 
-    terms = score_terms(score)
+    terms = [t for t in score_terms(score) if not isinstance(t, (SinkLogit, Dropout))]
     if not terms:
         return None
     r = len(shape)
@@ -512,7 +504,7 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
             return t.lookup(f"{tag}_{key}", [float(x[key]) for x in b])
 
         if isinstance(term, (SinkLogit, Dropout)):
-            raise FlexUnsupported(term)
+            continue  # not score terms: the runtime applies them (Flex cannot; see dispatch)
         if isinstance(term, DistanceDecay):
             dims = b[0]["dims"]
             diffs = [Q[d] - K[d] for d in dims]

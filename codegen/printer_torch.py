@@ -38,7 +38,15 @@ class UnsupportedNode(TypeError):
 
 
 class TorchPrinter(StrPrinter):
-    """sympy -> torch expression source."""
+    """sympy -> torch expression source. ``float_like``: an expression whose dtype float
+    functions of integer arguments take (``score.dtype`` in score_mods), so that a float64
+    score is not computed from a float32 distance."""
+
+    float_like = None
+
+    def _float(self, e) -> str:
+        text = self._print(e)
+        return f"({text}).to({self.float_like})" if self.float_like else text
 
     def emptyPrinter(self, expr):  # noqa: N802 (sympy's name)
         raise UnsupportedNode(f"no torch printing rule for {type(expr).__name__}: {expr}")
@@ -116,7 +124,7 @@ class TorchPrinter(StrPrinter):
     def _print_Pow(self, e):
         base, exp = e.args
         if exp == sp.Rational(1, 2):
-            return f"torch.sqrt({self._print(base)})"
+            return f"torch.sqrt({self._float(base)})"
         if exp == -1:
             return f"(1.0 / ({self._print(base)}))"
         if exp.is_Integer and exp > 0:
@@ -131,7 +139,8 @@ class TorchPrinter(StrPrinter):
         return "(" + " * ".join(factors) + ")"
 
     def _print_Add(self, e):
-        terms = sorted(e.args, key=lambda t: t.could_extract_minus_sign())  # positive terms first
+        # positive terms first, numbers last: q0 + 1, q0 - k0 - 3
+        terms = sorted(e.args, key=lambda t: (t.is_number, t.could_extract_minus_sign()))
         out = self._print(terms[0])
         for t in terms[1:]:
             c, rest = t.as_coeff_Mul()
@@ -142,7 +151,7 @@ class TorchPrinter(StrPrinter):
         return f"({out})"
 
     def _print_sqrt(self, e):
-        return f"torch.sqrt({self._print(e.args[0])})"
+        return f"torch.sqrt({self._float(e.args[0])})"
 
     def _print_tanh(self, e):
         return f"torch.tanh({self._print(e.args[0])})"
@@ -207,7 +216,7 @@ def identifier(text: str, limit: int = 96) -> str:
 
 def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Basic]],
                   result: sp.Basic, doc: str = "", true_like: str = "",
-                  captured: Iterable[str] = ()) -> str:
+                  captured: Iterable[str] = (), float_like: str = None) -> str:
     """Source of ``def name(params): ...`` computing ``result``.
 
     ``prologue`` binds names to expressions first (e.g. grid coordinates decoded from
@@ -236,6 +245,7 @@ def emit_function(name: str, params: List[str], prologue: List[Tuple[str, sp.Bas
             else:
                 body.append(f"    {sym} = {p._print(expr) if isinstance(expr, sp.Basic) else expr}")
     hoist = _Hoister(result)
+    hoist.float_like = float_like
     text = hoist.doprint(result)
     body += [f"    {line}" for line in hoist.lines]
     if "TRUE" in text or "FALSE" in text:

@@ -13,7 +13,7 @@ import torch
 
 from .._pattern import And, Heads, Neighborhood, Not, Or, Pattern
 from .blockmask import EMPTY, FULL, PARTIAL, UNDECIDED, separable_cost, tile_classes
-from .ir import (K, KF, Q, QF, Const, FlexUnsupported, Sep, lower_pattern, lower_score, predicate)
+from .ir import (K, KF, Q, QF, Const, Sep, lower_pattern, lower_score, predicate)
 from .printer_torch import emit_function, identifier
 from .tiling import Layout, candidate_tiles
 
@@ -117,11 +117,7 @@ class Program:
             self.irs = [lower_pattern(pattern, shape, heads, head=h) for h in range(heads)]
         else:  # every head lowers to the same IR
             self.irs = [(self.ir, self.tables)] * heads
-        try:
-            self.score_expr = lower_score(score, shape, heads, self.tables)
-            self.flex_unsupported = None
-        except FlexUnsupported as e:
-            self.score_expr, self.flex_unsupported = None, e.node
+        self.score_expr = lower_score(score, shape, heads, self.tables)
         self.candidates: Dict[str, int] = {}
         self.layout, self.classes = self._choose_layout(tile)
         self.mask_source = self._mask_source()
@@ -205,13 +201,14 @@ class Program:
         sub.update({K[d]: ks[d] for d in range(len(ks))})
         sub.update({QF: qf, KF: kf})
         expr = self.score_expr.xreplace(sub)
-        from .._score import score_terms
+        from .._score import Dropout, SinkLogit, score_terms
 
-        name = identifier("__".join(t._name for t in score_terms(self.score)))
+        name = identifier("__".join(t._name for t in score_terms(self.score)
+                                    if not isinstance(t, (SinkLogit, Dropout))))
         return emit_function(f"score_{name}", ["score", "b", "h", "q_idx", "kv_idx"],
                              [x for x in pro if not x[0].endswith("_valid")], expr,
                              doc=repr(self.score).replace('"', "'"), true_like="q_idx",
-                             captured=self._table_names())
+                             captured=self._table_names(), float_like="score.dtype")
 
     def _table_names(self) -> List[str]:
         return sorted(self.tables.values) + sorted(self.tables.tensors)
@@ -226,19 +223,19 @@ class Program:
                                  _exec_named(self.score_source) if self.score_source else None)
         return self._factory_fns
 
-    def _tables_on(self, device, detach: bool) -> dict:
-        """Per-head tables (int64 / float32) and the user's tensors on ``device``. User float
-        tensors are passed as float32 (compiled flex on CPU mis-compiles float64 captures);
-        ``detach`` for compiled CPU flex (no backward there; a captured leaf needing grad fails)."""
+    def _tables_on(self, device, flex: bool) -> dict:
+        """Per-head tables (int64 / float32) and the user's tensors on ``device``. For ``flex``,
+        user float tensors become float32 (compiled flex on CPU mis-compiles float64 captures)
+        and are detached on CPU (no backward there; a captured leaf needing grad fails)."""
         out = {}
         for name, v in self.tables.values.items():
             arr = np.asarray(v)
             dt = torch.float32 if arr.dtype.kind == "f" else torch.int64
             out[name] = torch.as_tensor(arr, dtype=dt, device=device)
         for name, t in self.tables.tensors.items():
-            if detach:
+            if flex and device.type == "cpu":
                 t = t.detach()
-            if t.is_floating_point():
+            if flex and t.is_floating_point():
                 t = t.to(torch.float32)
             out[name] = t.to(device)
         return out
@@ -251,21 +248,22 @@ class Program:
         args = [tables[n] for n in factory.__code__.co_varnames[:factory.__code__.co_argcount]]
         return factory(*args)
 
-    def mods(self, device, detach: bool = False) -> tuple:
-        """(mask_mod, score_mod) with their tables on ``device``. The mask_mod is built once
-        per device; the score_mod is rebuilt when it reads user tensors (learnable parameters
-        change between calls), from the same code object, so nothing recompiles."""
+    def mods(self, device, flex: bool = False) -> tuple:
+        """(mask_mod, score_mod) with their tables on ``device`` (``flex``: prepared for
+        compiled flex_attention). The mask_mod is built once per device; the score_mod is
+        rebuilt when it reads user tensors (learnable parameters change between calls), from
+        the same code object, so nothing recompiles."""
         device = torch.device(device)
         mask_factory, score_factory = self._factories()
-        key = (device, detach)
+        key = (device, flex)
         with self._lock:
             if key not in self._mods:
-                tables = self._tables_on(device, detach)
+                tables = self._tables_on(device, flex)
                 self._mods[key] = (self._build(mask_factory, tables),
                                    self._build(score_factory, tables))
             mask, score = self._mods[key]
         if score is not None and self.tables.tensors:
-            score = self._build(score_factory, self._tables_on(device, detach))
+            score = self._build(score_factory, self._tables_on(device, flex))
         return mask, score
 
     # ------------------------------------------------------------------ block mask
@@ -284,7 +282,7 @@ class Program:
             cls = cls[:1]
         partial_num, partial_idx = _indices(cls == PARTIAL)
         full_num, full_idx = _indices(cls == FULL)
-        mask_mod, _ = self.mods(device, detach=device.type == "cpu")
+        mask_mod, _ = self.mods(device, flex=True)
         bm = BlockMask.from_kv_blocks(
             partial_num[None].to(device), partial_idx[None].to(device),
             full_num[None].to(device), full_idx[None].to(device),

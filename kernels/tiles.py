@@ -56,13 +56,17 @@ class TilePlan:
         qpos = pos[:, :, None]                                  # [T, V, 1]
         kpos = pos[self.kv_tiles].reshape(Hc, T, 1, M * V)      # [Hc, T, 1, M*V]
         mask_mod, _ = program.mods(device)
-        heads = torch.arange(Hc, device=device).reshape(Hc, 1, 1, 1)
+        # the token mask is per head whenever the pattern is, even if the tile lists agree
+        from maskdsl.codegen.program import _varies_per_head
+
+        Hm = program.heads if _varies_per_head(program.pattern) else 1
+        heads = torch.arange(Hm, device=device).reshape(Hm, 1, 1, 1)
         with torch.no_grad():
             allowed = mask_mod(0, heads, qpos[None], kpos)
-            allowed = allowed.expand(Hc, T, V, M * V).clone()
+            allowed = allowed.expand(max(Hm, Hc), T, V, M * V).clone()
             slot_ok = torch.from_numpy(valid_slot).to(device)
             allowed &= slot_ok[:, :, None, :, None].expand(Hc, T, 1, M, V).reshape(Hc, T, 1, M * V)
-        self.allowed = allowed                                  # bool [Hc, T, V, M*V]
+        self.allowed = allowed                                  # bool [1 or H, T, V, M*V]
         self.q_pos, self.k_pos = qpos, kpos
         self.all_full = bool((full_slot | ~valid_slot).all())
         if not lay.identity:
@@ -72,18 +76,19 @@ class TilePlan:
             self.gather = self.scatter = None
 
 
-_plans: Dict[tuple, TilePlan] = {}
 _lock = threading.Lock()
 
 
 def plan_for(program, device) -> TilePlan:
-    key = (id(program), torch.device(device))
+    """The program's plan on ``device``, kept on the program itself (its lifetime)."""
+    device = torch.device(device)
     with _lock:
-        plan = _plans.get(key)
+        plans = program.__dict__.setdefault("_tile_plans", {})
+        plan = plans.get(device)
     if plan is None:
-        plan = TilePlan(program, torch.device(device))
+        plan = TilePlan(program, device)
         with _lock:
-            _plans[key] = plan
+            plan = plans.setdefault(device, plan)
     return plan
 
 

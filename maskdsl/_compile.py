@@ -1,7 +1,8 @@
 """``md.compile``: check a pattern against a shape once, then hand back a callable.
 
 Backends: ``flex`` (generated mask_mod/score_mod + analytic BlockMask, torch.compile'd
-flex_attention) and ``dense`` (the reference path, small N). ``auto`` picks one and says why.
+flex_attention), ``tiles`` (block-sparse PyTorch over the same tiles; any device, autograd) and
+``dense`` (the reference path, small N). ``auto`` picks one for the device and says why.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ._score import Dropout, Score, score_terms
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
-BACKENDS = ("auto", "dense", "flex")
+BACKENDS = ("auto", "dense", "flex", "tiles")
 DENSE_MAX_TOKENS = 32768  # the dense path materialises [B, H, N, N] logits
 
 
@@ -63,9 +64,11 @@ class CompiledAttention:
         mask_mod, score_mod: the generated functions (flex signatures).
     """
 
-    def __init__(self, pattern, shape, heads, score, backend: str, reason: str, auto: bool):
+    def __init__(self, pattern, shape, heads, score, backend: str, reason: str, auto: bool,
+                 device=None):
         self.pattern, self.shape, self.heads, self.score = pattern, shape, heads, score
         self.backend, self.reason = backend, reason
+        self._device = device
         self.n = math.prod(shape)
         self.training = True
         self._auto = auto
@@ -122,6 +125,14 @@ class CompiledAttention:
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads)
         scale = check_scale(scale, D)
         reference.check_params_device(self.score, q.device)
+        if self._auto and q.device != self._device:   # auto decides per device
+            from .codegen.dispatch import choose
+
+            self._device = q.device
+            self.backend, self.reason = choose(self.shape, self.heads, self.score,
+                                               DENSE_MAX_TOKENS, q.device)
+        if self.backend == "tiles":
+            return self._tiles(q, k, v, scale)
         if self.backend == "flex":
             from .codegen.dispatch import call_time_fallback
             from .codegen.flex import run_flex
@@ -129,13 +140,29 @@ class CompiledAttention:
             why = call_time_fallback(q, k, v)
             if why is None:
                 return run_flex(self.program, q, k, v, scale)
-            if not self._auto or self.n > DENSE_MAX_TOKENS:
+            if not self._auto:
                 raise MaskDSLError(
                     f"backend='flex': {why}; use float32/bfloat16/float16 inputs, run under "
-                    f"torch.no_grad(), or pick backend='dense' (N <= {DENSE_MAX_TOKENS})"
+                    f"torch.no_grad() with inputs that do not require grad, or pick "
+                    f"backend='tiles'"
                 )
-            self.reason = f"{self.reason.split('; this call')[0]}; this call ran dense: {why}"
+            self.reason = f"{self.reason.split('; this call')[0]}; this call ran tiles: {why}"
+            return self._tiles(q, k, v, scale)
         return self._dense(q, k, v, scale)
+
+    def _tiles(self, q, k, v, scale):
+        from .kernels.tiles import run_tiles
+        from ._score import SinkLogit
+
+        H = self.heads
+        sink = drop_p = None
+        for t in score_terms(self.score):
+            if isinstance(t, SinkLogit):
+                sink = _per_head_tensor(t.values, t, "values", H, q.device)
+            elif isinstance(t, Dropout) and self.training:
+                drop_p = _per_head_tensor(t.p, t, "p", H, q.device)
+        return run_tiles(self.program, q, k, v, scale, sink=sink, dropout_p=drop_p,
+                         generator=self._generator)
 
     def _dense(self, q, k, v, scale):
         B, H, N, _ = q.shape
@@ -148,8 +175,16 @@ class CompiledAttention:
             self.score, scale, keep)
 
 
+def _per_head_tensor(value, term, field, heads, device):
+    """A score parameter as a tensor [heads] (a learnable tensor stays in the graph)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).expand(heads) if value.numel() == 1 else value
+    vals = [b[field] for b in term.bind((1,), heads)]
+    return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
 def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
-            backend: str = "auto") -> CompiledAttention:
+            backend: str = "auto", device=None) -> CompiledAttention:
     """Compile a pattern (and optional score terms) for a token grid into an attention callable.
 
     Args:
@@ -157,7 +192,10 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         shape: the token grid (1 to 3 dims); q, k, v carry N = prod(shape) tokens, row-major.
         heads: the number of heads H (per_head lists and heads([...]) must have H entries).
         score: score terms combined with ``+``, or None.
-        backend: ``"auto"`` (pick and say why in ``attn.reason``), ``"flex"`` or ``"dense"``.
+        backend: ``"auto"`` (pick for the device and say why in ``attn.reason``), ``"flex"``,
+            ``"tiles"`` or ``"dense"``.
+        device: where it will run, for ``auto``'s choice (default: CUDA if available, else
+            CPU); a call on another device re-decides.
 
     Returns:
         a :class:`CompiledAttention`; ``attn(q, k, v)`` with q, k, v of shape [B, H, N, D].
@@ -179,10 +217,11 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
     if backend == "auto":
         from .codegen.dispatch import choose
 
-        chosen, reason = choose(shape, heads, score, DENSE_MAX_TOKENS)
-        if chosen == "none":
-            raise MaskDSLError(f"backend='auto': {reason}")
-        return CompiledAttention(p, shape, heads, score, chosen, reason, auto=True)
+        from .codegen.dispatch import torch_device
+
+        dev = torch_device(device)
+        chosen, reason = choose(shape, heads, score, DENSE_MAX_TOKENS, dev)
+        return CompiledAttention(p, shape, heads, score, chosen, reason, auto=True, device=dev)
     if backend == "dense" and n > DENSE_MAX_TOKENS:
         raise MaskDSLError(
             f"shape={shape}: {n} tokens is too many for the dense backend, which materialises "

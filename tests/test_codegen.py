@@ -277,10 +277,12 @@ def test_same_pattern_reuses_one_compile(compiled_attns):
 def test_auto_dispatch_reasons():
     small = md.compile(md.window(4), (100,))
     assert small.backend == "dense" and "small" in small.reason
-    big = md.compile(md.neighborhood((7, 7)), (64, 64), heads=2)
-    assert big.backend == "flex" and big.reason.startswith("flex:")
-    sl = md.compile(md.window(4), (100,), score=md.sink_logit(0.5))
-    assert sl.backend == "dense" and "sink_logit" in sl.reason
+    gpu = md.compile(md.neighborhood((7, 7)), (64, 64), heads=2, device="cuda")
+    assert gpu.backend == "flex" and gpu.reason.startswith("flex: on CUDA")
+    cpu = md.compile(md.neighborhood((7, 7)), (64, 64), heads=2, device="cpu")
+    assert cpu.backend == "tiles" and cpu.reason.startswith("tiles: on cpu")
+    sl = md.compile(md.window(4), (1000,), score=md.sink_logit(0.5), device="cuda")
+    assert sl.backend == "tiles" and "cannot express sink_logit" in sl.reason
     with pytest.raises(md.MaskDSLError, match=r"backend='flex': FlexAttention cannot express dropout\(0.1\)"):
         md.compile(md.window(4), (100,), score=md.dropout(0.1), backend="flex")
 
@@ -295,9 +297,10 @@ def test_explicit_flex_refuses_float64_and_cpu_backward():
         attn(q, q, q)
 
 
-def test_auto_falls_back_to_dense_for_cpu_backward():
-    attn = md.compile(md.neighborhood((7, 7)), (64, 64))
+def test_auto_redecides_for_the_device_it_is_called_on():
+    attn = md.compile(md.neighborhood((7, 7)), (64, 64), device="cuda")
+    assert attn.backend == "flex"
     q = torch.randn(1, 1, 4096, 8, requires_grad=True)
-    out = attn(q, q, q)
+    out = attn(q, q, q)                       # called on CPU, with a backward to come
     out.sum().backward()
-    assert q.grad is not None and "this call ran dense: flex has no backward on CPU" in attn.reason
+    assert attn.backend == "tiles" and q.grad is not None
