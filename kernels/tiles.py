@@ -25,9 +25,10 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-__all__ = ["TilePlan", "run_tiles"]
+__all__ = ["TilePlan", "run_tiles", "plan_for", "TILES_BLOCK"]
 
-_MAX_SCORE_ELEMENTS = 1 << 26    # process query tiles in chunks of at most this many scores
+TILES_BLOCK = 64                 # tokens per tile (64 beat 128 on CPU: fewer wasted keys)
+_MAX_SCORE_ELEMENTS = 1 << 26    # explicit path: query tiles in chunks of at most this many scores
 
 
 class TilePlan:
@@ -67,13 +68,20 @@ class TilePlan:
             slot_ok = torch.from_numpy(valid_slot).to(device)
             allowed &= slot_ok[:, :, None, :, None].expand(Hc, T, 1, M, V).reshape(Hc, T, 1, M * V)
         self.allowed = allowed                                  # bool [1 or H, T, V, M*V]
+        # rows with no allowed key: give SDPA one dummy key (output zeroed afterwards), so no
+        # backend ever sees an all -inf row (some return NaN there, and NaN gradients)
+        self.row_any = allowed.any(-1, keepdim=True)            # [1 or H, T, V, 1]
+        self.sdpa_mask = allowed.clone()
+        self.sdpa_mask[..., :1] |= ~self.row_any
+        self.every_row_has_keys = bool(self.row_any.all())
+        self._float_masks: Dict[tuple, torch.Tensor] = {}
         self.q_pos, self.k_pos = qpos, kpos
-        self.all_full = bool((full_slot | ~valid_slot).all())
-        if not lay.identity:
-            self.gather = lay.gather_index().to(device)
-            self.scatter = lay.scatter_index().to(device)
-        else:
-            self.gather = self.scatter = None
+        # one gather index from the user's token order straight to the gathered key layout
+        tok = torch.from_numpy(lay.tokens()).to(device)
+        user = torch.where(tok >= 0, tok, torch.full_like(tok, lay.n))   # n = the zero row
+        self.q_index = user                                    # [n_padded]
+        self.kv_index = user[kpos.reshape(Hc, -1)]             # [Hc, T*M*V]
+        self.scatter = None if lay.identity else lay.scatter_index().to(device)
 
 
 _lock = threading.Lock()
@@ -92,11 +100,8 @@ def plan_for(program, device) -> TilePlan:
     return plan
 
 
-def _to_layout(x, gather):
-    if gather is None:
-        return x
-    pad = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
-    return torch.cat([x, pad], 2).index_select(2, gather)
+def _with_zero_row(x):
+    return torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])], 2)
 
 
 def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
@@ -111,38 +116,90 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     Returns:
         [B, H, N, Dv]
     """
+    from maskdsl._score import Softcap, score_terms
+
     device = q.device
     plan = plan_for(program, device)
     B, H, N, D = q.shape
     Dv = v.shape[-1]
-    V, T, M = plan.V, plan.T, plan.M
+    V, T, M, Hc = plan.V, plan.T, plan.M, plan.Hc
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qt = _to_layout(q, plan.gather).reshape(B, H, T, V, D)
-    kt = _to_layout(k, plan.gather).reshape(B, H, T, V, D)
-    vt = _to_layout(v, plan.gather).reshape(B, H, T, V, Dv)
-    idx = plan.kv_tiles                                          # [Hc, T, M]
-    if plan.Hc == 1:
-        kg = kt[:, :, idx[0]].reshape(B, H, T, M * V, D)         # gather key tiles
-        vg = vt[:, :, idx[0]].reshape(B, H, T, M * V, Dv)
+    # lay out queries; gather every query tile's key/value tiles straight from user order
+    qt = _with_zero_row(q).index_select(2, plan.q_index).to(dt).reshape(B, H, T, V, D)
+    kz, vz = _with_zero_row(k).to(dt), _with_zero_row(v).to(dt)
+    if Hc == 1:
+        kg = kz.index_select(2, plan.kv_index[0]).reshape(B, H, T, M * V, D)
+        vg = vz.index_select(2, plan.kv_index[0]).reshape(B, H, T, M * V, Dv)
     else:
-        hh = torch.arange(H, device=device)[:, None, None]
-        kg = kt[:, hh, idx].reshape(B, H, T, M * V, D)
-        vg = vt[:, hh, idx].reshape(B, H, T, M * V, Dv)
+        hh = torch.arange(H, device=device)[:, None]
+        kg = kz[:, hh, plan.kv_index].reshape(B, H, T, M * V, D)
+        vg = vz[:, hh, plan.kv_index].reshape(B, H, T, M * V, Dv)
     _, score_mod = program.mods(device)
+    bias = None
+    if score_mod is not None:
+        heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
+        kp = plan.k_pos[:, None] if Hc > 1 else plan.k_pos[0][None, None]
+        kp = kp.reshape(1, Hc, T, 1, M * V) if Hc > 1 else kp
+        zero = torch.zeros((), dtype=dt, device=device)
+        # a 0-d score loses type promotion to float32 tables: cast (SDPA misreads a mask whose
+        # dtype differs from q's)
+        bias = score_mod(zero, 0, heads, plan.q_pos[None, None], kp).to(dt)   # [1, H, T, V, M*V]
+    nonlinear = any(isinstance(t, Softcap) for t in score_terms(program.score))
+    if sink is None and dropout_p is None and not nonlinear:
+        out = _fused(qt, kg, vg, plan, bias, scale, B, H)
+    else:
+        out = _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep,
+                        B, H, dt)
+    out = out.reshape(B, H, T * V, Dv)
+    if plan.scatter is not None:
+        out = out.index_select(2, plan.scatter)
+    elif out.shape[2] != N:
+        out = out[:, :, :N]
+    return out.to(q.dtype)
+
+
+def _fused(qt, kg, vg, plan, bias, scale, B, H):
+    """One fused SDPA call over all query tiles: [B, H*T, V, D] x [B, H*T, M*V, D]."""
+    import torch.nn.functional as F
+
+    T, V, MV = plan.T, plan.V, plan.M * plan.V
+    if bias is None:   # the additive -inf mask, built once (SDPA would convert a bool mask per call)
+        key = (H, qt.dtype)
+        mask = plan._float_masks.get(key)
+        if mask is None:
+            allowed = plan.sdpa_mask.expand(H, T, V, MV).reshape(1, H * T, V, MV)
+            mask = torch.zeros(allowed.shape, dtype=qt.dtype, device=qt.device)
+            mask.masked_fill_(~allowed, float("-inf"))
+            plan._float_masks[key] = mask
+    else:
+        bias = bias.expand(1, H, T, V, MV).reshape(1, H * T, V, MV)
+        allowed = plan.sdpa_mask.expand(H, T, V, MV).reshape(1, H * T, V, MV)
+        mask = bias.masked_fill(~allowed, float("-inf"))
+    out = F.scaled_dot_product_attention(
+        qt.reshape(B, H * T, V, -1), kg.reshape(B, H * T, MV, -1), vg.reshape(B, H * T, MV, -1),
+        attn_mask=mask, scale=scale)
+    if plan.every_row_has_keys:
+        return out
+    row_any = plan.row_any.expand(H, T, V, 1).reshape(1, H * T, V, 1)
+    return torch.where(row_any, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep, B, H, dt):
+    """The softmax written out: softcap, sink logits and dropout (chunked over query tiles)."""
+    device = qt.device
+    T, V, M, Hc = plan.T, plan.V, plan.M, plan.Hc
     heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
     allowed = plan.allowed[None]                                 # [1, Hc, T, V, M*V]
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * M * V))
     outs = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        s = torch.matmul(qt[:, :, t0:t1].to(dt), kg[:, :, t0:t1].to(dt).transpose(-1, -2)) * scale
+        s = torch.matmul(qt[:, :, t0:t1], kg[:, :, t0:t1].transpose(-1, -2)) * scale
         if score_mod is not None:
             qp = plan.q_pos[t0:t1][None, None]                   # [1, 1, t, V, 1]
-            kp = plan.k_pos[:, t0:t1] if plan.Hc > 1 else plan.k_pos[0, t0:t1]
-            kp = kp[None, :, :, :, :] if plan.Hc > 1 else kp[None, None]
+            kp = plan.k_pos[:, t0:t1][None] if Hc > 1 else plan.k_pos[0, t0:t1][None, None]
             s = score_mod(s, 0, heads, qp, kp)
-        ok = allowed[:, :, t0:t1]
-        s = s.masked_fill(~ok, float("-inf"))
+        s = s.masked_fill(~allowed[:, :, t0:t1], float("-inf"))
         m = s.amax(-1, keepdim=True)
         if sink is not None:
             m = torch.maximum(m, sink.to(dt).reshape(1, H, 1, 1, 1))
@@ -160,11 +217,5 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
                 u = torch.rand(p.shape, generator=generator, dtype=torch.float64)
                 kp_ = (u >= ps.cpu().double()).to(device)
             p = p * kp_ / (1 - ps)
-        outs.append(torch.matmul(p, vg[:, :, t0:t1].to(dt)))
-    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
-    out = out.reshape(B, H, T * V, Dv)
-    if plan.scatter is not None:
-        out = out.index_select(2, plan.scatter)
-    elif out.shape[2] != N:
-        out = out[:, :, :N]
-    return out.to(q.dtype)
+        outs.append(torch.matmul(p, vg[:, :, t0:t1]))
+    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]

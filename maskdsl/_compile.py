@@ -161,8 +161,16 @@ class CompiledAttention:
                 sink = _per_head_tensor(t.values, t, "values", H, q.device)
             elif isinstance(t, Dropout) and self.training:
                 drop_p = _per_head_tensor(t.p, t, "p", H, q.device)
-        return run_tiles(self.program, q, k, v, scale, sink=sink, dropout_p=drop_p,
+        return run_tiles(self.tiles_program, q, k, v, scale, sink=sink, dropout_p=drop_p,
                          generator=self._generator)
+
+    @property
+    def tiles_program(self):
+        """The Program the tiles backend runs (64-token tiles: faster than 128 on CPU)."""
+        from .codegen.program import program
+        from .kernels.tiles import TILES_BLOCK
+
+        return program(self.pattern, self.score, self.shape, self.heads, block=TILES_BLOCK)
 
     def _dense(self, q, k, v, scale):
         B, H, N, _ = q.shape
