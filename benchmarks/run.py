@@ -16,6 +16,9 @@ Sections:
   tiling     block density row-major vs token-tiled (128-token tiles).
   attention  forward time: flex backend vs SDPA with a materialised bool mask vs dense SDPA
              (no mask) vs NATTEN (when installed), plus the ideal = dense x block density.
+  tiles      the tiles backend, forward and forward+backward, vs NATTEN (CPU: its eager Flex
+             path), SDPA with a materialised mask, dense SDPA and the ideal; peak memory of the
+             3-D case in a fresh process.
 """
 from __future__ import annotations
 
@@ -99,15 +102,15 @@ def ours_build(spec: str, shape: tuple) -> dict:
 
 def child_build(spec: str, shape: tuple) -> dict:
     """Cold build in a fresh process: time and peak RSS (total, and above the import baseline)."""
-    code = (
-        "import json, resource, time, sys; sys.path.insert(0, %r)\n"
+    code = PEAK_RSS + (
+        "import json, time, sys; sys.path.insert(0, %r)\n"
         "import maskdsl as md; from maskdsl.codegen import program as P\n"
         "P.Program(md.window(1), None, (4,), 1, block=16)\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "base = peak_mb()\n"
         "t0 = time.perf_counter(); pr = P.Program(md.parse(%r), None, %r, 1)\n"
         "pr.block_mask(compute_q_blocks=False); t = time.perf_counter() - t0\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(json.dumps({'seconds': t, 'peak_rss_mb': peak / 1024, 'above_import_mb': (peak - base) / 1024,"
+        "peak = peak_mb()\n"
+        "print(json.dumps({'seconds': t, 'peak_rss_mb': peak, 'above_import_mb': peak - base,"
         " 'layout': pr.layout.describe()}))\n" % (os.path.join(HERE, ".."), spec, tuple(shape)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -235,9 +238,96 @@ def section_attention(reps: int, quick: bool, rows: list):
                      "flex_over_ideal": t_flex / ideal, "layout": attn.stats()["layout"]})
 
 
+# ---------------------------------------------------------------------------------- tiles
+
+TILES_CASES = [
+    # name, spec, shape, heads, natten kernel (None: not a NATTEN pattern / too big to run)
+    ("1-D 32768 causal & window(1024) H=1", "causal() & window(1024)", (32768,), 1, None),
+    ("2-D 64x64 13x13 H=4", "neighborhood((13, 13))", (64, 64), 4, (13, 13)),
+    ("2-D 128x128 13x13 H=2", "neighborhood((13, 13))", (128, 128), 2, (13, 13)),
+    ("3-D 16x32x32 3x7x7 H=2", "neighborhood((3, 7, 7))", (16, 32, 32), 2, (3, 7, 7)),
+]
+SDPA_MASK_MAX_SCORES = 2 ** 30      # H * N^2 above this: the materialised-mask peer is not run
+
+
+PEAK_RSS = (
+    # VmHWM belongs to the process's own address space (reset by exec); ru_maxrss is not reset
+    # by exec and would report the parent's high-water mark
+    "def peak_mb():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return int(line.split()[1]) / 1024\n"
+    "    import resource; return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n")
+
+
+def tiles_peak_memory(spec: str, shape: tuple, heads: int, D: int = 64) -> float:
+    """Peak RSS (MB) of a fresh process running one tiles forward+backward."""
+    code = PEAK_RSS + (
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "import maskdsl as md\n"
+        "n = 1\nfor s in %r: n *= s\n"
+        "q, k, v = (torch.randn(1, %d, n, %d, requires_grad=True) for _ in range(3))\n"
+        "attn = md.compile(md.parse(%r), %r, %d, backend='tiles')\n"
+        "attn(q, k, v).sum().backward()\n"
+        "print(peak_mb())\n"
+        % (os.path.join(HERE, ".."), tuple(shape), heads, D, spec, tuple(shape), heads))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def section_tiles(reps: int, quick: bool, rows: list):
+    import torch.nn.functional as F
+
+    print("\n== tiles backend (CPU, fp32, D=64): forward and forward+backward ==")
+    print(f"{'case':38} {'fwd':>8} {'natten':>9} {'sdpa+mask':>10} {'dense':>9} {'ideal':>8} "
+          f"{'vs natten':>9} {'vs mask':>8} {'/ideal':>7} | {'fwd+bwd':>8} {'mask f+b':>9} {'vs mask':>8}")
+    cases = TILES_CASES[1:2] if quick else TILES_CASES
+    for name, spec, shape, H, kernel in cases:
+        p = md.parse(spec)
+        n = math.prod(shape)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, H, n, 64, generator=g) for _ in range(3))
+        attn = md.compile(p, shape, H, backend="tiles")
+        with torch.no_grad():
+            t_tiles = timeit(lambda: attn(q, k, v), reps)
+            t_dense = timeit(lambda: F.scaled_dot_product_attention(q, k, v), max(1, reps // 2))
+            fn = natten_forward(q, k, v, shape, kernel) if kernel else None
+            t_nat = timeit(fn, 1, warmup=1) if fn else float("nan")
+            mask = None
+            if H * n * n <= SDPA_MASK_MAX_SCORES:
+                mask = md.reference.mask(p, shape, 1)[0]
+                t_mask = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), max(1, reps // 2))
+            else:
+                t_mask = float("nan")
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        t_tiles_fb = timeit(lambda: attn(qg, kg, vg).sum().backward(), max(1, reps // 2))
+        if mask is not None:
+            t_mask_fb = timeit(lambda: F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).sum().backward(), 1)
+        else:
+            t_mask_fb = float("nan")
+        density = attn.tiles_program.stats()["block_density"]
+        ideal = t_dense * density
+        print(f"{name:38} {t_tiles * 1e3:6.1f}ms {t_nat * 1e3:7.0f}ms {t_mask * 1e3:8.1f}ms "
+              f"{t_dense * 1e3:7.1f}ms {ideal * 1e3:6.1f}ms {t_nat / t_tiles:8.1f}x "
+              f"{t_mask / t_tiles:7.1f}x {t_tiles / ideal:6.2f}x | {t_tiles_fb * 1e3:6.1f}ms "
+              f"{t_mask_fb * 1e3:7.1f}ms {t_mask_fb / t_tiles_fb:7.1f}x")
+        row = {"section": "tiles", "case": name, "tiles_fwd_seconds": t_tiles,
+               "natten_fwd_seconds": t_nat, "sdpa_mask_fwd_seconds": t_mask,
+               "sdpa_dense_fwd_seconds": t_dense, "ideal_fwd_seconds": ideal,
+               "block_density": density, "layout": attn.tiles_program.layout.describe(),
+               "tiles_fwd_bwd_seconds": t_tiles_fb, "sdpa_mask_fwd_bwd_seconds": t_mask_fb,
+               "speedup_vs_natten": t_nat / t_tiles, "speedup_vs_sdpa_mask": t_mask / t_tiles,
+               "tiles_over_ideal": t_tiles / ideal, "fwd_bwd_speedup_vs_sdpa_mask": t_mask_fb / t_tiles_fb}
+        if len(shape) == 3:
+            row["peak_rss_mb_fwd_bwd"] = tiles_peak_memory(spec, shape, H)
+            print(f"{'':38} peak RSS of a fresh process running forward+backward: "
+                  f"{row['peak_rss_mb_fwd_bwd']:.0f} MB")
+        rows.append(row)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="build,tiling,attention")
+    ap.add_argument("--only", default="build,tiling,attention,tiles")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -258,6 +348,8 @@ def main():
         section_tiling(rows)
     if "attention" in only:
         section_attention(reps, args.quick, rows)
+    if "tiles" in only:
+        section_tiles(reps, args.quick, rows)
     os.makedirs(args.out, exist_ok=True)
     tag = ("cuda-" if torch.cuda.is_available() else "cpu-") + datetime.date.today().isoformat()
     path = os.path.join(args.out, f"{tag}.json")

@@ -166,11 +166,12 @@ class CompiledAttention:
 
     @property
     def tiles_program(self):
-        """The Program the tiles backend runs (64-token tiles: faster than 128 on CPU)."""
-        from .codegen.program import program
-        from .kernels.tiles import TILES_BLOCK
+        """The Program the tiles backend runs (its tile size chosen per pattern)."""
+        if getattr(self, "_tiles_prog", None) is None:
+            from .kernels.tiles import tiles_program
 
-        return program(self.pattern, self.score, self.shape, self.heads, block=TILES_BLOCK)
+            self._tiles_prog = tiles_program(self.pattern, self.score, self.shape, self.heads)
+        return self._tiles_prog
 
     def _dense(self, q, k, v, scale):
         B, H, N, _ = q.shape
