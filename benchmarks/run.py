@@ -63,7 +63,6 @@ def device_name() -> str:
 def clear_caches():
     _prog._CACHE.clear()
     _bm._DIM_CACHE.clear()
-    _bm._DIM_FUNCTIONS.clear()
     _ir._neighborhood_dim.cache_clear()
 
 

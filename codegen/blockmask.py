@@ -41,21 +41,6 @@ def _exec(src: str, name: str, env: dict) -> Callable:
     return g[name]
 
 
-_DIM_FUNCTIONS: Dict[str, Callable] = {}
-
-
-def _dim_function(dr: DimRange) -> Callable:
-    """torch function cond(q, k) for one DimRange (q, k broadcastable int64 tensors); cached."""
-    key = repr(dr)
-    fn = _DIM_FUNCTIONS.get(key)
-    if fn is None:
-        qs, ks = sp.Symbol("q", integer=True), sp.Symbol("k", integer=True)
-        cond = dr.condition(qs, ks)
-        src = emit_function("dim_cond", ["q", "k"], [], cond, true_like="(q + k)")
-        fn = _DIM_FUNCTIONS.setdefault(key, _exec(src, "dim_cond", {}))
-    return fn
-
-
 def _classes_from_counts(cnt, vq, vk):
     size = vq[:, None] * vk[None, :]
     out = np.full(cnt.shape, PARTIAL, dtype=np.int8)

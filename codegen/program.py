@@ -353,19 +353,18 @@ class Program:
 
 
 def _dim_pairs(dr, L: int) -> int:
-    """Allowed (q, k) coordinate pairs on one dim of a separable IR (O(L) or O(L^2) small)."""
-    from .blockmask import _dim_function
+    """Allowed (q, k) coordinate pairs on one dim of a separable IR, in O(L) from the per-query
+    key ranges: for each q, the k in [lo, hi) with (k - q) % step == 0."""
+    import math as _math
 
-    if dr.lo is None and dr.hi is None and not dr.steps:
-        return L * L
-    if L <= 4096:
-        x = torch.arange(L)
-        return int(_dim_function(dr)(x[:, None], x[None, :]).sum())
-    total = 0
-    for s in range(0, L, 1024):
-        x = torch.arange(s, min(L, s + 1024))
-        total += int(_dim_function(dr)(x[:, None], torch.arange(L)[None, :]).sum())
-    return total
+    from .blockmask import key_range
+
+    x = np.arange(L)
+    lo, hi = key_range(dr, x, L)
+    steps = [int(s) for s in dr.steps]
+    step = _math.lcm(*steps) if steps else 1
+    first = lo + np.mod(x - lo, step)
+    return int(np.where(hi > first, (hi - first + step - 1) // step, 0).sum())
 
 
 def _indices(mask: torch.Tensor):

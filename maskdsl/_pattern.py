@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional, Tuple
 
 from ._errors import MaskDSLError
 from ._node import Node
-from ._values import Check, PerHead, _fmt, _is_tensor, at_head, per_dim
+from ._values import Check, PerHead, _fmt, _is_tensor, at_head, check_dims, dims_in_shape, per_dim
 
 __all__ = [
     "Pattern", "Neighborhood", "Window", "Causal", "Block", "Sink", "Full", "Empty",
@@ -184,31 +184,10 @@ class Causal(Pattern):
     _name: ClassVar[str] = "causal"
 
     def _check(self):
-        d = self.dims
-        if d is None:
-            return
-        if isinstance(d, numbers.Integral) and not isinstance(d, bool):
-            d = (d,)
-        if isinstance(d, list):
-            d = tuple(d)
-        if (not isinstance(d, tuple) or not 1 <= len(d) <= 3
-                or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in d)
-                or len(set(d)) != len(d)):
-            raise MaskDSLError(
-                f"causal: dims={self.dims!r}: expected a tuple of distinct dimension indices "
-                f"in 0..2, e.g. dims=(0,)"
-            )
-        object.__setattr__(self, "dims", tuple(int(x) for x in d))
+        object.__setattr__(self, "dims", check_dims("causal", self.dims))
 
     def _bind_head(self, p, shape, heads, where):
-        dims = tuple(range(len(shape))) if self.dims is None else self.dims
-        for x in dims:
-            if x >= len(shape):
-                raise MaskDSLError(
-                    f"causal: dims={_fmt(self.dims)} names dim {x} but the shape {shape} has "
-                    f"dims 0..{len(shape) - 1}"
-                )
-        return {"dims": dims}
+        return {"dims": dims_in_shape("causal", self.dims, shape)}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -355,31 +334,32 @@ class Power(Pattern):
 # ----------------------------------------------------------------------------- algebra
 
 @dataclass(frozen=True, eq=False, repr=False)
-class And(Pattern):
+class _Binary(Pattern):
     a: Pattern
     b: Pattern
-    _name: ClassVar[str] = "&"
-    _prec: ClassVar[int] = 2
 
     def _check(self):
-        _as_pattern(self.a, "&"), _as_pattern(self.b, "&")
+        _as_pattern(self.a, self._name), _as_pattern(self.b, self._name)
 
     def __repr__(self):
-        return _binary(self, " & ")
+        left, right = repr(self.a), repr(self.b)
+        if self.a._prec < self._prec:
+            left = f"({left})"
+        if self.b._prec <= self._prec:  # left-associative: a & (b & c) keeps its parentheses
+            right = f"({right})"
+        return f"{left} {self._name} {right}"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Or(Pattern):
-    a: Pattern
-    b: Pattern
+class And(_Binary):
+    _name: ClassVar[str] = "&"
+    _prec: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Or(_Binary):
     _name: ClassVar[str] = "|"
     _prec: ClassVar[int] = 1
-
-    def _check(self):
-        _as_pattern(self.a, "|"), _as_pattern(self.b, "|")
-
-    def __repr__(self):
-        return _binary(self, " | ")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -394,15 +374,6 @@ class Not(Pattern):
     def __repr__(self):
         inner = repr(self.a)
         return "~" + (f"({inner})" if self.a._prec < self._prec else inner)
-
-
-def _binary(node, op: str) -> str:
-    left, right = repr(node.a), repr(node.b)
-    if node.a._prec < node._prec:
-        left = f"({left})"
-    if node.b._prec <= node._prec:  # left-associative: a & (b & c) keeps its parentheses
-        right = f"({right})"
-    return left + op + right
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
 from ._node import Node
-from ._values import Check, _is_tensor, fmt_value
+from ._values import Check, _is_tensor, check_dims, dims_in_shape, fmt_value
 
 __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
@@ -78,22 +78,6 @@ def score_terms(s) -> tuple:
 _REAL = Check("float", lambda v: True, "a finite number", tensor=True)
 
 
-def _check_dims(node: str, dims):
-    if dims is None:
-        return None
-    if isinstance(dims, numbers.Integral) and not isinstance(dims, bool):
-        dims = (dims,)
-    if isinstance(dims, list):
-        dims = tuple(dims)
-    if (not isinstance(dims, tuple) or not 1 <= len(dims) <= 3
-            or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in dims)
-            or len(set(dims)) != len(dims)):
-        raise MaskDSLError(
-            f"{node}: dims={dims!r}: expected a tuple of distinct dimension indices in 0..2"
-        )
-    return tuple(int(x) for x in dims)
-
-
 @dataclass(frozen=True, eq=False, repr=False)
 class DistanceDecay(Score):
     """``score - rate_h * dist(q, k)`` on grid coordinates (the radial-decay bias)."""
@@ -111,18 +95,11 @@ class DistanceDecay(Score):
             raise MaskDSLError(
                 f"distance_decay: metric={self.metric!r}: expected one of {', '.join(map(repr, METRICS))}"
             )
-        object.__setattr__(self, "dims", _check_dims("distance_decay", self.dims))
+        object.__setattr__(self, "dims", check_dims("distance_decay", self.dims))
 
     def _bind_head(self, p, shape, heads, where):
         p = super()._bind_head(p, shape, heads, where)
-        dims = tuple(range(len(shape))) if self.dims is None else self.dims
-        for x in dims:
-            if x >= len(shape):
-                raise MaskDSLError(
-                    f"distance_decay: dims={self.dims} names dim {x} but the shape {shape} has "
-                    f"dims 0..{len(shape) - 1}"
-                )
-        return dict(p, dims=dims)
+        return dict(p, dims=dims_in_shape("distance_decay", self.dims, shape))
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -206,6 +206,37 @@ def at_head(v, h: int):
     return v
 
 
+def check_dims(node: str, dims) -> Optional[tuple]:
+    """Normalise a ``dims=`` argument: None (all dims), an int, or distinct indices in 0..2."""
+    if dims is None:
+        return None
+    given = dims
+    if isinstance(dims, numbers.Integral) and not isinstance(dims, bool):
+        dims = (dims,)
+    if isinstance(dims, list):
+        dims = tuple(dims)
+    if (not isinstance(dims, tuple) or not 1 <= len(dims) <= 3
+            or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in dims)
+            or len(set(dims)) != len(dims)):
+        raise MaskDSLError(
+            f"{node}: dims={given!r}: expected a tuple of distinct dimension indices in 0..2, "
+            f"e.g. dims=(0,)"
+        )
+    return tuple(int(x) for x in dims)
+
+
+def dims_in_shape(node: str, dims: Optional[tuple], shape: tuple) -> tuple:
+    """The dims a node acts on for a grid shape (all when None); each must exist."""
+    out = tuple(range(len(shape))) if dims is None else dims
+    for x in out:
+        if x >= len(shape):
+            raise MaskDSLError(
+                f"{node}: dims={_fmt(dims)} names dim {x} but the shape {shape} has dims "
+                f"0..{len(shape) - 1}"
+            )
+    return out
+
+
 def per_dim(node: str, field: str, v, rank: int) -> tuple:
     """Broadcast a resolved (per-head free) value to one entry per dimension."""
     if isinstance(v, tuple):
