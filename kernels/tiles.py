@@ -191,8 +191,11 @@ def _fused(qt, kg, vg, plan, bias, scale, B, H):
             plan._float_masks[key] = mask
     else:
         bias = bias.expand(1, H, T, V, MV).reshape(1, H * T, V, MV)
-        allowed = plan.sdpa_mask.expand(H, T, V, MV).reshape(1, H * T, V, MV)
-        mask = bias.masked_fill(~allowed, float("-inf"))
+        blocked = plan._float_masks.get((H, "blocked"))
+        if blocked is None:   # the disallowed entries, laid out like the bias (built once)
+            blocked = ~plan.sdpa_mask.expand(H, T, V, MV).reshape(1, H * T, V, MV)
+            plan._float_masks[(H, "blocked")] = blocked
+        mask = bias.masked_fill(blocked, float("-inf"))
     out = F.scaled_dot_product_attention(
         qt.reshape(B, H * T, V, -1), kg.reshape(B, H * T, MV, -1), vg.reshape(B, H * T, MV, -1),
         attn_mask=mask, scale=scale)

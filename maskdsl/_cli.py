@@ -139,7 +139,8 @@ def _cmd_check(args) -> int:
     tol = 1e-4
     print(f"{p!r}  shape={'x'.join(map(str, attn.shape))}  heads={args.heads}"
           + (f"  score={s!r}" if s is not None else ""))
-    print(f"backend: {attn.backend}: {attn.reason}")
+    print(f"backend: {attn.backend}")
+    print(f"why: {attn.reason}")
     if not args.quiet:
         print(_picture(p, attn.shape, args.heads, None, None, 64))
     verdict = "OK" if err <= tol else "MISMATCH"

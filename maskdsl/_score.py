@@ -110,7 +110,6 @@ class Alibi(Score):
     slopes: Any = "geometric"
 
     _name: ClassVar[str] = "alibi"
-    _npos: ClassVar[int] = 1
     _checks: ClassVar = {"slopes": _REAL}
 
     def __post_init__(self):
