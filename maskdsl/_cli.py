@@ -1,4 +1,9 @@
-"""The ``maskdsl`` command line: ``show`` draws a pattern, ``check`` runs it against the reference.
+"""The ``maskdsl`` command line.
+
+    maskdsl show    SPEC --shape 64x64 [--heads H] [--head h] [--query 10,20] [--blocks] [--png FILE]
+    maskdsl explain SPEC --shape 64x64 [--heads H] [--score S]
+    maskdsl check   SPEC --shape 64x64 [--heads H] [--score S] [--backend B]
+    maskdsl bench   SPEC --shape 64x64 [--heads H] [--score S] [--backend B] [--dim D] [--reps R]
 
 Bad input prints one line naming what is wrong and exits with code 2.
 """
@@ -52,6 +57,19 @@ def _build_parser() -> _Parser:
     show.add_argument("--query", type=str, default=None,
                       help="grid coordinates of the query to draw on the grid (default: the centre)")
     show.add_argument("--width", type=int, default=64, help="columns of the block picture")
+    show.add_argument("--blocks", action="store_true",
+                      help="also draw the compiled tiles (after token tiling): full / partial / empty")
+    show.add_argument("--png", default=None, metavar="FILE",
+                      help="also write the pictures to a PNG (needs the viz extra: matplotlib)")
+    explain = sub.add_parser("explain", help="what the pattern compiles to, and why")
+    _common(explain)
+    explain.add_argument("--backend", default="auto")
+    bench = sub.add_parser("bench", help="time the compiled attention against SDPA on this device")
+    _common(bench)
+    bench.add_argument("--backend", default="auto", help="auto, flex, tiles, dense or a comma list")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--dim", type=int, default=64, help="head dim D")
+    bench.add_argument("--reps", type=int, default=3)
     check = sub.add_parser("check", help="run the compiled attention against the reference")
     _common(check)
     check.add_argument("--backend", default="auto")
@@ -118,6 +136,116 @@ def _cmd_show(args) -> int:
     query = _coords(args.query) if args.query else None
     print(f"{p!r}  shape={'x'.join(map(str, shape))}  heads={args.heads}")
     print(_picture(p, shape, args.heads, args.head, query, args.width))
+    if args.blocks:
+        print()
+        print(_tile_picture(p, s, shape, args.heads, args.head, args.width))
+    if args.png:
+        from ._png import write_png
+
+        path = write_png(args.png, p, s, shape, args.heads, args.head, query)
+        print(f"wrote {path}")
+    return 0
+
+
+def _tile_picture(p, s, shape, heads, only_head, width) -> str:
+    """The compiled tiles (the BlockMask the kernels run), in the chosen token layout."""
+    import torch
+
+    from ._compile import compile
+    from ._draw import draw_classes
+
+    prog = compile(p, shape, heads, score=s)._running
+    st = prog.stats()
+    lines = [f"compiled tiles: {st['layout']}, {prog.layout.n_tiles} x {prog.layout.n_tiles} "
+             f"tile pairs, {st['block_density']:.1%} non-empty "
+             f"(row-major: {st['block_density_row_major']:.1%})"]
+    heads_shown = [only_head] if only_head is not None else range(heads)
+    seen = []
+    for h in heads_shown:
+        cls = torch.from_numpy(prog.classes[h])
+        if any(torch.equal(cls, c) for c in seen):
+            continue
+        seen.append(cls)
+        label = "" if heads == 1 else f"head {h}: "
+        lines.append(label + draw_classes(cls, width))
+    return "\n".join(lines)
+
+
+def _cmd_explain(args) -> int:
+    from ._compile import compile
+
+    p, s = _spec(args)
+    attn = compile(p, _shape(args.shape), args.heads, score=s, backend=args.backend)
+    st = attn.stats()
+    shape = "x".join(map(str, attn.shape))
+    print(f"pattern:  {p!r}")
+    if s is not None:
+        print(f"score:    {s!r}")
+    print(f"shape:    {shape} ({attn.n} tokens), heads: {attn.heads}")
+    print(f"backend:  {attn.backend}")
+    print(f"why:      {attn.reason}")
+    print(f"layout:   {st['layout']} ({st['block_size']}-token blocks)")
+    tried = ", ".join(f"{k}: {v}" for k, v in sorted(st["layouts_tried"].items(), key=lambda kv: kv[1]))
+    print(f"tried:    non-empty tile pairs per layout: {tried}")
+    print(f"density:  tokens {st['token_density']:.3%}, blocks {st['block_density']:.2%} "
+          f"(row-major {st['block_density_row_major']:.2%}); partial {st['partial_blocks']:.2%}, "
+          f"full {st['full_blocks']:.2%}")
+    print(f"ideal:    {st['ideal_speedup']:.1f}x faster than dense attention "
+          f"(dense time x non-empty tile fraction)")
+    print("generated source:")
+    print(attn.source.rstrip())
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import statistics
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from . import reference
+    from ._compile import compile
+
+    p, s = _spec(args)
+    shape = _shape(args.shape)
+    if args.reps < 1 or args.dim < 1 or args.batch < 1:
+        raise MaskDSLError(f"--reps, --dim, --batch: expected positive ints, got "
+                           f"{args.reps}, {args.dim}, {args.batch}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backends = [b.strip() for b in args.backend.split(",")]
+    attns = [compile(p, shape, args.heads, score=s, backend=b, device=device) for b in backends]
+    n = attns[0].n
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(args.batch, args.heads, n, args.dim, generator=g).to(device)
+               for _ in range(3))
+    runs = [(f"maskdsl {a.backend}", (lambda a=a: a(q, k, v))) for a in attns]
+    runs.append(("sdpa dense (no mask)", lambda: F.scaled_dot_product_attention(q, k, v)))
+    if args.heads * n * n <= 2 ** 28:
+        mask = reference.mask(p, shape, args.heads, device)[None]
+        runs.append(("sdpa + materialised mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+    else:
+        print(f"(sdpa + materialised mask skipped: {args.heads} x {n}^2 mask)")
+    results = []
+    with torch.no_grad():
+        for i, (name, fn) in enumerate(runs):
+            print(f"[{i + 1}/{len(runs)}] {name} ...", file=sys.stderr, flush=True)
+            fn()                                   # warm up / compile
+            times = []
+            for _ in range(args.reps):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            results.append((name, statistics.median(times)))
+    dense = dict(results)["sdpa dense (no mask)"]
+    print(f"{p!r}  shape={'x'.join(map(str, shape))}  heads={args.heads}  D={args.dim}  "
+          f"device={device}  torch {torch.__version__}")
+    for name, t in results:
+        print(f"  {name:28} {t * 1e3:9.2f} ms   {dense / t:6.2f}x vs dense")
     return 0
 
 
@@ -155,7 +283,9 @@ def main(argv=None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return {"show": _cmd_show, "check": _cmd_check}[args.command](args)
+        commands = {"show": _cmd_show, "check": _cmd_check, "explain": _cmd_explain,
+                    "bench": _cmd_bench}
+        return commands[args.command](args)
     except MaskDSLError as e:
         print(f"maskdsl: error: {e}", file=sys.stderr)
         return 2

@@ -93,24 +93,29 @@ class CompiledAttention:
         return self._program
 
     @property
+    def _running(self):
+        """The Program the chosen backend runs (tiles picks its own tile size)."""
+        return self.tiles_program if self.backend == "tiles" else self.program
+
+    @property
     def source(self) -> str:
-        return self.program.source
+        return self._running.source
 
     @property
     def mask_mod(self):
-        return self.program.mods("cpu")[0]
+        return self._running.mods("cpu")[0]
 
     @property
     def score_mod(self):
-        return self.program.mods("cpu")[1]
+        return self._running.mods("cpu")[1]
 
     def block_mask(self, device="cpu"):
         """The torch BlockMask, built analytically (in the program's token layout)."""
-        return self.program.block_mask(device)
+        return self._running.block_mask(device)
 
     def stats(self) -> dict:
         """Token density, block density before/after token tiling, ideal speedup, layout."""
-        return self.program.stats()
+        return self._running.stats()
 
     def mask(self, device="cpu") -> torch.Tensor:
         """The bool [H, N, N] mask (built once per device by the reference)."""

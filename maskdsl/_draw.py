@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["draw_blocks", "draw_query", "FULL", "PARTIAL", "EMPTY"]
+__all__ = ["draw_blocks", "draw_classes", "draw_query", "FULL", "PARTIAL", "EMPTY"]
 
 FULL, PARTIAL, EMPTY, QUERY = "█", "▒", "·", "◆"
 
@@ -44,6 +44,20 @@ def draw_blocks(m: torch.Tensor, width: int = 64) -> str:
     header = (f"queries down, keys across; one cell = {unit}  "
               f"({FULL} all allowed, {PARTIAL} some, {EMPTY} none)")
     return "\n".join([header] + lines)
+
+
+def draw_classes(cls: torch.Tensor, width: int = 64) -> str:
+    """A [T, T] tile-class matrix (0 empty, 1 partial, 2 full) as a picture; when downsampled,
+    a cell is full only if all its tiles are, empty only if all are."""
+    cells = max(1, width // 2)
+    full, n, br, _ = _block_counts(cls == 2, cells, cells)
+    nonempty, _, _, _ = _block_counts(cls > 0, cells, cells)
+    rows = []
+    for frow, erow, nrow in zip(full.tolist(), nonempty.tolist(), n.tolist()):
+        rows.append("".join((FULL if f == c else EMPTY if e == 0 else PARTIAL) * 2
+                            for f, e, c in zip(frow, erow, nrow)))
+    unit = "1 tile pair" if br == 1 else f"{br} x {br} tile pairs"
+    return "\n".join([f"query tiles down, key tiles across; one cell = {unit}"] + rows)
 
 
 def draw_query(row: torch.Tensor, shape: tuple, query: tuple, width: int = 64) -> str:

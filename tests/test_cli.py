@@ -54,3 +54,54 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("maskdsl: error: ") and message in r.stderr
+
+
+def test_explain_shows_backend_layout_densities_and_source():
+    r = run("explain", "neighborhood((13, 13))", "--shape", "128x128", "--heads", "2",
+            "--score", "distance_decay(0.1)")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "backend:  tiles" in out and "why:      tiles: on cpu" in out
+    assert "layout:   8x8 tiles (64-token blocks)" in out
+    assert "density:  tokens 1.031%" in out and "ideal:" in out
+    assert "def mask_neighborhood_13x13(b, h, q_idx, kv_idx):" in out
+    assert "def score_distance_decay(score, b, h, q_idx, kv_idx):" in out
+
+
+def test_bench_times_backends_against_sdpa_with_progress():
+    r = run("bench", "window(8)", "--shape", "300", "--heads", "2", "--dim", "16",
+            "--backend", "tiles,dense", "--reps", "1")
+    assert r.returncode == 0, r.stderr
+    for name in ("maskdsl tiles", "maskdsl dense", "sdpa dense (no mask)", "sdpa + materialised mask"):
+        assert name in r.stdout
+    assert "[1/4] maskdsl tiles ..." in r.stderr and "[4/4]" in r.stderr
+
+
+def test_show_blocks_draws_the_compiled_tiles():
+    r = run("show", "neighborhood((13, 13))", "--shape", "64x64", "--blocks", "--width", "32")
+    assert r.returncode == 0, r.stderr
+    assert "compiled tiles: 8x8 tiles, 64 x 64 tile pairs, 11.8% non-empty (row-major: 20.3%)" in r.stdout
+
+
+def test_show_png_is_written_and_has_the_mask_in_it(tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    path = tmp_path / "mask.png"
+    r = run("show", "neighborhood((5, 5)) | sink(2)", "--shape", "24x24", "--heads", "2",
+            "--score", "distance_decay(per_head([0.1, 0.5]))", "--png", str(path))
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {path}" in r.stdout
+    pixels = image.imread(str(path))
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 400          # two heads, two panels each
+    gray = pixels[..., :3].mean(-1)
+    assert (gray < 0.2).mean() > 0.01                               # dark mask diagonals drawn
+    assert (gray > 0.9).mean() > 0.3                                # on a light background
+    colourful = (pixels[..., :3].max(-1) - pixels[..., :3].min(-1)) > 0.3
+    assert colourful.mean() > 0.002                                 # the score colour map
+
+
+def test_png_without_matplotlib_names_the_viz_extra(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from maskdsl._cli import main; "
+            f"sys.exit(main(['show', 'window(2)', '--shape', '8', '--png', {str(tmp_path / 'x.png')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "install the viz extra, e.g. pip install 'maskdsl[viz]'" in r.stderr
