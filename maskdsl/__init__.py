@@ -29,4 +29,14 @@ __all__ = [
     # compiling and checking
     "compile", "CompiledAttention", "parse", "reference", "MaskDSLError",
     "Pattern", "Score",
+    # drop-in modules (imported on first use)
+    "nn", "natten",
 ]
+
+
+def __getattr__(name):
+    if name in ("nn", "natten"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
