@@ -38,9 +38,10 @@ class UnsupportedNode(TypeError):
 
 
 class TorchPrinter(StrPrinter):
-    """sympy -> torch expression source. ``float_like``: an expression whose dtype float
-    functions of integer arguments take (``score.dtype`` in score_mods), so that a float64
-    score is not computed from a float32 distance."""
+    """sympy -> torch expression source. ``float_like``: an expression whose dtype distances
+    (``abs``, ``sqrt`` of integer coordinates) and table values take (``score.dtype`` in
+    score_mods): int tensor x Python float, and float32 tables, would otherwise compute a
+    float64 score in float32."""
 
     float_like = None
 
@@ -76,7 +77,8 @@ class TorchPrinter(StrPrinter):
         return "0.5"
 
     def _print_Indexed(self, e):
-        return f"{e.base}[{', '.join(self._print(i) for i in e.indices)}]"
+        text = f"{e.base}[{', '.join(self._print(i) for i in e.indices)}]"
+        return f"{text}.to({self.float_like})" if self.float_like else text
 
     def _print_IndexedBase(self, e):
         return str(e)
@@ -119,7 +121,8 @@ class TorchPrinter(StrPrinter):
         return self._fold("maximum", "min", e.args)
 
     def _print_Abs(self, e):
-        return f"torch.abs({self._print(e.args[0])})"
+        text = f"torch.abs({self._print(e.args[0])})"
+        return f"{text}.to({self.float_like})" if self.float_like else text
 
     def _print_Pow(self, e):
         base, exp = e.args

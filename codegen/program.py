@@ -230,7 +230,9 @@ class Program:
         out = {}
         for name, v in self.tables.values.items():
             arr = np.asarray(v)
-            dt = torch.float32 if arr.dtype.kind == "f" else torch.int64
+            # float tables: float32 for flex (float64 captures mis-compile on CPU), float64
+            # otherwise (score_mods cast lookups to the score's dtype)
+            dt = (torch.float32 if flex else torch.float64) if arr.dtype.kind == "f" else torch.int64
             out[name] = torch.as_tensor(arr, dtype=dt, device=device)
         for name, t in self.tables.tensors.items():
             if flex and device.type == "cpu":

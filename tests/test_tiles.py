@@ -152,3 +152,17 @@ def test_auto_picks_tiles_on_cpu_and_says_why():
     out = attn(q, k, v)
     out.sum().backward()
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("score", [
+    md.distance_decay(md.per_head([0.1, 0.3])),
+    md.distance_decay(0.1, metric="manhattan") + md.alibi(md.per_head([0.05, 0.2])),
+    md.distance_decay(0.1, metric="chebyshev") + md.softcap(5.0),
+])
+def test_float64_scores_are_computed_in_float64(score):
+    # int coordinate distances times Python floats, and per-head float tables, must not drop
+    # a float64 score to float32 (generated score_mods cast them to score.dtype)
+    attn = md.compile(md.neighborhood((5, 5)), (20, 20), 2, score=score, backend="tiles")
+    q, k, v = _inputs(1, 2, 400, 8, dtype=torch.float64)
+    ref = md.reference.attention(q, k, v, attn.pattern, (20, 20), score=score)
+    torch.testing.assert_close(attn(q, k, v), ref, atol=1e-12, rtol=1e-12)
