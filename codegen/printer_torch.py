@@ -44,6 +44,8 @@ class TorchPrinter(StrPrinter):
     float64 score in float32."""
 
     float_like = None
+    # sympy objects' own ``_sympystr`` (Indexed has one) must not bypass the rules below
+    printmethod = "_maskdsl_torch"
 
     def _float(self, e) -> str:
         text = self._print(e)
