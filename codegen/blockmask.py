@@ -23,7 +23,7 @@ import numpy as np
 import sympy as sp
 import torch
 
-from .ir import (K, KF, Q, QF, AndN, Const, DimRange, Flat, HeadsN, NotN, OrN, Sep, evaluate,
+from .ir import (K, KF, Q, QF, AndN, Const, DimRange, Flat, NotN, OrN, Sep, evaluate,
                  predicate)
 from .printer_torch import emit_function
 from .tiling import Layout

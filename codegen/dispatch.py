@@ -27,8 +27,8 @@ def choose(shape: tuple, heads: int, score, dense_max: int, device) -> Tuple[str
         return "dense", (f"dense: {n} tokens is small enough that the dense reference path is "
                          f"the fastest")
     if dev.type == "cuda" and node is None:
-        return "flex", (f"flex: on CUDA the pattern compiles to a mask_mod with an analytic "
-                        f"BlockMask (forward and backward)")
+        return "flex", ("flex: on CUDA the pattern compiles to a mask_mod with an analytic "
+                        "BlockMask (forward and backward)")
     if dev.type == "cuda":
         return "tiles", (f"tiles: FlexAttention cannot express {node._name}; the tiled PyTorch "
                          f"path can (the Triton kernel is not built yet)")

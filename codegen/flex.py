@@ -8,7 +8,6 @@ come from the cached Program, so layers with the same pattern reuse one compiled
 from __future__ import annotations
 
 import threading
-from typing import Dict
 
 import torch
 

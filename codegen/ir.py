@@ -489,7 +489,6 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
     terms = [t for t in score_terms(score) if not isinstance(t, (SinkLogit, Dropout))]
     if not terms:
         return None
-    r = len(shape)
     expr = SCORE
     cap = None
     for i, term in enumerate(terms):

@@ -15,7 +15,6 @@ from typing import Dict, Iterable, List, Tuple
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
-from .ir import IsPow2
 
 __all__ = ["TorchPrinter", "UnsupportedNode", "emit_function", "identifier"]
 

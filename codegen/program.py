@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import sympy as sp
@@ -25,7 +25,7 @@ MAX_LAYOUT_SEARCH_PAIRS = 4e8   # skip full classification of candidates beyond 
 
 def pattern_name(p) -> str:
     """An informative identifier for a pattern, e.g. ``neighborhood_7x7_d1x2__and__causal_0``."""
-    from .._pattern import Block, Causal, Document, Empty, Full, Power, Radial, Sink, Window
+    from .._pattern import Block, Causal, Sink, Window
 
     def dims(v):
         return "x".join(map(str, v)) if isinstance(v, tuple) else "ph" if not isinstance(v, int) else str(v)

@@ -18,7 +18,6 @@ generated score_mod), sink logits. Works on CPU, CUDA and MPS.
 """
 from __future__ import annotations
 
-import math
 import threading
 from typing import Dict, Optional
 
@@ -35,7 +34,7 @@ class TilePlan:
     """Per-program, per-device gather indices and token masks (built once, then reused)."""
 
     def __init__(self, program, device: torch.device):
-        from maskdsl.codegen.blockmask import EMPTY, FULL
+        from maskdsl.codegen.blockmask import EMPTY
 
         lay = program.layout
         V, T = lay.block, lay.n_tiles
@@ -48,7 +47,6 @@ class TilePlan:
         # kv tile indices per (head, query tile), non-empty first; padded slots repeat tile 0
         order = np.argsort(~nonempty, axis=-1, kind="stable")[..., :M]
         valid_slot = np.take_along_axis(nonempty, order, -1)    # [Hc, T, M]
-        full_slot = np.take_along_axis(cls == FULL, order, -1)
         idx = np.where(valid_slot, order, 0)
         self.V, self.T, self.M, self.Hc = V, T, M, Hc
         self.kv_tiles = torch.from_numpy(idx).to(device)        # [Hc, T, M]

@@ -8,7 +8,7 @@ import numbers
 from typing import ClassVar, Dict, List
 
 from ._errors import MaskDSLError
-from ._values import Check, PerHead, _is_tensor, at_head, dim_count, fmt_value, head_counts, normalize
+from ._values import Check, _is_tensor, at_head, dim_count, fmt_value, head_counts, normalize
 
 __all__ = ["Node", "check_shape", "check_heads"]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
 from ._node import Node
