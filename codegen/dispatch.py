@@ -18,7 +18,7 @@ def _beyond_flex(score) -> Optional[object]:
     return None
 
 
-def choose(shape: tuple, heads: int, score, dense_max: int, device) -> Tuple[str, str]:
+def choose(shape: tuple, heads: int, score, device) -> Tuple[str, str]:
     """(backend, reason) for backend="auto" on ``device``."""
     n = math.prod(shape)
     node = _beyond_flex(score)

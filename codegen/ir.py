@@ -171,10 +171,6 @@ class Const:
 
 # ------------------------------------------------------------------------------ lowering
 
-def _name(node) -> str:
-    return node._name
-
-
 def _minmax(cls, *args):
     """Min/Max without sympy's (slow) pairwise simplification: numbers are folded, repeated
     arguments dropped; ``tighten`` later removes arguments that never win."""
@@ -290,7 +286,7 @@ def _lower_leaf(p, shape: tuple, heads: int, t: Tables, idx: List[int]):
     """One leaf -> IR, with per-head parameters as table lookups (or constants)."""
     b = p.bind(shape, heads)
     r = len(shape)
-    tag = f"{_name(p)}{idx[0]}"
+    tag = f"{p._name}{idx[0]}"
     idx[0] += 1
     q = Q[0]
 

@@ -227,14 +227,18 @@ class Program:
         """Per-head tables (int64 / float32) and the user's tensors on ``device``. For ``flex``,
         user float tensors become float32 (compiled flex on CPU mis-compiles float64 captures)
         and are detached on CPU (no backward there; a captured leaf needing grad fails)."""
-        out = {}
-        for name, v in self.tables.values.items():
-            arr = np.asarray(v)
-            # float tables: float32 for flex (float64 captures mis-compile on CPU), float64
-            # otherwise (score_mods cast lookups to the score's dtype)
-            dt = (torch.float32 if flex else torch.float64) if arr.dtype.kind == "f" else torch.int64
-            out[name] = torch.as_tensor(arr, dtype=dt, device=device)
-        for name, t in self.tables.tensors.items():
+        static = self.__dict__.setdefault("_static_tables", {})
+        if (device, flex) not in static:   # per-head tables never change: build them once
+            tabs = {}
+            for name, v in self.tables.values.items():
+                arr = np.asarray(v)
+                # float tables: float32 for flex (float64 captures mis-compile on CPU), float64
+                # otherwise (score_mods cast lookups to the score's dtype)
+                dt = (torch.float32 if flex else torch.float64) if arr.dtype.kind == "f" else torch.int64
+                tabs[name] = torch.as_tensor(arr, dtype=dt, device=device)
+            static[(device, flex)] = tabs
+        out = dict(static[(device, flex)])
+        for name, t in self.tables.tensors.items():   # user tensors: current values every call
             if flex and device.type == "cpu":
                 t = t.detach()
             if flex and t.is_floating_point():

@@ -134,8 +134,7 @@ class CompiledAttention:
             from .codegen.dispatch import choose
 
             self._device = q.device
-            self.backend, self.reason = choose(self.shape, self.heads, self.score,
-                                               DENSE_MAX_TOKENS, q.device)
+            self.backend, self.reason = choose(self.shape, self.heads, self.score, q.device)
         if self.backend == "tiles":
             return self._tiles(q, k, v, scale)
         if self.backend == "flex":
@@ -234,7 +233,7 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         from .codegen.dispatch import torch_device
 
         dev = torch_device(device)
-        chosen, reason = choose(shape, heads, score, DENSE_MAX_TOKENS, dev)
+        chosen, reason = choose(shape, heads, score, dev)
         return CompiledAttention(p, shape, heads, score, chosen, reason, auto=True, device=dev)
     if backend == "dense" and n > DENSE_MAX_TOKENS:
         raise MaskDSLError(

@@ -22,7 +22,6 @@ NATTEN is a collection error there.
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -32,46 +31,11 @@ import torch
 
 import maskdsl as md
 
-_INSTALL = "pip install --no-build-isolation natten==0.21.7"
+from natten_oracle import MARKS, eager_flex_without_dynamo, natten  # noqa: F401 (fixture)
 
-if os.environ.get("CI") == "true":
-    try:
-        import natten
-    except ImportError as e:
-        pytest.fail(f"NATTEN is required in CI to check md.neighborhood ({e}); install it with: "
-                    f"{_INSTALL}", pytrace=False)
-else:
-    natten = pytest.importorskip("natten", reason=f"NATTEN not installed ({_INSTALL})")
-
-pytestmark = [
-    pytest.mark.natten,
-    # flex_attention run eagerly (no torch.compile, which CPU CI does not need) warns once per
-    # process that it is unfused, and NATTEN 0.21.7 still uses its deprecated return_lse argument.
-    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
-    pytest.mark.filterwarnings("ignore:return_lse is deprecated:FutureWarning"),
-]
+pytestmark = MARKS
 
 _NA = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _eager_flex_without_dynamo():
-    """Speed: eager flex_attention is normally wrapped in dynamo(backend="eager"), which costs
-    ~0.1-0.5 s per new shape; this private torch flag calls the math implementation directly
-    (about 10x faster here, identical forward outputs; it is only unsafe for backward, which this
-    module never runs). Restored afterwards; a no-op on torch versions without the flag."""
-    import torch.nn.attention.flex_attention as flex
-
-    name = "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"
-    if not hasattr(flex, name):
-        yield
-        return
-    old = getattr(flex, name)
-    setattr(flex, name, True)
-    try:
-        yield
-    finally:
-        setattr(flex, name, old)
 
 
 # ------------------------------------------------------------------------------ configurations

@@ -13,7 +13,6 @@ Locally the module skips when NATTEN is not installed; in CI (CI=true) it must r
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import pytest
@@ -23,44 +22,12 @@ import maskdsl as md
 from maskdsl import natten as mdn
 from maskdsl import nn as mdnn
 
-_INSTALL = "pip install --no-build-isolation natten==0.21.7"
+from natten_oracle import MARKS, eager_flex_without_dynamo, natten  # noqa: F401 (fixture)
 
-if os.environ.get("CI") == "true":
-    try:
-        import natten
-    except ImportError as e:
-        pytest.fail(f"NATTEN is required in CI to check maskdsl.natten ({e}); install it with: "
-                    f"{_INSTALL}", pytrace=False)
-else:
-    natten = pytest.importorskip("natten", reason=f"NATTEN not installed ({_INSTALL})")
-
-pytestmark = [
-    pytest.mark.natten,
-    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
-    pytest.mark.filterwarnings("ignore:return_lse is deprecated:FutureWarning"),
-]
+pytestmark = MARKS
 
 _NATTEN = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}
 _OURS = {1: mdn.na1d, 2: mdn.na2d, 3: mdn.na3d}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _eager_flex_without_dynamo():
-    """Speed, as in tests/test_natten.py: call eager flex_attention's math implementation
-    directly instead of through dynamo (NATTEN's forward only; our tiles/dense paths never use
-    flex on CPU). Restored afterwards; a no-op on torch versions without the private flag."""
-    import torch.nn.attention.flex_attention as flex
-
-    name = "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"
-    if not hasattr(flex, name):
-        yield
-        return
-    old = getattr(flex, name)
-    setattr(flex, name, True)
-    try:
-        yield
-    finally:
-        setattr(flex, name, old)
 
 
 # ------------------------------------------------------------------------------ configurations
