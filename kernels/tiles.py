@@ -5,9 +5,11 @@ Algorithm (the same block sparsity as FlexAttention's BlockMask, executed with b
 1. Lay q, k, v out in the program's token layout: N-D tiles of ``V`` tokens are contiguous, so a
    tile is a block of ``V`` consecutive rows.
 2. For every query tile, list the key tiles the analytic classification marks non-empty
-   (padded per row to the longest list, like BlockMask's ``kv_indices``); gather those key and
-   value tiles: ``[B, H, T, M*V, D]``.
-3. Dense attention per query tile against its gathered keys: scores ``[B, H, T, V, M*V]``, the
+   (padded per row to the longest list, like BlockMask's ``kv_indices``), then keep only the
+   keys of those tiles that some query of the tile attends to (an 8x8 query tile under a 13x13
+   neighborhood keeps its 20x20 halo: 400 keys instead of nine tiles' 576). Pad each list to
+   the longest, ``K`` keys, and gather keys and values: ``[B, H, T, K, D]``.
+3. Dense attention per query tile against its gathered keys: scores ``[B, H, T, V, K]``, the
    exact token mask applied where tiles are partial (precomputed once per device from the
    generated mask_mod, O(N x keys-per-query) memory, never O(N^2)), score terms from the
    generated score_mod, sink logits in the denominator, dropout on the probabilities.
@@ -47,13 +49,12 @@ class TilePlan:
         # kv tile indices per (head, query tile), non-empty first; padded slots repeat tile 0
         order = np.argsort(~nonempty, axis=-1, kind="stable")[..., :M]
         valid_slot = np.take_along_axis(nonempty, order, -1)    # [Hc, T, M]
-        idx = np.where(valid_slot, order, 0)
+        idx = torch.from_numpy(np.where(valid_slot, order, 0)).to(device)
         self.V, self.T, self.M, self.Hc = V, T, M, Hc
-        self.kv_tiles = torch.from_numpy(idx).to(device)        # [Hc, T, M]
-        # token-level mask for the gathered layout: [Hc, T, V, M*V]
+        # token-level mask over the candidate keys (the tiles' tokens): [Ha, T, V, M*V]
         pos = torch.arange(lay.n_padded, device=device).reshape(T, V)
         qpos = pos[:, :, None]                                  # [T, V, 1]
-        kpos = pos[self.kv_tiles].reshape(Hc, T, 1, M * V)      # [Hc, T, 1, M*V]
+        kpos = pos[idx].reshape(Hc, T, 1, M * V)                # [Hc, T, 1, M*V]
         mask_mod, _ = program.mods(device)
         # the token mask is per head whenever the pattern is, even if the tile lists agree
         from maskdsl.codegen.program import _varies_per_head
@@ -65,7 +66,21 @@ class TilePlan:
             allowed = allowed.expand(max(Hm, Hc), T, V, M * V).clone()
             slot_ok = torch.from_numpy(valid_slot).to(device)
             allowed &= slot_ok[:, :, None, :, None].expand(Hc, T, 1, M, V).reshape(Hc, T, 1, M * V)
-        self.allowed = allowed                                  # bool [1 or H, T, V, M*V]
+            # keep only the keys some query of the tile attends to (per query tile, padded to the
+            # longest list): an 8x8 query tile under a 13x13 neighborhood needs its 20x20 halo,
+            # 400 keys, not the 576 of its nine key tiles
+            used = allowed.any(2)                               # [Ha, T, M*V]
+            if Hc == 1:
+                used = used.any(0, keepdim=True)
+            K = max(1, int(used.sum(-1).max()))
+            K = min(M * V, -(-K // 16) * 16)                    # matmul-friendly width
+            keep_cols = torch.argsort((~used).to(torch.int8), dim=-1, stable=True)[..., :K]
+            col_ok = torch.gather(used, -1, keep_cols)          # [Hc, T, K]
+            kpos = torch.gather(kpos.reshape(Hc, T, M * V), -1, keep_cols).reshape(Hc, T, 1, K)
+            cols = keep_cols[:, :, None, :].expand(allowed.shape[0], T, V, K)
+            allowed = torch.gather(allowed, -1, cols) & col_ok[:, :, None, :]
+        self.K = K
+        self.allowed = allowed                                  # bool [1 or H, T, V, K]
         # rows with no allowed key: give SDPA one dummy key (output zeroed afterwards), so no
         # backend ever sees an all -inf row (some return NaN there, and NaN gradients)
         self.row_any = allowed.any(-1, keepdim=True)            # [1 or H, T, V, 1]
@@ -79,7 +94,7 @@ class TilePlan:
         user = torch.where(tok >= 0, tok, torch.full_like(tok, lay.n))   # n = the zero row
         self.q_index = user                                    # [n_padded]
         self.n_users = lay.n
-        self.kv_index = user[kpos.reshape(Hc, -1)]             # [Hc, T*M*V]
+        self.kv_index = user[kpos.reshape(Hc, -1)]             # [Hc, T*K]
         self.scatter = None if lay.identity else lay.scatter_index().to(device)
         # inference reuses its gather buffers: on CPU a fresh 40 MB tensor costs ~5x its copy in
         # page faults (index_select into a reused buffer: 3 ms vs 16 ms on the benchmark CPU)
@@ -147,7 +162,7 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
         sink: per-head sink logits, a tensor [H] (or None).
         dropout_p: per-head dropout probabilities, a float tensor [H] (or None: no dropout).
         generator: where dropout draws from (CPU generator; the keep mask is moved to q's device).
-        keep: an explicit keep mask in the gathered layout [B, H, T, V, M*V] (tests use this).
+        keep: an explicit keep mask in the gathered layout [B, H, T, V, K] (tests use this).
     Returns:
         [B, H, N, Dv]
     """
@@ -156,7 +171,7 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     plan = plan_for(program, device)
     B, H, N, D = q.shape
     Dv = v.shape[-1]
-    V, T, M, Hc = plan.V, plan.T, plan.M, plan.Hc
+    V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     # lay out queries; gather every query tile's key/value tiles straight from user order
     grad = torch.is_grad_enabled() and any(
@@ -170,18 +185,18 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
             torch.index_select(qz, 2, plan.q_index, out=qb)
             torch.index_select(kz, 2, plan.kv_index[0], out=kb)
             torch.index_select(vz, 2, plan.kv_index[0], out=vb)
-            return _attend(program, plan, qb.reshape(B, H, T, V, D), kb.reshape(B, H, T, M * V, D),
-                           vb.reshape(B, H, T, M * V, Dv), q, scale, sink, dropout_p, generator,
+            return _attend(program, plan, qb.reshape(B, H, T, V, D), kb.reshape(B, H, T, K, D),
+                           vb.reshape(B, H, T, K, Dv), q, scale, sink, dropout_p, generator,
                            keep, dt)
     qz, kz, vz = (_with_zero_row(x).to(dt) for x in (q, k, v))
     qt = qz.index_select(2, plan.q_index).reshape(B, H, T, V, D)
     if Hc == 1:
-        kg = kz.index_select(2, plan.kv_index[0]).reshape(B, H, T, M * V, D)
-        vg = vz.index_select(2, plan.kv_index[0]).reshape(B, H, T, M * V, Dv)
+        kg = kz.index_select(2, plan.kv_index[0]).reshape(B, H, T, K, D)
+        vg = vz.index_select(2, plan.kv_index[0]).reshape(B, H, T, K, Dv)
     else:
         hh = torch.arange(H, device=device)[:, None]
-        kg = kz[:, hh, plan.kv_index].reshape(B, H, T, M * V, D)
-        vg = vz[:, hh, plan.kv_index].reshape(B, H, T, M * V, Dv)
+        kg = kz[:, hh, plan.kv_index].reshape(B, H, T, K, D)
+        vg = vz[:, hh, plan.kv_index].reshape(B, H, T, K, Dv)
     return _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt)
 
 
@@ -192,17 +207,17 @@ def _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, kee
     device = q.device
     B, H, N, _ = q.shape
     Dv = vg.shape[-1]
-    V, T, M, Hc = plan.V, plan.T, plan.M, plan.Hc
+    V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
     _, score_mod = program.mods(device)
     bias = None
     if score_mod is not None:
         heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
         kp = plan.k_pos[:, None] if Hc > 1 else plan.k_pos[0][None, None]
-        kp = kp.reshape(1, Hc, T, 1, M * V) if Hc > 1 else kp
+        kp = kp.reshape(1, Hc, T, 1, K) if Hc > 1 else kp
         zero = torch.zeros((), dtype=dt, device=device)
         # a 0-d score loses type promotion to float32 tables: cast (SDPA misreads a mask whose
         # dtype differs from q's)
-        bias = score_mod(zero, 0, heads, plan.q_pos[None, None], kp).to(dt)   # [1, H, T, V, M*V]
+        bias = score_mod(zero, 0, heads, plan.q_pos[None, None], kp).to(dt)   # [1, H, T, V, K]
     nonlinear = any(isinstance(t, Softcap) for t in score_terms(program.score))
     if sink is None and dropout_p is None and not nonlinear:
         out = _fused(qt, kg, vg, plan, bias, scale, B, H)
@@ -218,10 +233,10 @@ def _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, kee
 
 
 def _fused(qt, kg, vg, plan, bias, scale, B, H):
-    """One fused SDPA call over all query tiles: [B, H*T, V, D] x [B, H*T, M*V, D]."""
+    """One fused SDPA call over all query tiles: [B, H*T, V, D] x [B, H*T, K, D]."""
     import torch.nn.functional as F
 
-    T, V, MV = plan.T, plan.V, plan.M * plan.V
+    T, V, MV = plan.T, plan.V, plan.K
     if bias is None:   # the additive -inf mask, built once (SDPA would convert a bool mask per call)
         key = (H, qt.dtype)
         mask = plan._float_masks.get(key)
@@ -249,10 +264,10 @@ def _fused(qt, kg, vg, plan, bias, scale, B, H):
 def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep, B, H, dt):
     """The softmax written out: softcap, sink logits and dropout (chunked over query tiles)."""
     device = qt.device
-    T, V, M, Hc = plan.T, plan.V, plan.M, plan.Hc
+    T, V, K, Hc = plan.T, plan.V, plan.K, plan.Hc
     heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
-    allowed = plan.allowed[None]                                 # [1, Hc, T, V, M*V]
-    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * M * V))
+    allowed = plan.allowed[None]                                 # [1, Hc, T, V, K]
+    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * K))
     outs = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)

@@ -93,8 +93,8 @@ def _dense_keep(prog, keep_g, B, H):
     """Scatter a keep mask in the gathered tile layout to the reference's [B, H, N, N]."""
     plan = plan_for(prog, torch.device("cpu"))
     tok = torch.from_numpy(prog.layout.tokens())
-    qtok = tok[plan.q_pos.expand(plan.T, plan.V, 1)].expand(plan.T, plan.V, plan.M * plan.V)
-    ktok = tok[plan.k_pos[0]].expand(plan.T, plan.V, plan.M * plan.V)
+    qtok = tok[plan.q_pos.expand(plan.T, plan.V, 1)].expand(plan.T, plan.V, plan.K)
+    ktok = tok[plan.k_pos[0]].expand(plan.T, plan.V, plan.K)
     ok = plan.allowed[0]
     n = prog.n
     dense = torch.zeros(B, H, n, n, dtype=torch.bool)
@@ -108,7 +108,7 @@ def test_dropout_matches_reference_given_the_same_keep_mask():
     s = md.dropout(md.per_head([0.2, 0.5]), seed=3) + md.alibi()
     prog = Program(p, s, shape, H, block=BLOCK, tile=(4, 4))
     plan = plan_for(prog, torch.device("cpu"))
-    keep = torch.rand(B, H, plan.T, plan.V, plan.M * plan.V, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep = torch.rand(B, H, plan.T, plan.V, plan.K, generator=torch.Generator().manual_seed(1)) > 0.3
     q, k, v = _inputs(B, H, 90, 8, dtype=torch.float64, grad=True)
     out = run_tiles(prog, q, k, v, 0.35, dropout_p=torch.tensor([0.2, 0.5]), keep=keep)
     ref = md.reference.attention(q, k, v, p, shape, score=s, scale=0.35,
@@ -138,7 +138,7 @@ def test_peak_memory_is_keys_per_query_not_n_squared():
     prog = Program(md.neighborhood((3, 7, 7)), None, (16, 32, 32), 1)
     plan = plan_for(prog, torch.device("cpu"))
     n = prog.n
-    keys_per_query = plan.M * plan.V
+    keys_per_query = plan.K
     assert plan.allowed.numel() == plan.T * plan.V * keys_per_query
     assert keys_per_query * 8 < n          # far below N keys per query
 
