@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
-__all__ = ["choose", "call_time_fallback", "torch_device", "DENSE_MAX_TOKENS_SMALL"]
+__all__ = ["choose", "call_time_fallback", "torch_device", "triton_refusal",
+           "DENSE_MAX_TOKENS_SMALL", "TRITON_MIN_TOKENS"]
 
 DENSE_MAX_TOKENS_SMALL = 256   # up to here the dense reference path is fastest anywhere
 
@@ -18,7 +19,26 @@ def _beyond_flex(score) -> Optional[object]:
     return None
 
 
-def choose(shape: tuple, heads: int, score, device) -> Tuple[str, str]:
+TRITON_MIN_TOKENS = 262144   # from here a BlockMask holds >= 2048^2 tile entries per head
+
+
+def triton_refusal(pattern, score, shape, heads) -> Optional[str]:
+    """None if the Triton kernel can run the pattern and score, else the reason (its message)."""
+    from .._errors import MaskDSLError
+    from ..kernels.triton_attn import triton
+    from ..kernels.triton_params import check_score, lower_pattern
+
+    if triton is None:
+        return "triton is not installed"
+    try:
+        lower_pattern(pattern, shape, heads)
+        check_score(score)
+    except MaskDSLError as e:
+        return str(e)
+    return None
+
+
+def choose(pattern, shape: tuple, heads: int, score, device) -> Tuple[str, str]:
     """(backend, reason) for backend="auto" on ``device``."""
     n = math.prod(shape)
     node = _beyond_flex(score)
@@ -26,12 +46,20 @@ def choose(shape: tuple, heads: int, score, device) -> Tuple[str, str]:
     if n <= DENSE_MAX_TOKENS_SMALL:
         return "dense", (f"dense: {n} tokens is small enough that the dense reference path is "
                          f"the fastest")
-    if dev.type == "cuda" and node is None:
-        return "flex", ("flex: on CUDA the pattern compiles to a mask_mod with an analytic "
-                        "BlockMask (forward and backward)")
     if dev.type == "cuda":
-        return "tiles", (f"tiles: FlexAttention cannot express {node._name}; the tiled PyTorch "
-                         f"path can (the Triton kernel is not built yet)")
+        refusal = triton_refusal(pattern, score, shape, heads)
+        if refusal is None and node is not None:
+            return "triton", (f"triton: FlexAttention cannot express {node._name}; the Triton "
+                              f"kernel runs it fused (forward and backward)")
+        if refusal is None and n >= TRITON_MIN_TOKENS:
+            tiles = (n + 127) // 128
+            return "triton", (f"triton: {n} tokens; a BlockMask would hold {tiles}^2 tile entries "
+                              f"per head, the Triton kernel computes key ranges in-kernel")
+        if node is None:
+            return "flex", ("flex: on CUDA the pattern compiles to a mask_mod with an analytic "
+                            "BlockMask (forward and backward)")
+        return "tiles", (f"tiles: FlexAttention cannot express {node._name} and the Triton "
+                         f"kernel cannot run this pattern; the tiled PyTorch path can")
     return "tiles", (f"tiles: on {dev.type}, block-sparse PyTorch over the analytic tiles is the "
                      f"fastest path and the only one with a backward (Flex is inference-only there)")
 

@@ -1,8 +1,9 @@
 """``md.compile``: check a pattern against a shape once, then hand back a callable.
 
 Backends: ``flex`` (generated mask_mod/score_mod + analytic BlockMask, torch.compile'd
-flex_attention), ``tiles`` (block-sparse PyTorch over the same tiles; any device, autograd) and
-``dense`` (the reference path, small N). ``auto`` picks one for the device and says why.
+flex_attention), ``triton`` (the fused kernel with in-kernel key ranges, no BlockMask),
+``tiles`` (block-sparse PyTorch over the same tiles; any device, autograd) and ``dense`` (the
+reference path, small N). ``auto`` picks one for the device and says why.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ._score import Dropout, Score, score_terms
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
-BACKENDS = ("auto", "dense", "flex", "tiles")
+BACKENDS = ("auto", "dense", "flex", "tiles", "triton")
 DENSE_MAX_TOKENS = 32768  # the dense path materialises [B, H, N, N] logits
 
 
@@ -134,9 +135,18 @@ class CompiledAttention:
             from .codegen.dispatch import choose
 
             self._device = q.device
-            self.backend, self.reason = choose(self.shape, self.heads, self.score, q.device)
+            self.backend, self.reason = choose(self.pattern, self.shape, self.heads, self.score,
+                                                  q.device)
         if self.backend == "tiles":
             return self._tiles(q, k, v, scale)
+        if self.backend == "triton":
+            from .kernels.triton_attn import DTYPES
+
+            if self._auto and q.dtype not in DTYPES:
+                self.reason = (f"{self.reason.split('; this call')[0]}; this call ran tiles: "
+                               f"the Triton kernel does not take {q.dtype}")
+                return self._tiles(q, k, v, scale)
+            return self._triton(q, k, v, scale)
         if self.backend == "flex":
             from .codegen.dispatch import call_time_fallback
             from .codegen.flex import run_flex
@@ -167,6 +177,27 @@ class CompiledAttention:
                 drop_p = _per_head_tensor(t.p, t, "p", H, q.device)
         return run_tiles(self.tiles_program, q, k, v, scale, sink=sink, dropout_p=drop_p,
                          generator=self._generator)
+
+    def _triton(self, q, k, v, scale):
+        from .kernels.triton_attn import TritonPlan, run_triton, why_unavailable
+        from ._score import SinkLogit
+
+        why = why_unavailable(q.device)
+        if why is not None:
+            raise MaskDSLError(f"backend='triton': {why}; use backend='tiles' or 'auto'")
+        if getattr(self, "_triton_plan", None) is None:
+            self._triton_plan = TritonPlan(self.pattern, self.score, self.shape, self.heads)
+        H = self.heads
+        sink = drop_p = None
+        seed = 0
+        for t in score_terms(self.score):
+            if isinstance(t, SinkLogit):
+                sink = _per_head_tensor(t.values, t, "values", H, q.device)
+            elif isinstance(t, Dropout) and self.training:
+                drop_p = _per_head_tensor(t.p, t, "p", H, q.device)
+                seed = int(torch.randint(0, 2**31 - 1, (), generator=self._generator))
+        return run_triton(self._triton_plan, q, k, v, scale, sink=sink, dropout_p=drop_p,
+                          seed=seed)
 
     @property
     def tiles_program(self):
@@ -206,7 +237,7 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         heads: the number of heads H (per_head lists and heads([...]) must have H entries).
         score: score terms combined with ``+``, or None.
         backend: ``"auto"`` (pick for the device and say why in ``attn.reason``), ``"flex"``,
-            ``"tiles"`` or ``"dense"``.
+            ``"triton"``, ``"tiles"`` or ``"dense"``.
         device: where it will run, for ``auto``'s choice (default: CUDA if available, else
             CPU); a call on another device re-decides.
 
@@ -233,7 +264,7 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         from .codegen.dispatch import torch_device
 
         dev = torch_device(device)
-        chosen, reason = choose(shape, heads, score, dev)
+        chosen, reason = choose(p, shape, heads, score, dev)
         return CompiledAttention(p, shape, heads, score, chosen, reason, auto=True, device=dev)
     if backend == "dense" and n > DENSE_MAX_TOKENS:
         raise MaskDSLError(
@@ -248,4 +279,11 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
             raise MaskDSLError(
                 f"backend='flex': FlexAttention cannot express {node!r}; use backend='auto' or 'dense'"
             )
+    if backend == "triton":
+        from .kernels.triton_attn import TritonPlan, triton
+
+        if triton is None:
+            raise MaskDSLError("backend='triton': triton is not installed (pip install triton); "
+                               "use backend='auto' or 'tiles'")
+        TritonPlan(p, score, shape, heads)   # raises MaskDSLError naming what it cannot run
     return CompiledAttention(p, shape, heads, score, backend, f"{backend} was requested", auto=False)

@@ -1,0 +1,879 @@
+"""The ``triton`` backend: fused locality attention with in-kernel key ranges, no BlockMask.
+
+Read it top to bottom like Triton's fused-attention tutorial:
+
+1. ``_key_range``: for query coordinates on one dim, the in-group index range ``[jlo, jhi]`` of
+   the keys they may see (NATTEN's window with kernel/stride/dilation/causal, window offsets,
+   causal, block). Everything the kernel knows about the pattern is a 3 x 7 table of ints per head
+   (``triton_params``), so a million-token sequence carries no mask metadata.
+2. ``_attn_fwd``: one program per query tile and (batch, head). A query tile is a box of
+   ``TM0 x TM1 x TM2`` queries of one residue group per dim (dilation: the tile's queries are
+   ``d`` apart, and so are its keys: strided loads, no token permutation). The union of its
+   queries' key ranges is a box; the program walks that box in ``TN0 x TN1 x TN2`` key tiles with
+   an online softmax (fp32 accumulators, exp2), applying the token mask only on tiles that are
+   not fully inside every query's range. Sink tokens (``| sink(n)``) are a first loop over the
+   flat keys ``[0, n)``; the box loop skips them. Score terms (distance_decay, alibi,
+   relative_bias, softcap) are evaluated from coordinates; ``sink_logit`` starts the running max
+   and sum at the sink's logit; ``dropout`` draws a Philox keep bit per (batch, head, query, key)
+   from one seed, so forward and backward drop the same entries.
+3. ``_attn_bwd_dq``: the forward's walk again, recomputing probabilities from the saved
+   log-sum-exp; accumulates dq (and, with atomics, the relative-bias table gradient).
+4. ``_attn_bwd_dkdv``: one program per key tile. Both ends of a query's key range are
+   non-decreasing in the query coordinate, so the queries that see a key tile form a box found
+   by binary search per dim; the program walks it and accumulates dk, dv: no atomics, so dk, dv
+   and dq are deterministic. ``_attn_bwd_dkdv_sink`` does the sink keys against every query.
+
+``sink_logit``'s gradient, ``-sum_q p_sink(q) * rowsum(dO * O)(q)``, is a torch reduction of
+saved quantities (deterministic). The relative-bias gradient uses fp32 atomics (order-dependent
+rounding); everything else is atomic-free.
+
+On CPU this runs only under ``TRITON_INTERPRET=1`` (tests, small shapes).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional
+
+import torch
+
+from .._errors import MaskDSLError
+from .triton_params import HeadParams, check_score, group_tiles, lower_pattern, pack
+
+try:  # Triton is optional: the tiles and flex backends do not need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+__all__ = ["available", "why_unavailable", "TritonPlan", "run_triton", "keep_mask"]
+
+LOG2E = 1.4426950408889634
+METRICS = {"euclidean": 0, "manhattan": 1, "chebyshev": 2}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(device) -> Optional[str]:
+    """None if the Triton kernel can run on ``device``, else why not."""
+    if triton is None:
+        return "triton is not installed (pip install triton)"
+    dev = torch.device(device)
+    if dev.type == "cuda" or (dev.type == "cpu" and interpreted()):
+        return None
+    return f"the Triton kernel runs on CUDA (on {dev.type} only under TRITON_INTERPRET=1)"
+
+
+def available(device) -> bool:
+    return why_unavailable(device) is None
+
+
+if triton is not None:
+
+    # ------------------------------------------------------------------ pattern, per dim
+
+    @triton.jit
+    def _dim_params(P, h, dim: tl.constexpr):
+        base = P + (h * 3 + dim) * 7
+        return (tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),
+                tl.load(base + 4), tl.load(base + 5), tl.load(base + 6))
+
+    @triton.jit
+    def _key_range(x, S, K, s, d, caus, left, right, blk):
+        """In-group key indices [jlo, jhi] (inclusive) that queries at coordinate x may see."""
+        g = x % d
+        i = x // d
+        Lg = (S - g + d - 1) // d                      # keys in x's residue group
+        # NATTEN's window on in-group indices (shifted at the borders, K keys)
+        Kc = tl.maximum(K, 1)
+        lead = tl.minimum((i // s) * s + s // 2, Lg - 1)
+        start = tl.minimum(tl.maximum(lead - Kc // 2, 0), Lg - Kc)
+        lead_c = tl.minimum((i // s) * s + s - 1, Lg - 1)
+        start_c = tl.maximum(lead_c - Kc + 1, 0)
+        nlo = tl.where(caus != 0, start_c, start)
+        nhi = tl.where(caus != 0, i, start + Kc - 1)
+        nlo = tl.where(K > 0, nlo, 0)
+        nhi = tl.where(K > 0, nhi, Lg - 1)
+        # raw-coordinate limits: window offsets (causal is right = 0) and the block of x
+        lo = x - left
+        hi = x + right
+        bs = tl.maximum(blk, 1)
+        b0 = (x // bs) * bs
+        lo = tl.where(blk > 0, tl.maximum(lo, b0), lo)
+        hi = tl.where(blk > 0, tl.minimum(hi, b0 + bs - 1), hi)
+        # raw -> in-group; never divide a negative number (Triton's // truncates toward zero)
+        jl = (tl.maximum(lo, g) - g + d - 1) // d
+        jh = tl.where(hi < g, -1, (tl.maximum(hi, g) - g) // d)
+        return tl.maximum(nlo, jl), tl.minimum(tl.minimum(nhi, jh), Lg - 1)
+
+    @triton.jit
+    def _unflat(f, S1, S2):
+        return f // (S1 * S2), (f // S2) % S1, f % S2
+
+    # ------------------------------------------------------------------ scores
+
+    @triton.jit
+    def _relb_index(qx0, qx1, qx2, kx0, kx1, kx2, R0, R1, R2):
+        i0 = tl.minimum(tl.maximum(kx0[None, :] - qx0[:, None], -R0), R0) + R0
+        i1 = tl.minimum(tl.maximum(kx1[None, :] - qx1[:, None], -R1), R1) + R1
+        i2 = tl.minimum(tl.maximum(kx2[None, :] - qx2[:, None], -R2), R2) + R2
+        return (i0 * (2 * R1 + 1) + i1) * (2 * R2 + 1) + i2
+
+    @triton.jit
+    def _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, valid,
+                RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2,
+                IEEE: tl.constexpr, HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
+                DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr):
+        """Logits of a (query tile, key tile) pair with every score term; also tanh(s/cap)
+        (the softcap's derivative needs it; 0 without a softcap)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        if HAS_DECAY:
+            d0 = tl.abs(qx0[:, None] - kx0[None, :]).to(tl.float32)
+            d1 = tl.abs(qx1[:, None] - kx1[None, :]).to(tl.float32)
+            d2 = tl.abs(qx2[:, None] - kx2[None, :]).to(tl.float32)
+            d0 = d0 * DEC0
+            d1 = d1 * DEC1
+            d2 = d2 * DEC2
+            if METRIC == 0:
+                dist = tl.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+            elif METRIC == 1:
+                dist = d0 + d1 + d2
+            else:
+                dist = tl.maximum(tl.maximum(d0, d1), d2)
+            s = s - tl.load(RATE + h) * dist
+        if HAS_ALIBI:
+            s = s - tl.load(SLOPE + h) * tl.abs(qf[:, None] - kf[None, :]).to(tl.float32)
+        if HAS_RELB:
+            idx = _relb_index(qx0, qx1, qx2, kx0, kx1, kx2, R0, R1, R2)
+            s = s + tl.load(RELB + h * relb_hs + idx, mask=valid, other=0.0).to(tl.float32)
+        t = s * 0.0
+        if HAS_CAP:
+            cap = tl.load(CAP + h)
+            t = 1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0)      # tanh(s / cap), overflow-safe
+            s = cap * t
+        return s, t
+
+    @triton.jit
+    def _keep(seed, bh, N, qf, kf, pd):
+        """Dropout keep bits: one Philox draw per (batch*head, query, key)."""
+        off = (bh.to(tl.int64) * N + qf[:, None].to(tl.int64)) * N + kf[None, :].to(tl.int64)
+        return tl.rand(seed, off) >= pd
+
+    # ------------------------------------------------------------------ tiles
+
+    @triton.jit
+    def _query_lanes(pid, P, h, S0, S1, S2, NT1, NT2,
+                     TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr):
+        """Coordinates of a query (or key) tile: a box of one residue group per dim."""
+        t0 = pid // (NT1 * NT2)
+        t1 = (pid // NT2) % NT1
+        t2 = pid % NT2
+        lane = tl.arange(0, TM0 * TM1 * TM2)
+        a0 = lane // (TM1 * TM2)
+        a1 = (lane // TM2) % TM1
+        a2 = lane % TM2
+        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
+        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
+        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
+        tpg0 = ((S0 + d0 - 1) // d0 + TM0 - 1) // TM0       # tiles per residue group
+        tpg1 = ((S1 + d1 - 1) // d1 + TM1 - 1) // TM1
+        tpg2 = ((S2 + d2 - 1) // d2 + TM2 - 1) // TM2
+        g0, g1, g2 = t0 // tpg0, t1 // tpg1, t2 // tpg2
+        x0 = g0 + ((t0 % tpg0) * TM0 + a0) * d0
+        x1 = g1 + ((t1 % tpg1) * TM1 + a1) * d1
+        x2 = g2 + ((t2 % tpg2) * TM2 + a2) * d2
+        # (group checks as vectors: the interpreter turns bool-vector & bool-scalar into int32)
+        valid = ((x0 < S0) & (x1 < S1) & (x2 < S2) & (a0 * 0 + g0 < d0) & (a1 * 0 + g1 < d1)
+                 & (a2 * 0 + g2 < d2))
+        return x0, x1, x2, valid
+
+    @triton.jit
+    def _ranges(x0, x1, x2, P, h, S0, S1, S2):
+        K, s, d, c, lf, rt, bk = _dim_params(P, h, 0)
+        lo0, hi0 = _key_range(x0, S0, K, s, d, c, lf, rt, bk)
+        K, s, d, c, lf, rt, bk = _dim_params(P, h, 1)
+        lo1, hi1 = _key_range(x1, S1, K, s, d, c, lf, rt, bk)
+        K, s, d, c, lf, rt, bk = _dim_params(P, h, 2)
+        lo2, hi2 = _key_range(x2, S2, K, s, d, c, lf, rt, bk)
+        return lo0, hi0, lo1, hi1, lo2, hi2
+
+    @triton.jit
+    def _box_keys(t, JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk1, nk2, g0, g1, g2, d0, d1, d2,
+                  TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr):
+        """Key tile ``t`` of the box [JLO, JHI] (in-group indices): indices and coordinates."""
+        lane = tl.arange(0, TN0 * TN1 * TN2)
+        kj0 = JLO0 + (t // (nk1 * nk2)) * TN0 + lane // (TN1 * TN2)
+        kj1 = JLO1 + ((t // nk2) % nk1) * TN1 + (lane // TN2) % TN1
+        kj2 = JLO2 + (t % nk2) * TN2 + lane % TN2
+        valid = (kj0 <= JHI0) & (kj1 <= JHI1) & (kj2 <= JHI2)
+        return kj0, kj1, kj2, g0 + kj0 * d0, g1 + kj1 * d1, g2 + kj2 * d2, valid
+
+    @triton.jit
+    def _in_box(lo0, hi0, lo1, hi1, lo2, hi2, kj0, kj1, kj2):
+        return ((lo0[:, None] <= kj0[None, :]) & (kj0[None, :] <= hi0[:, None])
+                & (lo1[:, None] <= kj1[None, :]) & (kj1[None, :] <= hi1[:, None])
+                & (lo2[:, None] <= kj2[None, :]) & (kj2[None, :] <= hi2[:, None]))
+
+    @triton.jit
+    def _fwd_tile(acc, m_i, l_i, q, K_, V_, kbase, vbase, skn, skd, svn, svd, offs_d, offs_dv,
+                  D, DV, kf, kvalid, allowed, full, qx0, qx1, qx2, qf, kx0, kx1, kx2,
+                  scale, h, bh, N, seed, RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP,
+                  IEEE: tl.constexpr, HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
+                  DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
+                  HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr,
+                  HAS_DROP: tl.constexpr):
+        k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd,
+                    mask=kvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=kvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s, _ = _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
+                       RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, IEEE, HAS_DECAY, METRIC,
+                       DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP)
+        s = s * 1.4426950408889634                          # natural -> base 2
+        if full == 0:                                       # partial tile: the token mask
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROP:
+            pd = tl.load(DROPP + h)
+            p = tl.where(_keep(seed, bh, N, qf, kf, pd), p / (1.0 - pd), 0.0)
+        acc += tl.dot(p.to(v.dtype), v)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attn_fwd(Q, K_, V_, O, LSE, P, NS, RATE, SLOPE, CAP, SINKL, DROPP, RELB,
+                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                  sob, soh, son, sod, H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed,
+                  relb_hs, R0, R1, R2,
+                  TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
+                  TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr,
+                  BD: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
+                  DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                  HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr, HAS_SINKL: tl.constexpr,
+                  HAS_DROP: tl.constexpr, HAS_SINK: tl.constexpr):
+        BLOCK_M: tl.constexpr = TM0 * TM1 * TM2
+        BLOCK_N: tl.constexpr = TN0 * TN1 * TN2
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        # the query tile: coordinates, flat index, each query's key range per dim
+        qx0, qx1, qx2, qvalid = _query_lanes(pid, P, h, S0, S1, S2, NT1, NT2, TM0, TM1, TM2)
+        qf = (qx0 * S1 + qx1) * S2 + qx2
+        lo0, hi0, lo1, hi1, lo2, hi2 = _ranges(qx0, qx1, qx2, P, h, S0, S1, S2)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+        # running max and sum in base 2; a sink logit starts them (it joins the denominator)
+        if HAS_SINKL:
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(SINKL + h) * 1.4426950408889634
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+        else:
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
+        n_sink = tl.load(NS + h)
+        # stage 1: sink tokens, flat keys [0, n_sink), seen by every query
+        if HAS_SINK:
+            for start in range(0, n_sink, BLOCK_N):
+                kf = start + tl.arange(0, BLOCK_N)
+                kvalid = kf < n_sink
+                kx0, kx1, kx2 = _unflat(kf, S1, S2)
+                allowed = qvalid[:, None] & kvalid[None, :]
+                acc, m_i, l_i = _fwd_tile(
+                    acc, m_i, l_i, q, K_, V_, kbase, vbase, skn, skd, svn, svd, offs_d, offs_dv,
+                    D, DV, kf, kvalid, allowed, False, qx0, qx1, qx2, qf, kx0, kx1, kx2,
+                    scale, h, bh, N, seed, RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP,
+                    IEEE, HAS_DECAY, METRIC, DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP,
+                    HAS_DROP)
+        # stage 2: the box of key tiles covering every query's range
+        big = 1 << 30
+        JLO0 = tl.min(tl.where(qvalid, lo0, big))
+        JLO1 = tl.min(tl.where(qvalid, lo1, big))
+        JLO2 = tl.min(tl.where(qvalid, lo2, big))
+        JHI0 = tl.max(tl.where(qvalid, hi0, -1))
+        JHI1 = tl.max(tl.where(qvalid, hi1, -1))
+        JHI2 = tl.max(tl.where(qvalid, hi2, -1))
+        # a key tile inside [max lo, min hi] on every dim is full: no mask needed
+        MLO0 = tl.max(tl.where(qvalid, lo0, big))
+        MLO1 = tl.max(tl.where(qvalid, lo1, big))
+        MLO2 = tl.max(tl.where(qvalid, lo2, big))
+        MHI0 = tl.min(tl.where(qvalid, hi0, -1))
+        MHI1 = tl.min(tl.where(qvalid, hi1, -1))
+        MHI2 = tl.min(tl.where(qvalid, hi2, -1))
+        all_q = tl.min(qvalid.to(tl.int32)) == 1
+        nk0 = tl.where(JHI0 >= JLO0, (JHI0 - JLO0 + TN0) // TN0, 0)
+        nk1 = tl.where(JHI1 >= JLO1, (JHI1 - JLO1 + TN1) // TN1, 0)
+        nk2 = tl.where(JHI2 >= JLO2, (JHI2 - JLO2 + TN2) // TN2, 0)
+        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
+        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
+        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
+        g0 = tl.min(tl.where(qvalid, qx0 % d0, big))
+        g1 = tl.min(tl.where(qvalid, qx1 % d1, big))
+        g2 = tl.min(tl.where(qvalid, qx2 % d2, big))
+        for t in range(0, nk0 * nk1 * nk2):
+            kj0, kj1, kj2, kx0, kx1, kx2, kvalid = _box_keys(
+                t, JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk1, nk2, g0, g1, g2, d0, d1, d2,
+                TN0, TN1, TN2)
+            kf = (kx0 * S1 + kx1) * S2 + kx2
+            kvalid = kvalid & (kf >= n_sink)
+            allowed = (qvalid[:, None] & kvalid[None, :]
+                       & _in_box(lo0, hi0, lo1, hi1, lo2, hi2, kj0, kj1, kj2))
+            full = (all_q & (tl.min(kj0) >= MLO0) & (tl.max(kj0) <= MHI0)
+                    & (tl.min(kj1) >= MLO1) & (tl.max(kj1) <= MHI1)
+                    & (tl.min(kj2) >= MLO2) & (tl.max(kj2) <= MHI2) & (tl.min(kf) >= n_sink))
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, K_, V_, kbase, vbase, skn, skd, svn, svd, offs_d, offs_dv,
+                D, DV, kf, kvalid, allowed, full, qx0, qx1, qx2, qf, kx0, kx1, kx2,
+                scale, h, bh, N, seed, RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP,
+                IEEE, HAS_DECAY, METRIC, DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP,
+                HAS_DROP)
+        # epilogue: a row with no key (and no sink logit) has l = 0 and outputs zeros
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), 0.0)
+        obase = b.to(tl.int64) * sob + h.to(tl.int64) * soh
+        tl.store(O + obase + qf[:, None] * son + offs_dv[None, :] * sod, out.to(O.dtype.element_ty),
+                 mask=qvalid[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE + bh.to(tl.int64) * N + qf, lse, mask=qvalid)
+
+    # ------------------------------------------------------------------ backward
+
+    @triton.jit
+    def _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf, kx0, kx1, kx2,
+                   kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP,
+                   IEEE: tl.constexpr, HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
+                   DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr,
+                   HAS_DROP: tl.constexpr):
+        """For one tile pair: the dropped probabilities (for dv) and dS (for dq, dk, bias)."""
+        s, t = _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
+                       RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, IEEE, HAS_DECAY, METRIC,
+                       DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP)
+        s = tl.where(allowed, s * 1.4426950408889634, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        if IEEE:
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            dp = tl.dot(do, tl.trans(v))
+        pdrop = p
+        if HAS_DROP:
+            pd = tl.load(DROPP + h)
+            keep = _keep(seed, bh, N, qf, kf, pd)
+            pdrop = tl.where(keep, p / (1.0 - pd), 0.0)
+            dp = tl.where(keep, dp / (1.0 - pd), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_CAP:
+            ds = ds * (1.0 - t * t)
+        return pdrop, ds
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K_, V_, DO, DQ, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB, DRELB,
+                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed, relb_hs, R0, R1, R2,
+                     TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
+                     TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr,
+                     BD: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr,
+                     HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
+                     DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                     HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr, HAS_DROP: tl.constexpr,
+                     HAS_SINK: tl.constexpr, RELB_GRAD: tl.constexpr):
+        """dq (q, do, dq share q's strides: the wrapper makes them contiguous)."""
+        BLOCK_N: tl.constexpr = TN0 * TN1 * TN2
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        qx0, qx1, qx2, qvalid = _query_lanes(pid, P, h, S0, S1, S2, NT1, NT2, TM0, TM1, TM2)
+        qf = (qx0 * S1 + qx1) * S2 + qx2
+        lo0, hi0, lo1, hi1, lo2, hi2 = _ranges(qx0, qx1, qx2, P, h, S0, S1, S2)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        qmask = qvalid[:, None] & (offs_d[None, :] < D)
+        q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+        dobase = bh.to(tl.int64) * N * DV
+        do = tl.load(DO + dobase + qf[:, None] * DV + offs_dv[None, :],
+                     mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+        dq = tl.zeros(q.shape, dtype=tl.float32)
+        n_sink = tl.load(NS + h)
+        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
+        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
+        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
+        big = 1 << 30
+        JLO0 = tl.min(tl.where(qvalid, lo0, big))
+        JLO1 = tl.min(tl.where(qvalid, lo1, big))
+        JLO2 = tl.min(tl.where(qvalid, lo2, big))
+        JHI0 = tl.max(tl.where(qvalid, hi0, -1))
+        JHI1 = tl.max(tl.where(qvalid, hi1, -1))
+        JHI2 = tl.max(tl.where(qvalid, hi2, -1))
+        nk0 = tl.where(JHI0 >= JLO0, (JHI0 - JLO0 + TN0) // TN0, 0)
+        nk1 = tl.where(JHI1 >= JLO1, (JHI1 - JLO1 + TN1) // TN1, 0)
+        nk2 = tl.where(JHI2 >= JLO2, (JHI2 - JLO2 + TN2) // TN2, 0)
+        g0 = tl.min(tl.where(qvalid, qx0 % d0, big))
+        g1 = tl.min(tl.where(qvalid, qx1 % d1, big))
+        g2 = tl.min(tl.where(qvalid, qx2 % d2, big))
+        n_sink_tiles = 0
+        if HAS_SINK:
+            n_sink_tiles = (n_sink + BLOCK_N - 1) // BLOCK_N
+        for t in range(0, n_sink_tiles + nk0 * nk1 * nk2):
+            if t < n_sink_tiles:          # sink keys: flat [0, n_sink), seen by every query
+                kf = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                kvalid = kf < n_sink
+                kx0, kx1, kx2 = _unflat(kf, S1, S2)
+                allowed = qvalid[:, None] & kvalid[None, :]
+            else:
+                kj0, kj1, kj2, kx0, kx1, kx2, kvalid = _box_keys(
+                    t - n_sink_tiles, JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk1, nk2,
+                    g0, g1, g2, d0, d1, d2, TN0, TN1, TN2)
+                kf = (kx0 * S1 + kx1) * S2 + kx2
+                kvalid = kvalid & (kf >= n_sink)
+                allowed = (qvalid[:, None] & kvalid[None, :]
+                           & _in_box(lo0, hi0, lo1, hi1, lo2, hi2, kj0, kj1, kj2))
+            k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd,
+                        mask=kvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd,
+                        mask=kvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            _, ds = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
+                               kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
+                               relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0, DEC1,
+                               DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
+            if RELB_GRAD:
+                idx = _relb_index(qx0, qx1, qx2, kx0, kx1, kx2, R0, R1, R2)
+                tl.atomic_add(DRELB + h * relb_hs + idx, ds, mask=allowed)
+            if IEEE:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(k.dtype), k)
+        tl.store(DQ + bh.to(tl.int64) * N * D + qf[:, None] * D + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+    @triton.jit
+    def _first_true(lo, hi, NBS: tl.constexpr, x_of_i, want_hi: tl.constexpr, bound,
+                    S, K, s, d, caus, left, right, blk):
+        """Binary search on in-group query index i in [lo, hi): the first i with
+        jhi(i) >= bound (want_hi) or jlo(i) > bound (not want_hi); hi if none."""
+        for _ in range(NBS):
+            mid = (lo + hi) // 2
+            jl, jh = _key_range(x_of_i + mid * d, S, K, s, d, caus, left, right, blk)
+            if want_hi:
+                ok = jh >= bound
+            else:
+                ok = jl > bound
+            go_left = (ok & (lo < hi)).to(tl.int1)
+            hi = tl.where(go_left, mid, hi)
+            lo = tl.where((go_left | (lo >= hi)).to(tl.int1), lo, mid + 1)
+        return lo
+
+    @triton.jit
+    def _query_span(kjmin, kjmax, g, S, K, s, d, caus, left, right, blk, NBS: tl.constexpr):
+        """In-group indices [ia, ib] of the queries (group g) whose range meets [kjmin, kjmax]."""
+        Lg = (S - g + d - 1) // d
+        ia = _first_true(g * 0, Lg, NBS, g, True, kjmin, S, K, s, d, caus, left, right, blk)
+        ib = _first_true(g * 0, Lg, NBS, g, False, kjmax, S, K, s, d, caus, left, right, blk) - 1
+        return ia, ib
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K_, V_, DO, DK, DV_, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB,
+                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed, relb_hs, R0, R1, R2,
+                       TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
+                       TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr,
+                       BD: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
+                       DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr, HAS_DROP: tl.constexpr,
+                       NBS: tl.constexpr):
+        """dk, dv for one key tile of the box keys (sink keys: _attn_bwd_dkdv_sink)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        # the key tile (same residue-group tiling as queries, key tile shape)
+        kx0, kx1, kx2, kvalid = _query_lanes(pid, P, h, S0, S1, S2, NT1, NT2, TN0, TN1, TN2)
+        kf = (kx0 * S1 + kx1) * S2 + kx2
+        n_sink = tl.load(NS + h)
+        kvalid = kvalid & (kf >= n_sink)
+        K0, s0, d0, c0, l0, r0, b0 = _dim_params(P, h, 0)
+        K1, s1, d1, c1, l1, r1, b1 = _dim_params(P, h, 1)
+        K2, s2, d2, c2, l2, r2, b2 = _dim_params(P, h, 2)
+        kj0, kj1, kj2 = kx0 // d0, kx1 // d1, kx2 // d2
+        big = 1 << 30
+        g0 = tl.min(tl.where(kvalid, kx0 % d0, big))
+        g1 = tl.min(tl.where(kvalid, kx1 % d1, big))
+        g2 = tl.min(tl.where(kvalid, kx2 % d2, big))
+        any_k = tl.max(kvalid.to(tl.int32)) == 1
+        ia0, ib0 = _query_span(tl.min(tl.where(kvalid, kj0, big)), tl.max(tl.where(kvalid, kj0, -1)),
+                               g0, S0, K0, s0, d0, c0, l0, r0, b0, NBS)
+        ia1, ib1 = _query_span(tl.min(tl.where(kvalid, kj1, big)), tl.max(tl.where(kvalid, kj1, -1)),
+                               g1, S1, K1, s1, d1, c1, l1, r1, b1, NBS)
+        ia2, ib2 = _query_span(tl.min(tl.where(kvalid, kj2, big)), tl.max(tl.where(kvalid, kj2, -1)),
+                               g2, S2, K2, s2, d2, c2, l2, r2, b2, NBS)
+        nq0 = tl.where((any_k & (ib0 >= ia0)).to(tl.int1), (ib0 - ia0 + TM0) // TM0, 0)
+        nq1 = tl.where(ib1 >= ia1, (ib1 - ia1 + TM1) // TM1, 0)
+        nq2 = tl.where(ib2 >= ia2, (ib2 - ia2 + TM2) // TM2, 0)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        kmask = kvalid[:, None] & (offs_d[None, :] < D)
+        vmask = kvalid[:, None] & (offs_dv[None, :] < DV)
+        k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd, mask=vmask, other=0.0)
+        dk = tl.zeros([TN0 * TN1 * TN2, BD], dtype=tl.float32)
+        dv = tl.zeros([TN0 * TN1 * TN2, BDV], dtype=tl.float32)
+        for t in range(0, nq0 * nq1 * nq2):
+            # the query tile t of the box [ia, ib] (in-group indices)
+            qi0, qi1, qi2, qx0, qx1, qx2, qvalid = _box_keys(
+                t, ia0, ia1, ia2, ib0, ib1, ib2, nq1, nq2, g0, g1, g2, d0, d1, d2,
+                TM0, TM1, TM2)
+            qvalid = qvalid & (qx0 < S0) & (qx1 < S1) & (qx2 < S2)
+            qf = (qx0 * S1 + qx1) * S2 + qx2
+            lo0, hi0, lo1, hi1, lo2, hi2 = _ranges(qx0, qx1, qx2, P, h, S0, S1, S2)
+            allowed = (qvalid[:, None] & kvalid[None, :]
+                       & _in_box(lo0, hi0, lo1, hi1, lo2, hi2, kj0, kj1, kj2))
+            q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
+                        mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + bh.to(tl.int64) * N * DV + qf[:, None] * DV + offs_dv[None, :],
+                         mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+            pdrop, ds = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
+                                   kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
+                                   relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0,
+                                   DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
+            if IEEE:
+                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        base = bh.to(tl.int64) * N
+        tl.store(DK + base * D + kf[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=kmask)
+        tl.store(DV_ + base * DV + kf[:, None] * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+                 mask=vmask)
+
+    @triton.jit
+    def _attn_bwd_dkdv_sink(Q, K_, V_, DO, DK, DV_, LSE, DELTA, NS, RATE, SLOPE, CAP, DROPP, RELB,
+                            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                            H, N, S1, S2, D, DV, scale, seed, relb_hs, R0, R1, R2,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BD: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr,
+                            HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
+                            DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                            HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr,
+                            HAS_DROP: tl.constexpr):
+        """dk, dv of the sink keys (flat [0, n_sink)): every query sees them."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        n_sink = tl.load(NS + h)
+        kf = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        kvalid = kf < n_sink
+        kx0, kx1, kx2 = _unflat(kf, S1, S2)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        kmask = kvalid[:, None] & (offs_d[None, :] < D)
+        vmask = kvalid[:, None] & (offs_dv[None, :] < DV)
+        k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd, mask=vmask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BDV], dtype=tl.float32)
+        n_q = tl.where(pid * BLOCK_N < n_sink, N, 0)
+        for start in range(0, n_q, BLOCK_M):
+            qf = start + tl.arange(0, BLOCK_M)
+            qvalid = qf < N
+            qx0, qx1, qx2 = _unflat(qf, S1, S2)
+            allowed = qvalid[:, None] & kvalid[None, :]
+            q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
+                        mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + bh.to(tl.int64) * N * DV + qf[:, None] * DV + offs_dv[None, :],
+                         mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+            pdrop, ds = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
+                                   kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
+                                   relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0,
+                                   DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
+            if IEEE:
+                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision="ieee")
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            else:
+                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        base = bh.to(tl.int64) * N
+        tl.store(DK + base * D + kf[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=kmask)
+        tl.store(DV_ + base * DV + kf[:, None] * DV + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+                 mask=vmask)
+
+    @triton.jit
+    def _keep_kernel(OUT, DROPP, seed, H, N, BLOCK: tl.constexpr):
+        """The dropout keep mask [B, H, N, N] the kernels draw (tests compare with it)."""
+        bh = tl.program_id(1)
+        qf = tl.program_id(0) + tl.zeros([1], dtype=tl.int32)
+        pd = tl.load(DROPP + bh % H)
+        for start in range(0, N, BLOCK):
+            kf = start + tl.arange(0, BLOCK)
+            keep = _keep(seed, bh, N, qf, kf, pd)
+            ptr = OUT + (bh.to(tl.int64) * N + qf[:, None]) * N + kf[None, :]
+            tl.store(ptr, keep.to(tl.int8), mask=kf[None, :] < N)
+
+
+# ---------------------------------------------------------------------- host side
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tile_shape(total: int, shape3: tuple, params: List[HeadParams]) -> tuple:
+    """Split ``total`` (a power of two) lanes over 3 dims: double the dim with the most
+    in-group tokens left per tile lane, never beyond the group length (rounded up to 2^k)."""
+    group = [math.ceil(S / min(hp.dims[i].dilation for hp in params)) for i, S in enumerate(shape3)]
+    tile = [1, 1, 1]
+    while math.prod(tile) < total:
+        room = [group[i] / tile[i] if tile[i] < _pow2(group[i]) else 0 for i in range(3)]
+        i = max(range(3), key=lambda j: (room[j], j))
+        if room[i] == 0:
+            i = 2                     # all dims covered: widen the last one (padding lanes)
+        tile[i] *= 2
+    return tuple(tile)
+
+
+class TritonPlan:
+    """Everything a launch needs except the tensors: per-head ints, tile shapes, score flags."""
+
+    def __init__(self, pattern, score, shape: tuple, heads: int):
+        from .._score import DistanceDecay, RelativeBias
+
+        self.params = lower_pattern(pattern, shape, heads)
+        self.shape, self.heads = tuple(shape), heads
+        self.shape3 = (1,) * (3 - len(shape)) + tuple(shape)
+        self.n = math.prod(shape)
+        self.score_terms = check_score(score)
+        self.has_sink = any(hp.sink > 0 for hp in self.params)
+        self.max_sink = max(hp.sink for hp in self.params)
+        decay = self.score_terms.get(DistanceDecay)
+        off = 3 - len(shape)
+        self.decay_dims = (0, 0, 0)
+        if decay is not None:
+            dims = decay.bind(shape, heads)[0]["dims"]
+            self.decay_dims = tuple(int(i - off in dims) for i in range(3))
+            self.metric = METRICS[decay.metric]
+        relb = self.score_terms.get(RelativeBias)
+        self.radius = (0, 0, 0)
+        if relb is not None:
+            r = relb.bind(shape, heads)[0]["radius"]
+            self.radius = (0,) * off + tuple(r)
+        self._packed = {}
+
+    def packed(self, device):
+        if device not in self._packed:
+            self._packed[device] = pack(self.params, device)
+        return self._packed[device]
+
+    def tiles(self, interpret: bool) -> tuple:
+        m = 16 if interpret else 64
+        return (tile_shape(m, self.shape3, self.params), tile_shape(m, self.shape3, self.params))
+
+
+def _check_inputs(q, k, v):
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise MaskDSLError(
+            f"backend='triton': q, k, v dtype {q.dtype}/{k.dtype}/{v.dtype}: expected one of "
+            f"float16, bfloat16, float32 for all three (float64 runs on backend='tiles')")
+    D, Dv = q.shape[-1], v.shape[-1]
+    for name, d in (("q/k head dim", D), ("v head dim", Dv)):
+        if not 16 <= d <= 256:
+            raise MaskDSLError(f"backend='triton': {name} {d}: expected 16 to 256")
+
+
+class _Fn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, relb, sinkl, plan, consts, scale, seed):
+        out, lse = _launch_fwd(plan, consts, q, k, v, relb, sinkl, scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse, relb, sinkl)
+        ctx.plan, ctx.consts, ctx.scale, ctx.seed = plan, consts, scale, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, relb, sinkl = ctx.saved_tensors
+        dq, dk, dv, drelb, dsink = _launch_bwd(ctx.plan, ctx.consts, q, k, v, out, lse, relb,
+                                               sinkl, do, ctx.scale, ctx.seed,
+                                               ctx.needs_input_grad)
+        return dq, dk, dv, drelb, dsink, None, None, None, None
+
+
+def _consts(plan: TritonPlan, q, dtype):
+    interp = q.device.type == "cpu"
+    (TM, TN) = plan.tiles(interp)
+    from .._score import Alibi, DistanceDecay, Dropout, RelativeBias, Softcap
+
+    terms = plan.score_terms
+    return dict(
+        TM0=TM[0], TM1=TM[1], TM2=TM[2], TN0=TN[0], TN1=TN[1], TN2=TN[2],
+        BD=max(16, _pow2(q.shape[-1])), IEEE=dtype == torch.float32,
+        HAS_DECAY=DistanceDecay in terms, METRIC=getattr(plan, "metric", 0),
+        DEC0=plan.decay_dims[0], DEC1=plan.decay_dims[1], DEC2=plan.decay_dims[2],
+        HAS_ALIBI=Alibi in terms, HAS_RELB=RelativeBias in terms, HAS_CAP=Softcap in terms,
+        HAS_DROP=Dropout in terms)
+
+
+def _common_args(plan, q, k, v):
+    return (*q.stride(), *k.stride(), *v.stride())
+
+
+def _launch_fwd(plan, consts, q, k, v, relb, sinkl, scale, seed):
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    P, NS = plan.packed(q.device)
+    sc = plan.scalars[q.device]
+    TM = (consts["TM0"], consts["TM1"], consts["TM2"])
+    NT = group_tiles(plan.params, plan.shape3, TM)
+    out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    relb_t = relb if relb is not None else sc["zero"]
+    S0, S1, S2 = plan.shape3
+    _attn_fwd[(NT[0] * NT[1] * NT[2], B * H)](
+        q, k, v, out, lse, P, NS, sc["rate"], sc["slope"], sc["cap"],
+        sinkl if sinkl is not None else sc["zero"], sc["dropp"], relb_t,
+        *_common_args(plan, q, k, v), *out.stride(), H, N, S0, S1, S2, NT[1], NT[2], D, Dv,
+        float(scale), int(seed), plan.relb_hs, *plan.radius,
+        BDV=max(16, _pow2(Dv)), HAS_SINKL=sinkl is not None, HAS_SINK=plan.has_sink, **consts)
+    return out, lse
+
+
+def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, needs):
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    P, NS = plan.packed(q.device)
+    sc = plan.scalars[q.device]
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1)                        # rowsum(dO * O) [B, H, N]
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
+    relb_grad = relb is not None and needs[3]
+    drelb = torch.zeros(relb.shape, dtype=torch.float32, device=q.device) if relb_grad else sc["zero"]
+    relb_t = relb if relb is not None else sc["zero"]
+    S0, S1, S2 = plan.shape3
+    TM = (consts["TM0"], consts["TM1"], consts["TM2"])
+    TN = (consts["TN0"], consts["TN1"], consts["TN2"])
+    NTq = group_tiles(plan.params, plan.shape3, TM)
+    NTk = group_tiles(plan.params, plan.shape3, TN)
+    common = (*_common_args(plan, q, k, v),)
+    BDV = max(16, _pow2(Dv))
+    _attn_bwd_dq[(NTq[0] * NTq[1] * NTq[2], B * H)](
+        q, k, v, do, dq, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
+        relb_t, drelb, *common, H, N, S0, S1, S2, NTq[1], NTq[2], D, Dv, float(scale), int(seed),
+        plan.relb_hs, *plan.radius, BDV=BDV, HAS_SINK=plan.has_sink, RELB_GRAD=relb_grad,
+        **consts)
+    nbs = max(plan.shape3).bit_length() + 1
+    _attn_bwd_dkdv[(NTk[0] * NTk[1] * NTk[2], B * H)](
+        q, k, v, do, dk, dv, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
+        relb_t, *common, H, N, S0, S1, S2, NTk[1], NTk[2], D, Dv, float(scale), int(seed),
+        plan.relb_hs, *plan.radius, BDV=BDV, NBS=nbs, **consts)
+    if plan.has_sink:
+        bn = math.prod(TN)
+        _attn_bwd_dkdv_sink[(math.ceil(plan.max_sink / bn), B * H)](
+            q, k, v, do, dk, dv, lse, delta, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
+            relb_t, *common, H, N, S1, S2, D, Dv, float(scale), int(seed), plan.relb_hs,
+            *plan.radius, BLOCK_M=math.prod(TM), BLOCK_N=bn, BDV=BDV,
+            **{c: consts[c] for c in ("BD", "IEEE", "HAS_DECAY", "METRIC", "DEC0", "DEC1",
+                                      "DEC2", "HAS_ALIBI", "HAS_RELB", "HAS_CAP", "HAS_DROP")})
+    dsink = None
+    if sinkl is not None and needs[4]:
+        # d/d(sink) = -sum_q p_sink(q) * delta(q), p_sink = exp(sink - lse) (lse in base 2)
+        p_sink = torch.exp2(sinkl.float().reshape(1, H, 1) * LOG2E - lse)
+        dsink = -(p_sink * delta).sum((0, 2)).to(sinkl.dtype)
+    return dq, dk, dv, (drelb.to(relb.dtype) if relb_grad else None), dsink
+
+
+def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=None,
+               seed: int = 0):
+    """[B, H, N, D] attention through the Triton kernels (autograd: q, k, v, relative_bias
+    table, sink logits). ``dropout_p``: per-head probabilities (None: no dropout)."""
+    from .._score import Alibi, DistanceDecay, RelativeBias, Softcap, geometric_slopes
+
+    _check_inputs(q, k, v)
+    dev = q.device
+    H = plan.heads
+    terms = plan.score_terms
+    if not hasattr(plan, "scalars"):
+        plan.scalars = {}
+    zero = torch.zeros(1, dtype=torch.float32, device=dev)
+
+    def per_head(term, field):
+        """A float parameter as float32 [H] (learnable ones were refused by check_score)."""
+        if term is None:
+            return zero
+        vals = [b[field] for b in term.bind(plan.shape, H)]
+        if isinstance(vals[0], torch.Tensor):       # one tensor: a value or one per head
+            t = vals[0].detach().reshape(-1).to(device=dev, dtype=torch.float32)
+            return t.expand(H).contiguous() if t.numel() == 1 else t.contiguous()
+        return torch.tensor([float(x) for x in vals], dtype=torch.float32, device=dev)
+
+    alibi = terms.get(Alibi)
+    if alibi is not None and alibi.slopes == "geometric":
+        slope = torch.tensor(geometric_slopes(H), dtype=torch.float32, device=dev)
+    else:
+        slope = per_head(alibi, "slopes")
+    plan.scalars[dev] = dict(
+        zero=zero, rate=per_head(terms.get(DistanceDecay), "rate"),
+        slope=slope, cap=per_head(terms.get(Softcap), "cap"),
+        dropp=(dropout_p.detach().to(device=dev, dtype=torch.float32).reshape(-1).expand(H)
+               .contiguous() if dropout_p is not None else zero))
+    consts = _consts(plan, q, q.dtype)
+    if dropout_p is None:
+        consts["HAS_DROP"] = False
+    relb = None
+    plan.relb_hs = 0
+    if RelativeBias in terms:
+        table = terms[RelativeBias].bind(plan.shape, H)[0]["table"]
+        shared = terms[RelativeBias].bind(plan.shape, H)[0]["shared"]
+        relb = table.to(device=dev, dtype=torch.float32)
+        relb = relb.reshape(-1) if shared else relb.reshape(H, -1)
+        plan.relb_hs = 0 if shared else relb.shape[-1]
+        relb = relb.contiguous()
+        if not table.requires_grad:
+            relb = relb.detach()
+    if sink is not None:
+        sink = sink.to(device=dev, dtype=torch.float32).reshape(-1)
+        sink = sink.expand(H) if sink.numel() == 1 else sink
+    return _Fn.apply(q, k, v, relb, sink, plan, consts, float(scale), int(seed))
+
+
+def keep_mask(plan: TritonPlan, batch: int, dropout_p, seed: int, device) -> torch.Tensor:
+    """The bool keep mask [B, H, N, N] the kernels use for ``seed`` (small N: tests)."""
+    H, N = plan.heads, plan.n
+    out = torch.empty(batch, H, N, N, dtype=torch.int8, device=device)
+    dp = dropout_p.to(device=device, dtype=torch.float32).reshape(-1).expand(H).contiguous()
+    _keep_kernel[(N, batch * H)](out, dp, int(seed), H, N, BLOCK=16)
+    return out.bool()
