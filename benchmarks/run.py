@@ -1,7 +1,7 @@
 """maskdsl benchmarks: one command, one table, one results file.
 
     python benchmarks/run.py                 # everything that runs on this device
-    python benchmarks/run.py --only build    # sections: build, tiling, attention
+    python benchmarks/run.py --only build    # sections: build, tiling, attention, tiles, triton
     python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
 
 Every ratio is measured in one run on one machine (ours / peer: < 1 means we are faster; the
@@ -19,6 +19,10 @@ Sections:
   tiles      the tiles backend, forward and forward+backward, vs NATTEN (CPU: its eager Flex
              path), SDPA with a materialised mask, dense SDPA and the ideal; peak memory of the
              3-D case in a fresh process.
+  triton     (CUDA) the Triton kernel on NATTEN's published use cases and a 1M-token sliding
+             window, fp16/bf16, D=128: vs dense SDPA, our flex backend and NATTEN (if
+             installed), forward and forward+backward. On CPU, TRITON_INTERPRET=1 runs it on
+             two tiny smoke cases (no meaningful timings).
 """
 from __future__ import annotations
 
@@ -190,7 +194,8 @@ def attention_cases(quick: bool):
     return cases
 
 
-def natten_forward(q, k, v, shape, kernel):
+def natten_forward(q, k, v, shape, kernel, stride=None):
+    """NATTEN's forward (heads-last layout); its eager Flex backend on CPU, its default on CUDA."""
     try:
         import natten
     except ImportError:
@@ -199,7 +204,10 @@ def natten_forward(q, k, v, shape, kernel):
     fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(shape)]
     perm = lambda t: t.permute(0, 2, 1, 3).reshape(B, *shape, H, D).contiguous()
     qn, kn, vn = perm(q), perm(k), perm(v)
-    return lambda: fn(qn, kn, vn, kernel_size=kernel, backend="flex-fna")
+    kw = {} if q.is_cuda else {"backend": "flex-fna"}
+    if stride is not None:
+        kw["stride"] = stride
+    return lambda: fn(qn, kn, vn, kernel_size=kernel, **kw)
 
 
 def section_attention(reps: int, quick: bool, rows: list):
@@ -323,9 +331,92 @@ def section_tiles(reps: int, quick: bool, rows: list):
         rows.append(row)
 
 
+# ---------------------------------------------------------------------------------- triton
+
+# NATTEN's published use cases (forward, fp16, head dim 128) with its Hopper-FNA speedups over
+# cuDNN; the target is >= 0.8x of each.
+TRITON_CASES = [
+    # name, spec, shape, heads, NATTEN's speedup (None: no published number)
+    ("1-D 32768 window 2048", "neighborhood(2048)", (32768,), 8, 8.3),
+    ("1-D 32768 window 2048 stride 256", "neighborhood(2048, stride=256)", (32768,), 8, 12.6),
+    ("2-D 256x256 window 80x80", "neighborhood((80, 80))", (256, 256), 8, 6.0),
+    ("2-D 256x256 window 80x80 stride 16", "neighborhood((80, 80), stride=(16, 16))", (256, 256), 8, 12.3),
+    ("3-D 30x48x80 window 18x24x24", "neighborhood((18, 24, 24))", (30, 48, 80), 8, 3.6),
+    ("3-D 30x48x80 window 18x24x24 stride 16x8x8",
+     "neighborhood((18, 24, 24), stride=(16, 8, 8))", (30, 48, 80), 8, 12.1),
+    ("1-D 1048576 causal sliding window 2048", "causal() & window(2048)", (1 << 20,), 8, None),
+]
+TRITON_SMOKE_CASES = [   # CPU under TRITON_INTERPRET=1: exercises the harness only, no timings
+    ("1-D 64 window 8 (smoke)", "neighborhood(8)", (64,), 1, None),
+    ("2-D 8x8 window 3x3 stride 2 (smoke)", "neighborhood((3, 3), stride=(2, 2))", (8, 8), 1, None),
+]
+DENSE_MAX_TOKENS_BENCH = 1 << 18     # dense SDPA beyond this is not run (minutes per call)
+
+
+def section_triton(reps: int, quick: bool, rows: list):
+    """The Triton kernel vs dense SDPA (cuDNN/Flash), our flex backend and NATTEN (when
+    installed), forward and forward+backward, fp16 and bf16, head dim 128."""
+    import torch.nn.functional as F
+
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("\n== triton: skipped (needs CUDA; TRITON_INTERPRET=1 runs a smoke test) ==")
+        return
+    dev = "cuda" if cuda else "cpu"
+    cases = TRITON_CASES if cuda else TRITON_SMOKE_CASES
+    dtypes = [torch.float16, torch.bfloat16] if cuda and not quick else [torch.float16]
+    D = 128 if cuda else 16
+    print(f"\n== triton kernel ({dev}, D={D}): forward and forward+backward ==")
+    print(f"{'case':44} {'dtype':>8} {'triton':>9} {'sdpa':>9} {'flex':>9} {'natten':>9} "
+          f"{'vs sdpa':>8} {'target':>7} {'vs flex':>8} | {'tri f+b':>9} {'flex f+b':>9}")
+    for name, spec, shape, H, published in cases:
+        p = md.parse(spec)
+        n = math.prod(shape)
+        for dtype in dtypes:
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, H, n, D, generator=g).to(dev, dtype) for _ in range(3))
+            tri = md.compile(p, shape, H, backend="triton")
+            nan = float("nan")
+            with torch.no_grad():
+                t_tri = timeit(lambda: tri(q, k, v), reps)
+                t_sdpa = (timeit(lambda: F.scaled_dot_product_attention(q, k, v), reps)
+                          if n <= DENSE_MAX_TOKENS_BENCH else nan)
+                t_flex = t_nat = nan
+                if cuda:
+                    try:
+                        flex = md.compile(p, shape, H, backend="flex")
+                        t_flex = timeit(lambda: flex(q, k, v), reps)
+                    except (md.MaskDSLError, RuntimeError, torch.OutOfMemoryError) as e:
+                        print(f"  flex not run: {str(e).splitlines()[0][:100]}")
+                    kernel = getattr(p, "kernel_size", None)
+                    try:
+                        fn = (natten_forward(q, k, v, shape, kernel, getattr(p, "stride", None))
+                              if kernel is not None else None)
+                        t_nat = timeit(fn, reps) if fn else nan
+                    except Exception as e:       # NATTEN's own limits (dtype, head dim, GPU arch)
+                        print(f"  natten not run: {str(e).splitlines()[0][:100]}")
+            t_tri_fb = t_flex_fb = nan
+            if cuda:
+                qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+                t_tri_fb = timeit(lambda: tri(qg, kg, vg).sum().backward(), reps)
+                if t_flex == t_flex:
+                    t_flex_fb = timeit(lambda: flex(qg, kg, vg).sum().backward(), reps)
+            target = 0.8 * published if published else nan
+            print(f"{name:44} {str(dtype)[6:]:>8} {t_tri * 1e3:7.2f}ms {t_sdpa * 1e3:7.2f}ms "
+                  f"{t_flex * 1e3:7.2f}ms {t_nat * 1e3:7.2f}ms {t_sdpa / t_tri:7.1f}x "
+                  f"{target:6.1f}x {t_flex / t_tri:7.2f}x | {t_tri_fb * 1e3:7.2f}ms "
+                  f"{t_flex_fb * 1e3:7.2f}ms")
+            rows.append({"section": "triton", "case": name, "device": dev, "dtype": str(dtype),
+                         "head_dim": D, "heads": H, "triton_fwd_seconds": t_tri,
+                         "sdpa_fwd_seconds": t_sdpa, "flex_fwd_seconds": t_flex,
+                         "natten_fwd_seconds": t_nat, "speedup_vs_sdpa": t_sdpa / t_tri,
+                         "target_speedup_vs_sdpa": target, "speedup_vs_flex": t_flex / t_tri,
+                         "triton_fwd_bwd_seconds": t_tri_fb, "flex_fwd_bwd_seconds": t_flex_fb})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="build,tiling,attention,tiles")
+    ap.add_argument("--only", default="build,tiling,attention,tiles,triton")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -348,6 +439,8 @@ def main():
         section_attention(reps, args.quick, rows)
     if "tiles" in only:
         section_tiles(reps, args.quick, rows)
+    if "triton" in only:
+        section_triton(reps, args.quick, rows)
     os.makedirs(args.out, exist_ok=True)
     tag = ("cuda-" if torch.cuda.is_available() else "cpu-") + datetime.date.today().isoformat()
     path = os.path.join(args.out, f"{tag}.json")

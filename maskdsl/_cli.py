@@ -66,7 +66,7 @@ def _build_parser() -> _Parser:
     explain.add_argument("--backend", default="auto")
     bench = sub.add_parser("bench", help="time the compiled attention against SDPA on this device")
     _common(bench)
-    bench.add_argument("--backend", default="auto", help="auto, flex, tiles, dense or a comma list")
+    bench.add_argument("--backend", default="auto", help="auto, flex, triton, tiles, dense or a comma list")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--dim", type=int, default=64, help="head dim D")
     bench.add_argument("--reps", type=int, default=3)

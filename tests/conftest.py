@@ -7,6 +7,11 @@ import os
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter (it must be on before they are
+# defined, i.e. before maskdsl.kernels.triton_attn is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

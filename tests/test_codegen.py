@@ -282,6 +282,9 @@ def test_auto_dispatch_reasons():
     cpu = md.compile(md.neighborhood((7, 7)), (64, 64), heads=2, device="cpu")
     assert cpu.backend == "tiles" and cpu.reason.startswith("tiles: on cpu")
     sl = md.compile(md.window(4), (1000,), score=md.sink_logit(0.5), device="cuda")
+    assert sl.backend == "triton" and "cannot express sink_logit" in sl.reason
+    doc = md.document(torch.arange(1000) // 100)      # neither Flex (sink_logit) nor Triton (document)
+    sl = md.compile(doc, (1000,), score=md.sink_logit(0.5), device="cuda")
     assert sl.backend == "tiles" and "cannot express sink_logit" in sl.reason
     with pytest.raises(md.MaskDSLError, match=r"backend='flex': FlexAttention cannot express dropout\(0.1\)"):
         md.compile(md.window(4), (100,), score=md.dropout(0.1), backend="flex")
