@@ -698,9 +698,9 @@ class TritonPlan:
             self._packed[device] = pack(self.params, device)
         return self._packed[device]
 
-    def tiles(self, interpret: bool) -> tuple:
-        m = 16 if interpret else 64
-        return (tile_shape(m, self.shape3, self.params), tile_shape(m, self.shape3, self.params))
+    def tiles(self, lanes: int) -> tuple:
+        t = tile_shape(lanes, self.shape3, self.params)
+        return t, t
 
 
 def _check_inputs(q, k, v):
@@ -731,9 +731,17 @@ class _Fn(torch.autograd.Function):
         return dq, dk, dv, drelb, dsink, None, None, None, None
 
 
+def block_tokens(dtype, head_dim: int, interpret: bool) -> int:
+    """Queries (and keys) per tile: 64; 32 for fp32 with head dims over 128 (64 would need
+    260-290 KB of shared memory in the backward); 16 in the interpreter (tests)."""
+    if interpret:
+        return 16
+    return 32 if dtype == torch.float32 and head_dim > 128 else 64
+
+
 def _consts(plan: TritonPlan, q, dtype):
-    interp = q.device.type == "cpu"
-    (TM, TN) = plan.tiles(interp)
+    lanes = block_tokens(dtype, max(q.shape[-1], 16), q.device.type == "cpu")
+    (TM, TN) = plan.tiles(lanes)
     from .._score import Alibi, DistanceDecay, Dropout, RelativeBias, Softcap
 
     terms = plan.score_terms
@@ -744,6 +752,13 @@ def _consts(plan: TritonPlan, q, dtype):
         DEC0=plan.decay_dims[0], DEC1=plan.decay_dims[1], DEC2=plan.decay_dims[2],
         HAS_ALIBI=Alibi in terms, HAS_RELB=RelativeBias in terms, HAS_CAP=Softcap in terms,
         HAS_DROP=Dropout in terms)
+
+
+def launch_options(dtype, head_dim: int) -> dict:
+    """Pipelining depth: fp32 (and head dims over 128) with 3 stages would need more than
+    Hopper's 227 KB of shared memory per block (the fp32 forward: 240 KB at 3 stages, 80 KB at
+    1, compiled for sm_90); fp16/bf16 keep Triton's default."""
+    return {"num_stages": 1} if dtype == torch.float32 or head_dim > 128 else {}
 
 
 def _common_args(plan, q, k, v):
@@ -766,7 +781,8 @@ def _launch_fwd(plan, consts, q, k, v, relb, sinkl, scale, seed):
         sinkl if sinkl is not None else sc["zero"], sc["dropp"], relb_t,
         *_common_args(plan, q, k, v), *out.stride(), H, N, S0, S1, S2, NT[1], NT[2], D, Dv,
         float(scale), int(seed), plan.relb_hs, *plan.radius,
-        BDV=max(16, _pow2(Dv)), HAS_SINKL=sinkl is not None, HAS_SINK=plan.has_sink, **consts)
+        BDV=max(16, _pow2(Dv)), HAS_SINKL=sinkl is not None, HAS_SINK=plan.has_sink, **consts,
+        **launch_options(q.dtype, max(D, Dv)))
     return out, lse
 
 
@@ -790,16 +806,17 @@ def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, n
     NTk = group_tiles(plan.params, plan.shape3, TN)
     common = (*_common_args(plan, q, k, v),)
     BDV = max(16, _pow2(Dv))
+    opts = launch_options(q.dtype, max(D, Dv))
     _attn_bwd_dq[(NTq[0] * NTq[1] * NTq[2], B * H)](
         q, k, v, do, dq, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
         relb_t, drelb, *common, H, N, S0, S1, S2, NTq[1], NTq[2], D, Dv, float(scale), int(seed),
         plan.relb_hs, *plan.radius, BDV=BDV, HAS_SINK=plan.has_sink, RELB_GRAD=relb_grad,
-        **consts)
+        **consts, **opts)
     nbs = max(plan.shape3).bit_length() + 1
     _attn_bwd_dkdv[(NTk[0] * NTk[1] * NTk[2], B * H)](
         q, k, v, do, dk, dv, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
         relb_t, *common, H, N, S0, S1, S2, NTk[1], NTk[2], D, Dv, float(scale), int(seed),
-        plan.relb_hs, *plan.radius, BDV=BDV, NBS=nbs, **consts)
+        plan.relb_hs, *plan.radius, BDV=BDV, NBS=nbs, **consts, **opts)
     if plan.has_sink:
         bn = math.prod(TN)
         _attn_bwd_dkdv_sink[(math.ceil(plan.max_sink / bn), B * H)](
@@ -807,7 +824,8 @@ def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, n
             relb_t, *common, H, N, S1, S2, D, Dv, float(scale), int(seed), plan.relb_hs,
             *plan.radius, BLOCK_M=math.prod(TM), BLOCK_N=bn, BDV=BDV,
             **{c: consts[c] for c in ("BD", "IEEE", "HAS_DECAY", "METRIC", "DEC0", "DEC1",
-                                      "DEC2", "HAS_ALIBI", "HAS_RELB", "HAS_CAP", "HAS_DROP")})
+                                      "DEC2", "HAS_ALIBI", "HAS_RELB", "HAS_CAP", "HAS_DROP")},
+            **opts)
     dsink = None
     if sinkl is not None and needs[4]:
         # d/d(sink) = -sum_q p_sink(q) * delta(q), p_sink = exp(sink - lse) (lse in base 2)
@@ -868,6 +886,37 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=
         sink = sink.to(device=dev, dtype=torch.float32).reshape(-1)
         sink = sink.expand(H) if sink.numel() == 1 else sink
     return _Fn.apply(q, k, v, relb, sink, plan, consts, float(scale), int(seed))
+
+
+def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90,
+                  kernels=("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")) -> dict:
+    """Compile the kernels for an NVIDIA target without a GPU (every feature on, 2-D tiles of
+    ``block_tokens`` lanes, the launch options above); returns {kernel: shared memory bytes}. Needs Triton's real
+    compiler: run with TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fp = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    bd = max(16, _pow2(head_dim))
+    lanes = block_tokens(fp, head_dim, False)
+    t1 = 8 if lanes == 64 else 4
+    consts = dict(TM0=1, TM1=t1, TM2=8, TN0=1, TN1=t1, TN2=8, BD=bd, BDV=bd, IEEE=dtype == "fp32",
+                  HAS_DECAY=True, METRIC=0, DEC0=0, DEC1=1, DEC2=1, HAS_ALIBI=True, HAS_RELB=True,
+                  HAS_CAP=True, HAS_DROP=True, HAS_SINKL=True, HAS_SINK=True, RELB_GRAD=True,
+                  NBS=18, BLOCK_M=lanes, BLOCK_N=lanes)
+    ptr = {n: "*" + dtype for n in ("Q", "K_", "V_", "O", "DO", "DQ", "DK", "DV_")}
+    ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "RATE", "SLOPE", "CAP", "SINKL", "DROPP",
+                                     "RELB", "DRELB")})
+    ptr.update({"P": "*i32", "NS": "*i32", "scale": "fp32", "seed": "i64"})
+    out = {}
+    for name in kernels:
+        fn = globals()[name]
+        const = {n: v for n, v in consts.items() if n in fn.arg_names}
+        sig = {n: "constexpr" if n in const else ptr.get(n, "i32") for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                           target=GPUTarget("cuda", arch, 32), options=launch_options(fp, head_dim))
+        out[name] = k.metadata.shared
+    return out
 
 
 def keep_mask(plan: TritonPlan, batch: int, dropout_p, seed: int, device) -> torch.Tensor:
