@@ -723,6 +723,7 @@ class _Fn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, out, lse, relb, sinkl = ctx.saved_tensors
         dq, dk, dv, drelb, dsink = _launch_bwd(ctx.plan, ctx.consts, q, k, v, out, lse, relb,

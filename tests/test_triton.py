@@ -81,7 +81,7 @@ def test_score_terms_and_learnable_parameters(device):
            score=md.relative_bias(shared) + md.softcap(1.5), params=(shared,))
     sink = torch.tensor([0.5, -1.0], device=device, requires_grad=True)
     _check(md.neighborhood(5) | md.sink(3), (30,), 2, device, score=md.sink_logit(sink),
-           params=(sink,))
+           params=(sink,), B=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
