@@ -141,17 +141,22 @@ def test_half_precision_inputs(device, dtype):
 
 
 @st.composite
-def supported_patterns(draw):
-    """Random patterns the kernel runs: a neighborhood per dim (kernel, stride, dilation,
-    causal), optionally & window / causal / block, optionally | sink."""
+def supported_cases(draw):
+    """Random (pattern, shape, heads, score) the kernel runs: a neighborhood per dim (kernel,
+    stride, dilation, causal; per-head kernels on two heads), optionally & window / causal /
+    block, optionally | sink, optionally a score term."""
     ndim = draw(st.integers(1, 2))
     shape = tuple(draw(st.integers(4, 9 if ndim == 2 else 32)) for _ in range(ndim))
+    heads = draw(st.integers(1, 2))
     ks, ss, ds, cs = [], [], [], []
     for L in shape:
         K = draw(st.integers(2, min(L, 6)))
         ds.append(draw(st.integers(1, L // K)))
-        ks.append(K)
-        ss.append(draw(st.integers(1, K)))
+        if heads == 2 and draw(st.booleans()):
+            ks.append(md.per_head([K, draw(st.integers(2, K))]))
+        else:
+            ks.append(K)
+        ss.append(draw(st.integers(1, min(2, K))) if heads == 2 else draw(st.integers(1, K)))
         cs.append(draw(st.booleans()))
     p = md.neighborhood(tuple(ks), stride=tuple(ss), dilation=tuple(ds), causal=tuple(cs))
     extra = draw(st.sampled_from(["none", "window", "causal", "block"]))
@@ -163,14 +168,17 @@ def supported_patterns(draw):
         p = p & md.block(draw(st.integers(2, min(6, *shape))))
     if draw(st.booleans()):
         p = p | md.sink(draw(st.integers(1, min(5, math.prod(shape)))))
-    return p, shape
+    score = draw(st.sampled_from([None, md.distance_decay(0.3), md.alibi(), md.softcap(2.0),
+                                  md.distance_decay(0.2, metric="manhattan") + md.softcap(3.0)]))
+    return p, shape, heads, score
 
 
-@settings(max_examples=8)
-@given(supported_patterns())
+# 8 examples in CI (derandomize), 83 with --hypothesis-profile=thorough
+@settings(max_examples=max(8, settings.default.max_examples // 12))
+@given(supported_cases())
 def test_random_patterns_match_the_reference(case):
-    p, shape = case
-    _check(p, shape, 1, "cpu")
+    p, shape, heads, score = case
+    _check(p, shape, heads, "cpu", score=score)
 
 
 def test_no_mask_metadata_beyond_per_head_parameters():
