@@ -56,6 +56,9 @@ CASES = [
     (md.neighborhood((3, 3, 3), dilation=(1, 2, 1)), (4, 6, 5), 1),
     (md.neighborhood(md.per_head([3, 5]), dilation=md.per_head([1, 2])), (24,), 2),
     (md.heads([md.neighborhood(3), md.causal() & md.window(4) | md.sink(2)]), (26,), 2),
+    (md.block(16), (48,), 1),                         # full tiles: the mask is skipped there
+    (md.full() | md.sink(2), (40,), 1),
+    (md.window(20) & md.causal(), (40,), 1),
 ]
 
 
