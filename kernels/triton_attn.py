@@ -23,9 +23,13 @@ Read it top to bottom like Triton's fused-attention tutorial:
    by binary search per dim; the program walks it and accumulates dk, dv: no atomics, so dk, dv
    and dq are deterministic. ``_attn_bwd_dkdv_sink`` does the sink keys against every query.
 
+5. ``_attn_bwd_relb``: the relative_bias table gradient without atomics. A program owns a row of
+   partial sums and a fixed set of query tiles; per tile it walks the table entries the tile
+   reaches and, per entry, the key offsets that clip to it (one key per query per offset: a
+   row-wise dot product); sink keys are added per chunk of entries. torch sums the rows.
+
 ``sink_logit``'s gradient, ``-sum_q p_sink(q) * rowsum(dO * O)(q)``, is a torch reduction of
-saved quantities (deterministic). The relative-bias gradient uses fp32 atomics (order-dependent
-rounding); everything else is atomic-free.
+saved quantities. No kernel uses atomics, so every gradient is deterministic.
 
 On CPU this runs only under ``TRITON_INTERPRET=1`` (tests, small shapes).
 """
@@ -51,6 +55,7 @@ __all__ = ["available", "why_unavailable", "TritonPlan", "run_triton", "keep_mas
 LOG2E = 1.4426950408889634
 METRICS = {"euclidean": 0, "manhattan": 1, "chebyshev": 2}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+RELB_PARTIALS_BYTES = 256 << 20   # the relative-bias gradient's partial sums: at most this much
 
 
 def interpreted() -> bool:
@@ -116,31 +121,25 @@ if triton is not None:
     # ------------------------------------------------------------------ scores
 
     @triton.jit
-    def _relb_index(qx0, qx1, qx2, kx0, kx1, kx2, R0, R1, R2):
-        i0 = tl.minimum(tl.maximum(kx0[None, :] - qx0[:, None], -R0), R0) + R0
-        i1 = tl.minimum(tl.maximum(kx1[None, :] - qx1[:, None], -R1), R1) + R1
-        i2 = tl.minimum(tl.maximum(kx2[None, :] - qx2[:, None], -R2), R2) + R2
+    def _relb_index(dx0, dx1, dx2, R0, R1, R2):
+        """Flat relative_bias entry of key-minus-query offsets (clipped to the radius)."""
+        i0 = tl.minimum(tl.maximum(dx0, -R0), R0) + R0
+        i1 = tl.minimum(tl.maximum(dx1, -R1), R1) + R1
+        i2 = tl.minimum(tl.maximum(dx2, -R2), R2) + R2
         return (i0 * (2 * R1 + 1) + i1) * (2 * R2 + 1) + i2
 
     @triton.jit
-    def _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, valid,
-                RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2,
-                IEEE: tl.constexpr, HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
-                DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr):
-        """Logits of a (query tile, key tile) pair with every score term; also tanh(s/cap)
-        (the softcap's derivative needs it; 0 without a softcap)."""
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
+    def _score_terms(s, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, valid,
+                     RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2,
+                     HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
+                     DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr):
+        """Every score term on logits ``s``, elementwise (coordinates broadcast against s); also
+        tanh(s/cap), which the softcap's derivative needs (0 without a softcap)."""
         if HAS_DECAY:
-            d0 = tl.abs(qx0[:, None] - kx0[None, :]).to(tl.float32)
-            d1 = tl.abs(qx1[:, None] - kx1[None, :]).to(tl.float32)
-            d2 = tl.abs(qx2[:, None] - kx2[None, :]).to(tl.float32)
-            d0 = d0 * DEC0
-            d1 = d1 * DEC1
-            d2 = d2 * DEC2
+            d0 = tl.abs(qx0 - kx0).to(tl.float32) * DEC0
+            d1 = tl.abs(qx1 - kx1).to(tl.float32) * DEC1
+            d2 = tl.abs(qx2 - kx2).to(tl.float32) * DEC2
             if METRIC == 0:
                 dist = tl.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
             elif METRIC == 1:
@@ -149,9 +148,9 @@ if triton is not None:
                 dist = tl.maximum(tl.maximum(d0, d1), d2)
             s = s - tl.load(RATE + h) * dist
         if HAS_ALIBI:
-            s = s - tl.load(SLOPE + h) * tl.abs(qf[:, None] - kf[None, :]).to(tl.float32)
+            s = s - tl.load(SLOPE + h) * tl.abs(qf - kf).to(tl.float32)
         if HAS_RELB:
-            idx = _relb_index(qx0, qx1, qx2, kx0, kx1, kx2, R0, R1, R2)
+            idx = _relb_index(kx0 - qx0, kx1 - qx1, kx2 - qx2, R0, R1, R2)
             s = s + tl.load(RELB + h * relb_hs + idx, mask=valid, other=0.0).to(tl.float32)
         t = s * 0.0
         if HAS_CAP:
@@ -161,9 +160,25 @@ if triton is not None:
         return s, t
 
     @triton.jit
+    def _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, valid,
+                RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2,
+                IEEE: tl.constexpr, HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
+                DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr):
+        """Logits of a (query tile, key tile) pair with every score term, and tanh(s/cap)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        return _score_terms(s, qx0[:, None], qx1[:, None], qx2[:, None], qf[:, None],
+                            kx0[None, :], kx1[None, :], kx2[None, :], kf[None, :], h, valid,
+                            RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, HAS_DECAY, METRIC,
+                            DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP)
+
+    @triton.jit
     def _keep(seed, bh, N, qf, kf, pd):
-        """Dropout keep bits: one Philox draw per (batch*head, query, key)."""
-        off = (bh.to(tl.int64) * N + qf[:, None].to(tl.int64)) * N + kf[None, :].to(tl.int64)
+        """Dropout keep bits: one Philox draw per (batch*head, query, key); qf and kf broadcast."""
+        off = (bh.to(tl.int64) * N + qf.to(tl.int64)) * N + kf.to(tl.int64)
         return tl.rand(seed, off) >= pd
 
     # ------------------------------------------------------------------ tiles
@@ -247,7 +262,7 @@ if triton is not None:
         acc = acc * alpha[:, None]
         if HAS_DROP:
             pd = tl.load(DROPP + h)
-            p = tl.where(_keep(seed, bh, N, qf, kf, pd), p / (1.0 - pd), 0.0)
+            p = tl.where(_keep(seed, bh, N, qf[:, None], kf[None, :], pd), p / (1.0 - pd), 0.0)
         acc += tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
@@ -375,7 +390,7 @@ if triton is not None:
         pdrop = p
         if HAS_DROP:
             pd = tl.load(DROPP + h)
-            keep = _keep(seed, bh, N, qf, kf, pd)
+            keep = _keep(seed, bh, N, qf[:, None], kf[None, :], pd)
             pdrop = tl.where(keep, p / (1.0 - pd), 0.0)
             dp = tl.where(keep, dp / (1.0 - pd), 0.0)
         ds = p * (dp - delta[:, None])
@@ -384,7 +399,7 @@ if triton is not None:
         return pdrop, ds
 
     @triton.jit
-    def _attn_bwd_dq(Q, K_, V_, DO, DQ, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB, DRELB,
+    def _attn_bwd_dq(Q, K_, V_, DO, DQ, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed, relb_hs, R0, R1, R2,
                      TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
@@ -393,7 +408,7 @@ if triton is not None:
                      HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
                      DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr, HAS_DROP: tl.constexpr,
-                     HAS_SINK: tl.constexpr, RELB_GRAD: tl.constexpr):
+                     HAS_SINK: tl.constexpr):
         """dq (q, do, dq share q's strides: the wrapper makes them contiguous)."""
         BLOCK_N: tl.constexpr = TN0 * TN1 * TN2
         pid = tl.program_id(0)
@@ -458,9 +473,6 @@ if triton is not None:
                                kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
                                relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0, DEC1,
                                DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
-            if RELB_GRAD:
-                idx = _relb_index(qx0, qx1, qx2, kx0, kx1, kx2, R0, R1, R2)
-                tl.atomic_add(DRELB + h * relb_hs + idx, ds, mask=allowed)
             if IEEE:
                 dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
             else:
@@ -634,6 +646,152 @@ if triton is not None:
                  mask=vmask)
 
     @triton.jit
+    def _pair_ds(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf,
+                 h, bh, N, seed, RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP,
+                 HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
+                 DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                 HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr, HAS_DROP: tl.constexpr):
+        """dS for one key per query row (row m pairs q[m] with k[m]): the row-wise twin of
+        _bwd_probs."""
+        s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * scale
+        s, t = _score_terms(s, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
+                            RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, HAS_DECAY, METRIC,
+                            DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP)
+        p = tl.math.exp2(tl.where(allowed, s * 1.4426950408889634, float("-inf")) - lse)
+        dp = tl.sum(do.to(tl.float32) * v.to(tl.float32), 1)
+        if HAS_DROP:
+            pd = tl.load(DROPP + h)
+            dp = tl.where(_keep(seed, bh, N, qf, kf, pd), dp / (1.0 - pd), 0.0)
+        ds = p * (dp - delta)
+        if HAS_CAP:
+            ds = ds * (1.0 - t * t)
+        return tl.where(allowed, ds, 0.0)
+
+    @triton.jit
+    def _offsets_of_entry(a, omin, omax, d, R):
+        """In-group offsets jo (raw offset jo * d) whose clipped offset is the entry a."""
+        edge = (R + d - 1) // d
+        exact = (a - (a // d) * d) == 0          # a multiple of d (// truncates: exact here)
+        lo = tl.where(exact, a // d, 1)
+        hi = tl.where(exact, a // d, 0)
+        lo = tl.where(a == R, edge, lo)
+        hi = tl.where(a == R, omax, hi)
+        lo = tl.where(a == -R, omin, lo)
+        hi = tl.where(a == -R, -edge, hi)
+        lo = tl.where(R == 0, omin, lo)
+        hi = tl.where(R == 0, omax, hi)
+        return tl.maximum(lo, omin), tl.minimum(hi, omax)
+
+    @triton.jit
+    def _attn_bwd_relb(Q, K_, V_, DO, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB, PART,
+                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       H, N, S0, S1, S2, NT1, NT2, NTILES, NPAR, D, DV, scale, seed, relb_hs,
+                       R0, R1, R2, T,
+                       TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
+                       BD: tl.constexpr, BDV: tl.constexpr, CH: tl.constexpr,
+                       HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
+                       DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                       HAS_CAP: tl.constexpr, HAS_DROP: tl.constexpr, HAS_SINK: tl.constexpr):
+        """The relative_bias table gradient, deterministically: program (p, bh) owns the row
+        PART[bh, p, :] and the query tiles p, p + NPAR, ...; per tile it walks the table entries
+        the tile reaches and, per entry, the key offsets that clip to it (one key per query
+        for each offset: a row-wise dot, no atomics); sink keys are added per chunk of entries.
+        The wrapper sums PART over batches and programs in a fixed order."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        n_sink = tl.load(NS + h)
+        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
+        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
+        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
+        offs_d = tl.arange(0, BD)
+        offs_dv = tl.arange(0, BDV)
+        qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        row = PART + (bh.to(tl.int64) * NPAR + pid) * T
+        big = 1 << 30
+        for tile in range(pid, NTILES, NPAR):
+            qx0, qx1, qx2, qvalid = _query_lanes(tile, P, h, S0, S1, S2, NT1, NT2, TM0, TM1, TM2)
+            qf = (qx0 * S1 + qx1) * S2 + qx2
+            lo0, hi0, lo1, hi1, lo2, hi2 = _ranges(qx0, qx1, qx2, P, h, S0, S1, S2)
+            q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
+                        mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + bh.to(tl.int64) * N * DV + qf[:, None] * DV + offs_dv[None, :],
+                         mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+            i0, i1, i2 = qx0 // d0, qx1 // d1, qx2 // d2
+            # in-group key offsets any query of the tile reaches, per dim
+            om0 = tl.min(tl.where(qvalid, lo0 - i0, big))
+            oM0 = tl.max(tl.where(qvalid, hi0 - i0, -big))
+            om1 = tl.min(tl.where(qvalid, lo1 - i1, big))
+            oM1 = tl.max(tl.where(qvalid, hi1 - i1, -big))
+            om2 = tl.min(tl.where(qvalid, lo2 - i2, big))
+            oM2 = tl.max(tl.where(qvalid, hi2 - i2, -big))
+            # the entries those offsets clip to (empty ranges when no query is valid)
+            any_q = tl.max(qvalid.to(tl.int32)) == 1
+            ea0 = tl.where(any_q, tl.minimum(tl.maximum(om0 * d0, -R0), R0), 0)
+            eb0 = tl.where(any_q, tl.minimum(tl.maximum(oM0 * d0, -R0), R0), -1)
+            ea1 = tl.where(any_q, tl.minimum(tl.maximum(om1 * d1, -R1), R1), 0)
+            eb1 = tl.where(any_q, tl.minimum(tl.maximum(oM1 * d1, -R1), R1), -1)
+            ea2 = tl.where(any_q, tl.minimum(tl.maximum(om2 * d2, -R2), R2), 0)
+            eb2 = tl.where(any_q, tl.minimum(tl.maximum(oM2 * d2, -R2), R2), -1)
+            for a0 in range(ea0, eb0 + 1):
+                jl0, jh0 = _offsets_of_entry(a0, om0, oM0, d0, R0)
+                for a1 in range(ea1, eb1 + 1):
+                    jl1, jh1 = _offsets_of_entry(a1, om1, oM1, d1, R1)
+                    for a2 in range(ea2, eb2 + 1):
+                        jl2, jh2 = _offsets_of_entry(a2, om2, oM2, d2, R2)
+                        val = tl.sum(tl.zeros([TM0 * TM1 * TM2], dtype=tl.float32), 0)
+                        for jo0 in range(jl0, jh0 + 1):
+                            for jo1 in range(jl1, jh1 + 1):
+                                for jo2 in range(jl2, jh2 + 1):
+                                    kx0 = qx0 + jo0 * d0
+                                    kx1 = qx1 + jo1 * d1
+                                    kx2 = qx2 + jo2 * d2
+                                    kf = (kx0 * S1 + kx1) * S2 + kx2
+                                    ok = (qvalid & (kx0 >= 0) & (kx0 < S0) & (kx1 >= 0)
+                                          & (kx1 < S1) & (kx2 >= 0) & (kx2 < S2)
+                                          & (lo0 <= i0 + jo0) & (i0 + jo0 <= hi0)
+                                          & (lo1 <= i1 + jo1) & (i1 + jo1 <= hi1)
+                                          & (lo2 <= i2 + jo2) & (i2 + jo2 <= hi2)
+                                          & (kf >= n_sink))
+                                    k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd,
+                                                mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                                    v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd,
+                                                mask=ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                                    ds = _pair_ds(q, k, do, v, lse, delta, scale, ok, qx0, qx1, qx2,
+                                                  qf, kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE,
+                                                  CAP, RELB, relb_hs, R0, R1, R2, DROPP, HAS_DECAY,
+                                                  METRIC, DEC0, DEC1, DEC2, HAS_ALIBI, True, HAS_CAP,
+                                                  HAS_DROP)
+                                    val += tl.sum(ds, 0)
+                        e = ((a0 + R0) * (2 * R1 + 1) + (a1 + R1)) * (2 * R2 + 1) + (a2 + R2)
+                        tl.store(row + e, tl.load(row + e) + val)
+            tl.debug_barrier()
+            if HAS_SINK:        # sink keys: each query reaches them at its own offset
+                for j in range(0, n_sink):
+                    kf = qf * 0 + j
+                    kx0, kx1, kx2 = _unflat(kf, S1, S2)
+                    k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd,
+                                mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+                    v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd,
+                                mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                    ds = _pair_ds(q, k, do, v, lse, delta, scale, qvalid, qx0, qx1, qx2, qf,
+                                  kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
+                                  relb_hs, R0, R1, R2, DROPP, HAS_DECAY, METRIC, DEC0, DEC1, DEC2,
+                                  HAS_ALIBI, True, HAS_CAP, HAS_DROP)
+                    e = _relb_index(kx0 - qx0, kx1 - qx1, kx2 - qx2, R0, R1, R2)
+                    for c in range(0, T, CH):
+                        ent = c + tl.arange(0, CH)
+                        add = tl.sum(tl.where(e[:, None] == ent[None, :], ds[:, None], 0.0), 0)
+                        tl.store(row + ent, tl.load(row + ent, mask=ent < T, other=0.0) + add,
+                                 mask=ent < T)
+                tl.debug_barrier()
+
+    @triton.jit
     def _keep_kernel(OUT, DROPP, seed, H, N, BLOCK: tl.constexpr):
         """The dropout keep mask [B, H, N, N] the kernels draw (tests compare with it)."""
         bh = tl.program_id(1)
@@ -641,7 +799,7 @@ if triton is not None:
         pd = tl.load(DROPP + bh % H)
         for start in range(0, N, BLOCK):
             kf = start + tl.arange(0, BLOCK)
-            keep = _keep(seed, bh, N, qf, kf, pd)
+            keep = _keep(seed, bh, N, qf[:, None], kf[None, :], pd)
             ptr = OUT + (bh.to(tl.int64) * N + qf[:, None]) * N + kf[None, :]
             tl.store(ptr, keep.to(tl.int8), mask=kf[None, :] < N)
 
@@ -798,7 +956,6 @@ def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, n
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
     relb_grad = relb is not None and needs[3]
-    drelb = torch.zeros(relb.shape, dtype=torch.float32, device=q.device) if relb_grad else sc["zero"]
     relb_t = relb if relb is not None else sc["zero"]
     S0, S1, S2 = plan.shape3
     TM = (consts["TM0"], consts["TM1"], consts["TM2"])
@@ -810,9 +967,8 @@ def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, n
     opts = launch_options(q.dtype, max(D, Dv))
     _attn_bwd_dq[(NTq[0] * NTq[1] * NTq[2], B * H)](
         q, k, v, do, dq, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
-        relb_t, drelb, *common, H, N, S0, S1, S2, NTq[1], NTq[2], D, Dv, float(scale), int(seed),
-        plan.relb_hs, *plan.radius, BDV=BDV, HAS_SINK=plan.has_sink, RELB_GRAD=relb_grad,
-        **consts, **opts)
+        relb_t, *common, H, N, S0, S1, S2, NTq[1], NTq[2], D, Dv, float(scale), int(seed),
+        plan.relb_hs, *plan.radius, BDV=BDV, HAS_SINK=plan.has_sink, **consts, **opts)
     nbs = max(plan.shape3).bit_length() + 1
     _attn_bwd_dkdv[(NTk[0] * NTk[1] * NTk[2], B * H)](
         q, k, v, do, dk, dv, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
@@ -827,12 +983,28 @@ def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, n
             **{c: consts[c] for c in ("BD", "IEEE", "HAS_DECAY", "METRIC", "DEC0", "DEC1",
                                       "DEC2", "HAS_ALIBI", "HAS_RELB", "HAS_CAP", "HAS_DROP")},
             **opts)
+    drelb = None
+    if relb_grad:
+        # deterministic: one private row of partial sums per (batch*head, program), summed here
+        T = math.prod(2 * r + 1 for r in plan.radius)
+        ntiles = NTq[0] * NTq[1] * NTq[2]
+        npar = max(1, min(ntiles, RELB_PARTIALS_BYTES // (4 * B * H * T)))
+        part = torch.zeros(B * H, npar, T, dtype=torch.float32, device=q.device)
+        _attn_bwd_relb[(npar, B * H)](
+            q, k, v, do, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"], relb,
+            part, *common, H, N, S0, S1, S2, NTq[1], NTq[2], ntiles, npar, D, Dv, float(scale),
+            int(seed), plan.relb_hs, *plan.radius, T, CH=min(256, _pow2(T)), BDV=BDV,
+            HAS_SINK=plan.has_sink,
+            **{c: consts[c] for c in ("TM0", "TM1", "TM2", "BD", "HAS_DECAY", "METRIC", "DEC0",
+                                      "DEC1", "DEC2", "HAS_ALIBI", "HAS_CAP", "HAS_DROP")}, **opts)
+        drelb = part.view(B, H, npar, T).sum((0, 2))
+        drelb = (drelb.sum(0) if plan.relb_hs == 0 else drelb).reshape(relb.shape)
     dsink = None
     if sinkl is not None and needs[4]:
         # d/d(sink) = -sum_q p_sink(q) * delta(q), p_sink = exp(sink - lse) (lse in base 2)
         p_sink = torch.exp2(sinkl.float().reshape(1, H, 1) * LOG2E - lse)
         dsink = -(p_sink * delta).sum((0, 2)).to(sinkl.dtype)
-    return dq, dk, dv, (drelb.to(relb.dtype) if relb_grad else None), dsink
+    return dq, dk, dv, drelb, dsink
 
 
 def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=None,
@@ -890,7 +1062,8 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=
 
 
 def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90,
-                  kernels=("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")) -> dict:
+                  kernels=("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv",
+                           "_attn_bwd_relb")) -> dict:
     """Compile the kernels for an NVIDIA target without a GPU (every feature on, 2-D tiles of
     ``block_tokens`` lanes, the launch options above); returns {kernel: shared memory bytes}. Needs Triton's real
     compiler: run with TRITON_INTERPRET unset."""
@@ -903,11 +1076,11 @@ def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90,
     t1 = 8 if lanes == 64 else 4
     consts = dict(TM0=1, TM1=t1, TM2=8, TN0=1, TN1=t1, TN2=8, BD=bd, BDV=bd, IEEE=dtype == "fp32",
                   HAS_DECAY=True, METRIC=0, DEC0=0, DEC1=1, DEC2=1, HAS_ALIBI=True, HAS_RELB=True,
-                  HAS_CAP=True, HAS_DROP=True, HAS_SINKL=True, HAS_SINK=True, RELB_GRAD=True,
-                  NBS=18, BLOCK_M=lanes, BLOCK_N=lanes)
+                  HAS_CAP=True, HAS_DROP=True, HAS_SINKL=True, HAS_SINK=True,
+                  NBS=18, BLOCK_M=lanes, BLOCK_N=lanes, CH=256)
     ptr = {n: "*" + dtype for n in ("Q", "K_", "V_", "O", "DO", "DQ", "DK", "DV_")}
     ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "RATE", "SLOPE", "CAP", "SINKL", "DROPP",
-                                     "RELB", "DRELB")})
+                                     "RELB", "PART")})
     ptr.update({"P": "*i32", "NS": "*i32", "scale": "fp32", "seed": "i64"})
     out = {}
     for name in kernels:

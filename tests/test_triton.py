@@ -85,6 +85,18 @@ def test_score_terms_and_learnable_parameters(device):
     sink = torch.tensor([0.5, -1.0], device=device, requires_grad=True)
     _check(md.neighborhood(5) | md.sink(3), (30,), 2, device, score=md.sink_logit(sink),
            params=(sink,), B=2)
+    # the table gradient with dilation, clipping (dilated offsets reach past radius 1), sinks and
+    # a 3-D grid; it is deterministic (no atomics): two backward passes agree bit for bit
+    table = torch.randn(3, 5, device=device, requires_grad=True)
+    p = md.neighborhood((3, 3), dilation=(2, 1)) | md.sink(2)
+    _check(p, (7, 6), 1, device, score=md.relative_bias(table) + md.alibi(0.1), params=(table,), B=2)
+    table3 = torch.randn(2, 3, 3, 3, device=device, requires_grad=True)
+    _check(md.neighborhood((2, 3, 3)), (3, 4, 5), 2, device, score=md.relative_bias(table3),
+           params=(table3,))
+    attn = md.compile(p, (7, 6), 1, score=md.relative_bias(table), backend="triton")
+    q, k, v = _inputs(1, 1, 42, 16, device)
+    grads = [torch.autograd.grad(attn(q, k, v).square().sum(), table)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -100,7 +112,8 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_matches_the_reference_given_the_same_keep_mask(device):
     p, shape, H, B = md.neighborhood((3, 3)), (6, 7), 2, 2
-    score = md.dropout(md.per_head([0.2, 0.5]), seed=3) + md.alibi()
+    table = torch.randn(3, 3, device=device, requires_grad=True)
+    score = md.dropout(md.per_head([0.2, 0.5]), seed=3) + md.alibi() + md.relative_bias(table)
     plan = TritonPlan(p, score, shape, H)
     rates = torch.tensor([0.2, 0.5])
     q, k, v = _inputs(B, H, 42, 16, device)
@@ -109,7 +122,8 @@ def test_dropout_matches_the_reference_given_the_same_keep_mask(device):
     ref = md.reference.attention(q, k, v, p, shape, score=score, scale=0.3, dropout_keep=keep)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     go = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+    ins = (q, k, v, table)
+    for a, b in zip(torch.autograd.grad(out, ins, go), torch.autograd.grad(ref, ins, go)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     # the keep rate is 1 - p per head (42 x 42 x 2 draws per head)
     rate = keep.float().mean((0, 2, 3)).cpu()
@@ -248,5 +262,5 @@ def test_kernels_compile_for_hopper_within_shared_memory():
                          timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     shared = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(shared) == {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"}
+    assert set(shared) == {"_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attn_bwd_relb"}
     assert all(0 < b <= 227 * 1024 for b in shared.values()), shared
