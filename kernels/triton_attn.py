@@ -129,35 +129,44 @@ if triton is not None:
         return (i0 * (2 * R1 + 1) + i1) * (2 * R2 + 1) + i2
 
     @triton.jit
+    def _distance(qx0, qx1, qx2, kx0, kx1, kx2, METRIC: tl.constexpr, DEC0: tl.constexpr,
+                  DEC1: tl.constexpr, DEC2: tl.constexpr):
+        """distance_decay's distance over its dims (DEC*: 1 on the dims it uses)."""
+        d0 = tl.abs(qx0 - kx0).to(tl.float32) * DEC0
+        d1 = tl.abs(qx1 - kx1).to(tl.float32) * DEC1
+        d2 = tl.abs(qx2 - kx2).to(tl.float32) * DEC2
+        if METRIC == 0:
+            dist = tl.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+        elif METRIC == 1:
+            dist = d0 + d1 + d2
+        else:
+            dist = tl.maximum(tl.maximum(d0, d1), d2)
+        return dist
+
+    @triton.jit
     def _score_terms(s, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, valid,
                      RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2,
                      HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
                      DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr):
         """Every score term on logits ``s``, elementwise (coordinates broadcast against s); also
-        tanh(s/cap), which the softcap's derivative needs (0 without a softcap)."""
+        u = s/cap before the cap and t = tanh(u), which the softcap's derivatives need (0 without
+        a softcap)."""
         if HAS_DECAY:
-            d0 = tl.abs(qx0 - kx0).to(tl.float32) * DEC0
-            d1 = tl.abs(qx1 - kx1).to(tl.float32) * DEC1
-            d2 = tl.abs(qx2 - kx2).to(tl.float32) * DEC2
-            if METRIC == 0:
-                dist = tl.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
-            elif METRIC == 1:
-                dist = d0 + d1 + d2
-            else:
-                dist = tl.maximum(tl.maximum(d0, d1), d2)
-            s = s - tl.load(RATE + h) * dist
+            s = s - tl.load(RATE + h) * _distance(qx0, qx1, qx2, kx0, kx1, kx2, METRIC, DEC0, DEC1, DEC2)
         if HAS_ALIBI:
             s = s - tl.load(SLOPE + h) * tl.abs(qf - kf).to(tl.float32)
         if HAS_RELB:
             idx = _relb_index(kx0 - qx0, kx1 - qx1, kx2 - qx2, R0, R1, R2)
             s = s + tl.load(RELB + h * relb_hs + idx, mask=valid, other=0.0).to(tl.float32)
         t = s * 0.0
+        u = t
         if HAS_CAP:
             cap = tl.load(CAP + h)
-            t = 1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0)      # tanh(s / cap), overflow-safe
+            u = s / cap
+            t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)            # tanh(u), overflow-safe
             s = cap * t
-        return s, t
+        return s, t, u
 
     @triton.jit
     def _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, valid,
@@ -165,7 +174,7 @@ if triton is not None:
                 IEEE: tl.constexpr, HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
                 DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr):
-        """Logits of a (query tile, key tile) pair with every score term, and tanh(s/cap)."""
+        """Logits of a (query tile, key tile) pair with every score term, and t, u (above)."""
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -248,7 +257,7 @@ if triton is not None:
                     mask=kvalid[:, None] & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd,
                     mask=kvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        s, _ = _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
+        s, _, _ = _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
                        RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, IEEE, HAS_DECAY, METRIC,
                        DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP)
         s = s * 1.4426950408889634                          # natural -> base 2
@@ -377,8 +386,9 @@ if triton is not None:
                    DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr,
                    HAS_DROP: tl.constexpr):
-        """For one tile pair: the dropped probabilities (for dv) and dS (for dq, dk, bias)."""
-        s, t = _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
+        """For one tile pair: the dropped probabilities (for dv), dS (for dq, dk, bias terms)
+        and dS x d(softcap)/d(cap) (for a learnable cap; 0 without a softcap)."""
+        s, t, u = _scores(q, k, scale, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
                        RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, IEEE, HAS_DECAY, METRIC,
                        DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP)
         s = tl.where(allowed, s * 1.4426950408889634, float("-inf"))
@@ -394,12 +404,14 @@ if triton is not None:
             pdrop = tl.where(keep, p / (1.0 - pd), 0.0)
             dp = tl.where(keep, dp / (1.0 - pd), 0.0)
         ds = p * (dp - delta[:, None])
+        dcap = ds * 0.0
         if HAS_CAP:
+            dcap = ds * (t - u * (1.0 - t * t))
             ds = ds * (1.0 - t * t)
-        return pdrop, ds
+        return pdrop, ds, dcap
 
     @triton.jit
-    def _attn_bwd_dq(Q, K_, V_, DO, DQ, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB,
+    def _attn_bwd_dq(Q, K_, V_, DO, DQ, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB, GPAR, gstride,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed, relb_hs, R0, R1, R2,
                      TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
@@ -408,8 +420,10 @@ if triton is not None:
                      HAS_DECAY: tl.constexpr, METRIC: tl.constexpr, DEC0: tl.constexpr,
                      DEC1: tl.constexpr, DEC2: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr, HAS_DROP: tl.constexpr,
-                     HAS_SINK: tl.constexpr):
-        """dq (q, do, dq share q's strides: the wrapper makes them contiguous)."""
+                     HAS_SINK: tl.constexpr, RATE_GRAD: tl.constexpr, SLOPE_GRAD: tl.constexpr,
+                     CAP_GRAD: tl.constexpr):
+        """dq; with learnable rate / slope / cap also each query row's share of their gradient,
+        GPAR[0|1|2, bh, q] (each row belongs to one program: no atomics)."""
         BLOCK_N: tl.constexpr = TN0 * TN1 * TN2
         pid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -431,6 +445,9 @@ if triton is not None:
         lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
         dq = tl.zeros(q.shape, dtype=tl.float32)
+        g_rate = tl.zeros([TM0 * TM1 * TM2], dtype=tl.float32)
+        g_slope = tl.zeros([TM0 * TM1 * TM2], dtype=tl.float32)
+        g_cap = tl.zeros([TM0 * TM1 * TM2], dtype=tl.float32)
         n_sink = tl.load(NS + h)
         d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
         d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
@@ -469,14 +486,29 @@ if triton is not None:
                         mask=kvalid[:, None] & (offs_d[None, :] < D), other=0.0)
             v = tl.load(V_ + vbase + kf[:, None] * svn + offs_dv[None, :] * svd,
                         mask=kvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            _, ds = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
+            _, ds, dcap = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
                                kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
                                relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0, DEC1,
                                DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
+            if RATE_GRAD:
+                g_rate -= tl.sum(ds * _distance(qx0[:, None], qx1[:, None], qx2[:, None],
+                                                kx0[None, :], kx1[None, :], kx2[None, :],
+                                                METRIC, DEC0, DEC1, DEC2), 1)
+            if SLOPE_GRAD:
+                g_slope -= tl.sum(ds * tl.abs(qf[:, None] - kf[None, :]).to(tl.float32), 1)
+            if CAP_GRAD:
+                g_cap += tl.sum(dcap, 1)
             if IEEE:
                 dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
             else:
                 dq += tl.dot(ds.to(k.dtype), k)
+        rows = GPAR + bh.to(tl.int64) * N + qf
+        if RATE_GRAD:
+            tl.store(rows, g_rate, mask=qvalid)
+        if SLOPE_GRAD:
+            tl.store(rows + gstride, g_slope, mask=qvalid)
+        if CAP_GRAD:
+            tl.store(rows + 2 * gstride, g_cap, mask=qvalid)
         tl.store(DQ + bh.to(tl.int64) * N * D + qf[:, None] * D + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
@@ -571,7 +603,7 @@ if triton is not None:
                          mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
             lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
-            pdrop, ds = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
+            pdrop, ds, _ = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
                                    kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
                                    relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0,
                                    DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
@@ -629,7 +661,7 @@ if triton is not None:
                          mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
             lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
-            pdrop, ds = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
+            pdrop, ds, _ = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
                                    kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
                                    relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0,
                                    DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
@@ -654,7 +686,7 @@ if triton is not None:
         """dS for one key per query row (row m pairs q[m] with k[m]): the row-wise twin of
         _bwd_probs."""
         s = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * scale
-        s, t = _score_terms(s, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
+        s, t, _ = _score_terms(s, qx0, qx1, qx2, qf, kx0, kx1, kx2, kf, h, allowed,
                             RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, HAS_DECAY, METRIC,
                             DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP)
         p = tl.math.exp2(tl.where(allowed, s * 1.4426950408889634, float("-inf")) - lse)
@@ -873,21 +905,24 @@ def _check_inputs(q, k, v):
 
 
 class _Fn(torch.autograd.Function):
+    """Autograd around the kernels. Inputs after q, k, v: the relative_bias table, sink logits
+    and the learnable rate / slopes / cap as float32 [H] (None where absent or fixed); ``sc``
+    holds the per-head values the kernels read, fixed for this call."""
+
     @staticmethod
-    def forward(ctx, q, k, v, relb, sinkl, plan, consts, scale, seed):
-        out, lse = _launch_fwd(plan, consts, q, k, v, relb, sinkl, scale, seed)
+    def forward(ctx, q, k, v, relb, sinkl, rate, slope, cap, plan, consts, sc, scale, seed):
+        out, lse = _launch_fwd(plan, consts, sc, q, k, v, relb, sinkl, scale, seed)
         ctx.save_for_backward(q, k, v, out, lse, relb, sinkl)
-        ctx.plan, ctx.consts, ctx.scale, ctx.seed = plan, consts, scale, seed
+        ctx.plan, ctx.consts, ctx.sc, ctx.scale, ctx.seed = plan, consts, sc, scale, seed
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, out, lse, relb, sinkl = ctx.saved_tensors
-        dq, dk, dv, drelb, dsink = _launch_bwd(ctx.plan, ctx.consts, q, k, v, out, lse, relb,
-                                               sinkl, do, ctx.scale, ctx.seed,
-                                               ctx.needs_input_grad)
-        return dq, dk, dv, drelb, dsink, None, None, None, None
+        grads = _launch_bwd(ctx.plan, ctx.consts, ctx.sc, q, k, v, out, lse, relb, sinkl, do,
+                            ctx.scale, ctx.seed, ctx.needs_input_grad)
+        return (*grads, None, None, None, None, None)
 
 
 def block_tokens(dtype, head_dim: int, interpret: bool) -> int:
@@ -924,11 +959,10 @@ def _common_args(plan, q, k, v):
     return (*q.stride(), *k.stride(), *v.stride())
 
 
-def _launch_fwd(plan, consts, q, k, v, relb, sinkl, scale, seed):
+def _launch_fwd(plan, consts, sc, q, k, v, relb, sinkl, scale, seed):
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     P, NS = plan.packed(q.device)
-    sc = plan.scalars[q.device]
     TM = (consts["TM0"], consts["TM1"], consts["TM2"])
     NT = group_tiles(plan.params, plan.shape3, TM)
     out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
@@ -945,11 +979,11 @@ def _launch_fwd(plan, consts, q, k, v, relb, sinkl, scale, seed):
     return out, lse
 
 
-def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, needs):
+def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, seed, needs):
+    """Gradients of q, k, v, the table, sink logits, rate, slopes, cap (None: not needed)."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     P, NS = plan.packed(q.device)
-    sc = plan.scalars[q.device]
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1)                        # rowsum(dO * O) [B, H, N]
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
@@ -965,10 +999,15 @@ def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, n
     common = (*_common_args(plan, q, k, v),)
     BDV = max(16, _pow2(Dv))
     opts = launch_options(q.dtype, max(D, Dv))
+    param_grad = tuple(bool(needs[i]) for i in (5, 6, 7))     # rate, slopes, cap
+    gpar = (torch.zeros(3, B * H, N, dtype=torch.float32, device=q.device) if any(param_grad)
+            else sc["zero"])
     _attn_bwd_dq[(NTq[0] * NTq[1] * NTq[2], B * H)](
         q, k, v, do, dq, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
-        relb_t, *common, H, N, S0, S1, S2, NTq[1], NTq[2], D, Dv, float(scale), int(seed),
-        plan.relb_hs, *plan.radius, BDV=BDV, HAS_SINK=plan.has_sink, **consts, **opts)
+        relb_t, gpar, B * H * N, *common, H, N, S0, S1, S2, NTq[1], NTq[2], D, Dv, float(scale),
+        int(seed), plan.relb_hs, *plan.radius, BDV=BDV, HAS_SINK=plan.has_sink,
+        RATE_GRAD=param_grad[0], SLOPE_GRAD=param_grad[1], CAP_GRAD=param_grad[2], **consts,
+        **opts)
     nbs = max(plan.shape3).bit_length() + 1
     _attn_bwd_dkdv[(NTk[0] * NTk[1] * NTk[2], B * H)](
         q, k, v, do, dk, dv, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
@@ -1004,43 +1043,45 @@ def _launch_bwd(plan, consts, q, k, v, out, lse, relb, sinkl, do, scale, seed, n
         # d/d(sink) = -sum_q p_sink(q) * delta(q), p_sink = exp(sink - lse) (lse in base 2)
         p_sink = torch.exp2(sinkl.float().reshape(1, H, 1) * LOG2E - lse)
         dsink = -(p_sink * delta).sum((0, 2)).to(sinkl.dtype)
-    return dq, dk, dv, drelb, dsink
+    # each query row's share, summed over batch and rows in a fixed order: [3, H]
+    per_head = gpar.view(3, B, H, N).sum((1, 3)) if any(param_grad) else None
+    dparams = [per_head[i] if param_grad[i] else None for i in range(3)]
+    return (dq, dk, dv, drelb, dsink, *dparams)
 
 
 def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=None,
                seed: int = 0):
-    """[B, H, N, D] attention through the Triton kernels (autograd: q, k, v, relative_bias
-    table, sink logits). ``dropout_p``: per-head probabilities (None: no dropout)."""
+    """[B, H, N, D] attention through the Triton kernels (autograd: q, k, v, the relative_bias
+    table, sink logits, learnable rate / slopes / cap). ``dropout_p``: per-head probabilities
+    (None: no dropout)."""
     from .._score import Alibi, DistanceDecay, RelativeBias, Softcap, geometric_slopes
 
     _check_inputs(q, k, v)
     dev = q.device
     H = plan.heads
     terms = plan.score_terms
-    if not hasattr(plan, "scalars"):
-        plan.scalars = {}
     zero = torch.zeros(1, dtype=torch.float32, device=dev)
 
     def per_head(term, field):
-        """A float parameter as float32 [H] (learnable ones were refused by check_score)."""
+        """(float32 [H] values for the kernels, the same as a graph tensor if learnable)."""
         if term is None:
-            return zero
+            return zero, None
         vals = [b[field] for b in term.bind(plan.shape, H)]
         if isinstance(vals[0], torch.Tensor):       # one tensor: a value or one per head
-            t = vals[0].detach().reshape(-1).to(device=dev, dtype=torch.float32)
-            return t.expand(H).contiguous() if t.numel() == 1 else t.contiguous()
-        return torch.tensor([float(x) for x in vals], dtype=torch.float32, device=dev)
+            t = vals[0].reshape(-1).to(device=dev, dtype=torch.float32)
+            t = t.expand(H) if t.numel() == 1 else t
+            return t.detach().contiguous(), (t if t.requires_grad else None)
+        return torch.tensor([float(x) for x in vals], dtype=torch.float32, device=dev), None
 
     alibi = terms.get(Alibi)
-    if alibi is not None and alibi.slopes == "geometric":
-        slope = torch.tensor(geometric_slopes(H), dtype=torch.float32, device=dev)
+    if alibi is not None and isinstance(alibi.slopes, str):       # "geometric"
+        slope = (torch.tensor(geometric_slopes(H), dtype=torch.float32, device=dev), None)
     else:
         slope = per_head(alibi, "slopes")
-    plan.scalars[dev] = dict(
-        zero=zero, rate=per_head(terms.get(DistanceDecay), "rate"),
-        slope=slope, cap=per_head(terms.get(Softcap), "cap"),
-        dropp=(dropout_p.detach().to(device=dev, dtype=torch.float32).reshape(-1).expand(H)
-               .contiguous() if dropout_p is not None else zero))
+    rate, cap = per_head(terms.get(DistanceDecay), "rate"), per_head(terms.get(Softcap), "cap")
+    sc = dict(zero=zero, rate=rate[0], slope=slope[0], cap=cap[0],
+              dropp=(dropout_p.detach().to(device=dev, dtype=torch.float32).reshape(-1).expand(H)
+                     .contiguous() if dropout_p is not None else zero))
     consts = _consts(plan, q, q.dtype)
     if dropout_p is None:
         consts["HAS_DROP"] = False
@@ -1058,7 +1099,8 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=
     if sink is not None:
         sink = sink.to(device=dev, dtype=torch.float32).reshape(-1)
         sink = sink.expand(H) if sink.numel() == 1 else sink
-    return _Fn.apply(q, k, v, relb, sink, plan, consts, float(scale), int(seed))
+    return _Fn.apply(q, k, v, relb, sink, rate[1], slope[1], cap[1], plan, consts, sc,
+                     float(scale), int(seed))
 
 
 def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90,
@@ -1076,11 +1118,11 @@ def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90,
     t1 = 8 if lanes == 64 else 4
     consts = dict(TM0=1, TM1=t1, TM2=8, TN0=1, TN1=t1, TN2=8, BD=bd, BDV=bd, IEEE=dtype == "fp32",
                   HAS_DECAY=True, METRIC=0, DEC0=0, DEC1=1, DEC2=1, HAS_ALIBI=True, HAS_RELB=True,
-                  HAS_CAP=True, HAS_DROP=True, HAS_SINKL=True, HAS_SINK=True,
-                  NBS=18, BLOCK_M=lanes, BLOCK_N=lanes, CH=256)
+                  HAS_CAP=True, HAS_DROP=True, HAS_SINKL=True, HAS_SINK=True, RATE_GRAD=True,
+                  SLOPE_GRAD=True, CAP_GRAD=True, NBS=18, BLOCK_M=lanes, BLOCK_N=lanes, CH=256)
     ptr = {n: "*" + dtype for n in ("Q", "K_", "V_", "O", "DO", "DQ", "DK", "DV_")}
     ptr.update({n: "*fp32" for n in ("LSE", "DELTA", "RATE", "SLOPE", "CAP", "SINKL", "DROPP",
-                                     "RELB", "PART")})
+                                     "RELB", "PART", "GPAR")})
     ptr.update({"P": "*i32", "NS": "*i32", "scale": "fp32", "seed": "i64"})
     out = {}
     for name in kernels:

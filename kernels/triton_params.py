@@ -143,12 +143,11 @@ def lower_pattern(p, shape: tuple, heads: int) -> List[HeadParams]:
 
 
 def check_score(score) -> dict:
-    """The score terms by type, or MaskDSLError for what the kernel cannot run: one term of each
-    kind; learnable parameters only in relative_bias tables and sink_logit."""
+    """The score terms by type, or MaskDSLError for what the kernel cannot run (one term of
+    each kind)."""
     from .._score import Alibi, DistanceDecay, Dropout, RelativeBias, SinkLogit, Softcap, score_terms
 
     terms = {}
-    learnable = {DistanceDecay: "rate", Alibi: "slopes", Softcap: "cap"}
     for t in score_terms(score):
         kind = type(t)
         if kind not in (Alibi, DistanceDecay, RelativeBias, Softcap, SinkLogit, Dropout):
@@ -157,12 +156,6 @@ def check_score(score) -> dict:
             raise MaskDSLError(
                 f"backend='triton': the Triton kernel runs one {t._name} term, got a second "
                 f"({t!r}); merge them or use backend='tiles'")
-        field = learnable.get(kind)
-        value = getattr(t, field) if field else None
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            raise MaskDSLError(
-                f"backend='triton': {t._name}({field}=<learnable tensor>): the Triton kernel "
-                f"trains relative_bias tables and sink_logit only; use backend='tiles'")
         terms[kind] = t
     return terms
 
