@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 
@@ -175,7 +175,3 @@ def group_tiles(params: List[HeadParams], shape3: tuple, tile: tuple) -> tuple:
         out.append(max(hp.dims[dim].dilation * math.ceil(math.ceil(S / hp.dims[dim].dilation) / T)
                        for hp in params))
     return tuple(out)
-
-
-def max_dilation(params: List[HeadParams]) -> Optional[int]:
-    return max(d.dilation for hp in params for d in hp.dims)
