@@ -538,6 +538,33 @@ if triton is not None:
         return ia, ib
 
     @triton.jit
+    def _kv_grads_step(dk, dv, k, v, Q, DO, LSE, DELTA, qbase, sqn, sqd, offs_d, offs_dv, D, DV,
+                       qf, qvalid, allowed, qx0, qx1, qx2, kx0, kx1, kx2, kf, scale, h, bh, N,
+                       seed, RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP,
+                       IEEE: tl.constexpr, HAS_DECAY: tl.constexpr, METRIC: tl.constexpr,
+                       DEC0: tl.constexpr, DEC1: tl.constexpr, DEC2: tl.constexpr,
+                       HAS_ALIBI: tl.constexpr, HAS_RELB: tl.constexpr, HAS_CAP: tl.constexpr,
+                       HAS_DROP: tl.constexpr):
+        """One query tile's contribution to a key tile's dk (unscaled) and dv."""
+        q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + bh.to(tl.int64) * N * DV + qf[:, None] * DV + offs_dv[None, :],
+                     mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
+        pdrop, ds, _ = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
+                                  kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
+                                  relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0,
+                                  DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
+        if IEEE:
+            dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        return dk, dv
+
+    @triton.jit
     def _attn_bwd_dkdv(Q, K_, V_, DO, DK, DV_, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB,
                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                        H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed, relb_hs, R0, R1, R2,
@@ -597,22 +624,11 @@ if triton is not None:
             lo0, hi0, lo1, hi1, lo2, hi2 = _ranges(qx0, qx1, qx2, P, h, S0, S1, S2)
             allowed = (qvalid[:, None] & kvalid[None, :]
                        & _in_box(lo0, hi0, lo1, hi1, lo2, hi2, kj0, kj1, kj2))
-            q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
-                        mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + bh.to(tl.int64) * N * DV + qf[:, None] * DV + offs_dv[None, :],
-                         mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
-            delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
-            pdrop, ds, _ = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
-                                   kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
-                                   relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0,
-                                   DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
-            if IEEE:
-                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk, dv = _kv_grads_step(
+                dk, dv, k, v, Q, DO, LSE, DELTA, qbase, sqn, sqd, offs_d, offs_dv, D, DV, qf,
+                qvalid, allowed, qx0, qx1, qx2, kx0, kx1, kx2, kf, scale, h, bh, N, seed,
+                RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC,
+                DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
         base = bh.to(tl.int64) * N
         tl.store(DK + base * D + kf[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=kmask)
@@ -655,22 +671,11 @@ if triton is not None:
             qvalid = qf < N
             qx0, qx1, qx2 = _unflat(qf, S1, S2)
             allowed = qvalid[:, None] & kvalid[None, :]
-            q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
-                        mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + bh.to(tl.int64) * N * DV + qf[:, None] * DV + offs_dv[None, :],
-                         mask=qvalid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
-            delta = tl.load(DELTA + bh.to(tl.int64) * N + qf, mask=qvalid, other=0.0)
-            pdrop, ds, _ = _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf,
-                                   kx0, kx1, kx2, kf, h, bh, N, seed, RATE, SLOPE, CAP, RELB,
-                                   relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC, DEC0,
-                                   DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
-            if IEEE:
-                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dk, dv = _kv_grads_step(
+                dk, dv, k, v, Q, DO, LSE, DELTA, qbase, sqn, sqd, offs_d, offs_dv, D, DV, qf,
+                qvalid, allowed, qx0, qx1, qx2, kx0, kx1, kx2, kf, scale, h, bh, N, seed,
+                RATE, SLOPE, CAP, RELB, relb_hs, R0, R1, R2, DROPP, IEEE, HAS_DECAY, METRIC,
+                DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP, HAS_DROP)
         base = bh.to(tl.int64) * N
         tl.store(DK + base * D + kf[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=kmask)
@@ -1104,7 +1109,7 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=
 
 
 def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90,
-                  kernels=("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv",
+                  kernels=("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attn_bwd_dkdv_sink",
                            "_attn_bwd_relb")) -> dict:
     """Compile the kernels for an NVIDIA target without a GPU (every feature on, 2-D tiles of
     ``block_tokens`` lanes, the launch options above); returns {kernel: shared memory bytes}. Needs Triton's real
