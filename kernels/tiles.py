@@ -95,21 +95,29 @@ class TilePlan:
         self.q_index = user                                    # [n_padded]
         self.n_users = lay.n
         self.kv_index = user[kpos.reshape(Hc, -1)]             # [Hc, T*K]
+        # the same indices with padding pointing at token 0 instead of the zero row: padded key
+        # slots are masked and padded query rows are dropped, so any finite row will do, and
+        # inputs already in the compute dtype are gathered without a padded copy
+        self.q_index0 = torch.where(user == lay.n, 0, user)
+        self.kv_index0 = torch.where(self.kv_index == lay.n, 0, self.kv_index)
         self.scatter = None if lay.identity else lay.scatter_index().to(device)
         # inference reuses its gather buffers: on CPU a fresh 40 MB tensor costs ~5x its copy in
         # page faults (index_select into a reused buffer: 3 ms vs 16 ms on the benchmark CPU)
         self._buffers: Dict[tuple, tuple] = {}
         self.buffer_lock = threading.Lock()
 
-    def buffers(self, B, H, D, Dv, dtype, device):
-        key = (B, H, D, Dv, dtype)
+    def buffers(self, B, H, D, Dv, dtype, device, padded: bool = True):
+        """Gather buffers; ``padded`` adds copies of q, k, v with a zero row (for inputs that
+        need a dtype conversion)."""
+        key = (B, H, D, Dv, dtype, padded)
         if key not in self._buffers:
             if len(self._buffers) > 4:
                 self._buffers.clear()
             n = self.q_index.numel()
             kv = self.kv_index.shape[-1]
             users = self.n_users + 1                 # user tokens and one zero row (padding)
-            zero_rows = [torch.zeros(B, H, users, d, dtype=dtype, device=device) for d in (D, D, Dv)]
+            zero_rows = ([torch.zeros(B, H, users, d, dtype=dtype, device=device)
+                          for d in (D, D, Dv)] if padded else [None, None, None])
             self._buffers[key] = (torch.empty(B, H, n, D, dtype=dtype, device=device),
                                   torch.empty(B, H, kv, D, dtype=dtype, device=device),
                                   torch.empty(B, H, kv, Dv, dtype=dtype, device=device), zero_rows)
@@ -179,26 +187,35 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v) + tuple(program.tables.tensors.values())
         + ((sink,) if sink is not None else ()))
+    native = q.dtype == dt and k.dtype == dt and v.dtype == dt
     if Hc == 1 and not grad:
         with plan.buffer_lock:
-            qb, kb, vb, (qz, kz, vz) = plan.buffers(B, H, D, Dv, dt, device)
-            for z, x in ((qz, q), (kz, k), (vz, v)):
-                z[:, :, :N].copy_(x)                            # the last row stays zero
-            torch.index_select(qz, 2, plan.q_index, out=qb)
-            torch.index_select(kz, 2, plan.kv_index[0], out=kb)
-            torch.index_select(vz, 2, plan.kv_index[0], out=vb)
+            qb, kb, vb, (qz, kz, vz) = plan.buffers(B, H, D, Dv, dt, device, padded=not native)
+            if native:
+                qz, kz, vz, qi, kvi = q, k, v, plan.q_index0, plan.kv_index0[0]
+            else:
+                for z, x in ((qz, q), (kz, k), (vz, v)):
+                    z[:, :, :N].copy_(x)                        # the last row stays zero
+                qi, kvi = plan.q_index, plan.kv_index[0]
+            torch.index_select(qz, 2, qi, out=qb)
+            torch.index_select(kz, 2, kvi, out=kb)
+            torch.index_select(vz, 2, kvi, out=vb)
             return _attend(program, plan, qb.reshape(B, H, T, V, D), kb.reshape(B, H, T, K, D),
                            vb.reshape(B, H, T, K, Dv), q, scale, sink, dropout_p, generator,
                            keep, dt)
-    qz, kz, vz = (_with_zero_row(x).to(dt) for x in (q, k, v))
-    qt = qz.index_select(2, plan.q_index).reshape(B, H, T, V, D)
+    if native:
+        qz, kz, vz, qi, kvi = q, k, v, plan.q_index0, plan.kv_index0
+    else:
+        qz, kz, vz = (_with_zero_row(x).to(dt) for x in (q, k, v))
+        qi, kvi = plan.q_index, plan.kv_index
+    qt = qz.index_select(2, qi).reshape(B, H, T, V, D)
     if Hc == 1:
-        kg = kz.index_select(2, plan.kv_index[0]).reshape(B, H, T, K, D)
-        vg = vz.index_select(2, plan.kv_index[0]).reshape(B, H, T, K, Dv)
+        kg = kz.index_select(2, kvi[0]).reshape(B, H, T, K, D)
+        vg = vz.index_select(2, kvi[0]).reshape(B, H, T, K, Dv)
     else:
         hh = torch.arange(H, device=device)[:, None]
-        kg = kz[:, hh, plan.kv_index].reshape(B, H, T, K, D)
-        vg = vz[:, hh, plan.kv_index].reshape(B, H, T, K, Dv)
+        kg = kz[:, hh, kvi].reshape(B, H, T, K, D)
+        vg = vz[:, hh, kvi].reshape(B, H, T, K, Dv)
     return _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt)
 
 
