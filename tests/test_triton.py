@@ -3,7 +3,7 @@ sink logits), dilation, stride, per-dim causal, per-head values, sinks, dropout 
 keep mask, fully masked rows, errors and dispatch.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest): small shapes only.
-With CUDA every test also runs on the GPU.
+With CUDA the same tests run on the GPU instead.
 """
 import math
 
@@ -18,7 +18,10 @@ triton = pytest.importorskip("triton")
 from maskdsl.codegen.dispatch import TRITON_MIN_TOKENS, choose  # noqa: E402
 from maskdsl.kernels.triton_attn import TritonPlan, keep_mask, run_triton  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The kernels run on CUDA when there is a GPU, else on CPU in Triton's interpreter (a process
+# has one or the other: the interpreter is chosen when the kernels are defined).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICES = [DEVICE]
 
 
 def _inputs(B, H, N, D, device, dtype=torch.float32, seed=0):
@@ -202,7 +205,7 @@ def supported_cases(draw):
 @given(supported_cases())
 def test_random_patterns_match_the_reference(case):
     p, shape, heads, score = case
-    _check(p, shape, heads, "cpu", score=score)
+    _check(p, shape, heads, DEVICE, score=score)
 
 
 def test_no_mask_metadata_beyond_per_head_parameters():
@@ -225,10 +228,10 @@ def test_patterns_the_kernel_cannot_run_name_the_node(bad, match):
 
 def test_bad_inputs_and_scores_raise():
     attn = md.compile(md.window(2), (20,), backend="triton")
-    x = torch.randn(1, 1, 20, 16, dtype=torch.float64)
+    x = torch.randn(1, 1, 20, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(md.MaskDSLError, match=r"float64.*expected one of float16, bfloat16, float32"):
         attn(x, x, x)
-    x = torch.randn(1, 1, 20, 8)
+    x = torch.randn(1, 1, 20, 8, device=DEVICE)
     with pytest.raises(md.MaskDSLError, match=r"head dim 8: expected 16 to 256"):
         attn(x, x, x)
     two = md.distance_decay(0.1) + md.distance_decay(0.2, metric="manhattan")
