@@ -50,7 +50,7 @@ class TilePlan:
         order = np.argsort(~nonempty, axis=-1, kind="stable")[..., :M]
         valid_slot = np.take_along_axis(nonempty, order, -1)    # [Hc, T, M]
         idx = torch.from_numpy(np.where(valid_slot, order, 0)).to(device)
-        self.V, self.T, self.M, self.Hc = V, T, M, Hc
+        self.V, self.T, self.Hc = V, T, Hc
         # token-level mask over the candidate keys (the tiles' tokens): [Ha, T, V, M*V]
         pos = torch.arange(lay.n_padded, device=device).reshape(T, V)
         qpos = pos[:, :, None]                                  # [T, V, 1]

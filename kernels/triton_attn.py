@@ -42,6 +42,7 @@ from typing import List, Optional
 import torch
 
 from .._errors import MaskDSLError
+from .._score import per_head_tensor
 from .triton_params import HeadParams, check_score, group_tiles, lower_pattern, pack
 
 try:  # Triton is optional: the tiles and flex backends do not need it
@@ -203,9 +204,7 @@ if triton is not None:
         a0 = lane // (TM1 * TM2)
         a1 = (lane // TM2) % TM1
         a2 = lane % TM2
-        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
-        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
-        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
+        d0, d1, d2 = _dilations(P, h)
         tpg0 = ((S0 + d0 - 1) // d0 + TM0 - 1) // TM0       # tiles per residue group
         tpg1 = ((S1 + d1 - 1) // d1 + TM1 - 1) // TM1
         tpg2 = ((S2 + d2 - 1) // d2 + TM2 - 1) // TM2
@@ -227,6 +226,31 @@ if triton is not None:
         K, s, d, c, lf, rt, bk = _dim_params(P, h, 2)
         lo2, hi2 = _key_range(x2, S2, K, s, d, c, lf, rt, bk)
         return lo0, hi0, lo1, hi1, lo2, hi2
+
+    @triton.jit
+    def _dilations(P, h):
+        return (tl.load(P + (h * 3 + 0) * 7 + 2), tl.load(P + (h * 3 + 1) * 7 + 2),
+                tl.load(P + (h * 3 + 2) * 7 + 2))
+
+    @triton.jit
+    def _key_box(qx0, qx1, qx2, qvalid, lo0, hi0, lo1, hi1, lo2, hi2, d0, d1, d2,
+                 TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr):
+        """The box of in-group key indices [JLO, JHI] covering every valid query's range, its
+        key-tile counts per dim, and the tile's residue group per dim."""
+        big = 1 << 30
+        JLO0 = tl.min(tl.where(qvalid, lo0, big))
+        JLO1 = tl.min(tl.where(qvalid, lo1, big))
+        JLO2 = tl.min(tl.where(qvalid, lo2, big))
+        JHI0 = tl.max(tl.where(qvalid, hi0, -1))
+        JHI1 = tl.max(tl.where(qvalid, hi1, -1))
+        JHI2 = tl.max(tl.where(qvalid, hi2, -1))
+        nk0 = tl.where(JHI0 >= JLO0, (JHI0 - JLO0 + TN0) // TN0, 0)
+        nk1 = tl.where(JHI1 >= JLO1, (JHI1 - JLO1 + TN1) // TN1, 0)
+        nk2 = tl.where(JHI2 >= JLO2, (JHI2 - JLO2 + TN2) // TN2, 0)
+        g0 = tl.min(tl.where(qvalid, qx0 % d0, big))
+        g1 = tl.min(tl.where(qvalid, qx1 % d1, big))
+        g2 = tl.min(tl.where(qvalid, qx2 % d2, big))
+        return JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk0, nk1, nk2, g0, g1, g2
 
     @triton.jit
     def _box_keys(t, JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk1, nk2, g0, g1, g2, d0, d1, d2,
@@ -327,14 +351,11 @@ if triton is not None:
                     IEEE, HAS_DECAY, METRIC, DEC0, DEC1, DEC2, HAS_ALIBI, HAS_RELB, HAS_CAP,
                     HAS_DROP)
         # stage 2: the box of key tiles covering every query's range
-        big = 1 << 30
-        JLO0 = tl.min(tl.where(qvalid, lo0, big))
-        JLO1 = tl.min(tl.where(qvalid, lo1, big))
-        JLO2 = tl.min(tl.where(qvalid, lo2, big))
-        JHI0 = tl.max(tl.where(qvalid, hi0, -1))
-        JHI1 = tl.max(tl.where(qvalid, hi1, -1))
-        JHI2 = tl.max(tl.where(qvalid, hi2, -1))
+        d0, d1, d2 = _dilations(P, h)
+        JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk0, nk1, nk2, g0, g1, g2 = _key_box(
+            qx0, qx1, qx2, qvalid, lo0, hi0, lo1, hi1, lo2, hi2, d0, d1, d2, TN0, TN1, TN2)
         # a key tile inside [max lo, min hi] on every dim is full: no mask needed
+        big = 1 << 30
         MLO0 = tl.max(tl.where(qvalid, lo0, big))
         MLO1 = tl.max(tl.where(qvalid, lo1, big))
         MLO2 = tl.max(tl.where(qvalid, lo2, big))
@@ -342,15 +363,6 @@ if triton is not None:
         MHI1 = tl.min(tl.where(qvalid, hi1, -1))
         MHI2 = tl.min(tl.where(qvalid, hi2, -1))
         all_q = tl.min(qvalid.to(tl.int32)) == 1
-        nk0 = tl.where(JHI0 >= JLO0, (JHI0 - JLO0 + TN0) // TN0, 0)
-        nk1 = tl.where(JHI1 >= JLO1, (JHI1 - JLO1 + TN1) // TN1, 0)
-        nk2 = tl.where(JHI2 >= JLO2, (JHI2 - JLO2 + TN2) // TN2, 0)
-        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
-        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
-        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
-        g0 = tl.min(tl.where(qvalid, qx0 % d0, big))
-        g1 = tl.min(tl.where(qvalid, qx1 % d1, big))
-        g2 = tl.min(tl.where(qvalid, qx2 % d2, big))
         for t in range(0, nk0 * nk1 * nk2):
             kj0, kj1, kj2, kx0, kx1, kx2, kvalid = _box_keys(
                 t, JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk1, nk2, g0, g1, g2, d0, d1, d2,
@@ -449,22 +461,9 @@ if triton is not None:
         g_slope = tl.zeros([TM0 * TM1 * TM2], dtype=tl.float32)
         g_cap = tl.zeros([TM0 * TM1 * TM2], dtype=tl.float32)
         n_sink = tl.load(NS + h)
-        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
-        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
-        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
-        big = 1 << 30
-        JLO0 = tl.min(tl.where(qvalid, lo0, big))
-        JLO1 = tl.min(tl.where(qvalid, lo1, big))
-        JLO2 = tl.min(tl.where(qvalid, lo2, big))
-        JHI0 = tl.max(tl.where(qvalid, hi0, -1))
-        JHI1 = tl.max(tl.where(qvalid, hi1, -1))
-        JHI2 = tl.max(tl.where(qvalid, hi2, -1))
-        nk0 = tl.where(JHI0 >= JLO0, (JHI0 - JLO0 + TN0) // TN0, 0)
-        nk1 = tl.where(JHI1 >= JLO1, (JHI1 - JLO1 + TN1) // TN1, 0)
-        nk2 = tl.where(JHI2 >= JLO2, (JHI2 - JLO2 + TN2) // TN2, 0)
-        g0 = tl.min(tl.where(qvalid, qx0 % d0, big))
-        g1 = tl.min(tl.where(qvalid, qx1 % d1, big))
-        g2 = tl.min(tl.where(qvalid, qx2 % d2, big))
+        d0, d1, d2 = _dilations(P, h)
+        JLO0, JLO1, JLO2, JHI0, JHI1, JHI2, nk0, nk1, nk2, g0, g1, g2 = _key_box(
+            qx0, qx1, qx2, qvalid, lo0, hi0, lo1, hi1, lo2, hi2, d0, d1, d2, TN0, TN1, TN2)
         n_sink_tiles = 0
         if HAS_SINK:
             n_sink_tiles = (n_sink + BLOCK_N - 1) // BLOCK_N
@@ -739,9 +738,7 @@ if triton is not None:
         b = bh // H
         h = bh % H
         n_sink = tl.load(NS + h)
-        d0 = tl.load(P + (h * 3 + 0) * 7 + 2)
-        d1 = tl.load(P + (h * 3 + 1) * 7 + 2)
-        d2 = tl.load(P + (h * 3 + 2) * 7 + 2)
+        d0, d1, d2 = _dilations(P, h)
         offs_d = tl.arange(0, BD)
         offs_dv = tl.arange(0, BDV)
         qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -865,7 +862,7 @@ class TritonPlan:
     """Everything a launch needs except the tensors: per-head ints, tile shapes, score flags."""
 
     def __init__(self, pattern, score, shape: tuple, heads: int):
-        from .._score import DistanceDecay, RelativeBias
+        from .._score import Alibi, DistanceDecay, RelativeBias, Softcap
 
         self.params = lower_pattern(pattern, shape, heads)
         self.shape, self.heads = tuple(shape), heads
@@ -883,15 +880,46 @@ class TritonPlan:
             self.metric = METRICS[decay.metric]
         relb = self.score_terms.get(RelativeBias)
         self.radius = (0, 0, 0)
+        self.relb_table, self.relb_hs = None, 0      # relb_hs: entries per head (0: shared)
         if relb is not None:
-            r = relb.bind(shape, heads)[0]["radius"]
-            self.radius = (0,) * off + tuple(r)
-        self._packed = {}
+            bound = relb.bind(shape, heads)[0]
+            self.radius = (0,) * off + tuple(bound["radius"])
+            self.relb_table = bound["table"]
+            self.relb_hs = 0 if bound["shared"] else math.prod(2 * r + 1 for r in self.radius)
+        # per-head float parameters: name -> (term, field); tensor-valued ones are read per call
+        fields = {"rate": (DistanceDecay, "rate"), "slope": (Alibi, "slopes"), "cap": (Softcap, "cap")}
+        self.param_terms = {}
+        self._fixed_terms = {}
+        for name, (kind, field) in fields.items():
+            term = self.score_terms.get(kind)
+            if term is None:
+                continue
+            if isinstance(getattr(term, field), torch.Tensor):
+                self.param_terms[name] = (term, field)
+            else:
+                self._fixed_terms[name] = (term, field)
+        self._packed, self._fixed = {}, {}
 
     def packed(self, device):
         if device not in self._packed:
             self._packed[device] = pack(self.params, device)
         return self._packed[device]
+
+    def fixed_values(self, device) -> dict:
+        """float32 [H] tensors of the number-valued parameters (geometric ALiBi slopes too) and
+        a zero placeholder, built once per device."""
+        from .._score import geometric_slopes
+
+        if device not in self._fixed:
+            zero = torch.zeros(1, dtype=torch.float32, device=device)
+            out = {"zero": zero, "rate": zero, "slope": zero, "cap": zero}
+            for name, (term, field) in self._fixed_terms.items():
+                value = getattr(term, field)
+                vals = (geometric_slopes(self.heads) if isinstance(value, str) else
+                        per_head_tensor(value, term, field, self.heads, "cpu", self.shape).tolist())
+                out[name] = torch.tensor(vals, dtype=torch.float32, device=device)
+            self._fixed[device] = out
+        return self._fixed[device]
 
     def tiles(self, lanes: int) -> tuple:
         t = tile_shape(lanes, self.shape3, self.params)
@@ -1059,53 +1087,30 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=
     """[B, H, N, D] attention through the Triton kernels (autograd: q, k, v, the relative_bias
     table, sink logits, learnable rate / slopes / cap). ``dropout_p``: per-head probabilities
     (None: no dropout)."""
-    from .._score import Alibi, DistanceDecay, RelativeBias, Softcap, geometric_slopes
-
     _check_inputs(q, k, v)
     dev = q.device
     H = plan.heads
-    terms = plan.score_terms
-    zero = torch.zeros(1, dtype=torch.float32, device=dev)
-
-    def per_head(term, field):
-        """(float32 [H] values for the kernels, the same as a graph tensor if learnable)."""
-        if term is None:
-            return zero, None
-        vals = [b[field] for b in term.bind(plan.shape, H)]
-        if isinstance(vals[0], torch.Tensor):       # one tensor: a value or one per head
-            t = vals[0].reshape(-1).to(device=dev, dtype=torch.float32)
-            t = t.expand(H) if t.numel() == 1 else t
-            return t.detach().contiguous(), (t if t.requires_grad else None)
-        return torch.tensor([float(x) for x in vals], dtype=torch.float32, device=dev), None
-
-    alibi = terms.get(Alibi)
-    if alibi is not None and isinstance(alibi.slopes, str):       # "geometric"
-        slope = (torch.tensor(geometric_slopes(H), dtype=torch.float32, device=dev), None)
-    else:
-        slope = per_head(alibi, "slopes")
-    rate, cap = per_head(terms.get(DistanceDecay), "rate"), per_head(terms.get(Softcap), "cap")
-    sc = dict(zero=zero, rate=rate[0], slope=slope[0], cap=cap[0],
-              dropp=(dropout_p.detach().to(device=dev, dtype=torch.float32).reshape(-1).expand(H)
-                     .contiguous() if dropout_p is not None else zero))
+    fixed = plan.fixed_values(dev)
+    learn = {}
+    for name, (term, field) in plan.param_terms.items():   # tensors: read per call (learnable)
+        t = per_head_tensor(getattr(term, field), term, field, H, dev, plan.shape)
+        t = t.to(dev, torch.float32)
+        learn[name] = t if t.requires_grad else None
+        fixed = dict(fixed, **{name: t.detach().contiguous()})
+    sc = dict(fixed, dropp=(dropout_p.detach().to(device=dev, dtype=torch.float32).reshape(-1)
+                            .expand(H).contiguous() if dropout_p is not None else fixed["zero"]))
     consts = _consts(plan, q, q.dtype)
     if dropout_p is None:
         consts["HAS_DROP"] = False
     relb = None
-    plan.relb_hs = 0
-    if RelativeBias in terms:
-        table = terms[RelativeBias].bind(plan.shape, H)[0]["table"]
-        shared = terms[RelativeBias].bind(plan.shape, H)[0]["shared"]
-        relb = table.to(device=dev, dtype=torch.float32)
-        relb = relb.reshape(-1) if shared else relb.reshape(H, -1)
-        plan.relb_hs = 0 if shared else relb.shape[-1]
-        relb = relb.contiguous()
-        if not table.requires_grad:
-            relb = relb.detach()
+    if plan.relb_table is not None:
+        relb = plan.relb_table.to(device=dev, dtype=torch.float32)
+        relb = (relb.reshape(-1) if plan.relb_hs == 0 else relb.reshape(H, -1)).contiguous()
     if sink is not None:
         sink = sink.to(device=dev, dtype=torch.float32).reshape(-1)
         sink = sink.expand(H) if sink.numel() == 1 else sink
-    return _Fn.apply(q, k, v, relb, sink, rate[1], slope[1], cap[1], plan, consts, sc,
-                     float(scale), int(seed))
+    return _Fn.apply(q, k, v, relb, sink, learn.get("rate"), learn.get("slope"), learn.get("cap"),
+                     plan, consts, sc, float(scale), int(seed))
 
 
 def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90,

@@ -17,7 +17,7 @@ from ._errors import MaskDSLError
 from ._inputs import check_qkv, check_scale
 from ._node import check_heads, check_shape
 from ._pattern import And, Heads, Not, Or, Pattern
-from ._score import Dropout, Score, score_terms
+from ._score import Dropout, Score, per_head_tensor, score_terms
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
@@ -77,6 +77,7 @@ class CompiledAttention:
         self._generator = torch.Generator().manual_seed(drop.seed) if drop is not None else None
         self._masks = {}
         self._program = None
+        self._triton_plan = None
 
     def __repr__(self):
         score = f", score={self.score!r}" if self.score is not None else ""
@@ -164,38 +165,38 @@ class CompiledAttention:
             return self._tiles(q, k, v, scale)
         return self._dense(q, k, v, scale)
 
-    def _tiles(self, q, k, v, scale):
-        from .kernels.tiles import run_tiles
+    def _extras(self, device):
+        """Per-head sink logits and dropout probabilities [H] (None when absent; dropout also
+        None when not training)."""
         from ._score import SinkLogit
 
-        H = self.heads
         sink = drop_p = None
         for t in score_terms(self.score):
             if isinstance(t, SinkLogit):
-                sink = _per_head_tensor(t.values, t, "values", H, q.device)
+                sink = per_head_tensor(t.values, t, "values", self.heads, device)
             elif isinstance(t, Dropout) and self.training:
-                drop_p = _per_head_tensor(t.p, t, "p", H, q.device)
+                drop_p = per_head_tensor(t.p, t, "p", self.heads, device)
+        return sink, drop_p
+
+    def _tiles(self, q, k, v, scale):
+        from .kernels.tiles import run_tiles
+
+        sink, drop_p = self._extras(q.device)
         return run_tiles(self.tiles_program, q, k, v, scale, sink=sink, dropout_p=drop_p,
                          generator=self._generator)
 
     def _triton(self, q, k, v, scale):
         from .kernels.triton_attn import TritonPlan, run_triton, why_unavailable
-        from ._score import SinkLogit
 
         why = why_unavailable(q.device)
         if why is not None:
             raise MaskDSLError(f"backend='triton': {why}; use backend='tiles' or 'auto'")
-        if getattr(self, "_triton_plan", None) is None:
+        if self._triton_plan is None:
             self._triton_plan = TritonPlan(self.pattern, self.score, self.shape, self.heads)
-        H = self.heads
-        sink = drop_p = None
-        seed = 0
-        for t in score_terms(self.score):
-            if isinstance(t, SinkLogit):
-                sink = _per_head_tensor(t.values, t, "values", H, q.device)
-            elif isinstance(t, Dropout) and self.training:
-                drop_p = _per_head_tensor(t.p, t, "p", H, q.device)
-                seed = int(torch.randint(0, 2**31 - 1, (), generator=self._generator))
+        sink, drop_p = self._extras(q.device)
+        # one seed per call from the compiled callable's generator: reproducible, advancing
+        seed = (int(torch.randint(0, 2**31 - 1, (), generator=self._generator))
+                if drop_p is not None else 0)
         return run_triton(self._triton_plan, q, k, v, scale, sink=sink, dropout_p=drop_p,
                           seed=seed)
 
@@ -217,14 +218,6 @@ class CompiledAttention:
         return reference.masked_attention(
             q, k, v, self.mask(q.device), lambda dt: reference._bias(self.score, grid, dt),
             self.score, scale, keep)
-
-
-def _per_head_tensor(value, term, field, heads, device):
-    """A score parameter as a tensor [heads] (a learnable tensor stays in the graph)."""
-    if isinstance(value, torch.Tensor):
-        return value.reshape(-1).expand(heads) if value.numel() == 1 else value
-    vals = [b[field] for b in term.bind((1,), heads)]
-    return torch.tensor(vals, dtype=torch.float64, device=device)
 
 
 def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
@@ -285,5 +278,9 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         if triton is None:
             raise MaskDSLError("backend='triton': triton is not installed (pip install triton); "
                                "use backend='auto' or 'tiles'")
-        TritonPlan(p, score, shape, heads)   # raises MaskDSLError naming what it cannot run
+        plan = TritonPlan(p, score, shape, heads)   # raises MaskDSLError naming what it cannot run
+        attn = CompiledAttention(p, shape, heads, score, backend, f"{backend} was requested",
+                                 auto=False)
+        attn._triton_plan = plan
+        return attn
     return CompiledAttention(p, shape, heads, score, backend, f"{backend} was requested", auto=False)

@@ -13,7 +13,7 @@ from ._values import Check, _is_tensor, check_dims, dims_in_shape, fmt_value
 __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
     "ScoreSum", "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout",
-    "score_terms",
+    "score_terms", "per_head_tensor",
 ]
 
 METRICS = ("euclidean", "manhattan", "chebyshev")
@@ -271,3 +271,15 @@ def sink_logit(values) -> SinkLogit:
 def dropout(p, seed=0) -> Dropout:
     """Attention dropout with probability ``p``, reproducible from ``seed``."""
     return Dropout(p, seed)
+
+
+def per_head_tensor(value, term, field: str, heads: int, device, shape=(1,)):
+    """A score parameter as a tensor [heads]: a tensor value keeps its graph (a learnable one
+    stays learnable; one value is expanded to every head), numbers become float64 on
+    ``device``. ``shape``: the grid the term binds to (terms with dims need the real one)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).expand(heads) if value.numel() == 1 else value
+    vals = [b[field] for b in term.bind(shape, heads)]
+    return torch.tensor(vals, dtype=torch.float64, device=device)
