@@ -114,19 +114,18 @@ class Layout:
     def decode(self, idx: sp.Symbol, prefix: str) -> List[Tuple[str, sp.Expr]]:
         """Prologue lines computing grid coordinates ``{prefix}0..``, the flat index
         ``{prefix}_flat`` and (when the layout pads) ``{prefix}_valid`` from position ``idx``.
-        Built unevaluated: these are plain index arithmetic, sympy has nothing to simplify."""
-        with sp.evaluate(False):
-            return self._decode(idx, prefix)
 
-    def _decode(self, idx: sp.Symbol, prefix: str) -> List[Tuple[str, sp.Expr]]:
+        Every expression is built *evaluated* and without trivial terms (``x * 1``,
+        ``x % 1``, ``0 * t``): the printer rebuilds expressions (``replace``), and sympy
+        re-evaluating a hand-built unevaluated tree such as ``Mod(Mul(1, Mod(t, 14)), 7)``
+        turned it into ``Mod(Mod(t, 14)**2, 7)`` (a wrong 3-D decode, ARCHITECTURE.md,
+        "Token layouts")."""
         lines: List[Tuple[str, sp.Basic]] = []
-        coords = []
         if self.tile is None:
             stride = 1
+            coords = []
             for d in reversed(range(self.rank)):
-                e = sp.floor(idx / stride) if stride > 1 else idx
-                if d > 0:
-                    e = sp.Mod(e, self.shape[d])
+                e = _mod(_div(idx, stride), self.shape[d]) if d > 0 else _div(idx, stride)
                 coords.append((f"{prefix}{d}", e))
                 stride *= self.shape[d]
             lines += coords[::-1]
@@ -139,30 +138,26 @@ class Layout:
             return lines
         tile = sp.Symbol(f"{prefix}_tile", integer=True, nonnegative=True)
         off = sp.Symbol(f"{prefix}_off", integer=True, nonnegative=True)
-        lines.append((tile.name, sp.floor(idx / self.block)))
-        lines.append((off.name, sp.Mod(idx, self.block)))
+        lines.append((tile.name, _div(idx, self.block)))
+        lines.append((off.name, _mod(idx, self.block)))
         valid = []
         for d in range(self.rank):
             tstride = math.prod(self.grid[d + 1:])
             ostride = math.prod(self.tile[d + 1:])
-            T = sp.floor(tile / tstride) if tstride > 1 else tile
-            if self.grid[d] == 1:
-                T = sp.Integer(0)
-            elif d > 0:
-                T = sp.Mod(T, self.grid[d])
-            O = sp.floor(off / ostride) if ostride > 1 else off
-            if d > 0:
-                O = sp.Mod(O, self.tile[d])
+            T = _div(tile, tstride)
+            T = sp.Integer(0) if self.grid[d] == 1 else _mod(T, self.grid[d]) if d > 0 else T
+            O = _div(off, ostride)
+            O = _mod(O, self.tile[d]) if d > 0 else O
             u = T * self.tile[d] + O
             g, G = self.groups[d], self.group_len[d]
-            x = sp.floor(u / G) + g * sp.Mod(u, G) if g > 1 else u
+            x = _div(u, G) + g * _mod(u, G) if g > 1 else u
             lines.append((f"{prefix}{d}", x))
             usym = sp.Symbol(f"{prefix}{d}", integer=True, nonnegative=True)
             if self.padded[d] != self.shape[d] or g > 1:
                 valid.append(sp.Lt(usym, self.shape[d]))
                 if g > 1 and self.grouped[d] != self.padded[d]:
                     valid.append(sp.Lt(u, self.grouped[d]))
-        flat = 0
+        flat = sp.Integer(0)
         for d in range(self.rank):
             flat = flat * self.shape[d] + sp.Symbol(f"{prefix}{d}", integer=True, nonnegative=True)
         if valid:  # padding positions decode past the grid: keep table lookups in bounds
@@ -175,6 +170,16 @@ class Layout:
     @property
     def pads(self) -> bool:
         return self.n_padded != self.n
+
+
+def _div(x, n: int):
+    """``x // n`` for a non-negative integer expression (``x`` itself when n == 1)."""
+    return x if n == 1 else sp.floor(x / n)
+
+
+def _mod(x, n: int):
+    """``x % n`` (0 when n == 1)."""
+    return sp.Integer(0) if n == 1 else sp.Mod(x, n)
 
 
 def candidate_tiles(shape: tuple, block: int = 128) -> List[tuple]:
