@@ -40,8 +40,6 @@ class Node:
     def __post_init__(self):
         for name, check in self._checks.items():
             v = getattr(self, name)
-            if v is None:
-                continue
             object.__setattr__(self, name, normalize(self._name, name, v, check))
         counts = set()
         for name in self._checks:

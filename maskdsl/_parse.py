@@ -153,6 +153,8 @@ class _Reader:
             for kw in node.keywords:
                 if kw.arg is None:
                     self.fail(node, "** unpacking is not allowed")
+                if kw.arg in kwargs:   # Python's parser accepts f(a=1, a=2); the last would win
+                    self.fail(kw.value, f"{node.func.id}(): keyword argument {kw.arg!r} repeated")
                 kwargs[kw.arg] = self.read(kw.value, d)
             try:
                 inspect.signature(fn).bind(*args, **kwargs)

@@ -21,11 +21,8 @@ __all__ = [
     "radial", "power", "heads",
 ]
 
-_INT_GE = {n: (lambda n: (lambda v: v >= n))(n) for n in (0, 1, 2)}
-
-
-def _int(lo: int, legal: str, *, per_dim=False, per_head=True) -> Check:
-    return Check("int", _INT_GE[lo], legal, per_dim=per_dim, per_head=per_head)
+def _int(lo: int, *, per_dim=False, per_head=True) -> Check:
+    return Check("int", lo, per_dim=per_dim, per_head=per_head)
 
 
 class Pattern(Node):
@@ -89,9 +86,9 @@ class Neighborhood(Pattern):
 
     _name: ClassVar[str] = "neighborhood"
     _checks: ClassVar = {
-        "kernel_size": _int(2, "an int >= 2", per_dim=True),
-        "stride": _int(1, "an int >= 1", per_dim=True),
-        "dilation": _int(1, "an int >= 1", per_dim=True),
+        "kernel_size": _int(2, per_dim=True),
+        "stride": _int(1, per_dim=True),
+        "dilation": _int(1, per_dim=True),
     }
 
     def _check(self):
@@ -151,8 +148,8 @@ class Window(Pattern):
     _name: ClassVar[str] = "window"
     _npos: ClassVar[int] = 1
     _checks: ClassVar = {
-        "left": _int(0, "an int >= 0", per_dim=True),
-        "right": _int(0, "an int >= 0", per_dim=True),
+        "left": _int(0, per_dim=True),
+        "right": _int(0, per_dim=True),
     }
 
     def __post_init__(self):
@@ -169,6 +166,11 @@ class Window(Pattern):
         r = len(shape)
         return {"left": per_dim(self._name, "left", p["left"], r),
                 "right": per_dim(self._name, "right", p["right"], r)}
+
+
+def _clip_repr(v, n: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _fmt_any(v):
@@ -198,7 +200,7 @@ class Block(Pattern):
 
     _name: ClassVar[str] = "block"
     _npos: ClassVar[int] = 1
-    _checks: ClassVar = {"size": _int(1, "an int >= 1", per_dim=True)}
+    _checks: ClassVar = {"size": _int(1, per_dim=True)}
 
     def _bind_head(self, p, shape, heads, where):
         size = per_dim(self._name, "size", p["size"], len(shape))
@@ -218,7 +220,7 @@ class Sink(Pattern):
 
     _name: ClassVar[str] = "sink"
     _npos: ClassVar[int] = 1
-    _checks: ClassVar = {"n": _int(0, "an int >= 0")}
+    _checks: ClassVar = {"n": _int(0)}
 
     def _bind_head(self, p, shape, heads, where):
         total = math.prod(shape)
@@ -269,9 +271,15 @@ class Document(Pattern):
         if (not isinstance(ids, tuple) or len(ids) == 0
                 or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in ids)):
             raise MaskDSLError(
-                f"document: ids={self.ids!r}: expected a non-empty list of ints (one per token) "
-                f"or a 1-D integer tensor"
+                f"document: ids={_clip_repr(self.ids)}: expected a non-empty list of ints (one "
+                f"per token) or a 1-D integer tensor"
             )
+        for i, x in enumerate(ids):   # ids become int64 tables in generated code
+            if not -2**63 <= x < 2**63:
+                raise MaskDSLError(
+                    f"document: ids[{i}]={x} is out of range: expected an int in "
+                    f"[-2**63, 2**63) (int64)"
+                )
         object.__setattr__(self, "ids", tuple(int(x) for x in ids))
 
     def _fmt_field(self, name, v):
@@ -306,9 +314,9 @@ class Radial(Pattern):
 
     _name: ClassVar[str] = "radial"
     _checks: ClassVar = {
-        "decay": Check("float", lambda v: v >= 0, "a number >= 0"),
-        "min_window": Check("float", lambda v: v > 0, "a number > 0"),
-        "sink_frames": _int(0, "an int >= 0"),
+        "decay": Check("float", 0),
+        "min_window": Check("float", 0, lo_open=True),
+        "sink_frames": _int(0),
     }
 
     def _bind_head(self, p, shape, heads, where):
@@ -328,7 +336,7 @@ class Power(Pattern):
     block: Any = 1
 
     _name: ClassVar[str] = "power"
-    _checks: ClassVar = {"block": _int(1, "an int >= 1")}
+    _checks: ClassVar = {"block": _int(1)}
 
 
 # ----------------------------------------------------------------------------- algebra

@@ -8,12 +8,12 @@ from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
 from ._node import Node
-from ._values import Check, _is_tensor, check_dims, dims_in_shape, fmt_value
+from ._values import Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape, fmt_value
 
 __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
     "ScoreSum", "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout",
-    "score_terms", "per_head_tensor",
+    "score_terms", "per_head_tensor", "check_tensor_params",
 ]
 
 METRICS = ("euclidean", "manhattan", "chebyshev")
@@ -75,7 +75,7 @@ def score_terms(s) -> tuple:
     return (s,)
 
 
-_REAL = Check("float", lambda v: True, "a finite number", tensor=True)
+_REAL = Check("float", tensor=True)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -188,7 +188,7 @@ class Softcap(Score):
 
     _name: ClassVar[str] = "softcap"
     _npos: ClassVar[int] = 1
-    _checks: ClassVar = {"cap": Check("float", lambda v: v > 0, "a number > 0", tensor=True)}
+    _checks: ClassVar = {"cap": Check("float", 0, lo_open=True, tensor=True)}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -213,8 +213,8 @@ class Dropout(Score):
     _name: ClassVar[str] = "dropout"
     _npos: ClassVar[int] = 1
     _checks: ClassVar = {
-        "p": Check("float", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-        "seed": Check("int", lambda v: 0 <= v < 2**63, "an int in [0, 2**63)", per_head=False),
+        "p": Check("float", 0, 1, hi_open=True, what="a probability"),
+        "seed": Check("int", 0, 2**63, hi_open=True, per_head=False),
     }
 
 
@@ -271,6 +271,16 @@ def sink_logit(values) -> SinkLogit:
 def dropout(p, seed=0) -> Dropout:
     """Attention dropout with probability ``p``, reproducible from ``seed``."""
     return Dropout(p, seed)
+
+
+def check_tensor_params(score) -> None:
+    """Range-check every tensor-valued parameter of ``score`` as it is now (tensors are read at
+    call time, so a value changed after compile is checked too). NaN passes: it propagates."""
+    for term in score_terms(score):
+        for name, check in term._checks.items():
+            v = getattr(term, name)
+            if check.tensor and _is_tensor(v):
+                check_tensor_values(term._name, name, v, check)
 
 
 def per_head_tensor(value, term, field: str, heads: int, device, shape=(1,)):

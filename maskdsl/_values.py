@@ -12,10 +12,11 @@ without a shape) and resolves them for one head at bind time.
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ._errors import MaskDSLError
 
@@ -96,19 +97,57 @@ def _is_tensor(x) -> bool:
 
 # --------------------------------------------------------------------------- checking
 
-class Check:
-    """What one numeric field accepts: ``kind`` is "int" or "float", ``ok`` the range test,
-    ``legal`` its description for messages."""
+INT_MAX = 2**31 - 1                 # every int parameter: what generated int64 code (and the
+                                    # Triton kernel's int32 coordinates, after clamping) can hold
+FLOAT_MAX = 3.4028234663852886e38   # float32's largest finite value: the fast backends compute
+                                    # in float32, so a parameter beyond it would become inf there
 
-    def __init__(self, kind: str, ok: Callable[[Any], bool], legal: str, *,
-                 per_dim: bool = False, per_head: bool = True, tensor: bool = False):
-        self.kind, self.ok, self.legal = kind, ok, legal
+
+def _bound_text(v) -> str:
+    if v == INT_MAX:
+        return "2**31 - 1"
+    if isinstance(v, int) and v > INT_MAX and (v & (v - 1)) == 0:
+        return f"2**{v.bit_length() - 1}"
+    if isinstance(v, float) and abs(v) == FLOAT_MAX:
+        return "-3.4e38" if v < 0 else "3.4e38"
+    return repr(v)
+
+
+class Check:
+    """What one numeric field accepts: ``kind`` "int" or "float" and the closed (or open)
+    interval ``[lo, hi]``. Ints are bounded by ``INT_MAX`` and floats by ``FLOAT_MAX`` unless
+    the field names other bounds; ``legal`` is the range as messages print it."""
+
+    def __init__(self, kind: str, lo=None, hi=None, *, lo_open: bool = False,
+                 hi_open: bool = False, what: Optional[str] = None, per_dim: bool = False,
+                 per_head: bool = True, tensor: bool = False):
+        big = INT_MAX if kind == "int" else FLOAT_MAX
+        self.kind = kind
+        self.lo = -big if lo is None else lo
+        self.hi = big if hi is None else hi
+        self.lo_open, self.hi_open = lo_open, hi_open
         self.per_dim, self.per_head, self.tensor = per_dim, per_head, tensor
+        noun = what or ("an int" if kind == "int" else "a number")
+        self.legal = (f"{noun} in {'(' if lo_open else '['}{_bound_text(self.lo)}, "
+                      f"{_bound_text(self.hi)}{')' if hi_open else ']'}")
+
+    def scalar_only(self) -> "Check":
+        """The same range for one entry of a per-dimension tuple."""
+        out = copy.copy(self)
+        out.per_dim = False
+        return out
+
+    def ok(self, v) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return bool(above and below)
 
 
 def _scalar(node: str, field: str, v, check: Check, shown: Optional[str] = None):
     """Normalise one scalar (int-like -> int, real -> float) and range-check it."""
     name = shown or field
+    if v is None:
+        raise MaskDSLError(f"{node}: {name}=None: expected {check.legal}")
     if check.kind == "int":
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             if isinstance(v, float) and v.is_integer():
@@ -125,6 +164,21 @@ def _scalar(node: str, field: str, v, check: Check, shown: Optional[str] = None)
     if not check.ok(v):
         raise MaskDSLError(f"{node}: {name}={v!r} is out of range: expected {check.legal}")
     return v
+
+
+def check_tensor_values(node: str, field: str, t, check: Check) -> None:
+    """Range-check a tensor-valued parameter when it is read (at call time: its values may
+    have changed since compile). NaN is let through on purpose: it propagates to the output
+    (never a finite wrong answer); anything else outside the field's range is refused."""
+    vals = t.detach().reshape(-1).tolist()          # [] or [heads]: a host copy of a few floats
+    for i, x in enumerate(vals):
+        if math.isnan(x):
+            continue
+        if not math.isfinite(x) or not check.ok(x):
+            where = f"[{i}]" if len(vals) > 1 else ""
+            raise MaskDSLError(
+                f"{node}: {field}{where}={x!r} (a tensor value) is out of range: expected "
+                f"{check.legal}; NaN propagates to the output")
 
 
 def normalize(node: str, field: str, v, check: Check):
@@ -167,8 +221,7 @@ def normalize(node: str, field: str, v, check: Check):
         out = []
         for i, x in enumerate(v):
             if isinstance(x, PerHead):
-                out.append(normalize(node, f"{field}[{i}]", x, Check(
-                    check.kind, check.ok, check.legal, per_dim=False, per_head=check.per_head)))
+                out.append(normalize(node, f"{field}[{i}]", x, check.scalar_only()))
             else:
                 out.append(_scalar(node, field, x, check, f"{field}[{i}]"))
         return tuple(out)

@@ -239,7 +239,7 @@ def _t(*shape, dtype=torch.float32):
     (mdn.na2d, (_t(1, 8, 8, 2, 8),) * 3, dict(kernel_size=3, stride=(1, 4)),
      r"na2d: neighborhood: stride\[1\]=4 exceeds kernel_size\[1\]=3"),
     (mdn.na2d, (_t(1, 8, 8, 2, 8),) * 3, dict(kernel_size=1),
-     r"na2d: neighborhood: kernel_size\[0\]=1 is out of range: expected an int >= 2"),
+     r"na2d: neighborhood: kernel_size\[0\]=1 is out of range: expected an int in \[2, 2\*\*31 - 1\]"),
     (mdn.na2d, (_t(1, 8, 8, 2, 8),) * 3, dict(kernel_size=3.5),
      r"na2d: kernel_size=3.5: expected an int or a tuple of 2 ints"),
     (mdn.na2d, (_t(1, 8, 8, 2, 8),) * 3, dict(kernel_size=3, is_causal=1),
