@@ -438,6 +438,12 @@ def classify(ir, tables, layout: Layout, head: int, ts: Optional[_TileSets] = No
 def tile_classes(pattern_irs, layout: Layout, refine: bool = True) -> np.ndarray:
     """Classes for each head: ``pattern_irs`` is a list of (ir, tables) per head; heads with the
     same IR share one classification. Returns int8 [H, T, T]."""
+    from .._memory import check_allocation
+
+    distinct = len({(ir, repr(t.values), tuple(sorted(t.tensors))) for ir, t in pattern_irs})
+    check_allocation(f"tile classes of {distinct} x {layout.n_tiles} x {layout.n_tiles} tile pairs",
+                     4 * (distinct + 1) * layout.n_tiles ** 2 + 16 * layout.n_padded,
+                     "use a smaller grid")
     ts = _TileSets(layout)
     cache: Dict[str, np.ndarray] = {}
     out = []

@@ -67,18 +67,33 @@ def choose(pattern, shape: tuple, heads: int, score, device) -> Tuple[str, str]:
 def torch_device(device):
     import torch
 
+    from .._inputs import check_device
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device(device, usable=False)
 
 
-def call_time_fallback(q, k, v) -> Optional[str]:
-    """Why flex cannot run this call (None if it can)."""
-    from .flex import FLEX_DTYPES
+def call_time_fallback(q, k, v, score=None) -> Optional[str]:
+    """Why flex cannot run this call (None if it can), as the message a user who asked for
+    flex reads: what is wrong and what to do."""
     import torch
 
+    from .._score import score_terms
+    from .flex import FLEX_DTYPES
+
     if q.dtype not in FLEX_DTYPES:
-        return f"flex does not support {q.dtype}"
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return "flex has no backward on CPU"
+        names = "/".join(str(d).replace("torch.", "") for d in FLEX_DTYPES)
+        return (f"flex does not support {q.dtype}; pass {names} inputs or pick "
+                f"backend='tiles'")
+    if q.device.type == "cpu" and torch.is_grad_enabled():
+        if any(t.requires_grad for t in (q, k, v)):
+            return ("flex has no backward on CPU; run under torch.no_grad() with inputs that "
+                    "do not require grad, or pick backend='tiles'")
+        for term in score_terms(score):   # learnable score parameters would get no gradient
+            for name, value in vars(term).items():
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    return (f"flex has no backward on CPU, so {term._name}'s {name} (a tensor "
+                            f"that requires grad) would get no gradient; run under "
+                            f"torch.no_grad() or pick backend='tiles'")
     return None

@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from .._caching import outside_inference_mode
 from .program import Program
 
 __all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex"]
@@ -38,6 +39,7 @@ def compiled_flex():
         return _compiled
 
 
+@outside_inference_mode
 def _permutation(program: Program, device):
     """Gather/scatter indices of the program's layout on ``device`` (kept on the program)."""
     cache = program.__dict__.setdefault("_flex_perms", {})

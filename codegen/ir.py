@@ -290,8 +290,10 @@ def _lower_leaf(p, shape: tuple, heads: int, t: Tables, idx: List[int]):
     idx[0] += 1
     q = Q[0]
 
-    def param(key, dim=None):
+    def param(key, dim=None, most=None):
         vals = [x[key] if dim is None else x[key][dim] for x in b]
+        if most is not None:   # beyond ``most`` the value means the same: keep numbers small
+            vals = [min(v, most) for v in vals]
         return t.lookup(f"{tag}_{key}" + ("" if dim is None else f"{dim}"), vals)
 
     if isinstance(p, Neighborhood):
@@ -308,7 +310,9 @@ def _lower_leaf(p, shape: tuple, heads: int, t: Tables, idx: List[int]):
                                           param("dilation", d), c))
         return Sep(tuple(dims), label=tag)
     if isinstance(p, Window):
-        return Sep(tuple(DimRange(q - param("left", d), q + param("right", d) + 1) for d in range(r)),
+        # |k - q| <= L - 1 on a dim of length L: larger offsets are clamped to L - 1
+        return Sep(tuple(DimRange(q - param("left", d, shape[d] - 1),
+                                  q + param("right", d, shape[d] - 1) + 1) for d in range(r)),
                    label=tag)
     if isinstance(p, Causal):
         dims = b[0]["dims"]
@@ -329,7 +333,7 @@ def _lower_leaf(p, shape: tuple, heads: int, t: Tables, idx: List[int]):
         table = t.tensor(f"{tag}_ids", ids) if _is_tensor(ids) else t.table(f"{tag}_ids", list(ids))
         return Flat("document", sp.Eq(table[QF], table[KF]), {"ids": ids}, label=tag)
     if isinstance(p, Power):
-        blk = param("block")
+        blk = param("block", most=math.prod(shape))   # one block holds every token already
         D = sp.floor(QF / blk) - sp.floor(KF / blk)
         expr = sp.Or(sp.Eq(D, 0), sp.And(sp.Gt(D, 0), IsPow2(D)))
         return Flat("power", expr, {"block": [x["block"] for x in b]}, label=tag)

@@ -11,6 +11,8 @@ import numpy as np
 import sympy as sp
 import torch
 
+from .._caching import outside_inference_mode
+from .._memory import guard, guarded
 from .._pattern import And, Heads, Neighborhood, Not, Or, Pattern
 from .blockmask import EMPTY, FULL, PARTIAL, UNDECIDED, separable_cost, tile_classes
 from .ir import (K, KF, Q, QF, Const, Sep, lower_pattern, lower_score, predicate)
@@ -132,6 +134,8 @@ class Program:
         shape, r = self.shape, len(self.shape)
         if tile is None:
             return [Layout(shape, block=self.block)]
+        if isinstance(tile, Layout):
+            return [tile]
         if tile != "auto":
             return [Layout(shape, tuple(tile), block=self.block)]
         rm = _row_major_tile(shape, self.block) if r > 1 else None
@@ -223,6 +227,7 @@ class Program:
                                  _exec_named(self.score_source) if self.score_source else None)
         return self._factory_fns
 
+    @outside_inference_mode
     def _tables_on(self, device, flex: bool) -> dict:
         """Per-head tables (int64 / float32) and the user's tensors on ``device``. For ``flex``,
         user float tensors become float32 (compiled flex on CPU mis-compiles float64 captures)
@@ -254,6 +259,7 @@ class Program:
         args = [tables[n] for n in factory.__code__.co_varnames[:factory.__code__.co_argcount]]
         return factory(*args)
 
+    @outside_inference_mode
     def mods(self, device, flex: bool = False) -> tuple:
         """(mask_mod, score_mod) with their tables on ``device`` (``flex``: prepared for
         compiled flex_attention). The mask_mod is built once per device; the score_mod is
@@ -273,6 +279,8 @@ class Program:
         return mask, score
 
     # ------------------------------------------------------------------ block mask
+    @outside_inference_mode
+    @guard("block_mask()")
     def block_mask(self, device="cpu", compute_q_blocks: bool = True):
         """The torch BlockMask (in the program's token layout), built from the tile classes."""
         from torch.nn.attention.flex_attention import BlockMask
@@ -300,6 +308,7 @@ class Program:
         return bm
 
     # ------------------------------------------------------------------ statistics
+    @guard("stats()")
     def stats(self) -> dict:
         if self._stats is None:
             nonempty = float((self.classes != EMPTY).mean())
@@ -401,13 +410,42 @@ _CACHE: Dict[tuple, Program] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def content_key(x):
+    """A cache key for a pattern or score: document ids by their *content* (the tile classes
+    and token masks are built from it, so an in-place change must miss), other tensors by
+    identity (they are read at call time)."""
+    import dataclasses
+    import hashlib
+
+    from .._node import Node
+    from .._pattern import Document
+    from .._values import PerHead
+
+    if isinstance(x, Document) and isinstance(x.ids, torch.Tensor):
+        ids = x.ids.detach().cpu().contiguous()
+        digest = hashlib.sha1(ids.numpy().tobytes()).hexdigest()
+        return ("document", str(ids.dtype), tuple(ids.shape), digest)
+    if isinstance(x, Node):
+        return (type(x).__name__,) + tuple(content_key(getattr(x, f.name))
+                                           for f in dataclasses.fields(x))
+    if isinstance(x, torch.Tensor):
+        return ("<tensor>", id(x))
+    if isinstance(x, (tuple, list)):
+        return tuple(content_key(v) for v in x)
+    if isinstance(x, PerHead):
+        return ("per_head", x.values)
+    return (type(x).__name__, x)
+
+
 def program(pattern, score, shape: tuple, heads: int, block: int = BLOCK_SIZE, tile="auto") -> Program:
     """The (cached) Program for this pattern, score, shape and head count."""
-    key = (pattern, score, tuple(shape), heads, block, tile if tile != "auto" else "auto")
+    key = (content_key(pattern), content_key(score), tuple(shape), heads, block,
+           tile.key if isinstance(tile, Layout) else tile)
     with _CACHE_LOCK:
         p = _CACHE.get(key)
     if p is None:
-        p = Program(pattern, score, tuple(shape), heads, block, tile)
+        with guarded(f"compiling {pattern!r} for shape {tuple(shape)}, heads={heads}"):
+            p = Program(pattern, score, tuple(shape), heads, block, tile)
         with _CACHE_LOCK:
             p = _CACHE.setdefault(key, p)
     return p

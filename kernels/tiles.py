@@ -26,7 +26,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-__all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "TILE_SIZES"]
+from maskdsl._caching import outside_inference_mode
+
+__all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "rows_attending", "TILE_SIZES"]
 
 TILE_SIZES = (128, 64)           # tokens per tile; see tiles_program
 _MAX_SCORE_ELEMENTS = 1 << 26    # explicit path: query tiles in chunks of at most this many scores
@@ -35,8 +37,13 @@ _MAX_SCORE_ELEMENTS = 1 << 26    # explicit path: query tiles in chunks of at mo
 class TilePlan:
     """Per-program, per-device gather indices and token masks (built once, then reused)."""
 
+    @outside_inference_mode
     def __init__(self, program, device: torch.device):
         from maskdsl.codegen.blockmask import EMPTY
+
+        target = device
+        if device.type == "meta":   # meta tensors carry no values: build on CPU, then move
+            device = torch.device("cpu")
 
         lay = program.layout
         V, T = lay.block, lay.n_tiles
@@ -47,6 +54,14 @@ class TilePlan:
         nonempty = cls != EMPTY
         M = max(1, int(nonempty.sum(-1).max()))
         # kv tile indices per (head, query tile), non-empty first; padded slots repeat tile 0
+        from maskdsl._memory import check_allocation
+
+        from maskdsl.codegen.program import _varies_per_head
+
+        Hm = program.heads if _varies_per_head(program.pattern) else 1
+        check_allocation(f"the tiles plan's token masks ({max(Hm, Hc)} x {T} x {V} x {M * V})",
+                         3 * max(Hm, Hc) * T * V * M * V + 16 * Hc * T * M * V,
+                         "use a smaller grid or a sparser pattern")
         order = np.argsort(~nonempty, axis=-1, kind="stable")[..., :M]
         valid_slot = np.take_along_axis(nonempty, order, -1)    # [Hc, T, M]
         idx = torch.from_numpy(np.where(valid_slot, order, 0)).to(device)
@@ -57,9 +72,6 @@ class TilePlan:
         kpos = pos[idx].reshape(Hc, T, 1, M * V)                # [Hc, T, 1, M*V]
         mask_mod, _ = program.mods(device)
         # the token mask is per head whenever the pattern is, even if the tile lists agree
-        from maskdsl.codegen.program import _varies_per_head
-
-        Hm = program.heads if _varies_per_head(program.pattern) else 1
         heads = torch.arange(Hm, device=device).reshape(Hm, 1, 1, 1)
         with torch.no_grad():
             allowed = mask_mod(0, heads, qpos[None], kpos)
@@ -101,11 +113,40 @@ class TilePlan:
         self.q_index0 = torch.where(user == lay.n, 0, user)
         self.kv_index0 = torch.where(self.kv_index == lay.n, 0, self.kv_index)
         self.scatter = None if lay.identity else lay.scatter_index().to(device)
+        # key slots that hold no key (tile lists and key lists padded to the longest): the
+        # native path gathers token 0 there, then overwrites it with zeros, so a padding slot
+        # never carries a real token's values (ARCHITECTURE.md, "Non-finite inputs")
+        pad = self.kv_index == lay.n                           # [Hc, T*K]
+        self.pad_mask = pad if bool(pad.any()) else None
+        self.pad_slots = torch.nonzero(pad[0]).reshape(-1) if Hc == 1 else None
+        if target != device:
+            for name, value in list(vars(self).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(self, name, value.to(target))
         # inference reuses its gather buffers: on CPU a fresh 40 MB tensor costs ~5x its copy in
         # page faults (index_select into a reused buffer: 3 ms vs 16 ms on the benchmark CPU)
         self._buffers: Dict[tuple, tuple] = {}
         self.buffer_lock = threading.Lock()
 
+    @outside_inference_mode
+    def float_mask(self, H: int, dtype):
+        """SDPA's mask for H heads, [1, H*T, V, K], built once: additive (0 / -inf) in ``dtype``
+        (SDPA would convert a bool mask on every call), or the bool *disallowed* entries for
+        ``dtype="blocked"`` (laid out like a score bias)."""
+        key = (H, dtype)
+        mask = self._float_masks.get(key)
+        if mask is None:
+            allowed = self.sdpa_mask.expand(H, self.T, self.V, self.K).reshape(
+                1, H * self.T, self.V, self.K)
+            if dtype == "blocked":
+                mask = ~allowed
+            else:
+                mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+                mask.masked_fill_(~allowed, float("-inf"))
+            self._float_masks[key] = mask
+        return mask
+
+    @outside_inference_mode
     def buffers(self, B, H, D, Dv, dtype, device, padded: bool = True):
         """Gather buffers; ``padded`` adds copies of q, k, v with a zero row (for inputs that
         need a dtype conversion)."""
@@ -154,7 +195,10 @@ def plan_for(program, device) -> TilePlan:
         plans = program.__dict__.setdefault("_tile_plans", {})
         plan = plans.get(device)
     if plan is None:
-        plan = TilePlan(program, device)
+        from maskdsl._memory import guarded
+
+        with guarded(f"the tiles plan for {program.pattern!r} on {tuple(program.shape)}"):
+            plan = TilePlan(program, device)
         with _lock:
             plan = plans.setdefault(device, plan)
     return plan
@@ -178,9 +222,11 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     """
 
     device = q.device
-    plan = plan_for(program, device)
     B, H, N, D = q.shape
     Dv = v.shape[-1]
+    if B == 0:   # nothing to attend; keep the graph so backward gives zero-size gradients
+        return v.new_zeros(0, H, N, Dv) + (q.sum() + k.sum() + v.sum()).to(v.dtype)
+    plan = plan_for(program, device)
     V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     # lay out queries; gather every query tile's key/value tiles straight from user order
@@ -200,6 +246,9 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
             torch.index_select(qz, 2, qi, out=qb)
             torch.index_select(kz, 2, kvi, out=kb)
             torch.index_select(vz, 2, kvi, out=vb)
+            if native and plan.pad_mask is not None:
+                kb.index_fill_(2, plan.pad_slots, 0)
+                vb.index_fill_(2, plan.pad_slots, 0)
             return _attend(program, plan, qb.reshape(B, H, T, V, D), kb.reshape(B, H, T, K, D),
                            vb.reshape(B, H, T, K, Dv), q, scale, sink, dropout_p, generator,
                            keep, dt)
@@ -210,12 +259,14 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
         qi, kvi = plan.q_index, plan.kv_index
     qt = qz.index_select(2, qi).reshape(B, H, T, V, D)
     if Hc == 1:
-        kg = kz.index_select(2, kvi[0]).reshape(B, H, T, K, D)
-        vg = vz.index_select(2, kvi[0]).reshape(B, H, T, K, Dv)
+        kg, vg = kz.index_select(2, kvi[0]), vz.index_select(2, kvi[0])
     else:
         hh = torch.arange(H, device=device)[:, None]
-        kg = kz[:, hh, kvi].reshape(B, H, T, K, D)
-        vg = vz[:, hh, kvi].reshape(B, H, T, K, Dv)
+        kg, vg = kz[:, hh, kvi], vz[:, hh, kvi]
+    if native and plan.pad_mask is not None:   # padding slots read token 0: zero them
+        pad = plan.pad_mask[None, :, :, None]
+        kg, vg = kg.masked_fill(pad, 0), vg.masked_fill(pad, 0)
+    kg, vg = kg.reshape(B, H, T, K, D), vg.reshape(B, H, T, K, Dv)
     return _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt)
 
 
@@ -256,24 +307,14 @@ def _fused(qt, kg, vg, plan, bias, scale, B, H):
     import torch.nn.functional as F
 
     T, V, MV = plan.T, plan.V, plan.K
-    if bias is None:   # the additive -inf mask, built once (SDPA would convert a bool mask per call)
-        key = (H, qt.dtype)
-        mask = plan._float_masks.get(key)
-        if mask is None:
-            allowed = plan.sdpa_mask.expand(H, T, V, MV).reshape(1, H * T, V, MV)
-            mask = torch.zeros(allowed.shape, dtype=qt.dtype, device=qt.device)
-            mask.masked_fill_(~allowed, float("-inf"))
-            plan._float_masks[key] = mask
+    if bias is None:
+        mask = plan.float_mask(H, qt.dtype)
     else:
         bias = bias.expand(1, H, T, V, MV).reshape(1, H * T, V, MV)
-        blocked = plan._float_masks.get((H, "blocked"))
-        if blocked is None:   # the disallowed entries, laid out like the bias (built once)
-            blocked = ~plan.sdpa_mask.expand(H, T, V, MV).reshape(1, H * T, V, MV)
-            plan._float_masks[(H, "blocked")] = blocked
-        mask = bias.masked_fill(blocked, float("-inf"))
+        mask = bias.masked_fill(plan.float_mask(H, "blocked"), float("-inf"))
     out = F.scaled_dot_product_attention(
-        qt.reshape(B, H * T, V, -1), kg.reshape(B, H * T, MV, -1),
-        vg.reshape(B, H * T, MV, -1), attn_mask=mask, scale=scale)
+        qt.reshape(B, H * T, V, qt.shape[-1]), kg.reshape(B, H * T, MV, kg.shape[-1]),
+        vg.reshape(B, H * T, MV, vg.shape[-1]), attn_mask=mask, scale=scale)
     if plan.every_row_has_keys:
         return out
     row_any = plan.row_any.expand(H, T, V, 1).reshape(1, H * T, V, 1)
@@ -304,7 +345,8 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
         denom = e.sum(-1, keepdim=True)
         if sink is not None:
             denom = denom + torch.exp(sink.to(dt).reshape(1, H, 1, 1, 1) - m)
-        p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+        # a row with no key divides 0 by 1; a NaN (sink logit) stays NaN, never becomes 1
+        p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
         if dropout_p is not None:
             ps = dropout_p.to(device=device, dtype=dt).reshape(1, H, 1, 1, 1)
             if keep is not None:
@@ -315,3 +357,21 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
             p = p * kp_ / (1 - ps)
         outs.append(torch.matmul(p, vg[:, :, t0:t1]))
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+
+
+def rows_attending(program, bad: torch.Tensor) -> torch.Tensor:
+    """bool [B, H, N]: the queries that attend at least one key flagged in ``bad`` [B, H, N]
+    (user token order), read off the plan's token masks: O(B x H x N x keys per query).
+    ``_isolate`` uses it to poison exactly the rows that attend a non-finite key."""
+    B, H, N = bad.shape
+    plan = plan_for(program, bad.device)
+    T, V, K = plan.T, plan.V, plan.K
+    ext = torch.cat([bad, bad.new_zeros(B, H, 1)], 2)          # token N: the padding slot
+    if plan.Hc == 1:
+        seen = ext.index_select(2, plan.kv_index[0])
+    else:
+        seen = ext[:, torch.arange(H, device=bad.device)[:, None], plan.kv_index]
+    hit = (plan.allowed[None] & seen.reshape(B, H, T, 1, K)).any(-1).reshape(B, H, T * V)
+    if plan.scatter is not None:
+        return hit.index_select(2, plan.scatter)
+    return hit[:, :, :N]

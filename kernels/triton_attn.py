@@ -41,6 +41,7 @@ from typing import List, Optional
 
 import torch
 
+from .._caching import outside_inference_mode
 from .._errors import MaskDSLError
 from .._score import per_head_tensor
 from .triton_params import HeadParams, check_score, group_tiles, lower_pattern, pack
@@ -900,11 +901,13 @@ class TritonPlan:
                 self._fixed_terms[name] = (term, field)
         self._packed, self._fixed = {}, {}
 
+    @outside_inference_mode
     def packed(self, device):
         if device not in self._packed:
             self._packed[device] = pack(self.params, device)
         return self._packed[device]
 
+    @outside_inference_mode
     def fixed_values(self, device) -> dict:
         """float32 [H] tensors of the number-valued parameters (geometric ALiBi slopes too) and
         a zero placeholder, built once per device."""
@@ -931,6 +934,12 @@ def _check_inputs(q, k, v):
         raise MaskDSLError(
             f"backend='triton': q, k, v dtype {q.dtype}/{k.dtype}/{v.dtype}: expected one of "
             f"float16, bfloat16, float32 for all three (float64 runs on backend='tiles')")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and interpreted():
+        # the interpreter's bf16 tl.dot is wrong (a 16x16 probe: errors of ~1e10), so refuse
+        # rather than return garbage; on CUDA bf16 is fine
+        raise MaskDSLError(
+            "backend='triton': bfloat16 under TRITON_INTERPRET=1 (Triton's CPU interpreter "
+            "computes bf16 tl.dot wrongly); use float16/float32 there, or run on CUDA")
     D, Dv = q.shape[-1], v.shape[-1]
     for name, d in (("q/k head dim", D), ("v head dim", Dv)):
         if not 16 <= d <= 256:

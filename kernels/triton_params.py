@@ -58,7 +58,7 @@ def _unsupported(node, why: str = "") -> MaskDSLError:
     )
 
 
-def _merge_leaf(node, bound: dict, dims: List[DimParams], off: int):
+def _merge_leaf(node, bound: dict, dims: List[DimParams], off: int, shape: tuple):
     """AND one leaf into the per-dim parameters (``off``: padded leading dims)."""
     if isinstance(node, Full):
         return
@@ -77,7 +77,8 @@ def _merge_leaf(node, bound: dict, dims: List[DimParams], off: int):
     if isinstance(node, Window):
         for i, (lft, rgt) in enumerate(zip(bound["left"], bound["right"])):
             d = dims[off + i]
-            d.left, d.right = min(d.left, lft), min(d.right, rgt)
+            S = shape[i]   # offsets beyond S - 1 mean "no limit": clamp (int32 in the kernel)
+            d.left, d.right = min(d.left, lft, S), min(d.right, rgt, S)
         return
     if isinstance(node, Causal):
         for i in bound["dims"]:
@@ -93,20 +94,20 @@ def _merge_leaf(node, bound: dict, dims: List[DimParams], off: int):
     raise _unsupported(node)
 
 
-def _core(node, h: int, bound, dims, off):
+def _core(node, h: int, bound, dims, off, shape):
     if isinstance(node, And):
-        _core(node.a, h, bound, dims, off)
-        _core(node.b, h, bound, dims, off)
+        _core(node.a, h, bound, dims, off, shape)
+        _core(node.b, h, bound, dims, off, shape)
     elif isinstance(node, Heads):
-        _core(node.patterns[h], h, bound, dims, off)
+        _core(node.patterns[h], h, bound, dims, off, shape)
     else:
-        _merge_leaf(node, bound(node, h), dims, off)
+        _merge_leaf(node, bound(node, h), dims, off, shape)
 
 
-def _head(p, h: int, bound, ndim: int) -> HeadParams:
-    off = 3 - ndim
+def _head(p, h: int, bound, shape: tuple) -> HeadParams:
+    off = 3 - len(shape)
     if isinstance(p, Heads):
-        return _head(p.patterns[h], h, bound, ndim)
+        return _head(p.patterns[h], h, bound, shape)
     # split a top-level union into sinks and at most one core
     terms, stack = [], [p]
     while stack:
@@ -123,9 +124,9 @@ def _head(p, h: int, bound, ndim: int) -> HeadParams:
         raise _unsupported(p, " (a union of two non-sink patterns)")
     dims = [DimParams() for _ in range(3)]
     if cores:
-        _core(cores[0], h, bound, dims, off)
+        _core(cores[0], h, bound, dims, off, shape)
     else:
-        _merge_leaf(Empty(), {}, dims, off)
+        _merge_leaf(Empty(), {}, dims, off, shape)
     n_sink = max([bound(s, h)["n"] for s in sinks], default=0)
     return HeadParams(dims, n_sink)
 
@@ -139,7 +140,12 @@ def lower_pattern(p, shape: tuple, heads: int) -> List[HeadParams]:
             cache[id(node)] = (node, node.bind(shape, heads))
         return cache[id(node)][1][h]
 
-    return [_head(p, h, bound, len(shape)) for h in range(heads)]
+    if max(shape) > 2**30:
+        raise MaskDSLError(
+            f"backend='triton': shape {tuple(shape)} has a dim longer than 2**30; the kernel's "
+            f"int32 coordinates need every dim <= 2**30 (use backend='tiles')")
+
+    return [_head(p, h, bound, tuple(shape)) for h in range(heads)]
 
 
 def check_score(score) -> dict:

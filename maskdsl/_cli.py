@@ -131,6 +131,8 @@ def _picture(p, shape, heads, only_head, query, width) -> str:
 def _cmd_show(args) -> int:
     from ._compile import validate
 
+    if args.width < 8:
+        raise MaskDSLError(f"--width={args.width}: expected an int >= 8 (columns of the picture)")
     p, s = _spec(args)
     shape = validate(p, _shape(args.shape), args.heads, s)
     query = _coords(args.query) if args.query else None
@@ -259,6 +261,8 @@ def _cmd_check(args) -> int:
     attn = compile(p, _shape(args.shape), args.heads, score=s, backend=args.backend)
     if args.batch < 1 or args.dim < 1:
         raise MaskDSLError(f"--batch={args.batch}, --dim={args.dim}: expected positive ints")
+    if not 0 <= args.seed < 2**63:
+        raise MaskDSLError(f"--seed={args.seed}: expected an int in [0, 2**63)")
     torch.manual_seed(args.seed)
     q, k, v = (torch.randn(args.batch, args.heads, attn.n, args.dim) for _ in range(3))
     out = attn(q, k, v)

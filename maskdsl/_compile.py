@@ -13,11 +13,12 @@ from typing import Optional
 import torch
 
 from . import reference
+from ._caching import outside_inference_mode
 from ._errors import MaskDSLError
-from ._inputs import check_qkv, check_scale
+from ._inputs import check_device, check_qkv, check_scale
 from ._node import check_heads, check_shape
-from ._pattern import And, Heads, Not, Or, Pattern
-from ._score import Dropout, Score, per_head_tensor, score_terms
+from ._pattern import And, Document, Heads, Not, Or, Pattern
+from ._score import Dropout, Score, check_tensor_params, per_head_tensor, score_terms
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
@@ -78,6 +79,40 @@ class CompiledAttention:
         self._masks = {}
         self._program = None
         self._triton_plan = None
+        # tensors the compiled structure was built from (document ids): an in-place change
+        # (a new version) drops every cached plan, so the next call rebuilds from the new ids
+        self._structural = [n.ids for n in walk(pattern)
+                            if isinstance(n, Document) and isinstance(n.ids, torch.Tensor)]
+        self._versions = self._structure_versions()
+
+    def _structure_versions(self):
+        out = []
+        for t in self._structural:
+            try:
+                out.append(t._version)
+            except RuntimeError:   # inference tensors keep no version counter: compare content
+                out.append(t.detach().cpu().clone())
+        return out
+
+    def _refresh(self):
+        """Forget every plan built from structural tensors that changed in place since."""
+        now = self._structure_versions()
+        same = all((a == b) if isinstance(a, int) and isinstance(b, int)
+                   else isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                   and torch.equal(a, b) for a, b in zip(now, self._versions))
+        if not same:
+            self._versions = now
+            self._masks, self._program, self._triton_plan = {}, None, None
+            self._tiles_prog = None
+
+    def __reduce__(self):
+        # Pickling and deepcopy keep only the spec (and the dropout stream's position): every
+        # cache, plan and compiled kernel is rebuilt on first use (they hold locks and devices).
+        state = {"training": self.training,
+                 "generator": self._generator.get_state() if self._generator is not None else None}
+        requested = "auto" if self._auto else self.backend
+        return (_rebuild, (self.pattern, self.shape, self.heads, self.score, requested,
+                           None if self._device is None else str(self._device), state))
 
     def __repr__(self):
         score = f", score={self.score!r}" if self.score is not None else ""
@@ -113,7 +148,7 @@ class CompiledAttention:
 
     def block_mask(self, device="cpu"):
         """The torch BlockMask, built analytically (in the program's token layout)."""
-        return self._running.block_mask(device)
+        return self._running.block_mask(check_device(device))
 
     def stats(self) -> dict:
         """Token density, block density before/after token tiling, ideal speedup, layout."""
@@ -121,17 +156,37 @@ class CompiledAttention:
 
     def mask(self, device="cpu") -> torch.Tensor:
         """The bool [H, N, N] mask (built once per device by the reference)."""
-        device = torch.device(device)
+        device = check_device(device)
         if device not in self._masks:
-            self._masks[device] = reference.mask(self.pattern, self.shape, self.heads, device)
+            self._masks[device] = outside_inference_mode(reference.mask)(
+                self.pattern, self.shape, self.heads, device)
         return self._masks[device]
 
     # ------------------------------------------------------------------ running
     def __call__(self, q, k, v, *, scale: Optional[float] = None) -> torch.Tensor:
-        """Attention output [B, H, N, Dv] for q, k, v of shape [B, H, N, D]."""
+        """Attention output [B, H, N, Dv] for q, k, v of shape [B, H, N, D].
+
+        A query whose q row, or a key it attends, holds a NaN or inf outputs NaN; no other row
+        is affected (ARCHITECTURE.md, "Non-finite inputs")."""
+        from ._isolate import nonfinite_rows, poison, sanitize
+
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads)
         scale = check_scale(scale, D)
         reference.check_params_device(self.score, q.device)
+        check_tensor_params(self.score)
+        if self._structural:
+            self._refresh()
+        bad = nonfinite_rows(q, k, v)
+        if bad is None:
+            return self._run(q, k, v, scale)
+        from .kernels.tiles import rows_attending
+
+        bad_q, bad_kv = bad
+        out = self._run(sanitize(q, bad_q), sanitize(k, bad_kv), sanitize(v, bad_kv), scale)
+        return poison(out, q, bad_q | rows_attending(self.tiles_program, bad_kv))
+
+    def _run(self, q, k, v, scale: float) -> torch.Tensor:
+        """The chosen backend on checked, finite inputs."""
         if self._auto and q.device != self._device:   # auto decides per device
             from .codegen.dispatch import choose
 
@@ -152,15 +207,11 @@ class CompiledAttention:
             from .codegen.dispatch import call_time_fallback
             from .codegen.flex import run_flex
 
-            why = call_time_fallback(q, k, v)
+            why = call_time_fallback(q, k, v, self.score)
             if why is None:
                 return run_flex(self.program, q, k, v, scale)
             if not self._auto:
-                raise MaskDSLError(
-                    f"backend='flex': {why}; use float32/bfloat16/float16 inputs, run under "
-                    f"torch.no_grad() with inputs that do not require grad, or pick "
-                    f"backend='tiles'"
-                )
+                raise MaskDSLError(f"backend='flex': {why}")
             self.reason = f"{self.reason.split('; this call')[0]}; this call ran tiles: {why}"
             return self._tiles(q, k, v, scale)
         return self._dense(q, k, v, scale)
@@ -211,6 +262,7 @@ class CompiledAttention:
 
     def _dense(self, q, k, v, scale):
         B, H, N, _ = q.shape
+        reference.check_dense_size("backend='dense'", B, H, N, q.dtype)
         keep = None
         if self._generator is not None and self.training:
             keep = reference.dropout_mask(self.score, B, H, N, q.device, generator=self._generator)
@@ -284,3 +336,11 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         attn._triton_plan = plan
         return attn
     return CompiledAttention(p, shape, heads, score, backend, f"{backend} was requested", auto=False)
+
+
+def _rebuild(pattern, shape, heads, score, backend, device, state):
+    attn = compile(pattern, shape, heads, score=score, backend=backend, device=device)
+    attn.training = state["training"]
+    if state["generator"] is not None:
+        attn._generator.set_state(state["generator"])
+    return attn

@@ -7,8 +7,9 @@ import numbers
 import torch
 
 from ._errors import MaskDSLError
+from ._values import FLOAT_MAX
 
-__all__ = ["check_qkv", "check_scale"]
+__all__ = ["check_qkv", "check_scale", "check_device", "check_count"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,6 +20,11 @@ def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise MaskDSLError(f"{name}: expected a torch.Tensor [B, H, N, D], got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise MaskDSLError(
+                f"{name}: expected a dense (strided) tensor [B, H, N, D], got layout {t.layout}; "
+                f"convert it with .to_dense()"
+            )
         if t.dim() != 4:
             raise MaskDSLError(
                 f"{name}: expected a 4-D tensor [B, H, N, D], got shape {list(t.shape)}"
@@ -59,6 +65,43 @@ def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS):
 def check_scale(scale, d: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise MaskDSLError(f"scale={scale!r}: expected a finite number (default 1/sqrt(D))")
+    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+            or abs(scale) > FLOAT_MAX):
+        raise MaskDSLError(f"scale={scale!r}: expected a finite number within float32's range "
+                           f"(|scale| <= 3.4e38; default 1/sqrt(D))")
     return float(scale)
+
+
+def check_device(device, where: str = "device", usable: bool = True) -> torch.device:
+    """A ``torch.device`` from a user's ``device=`` (a string, a torch.device, or an int index of
+    an accelerator). ``usable``: the device must exist on this machine (tensors will be made
+    there); without it, any well-formed device is accepted (``md.compile(..., device="cuda")``
+    plans for a machine the callable will run on)."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, numbers.Integral)):
+        raise MaskDSLError(
+            f"{where}={device!r}: expected a device such as 'cpu', 'cuda' or 'cuda:0'")
+    if isinstance(device, numbers.Integral) and (
+            device < 0 or not torch.cuda.is_available() or device >= torch.cuda.device_count()):
+        raise MaskDSLError(
+            f"{where}={device!r}: an int names a CUDA device index, but this machine has "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA devices; "
+            f"expected e.g. 'cpu' or 'cuda:0'")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MaskDSLError(
+            f"{where}={device!r}: not a device; expected e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if usable:
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MaskDSLError(f"{where}={device!r}: this machine cannot use it ({first})") from None
+    return dev
+
+
+def check_count(where: str, value, lo: int = 0) -> int:
+    """A non-negative (or >= lo) int argument such as a batch size or token count."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= 2**31 - 1:
+        raise MaskDSLError(f"{where}={value!r}: expected an int in [{lo}, 2**31 - 1]")
+    return int(value)

@@ -176,7 +176,12 @@ def check_shape(shape) -> tuple:
     return tuple(out)
 
 
+MAX_HEADS = 65536   # per-head parameters are bound and lowered once per head: keep it finite
+
+
 def check_heads(heads) -> int:
     if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
         raise MaskDSLError(f"heads={heads!r}: expected a positive int")
+    if heads > MAX_HEADS:
+        raise MaskDSLError(f"heads={heads}: expected an int in [1, {MAX_HEADS}]")
     return int(heads)

@@ -1,6 +1,6 @@
 """Pattern nodes: the predicates ``allowed(h, q, k)`` of the DSL and their algebra.
 
-The exact semantics of every node are written in DESIGN.md (Semantics) and implemented,
+The exact semantics of every node are written in ARCHITECTURE.md (Semantics) and implemented,
 independently of the compiler, in :mod:`maskdsl.reference`.
 """
 from __future__ import annotations

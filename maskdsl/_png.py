@@ -35,11 +35,30 @@ def _fraction_image(m: torch.Tensor) -> torch.Tensor:
     return f.reshape(f.shape[0] // b, b, -1, b).mean((1, 3))
 
 
+FORMATS = (".png", ".svg", ".pdf")
+
+
+def _checked_path(path: str) -> str:
+    """The file that will be written: ``.png`` appended when there is no extension; an
+    unsupported extension or a missing folder is refused before anything is drawn."""
+    root, ext = os.path.splitext(path)
+    if not ext:
+        path, ext = path + ".png", ".png"
+    if ext.lower() not in FORMATS:
+        raise MaskDSLError(f"--png={path!r}: unsupported extension {ext!r}; expected one of "
+                           f"{', '.join(FORMATS)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MaskDSLError(f"--png={path!r}: the folder {folder!r} does not exist")
+    return path
+
+
 def write_png(path: str, p, score, shape: tuple, heads: int, only_head, query) -> str:
     """Per head: the N x N mask (grey = partial cells when downsampled) and the keys one query
     sees on the grid, coloured by the score terms' bias when a score is given. Returns the path."""
     from . import reference
 
+    path = _checked_path(path)
     plt = _matplotlib()
     m = reference.mask(p, shape, heads)
     bias = reference.bias(score, shape, heads) if score is not None else None
@@ -75,8 +94,9 @@ def write_png(path: str, p, score, shape: tuple, heads: int, only_head, query) -
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=80)
-    except OSError as e:
-        raise MaskDSLError(f"--png={path!r}: cannot write it ({e.strerror})") from None
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise MaskDSLError(f"--png={path!r}: cannot write it ({why})") from None
     finally:
         plt.close(fig)
     return os.path.abspath(path)

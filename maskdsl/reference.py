@@ -1,5 +1,5 @@
 """The dense reference: what every pattern and score *means*, written straight from the
-rules in DESIGN.md (Semantics), one small function per node.
+rules in ARCHITECTURE.md (Semantics), one small function per node.
 
 This module is the oracle every backend is tested against. It is deliberately simple and
 slow (it materialises ``[H, N, N]``) and shares no code with :mod:`maskdsl.codegen`: it only
@@ -19,12 +19,13 @@ from typing import Optional
 import torch
 
 from ._errors import MaskDSLError
-from ._inputs import check_qkv, check_scale
+from ._inputs import check_count, check_device, check_qkv, check_scale
+from ._memory import check_allocation, guard, guarded
 from ._node import check_heads, check_shape
 from ._pattern import (And, Block, Causal, Document, Empty, Full, Heads, Neighborhood, Not, Or,
                        Pattern, Power, Radial, Sink, Window)
 from ._score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, SinkLogit, Softcap,
-                     geometric_slopes, score_terms)
+                     check_tensor_params, geometric_slopes, score_terms)
 from ._values import _is_tensor
 
 __all__ = ["mask", "bias", "attention", "dropout_mask"]
@@ -33,19 +34,27 @@ __all__ = ["mask", "bias", "attention", "dropout_mask"]
 class _Grid:
     """Query/key coordinates of a grid, broadcast as [N, 1] (query) and [1, N] (key)."""
 
-    def __init__(self, shape: tuple, heads: int, device):
+    def __init__(self, shape: tuple, heads: int, device, rows=None):
         self.shape, self.heads, self.device = shape, heads, device
         self.n = math.prod(shape)
         flat = torch.arange(self.n, device=device)
-        self.flat_q, self.flat_k = flat[:, None], flat[None, :]
+        qflat = flat if rows is None else rows.to(device)
+        self.nq = len(qflat)
+        self.flat_q, self.flat_k = qflat[:, None], flat[None, :]
+        self.q = [c[:, None] for c in self._coords(qflat)]
+        self.k = [c[None, :] for c in self._coords(flat)]
+        self._bound = {}
+
+    def _coords(self, flat):
         coords, rest = [], flat
-        for size in reversed(shape):  # row-major: the last dim varies fastest
+        for size in reversed(self.shape):  # row-major: the last dim varies fastest
             coords.append(rest % size)
             rest = rest // size
-        coords.reverse()
-        self.q = [c[:, None] for c in coords]
-        self.k = [c[None, :] for c in coords]
-        self._bound = {}
+        return coords[::-1]
+
+    def full(self, value: bool) -> torch.Tensor:
+        """bool [queries, N] filled with ``value``."""
+        return torch.full((self.nq, self.n), value, dtype=torch.bool, device=self.device)
 
     def bound(self, node, h: int) -> dict:
         key = id(node)
@@ -57,7 +66,7 @@ class _Grid:
 # ------------------------------------------------------------------------------ masks
 
 def _neighborhood(p: dict, g: _Grid) -> torch.Tensor:
-    allowed = torch.ones(g.n, g.n, dtype=torch.bool, device=g.device)
+    allowed = g.full(True)
     for dim, length in enumerate(g.shape):
         K, s, d = p["kernel_size"][dim], p["stride"][dim], p["dilation"][dim]
         xq, xk = g.q[dim], g.k[dim]
@@ -78,7 +87,7 @@ def _neighborhood(p: dict, g: _Grid) -> torch.Tensor:
 
 
 def _window(p: dict, g: _Grid) -> torch.Tensor:
-    allowed = torch.ones(g.n, g.n, dtype=torch.bool, device=g.device)
+    allowed = g.full(True)
     for dim in range(len(g.shape)):
         diff = g.k[dim] - g.q[dim]
         allowed &= (-p["left"][dim] <= diff) & (diff <= p["right"][dim])
@@ -86,27 +95,27 @@ def _window(p: dict, g: _Grid) -> torch.Tensor:
 
 
 def _causal(p: dict, g: _Grid) -> torch.Tensor:
-    allowed = torch.ones(g.n, g.n, dtype=torch.bool, device=g.device)
+    allowed = g.full(True)
     for dim in p["dims"]:
         allowed &= g.k[dim] <= g.q[dim]
     return allowed
 
 
 def _block(p: dict, g: _Grid) -> torch.Tensor:
-    allowed = torch.ones(g.n, g.n, dtype=torch.bool, device=g.device)
+    allowed = g.full(True)
     for dim, size in enumerate(p["size"]):
         allowed &= (g.q[dim] // size) == (g.k[dim] // size)
     return allowed
 
 
 def _sink(p: dict, g: _Grid) -> torch.Tensor:
-    return (g.flat_k < p["n"]).expand(g.n, g.n)
+    return (g.flat_k < p["n"]).expand(g.nq, g.n)
 
 
 def _document(p: dict, g: _Grid) -> torch.Tensor:
     ids = p["ids"]
     ids = ids.to(g.device) if _is_tensor(ids) else torch.tensor(ids, device=g.device)
-    return ids[:, None] == ids[None, :]
+    return ids[g.flat_q[:, 0]][:, None] == ids[None, :]
 
 
 def _radial(p: dict, g: _Grid) -> torch.Tensor:
@@ -141,9 +150,9 @@ _LEAF_RULES = {
 def _mask_at(p: Pattern, h: int, g: _Grid) -> torch.Tensor:
     """bool [N, N]: which keys each query of head ``h`` may attend to."""
     if isinstance(p, Full):
-        return torch.ones(g.n, g.n, dtype=torch.bool, device=g.device)
+        return g.full(True)
     if isinstance(p, Empty):
-        return torch.zeros(g.n, g.n, dtype=torch.bool, device=g.device)
+        return g.full(False)
     if isinstance(p, And):
         return _mask_at(p.a, h, g) & _mask_at(p.b, h, g)
     if isinstance(p, Or):
@@ -159,7 +168,7 @@ def _mask_at(p: Pattern, h: int, g: _Grid) -> torch.Tensor:
     return rule(g.bound(p, h), g)
 
 
-def mask(p: Pattern, shape, heads: int = 1, device="cpu") -> torch.Tensor:
+def mask(p: Pattern, shape, heads: int = 1, device="cpu", rows=None) -> torch.Tensor:
     """The boolean mask of a pattern: ``out[h, q, k]`` is True iff head ``h``'s query ``q`` may
     attend to key ``k`` (flat row-major token indices).
 
@@ -168,14 +177,34 @@ def mask(p: Pattern, shape, heads: int = 1, device="cpu") -> torch.Tensor:
         shape: the token grid, 1 to 3 dims; N = prod(shape).
         heads: number of heads (per_head lists and heads([...]) must match it).
         device: where to build the mask.
+        rows: only these queries (flat indices, a list or int tensor), in this order: the mask
+            of a few rows of a large grid costs O(rows x N), not O(N^2).
 
     Returns:
-        bool tensor [heads, N, N].
+        bool tensor [heads, N, N] (or [heads, len(rows), N]).
     """
     if not isinstance(p, Pattern):
         raise MaskDSLError(f"mask: expected a pattern, got {p!r}")
-    g = _Grid(check_shape(shape), check_heads(heads), torch.device(device))
-    return torch.stack([_mask_at(p, h, g) for h in range(g.heads)])
+    shape = check_shape(shape)
+    g = _Grid(shape, check_heads(heads), check_device(device), _check_rows(rows, shape))
+    check_allocation(f"reference.mask of {g.heads} x {g.nq} x {g.n} pairs", 4 * g.heads * g.nq * g.n,
+                     "ask for a few query rows with rows=[...], or use md.compile(...) (its "
+                     "tile classes and BlockMask are O(tiles))")
+    with guarded("reference.mask"):
+        return torch.stack([_mask_at(p, h, g) for h in range(g.heads)])
+
+
+def _check_rows(rows, shape):
+    if rows is None:
+        return None
+    n = math.prod(shape)
+    t = torch.as_tensor(rows) if not _is_tensor(rows) else rows
+    if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise MaskDSLError(f"mask: rows: expected a 1-D list or tensor of flat query indices")
+    if len(t) and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise MaskDSLError(f"mask: rows: indices must lie in [0, {n}), got "
+                           f"{int(t.min())}..{int(t.max())}")
+    return t.long().cpu()
 
 
 # ------------------------------------------------------------------------------ scores
@@ -199,7 +228,7 @@ def _distance_decay(p: dict, h: int, g: _Grid, dtype) -> torch.Tensor:
         dist = diffs[0]
         for x in diffs[1:]:
             dist = torch.maximum(dist, x)
-    dist = dist.expand(g.n, g.n)
+    dist = dist.expand(g.nq, g.n)
     return -_value(p["rate"], h, dist) * dist
 
 
@@ -212,7 +241,7 @@ def _alibi(p: dict, h: int, g: _Grid, dtype) -> torch.Tensor:
 def _relative_bias(p: dict, h: int, g: _Grid, dtype) -> torch.Tensor:
     table = p["table"] if p["shared"] else p["table"][h]
     index = tuple(
-        torch.clamp(g.k[d] - g.q[d], -r, r).expand(g.n, g.n) + r for d, r in enumerate(p["radius"])
+        torch.clamp(g.k[d] - g.q[d], -r, r).expand(g.nq, g.n) + r for d, r in enumerate(p["radius"])
     )
     return table.to(device=g.device, dtype=dtype)[index]
 
@@ -242,9 +271,11 @@ def bias(s: Score, shape, heads: int = 1, device="cpu", dtype=torch.float32) -> 
     """
     if s is not None and not isinstance(s, Score):
         raise MaskDSLError(f"bias: expected a score term, got {s!r}")
-    g = _Grid(check_shape(shape), check_heads(heads), torch.device(device))
+    g = _Grid(check_shape(shape), check_heads(heads), check_device(device))
     _bind_all(s, g)
-    out = _bias(s, g, dtype)
+    check_allocation(f"reference.bias of {g.heads} x {g.n} x {g.n} pairs", 24 * g.heads * g.n * g.n)
+    with guarded("reference.bias"):
+        out = _bias(s, g, dtype)
     return torch.zeros(g.heads, g.n, g.n, dtype=dtype, device=g.device) if out is None else out
 
 
@@ -267,6 +298,14 @@ def dropout_mask(score: Optional[Score], batch: int, heads: int, n: int, device=
     """The keep mask of the score's ``dropout`` term: bool [B, H, N, N], True = kept, drawn on
     the CPU from ``generator`` (default: a generator seeded with the term's ``seed``), so the
     same seed gives the same mask on every device. None when there is no dropout term."""
+    if score is not None and not isinstance(score, Score):
+        raise MaskDSLError(f"dropout_mask: score={score!r}: expected score terms or None")
+    batch = check_count("dropout_mask: batch", batch)
+    heads = check_heads(heads)
+    n = check_count("dropout_mask: n", n, lo=1)
+    device = check_device(device, "dropout_mask: device")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise MaskDSLError(f"dropout_mask: generator={generator!r}: expected a torch.Generator or None")
     term = _find(score, Dropout)
     if term is None:
         return None
@@ -302,14 +341,26 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
         raise MaskDSLError(f"attention: score={score!r}: expected score terms or None")
     shape = check_shape(shape)
     B, H, N, D = check_qkv(q, k, v, shape)
+    check_dense_size("reference.attention", B, H, N, q.dtype)
     g = _Grid(shape, H, q.device)
-    allowed = torch.stack([_mask_at(p, h, g) for h in range(H)])
+    with guarded("reference.attention"):
+        allowed = torch.stack([_mask_at(p, h, g) for h in range(H)])
     _bind_all(score, g)
     check_params_device(score, q.device)
+    check_tensor_params(score)
     if _find(score, Dropout) is not None and dropout_keep is None:
         dropout_keep = dropout_mask(score, B, H, N, q.device)
-    return masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score,
-                            check_scale(scale, D), dropout_keep)
+    # Non-finite inputs (ARCHITECTURE.md, "Non-finite inputs"): a query is poisoned (its row is
+    # NaN) when its q row, or the k or v row of a key it attends, holds a NaN or inf; every
+    # other row is computed from finite values only.
+    bad_q = ~torch.isfinite(q).all(-1)
+    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    q, k, v = (torch.where(bad[..., None], zero, x) for bad, x in ((bad_q, q), (bad_kv, k), (bad_kv, v)))
+    out = masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score,
+                           check_scale(scale, D), dropout_keep)
+    poisoned = bad_q | (allowed[None] & bad_kv[:, :, None, :]).any(-1)
+    return out.masked_fill(poisoned[..., None], float("nan"))
 
 
 def check_params_device(score, device):
@@ -322,6 +373,15 @@ def check_params_device(score, device):
                 )
 
 
+def check_dense_size(what: str, B: int, H: int, N: int, dtype) -> None:
+    """Dense attention holds about five [B, H, N, N] tensors (logits, bias, exponentials,
+    probabilities, masks): refuse what cannot fit, before allocating any of it."""
+    item = 8 if dtype == torch.float64 else 4
+    check_allocation(f"{what} on {B} x {H} x {N} x {N} logits", 5 * item * B * H * N * N,
+                     "use a smaller batch or grid, or backend='tiles' (O(N x keys per query))")
+
+
+@guard("dense attention")
 def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None):
     """Softmax attention given the bool mask ``allowed`` [H, N, N]; ``bias_fn(dtype)`` returns the
     additive bias [H, N, N] or None. Shared by :func:`attention` and the dense backend."""
@@ -348,7 +408,8 @@ def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None):
     denom = e.sum(dim=-1, keepdim=True)
     if sink is not None:
         denom = denom + torch.exp(sinks - m)
-    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    # a row with no key divides 0 by 1; a NaN (sink logit) stays NaN, never becomes 1
+    probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     drop = _find(score, Dropout)
     if drop is not None and keep is not None:
         if keep.dtype != torch.bool or keep.shape != (B, H, N, N):

@@ -1,4 +1,4 @@
-"""The dense reference against the rules of DESIGN.md.
+"""The dense reference against the rules of ARCHITECTURE.md (Semantics).
 
 ``brute_allowed`` below re-reads every rule token by token in plain Python (no torch, no
 vectorisation); the reference's vectorised masks must equal it exactly. Properties per primitive
