@@ -174,3 +174,81 @@ def relative_table(shape, heads, requires_grad=False, shared=False, radius=None)
     sizes = [2 * (L - 1 if radius is None else radius) + 1 for L in shape]
     t = torch.randn(*([] if shared else [heads]), *sizes, dtype=torch.float64) * 0.5
     return t.requires_grad_(requires_grad)
+
+
+# --------------------------------------------------------------------------- production sizes
+# The corners the 3-D decode bug and the tiling paths live in need the backends' own block sizes
+# (64/128 tokens) on grids that straddle them: 3-D first, dilation with stride and per-dim
+# causality, sizes that are not multiples of any tile.
+
+@st.composite
+def grid_shapes(draw, max_tokens=2400):
+    rank = draw(st.sampled_from([1, 2, 3, 3]))
+    if rank == 1:
+        return (draw(st.integers(2, min(700, max_tokens))),)
+    limits = {2: (48, 48), 3: (10, 16, 34)}[rank]
+    out = []
+    for i, lim in enumerate(limits):
+        room = max_tokens // max(1, math.prod(out)) // max(1, 2 ** (rank - i - 1))
+        out.append(draw(st.integers(2, max(2, min(lim, room)))))
+    return tuple(out)
+
+
+@st.composite
+def gna(draw, shape, heads):
+    """A NATTEN neighborhood with dilation, stride and per-dim causality on every dim."""
+    ks, ss, ds, cs = [], [], [], []
+    for L in shape:
+        d = draw(st.integers(1, max(1, min(4, L // 2))))
+        k = draw(st.integers(2, max(2, min(9, L // d))))
+        ks.append(k), ss.append(draw(st.integers(1, k))), ds.append(d)
+        cs.append(draw(st.booleans()))
+    kernel = tuple(ks)
+    if heads > 1 and draw(st.booleans()):   # a per-head kernel on the last dim
+        alt = [max(2, min(kernel[-1] - i, shape[-1] // ds[-1])) for i in range(heads)]
+        kernel = kernel[:-1] + (md.per_head(alt),)
+        ss[-1] = 1
+    return md.neighborhood(kernel, stride=tuple(ss), dilation=tuple(ds), causal=tuple(cs))
+
+
+@st.composite
+def grid_patterns(draw, shape, heads):
+    base = draw(gna(shape, heads)) if min(shape) >= 2 else draw(windows(shape, heads))
+    extra = draw(st.sampled_from(["none", "causal", "window", "sink", "not_block", "heads", "tree"]))
+    if extra == "causal":
+        return base & draw(causals(shape, heads))
+    if extra == "window":
+        return base & draw(windows(shape, heads))
+    if extra == "sink":
+        return base | draw(sinks(shape, heads))
+    if extra == "not_block":
+        return base & ~draw(blocks(shape, heads))
+    if extra == "heads" and heads > 1:
+        return md.heads([base] + [draw(gna(shape, heads)) for _ in range(heads - 1)])
+    if extra == "tree":
+        return base | draw(patterns(shape, heads, max_leaves=3))
+    return base
+
+
+@st.composite
+def grid_cases(draw, max_tokens=2400, max_heads=3):
+    """(shape, heads, pattern) at production sizes."""
+    shape = draw(grid_shapes(max_tokens))
+    heads = draw(st.integers(1, max_heads))
+    return shape, heads, draw(grid_patterns(shape, heads))
+
+
+@st.composite
+def grid_scores(draw, shape, heads, learnable=True):
+    """None, literal terms, or a relative_bias table (learnable or not) with other terms."""
+    kind = draw(st.sampled_from(["none", "literal", "table"]))
+    if kind == "none":
+        return None
+    lit = draw(literal_scores(shape, heads))
+    lit = [t for t in md._score.score_terms(lit) if not isinstance(t, md._score.Dropout)]
+    if kind == "table":
+        radius = draw(st.integers(1, 4))
+        lit.append(md.relative_bias(relative_table(shape, heads, requires_grad=learnable,
+                                                   radius=radius).float().detach()
+                                    .requires_grad_(learnable)))
+    return sum(lit, 0) or None

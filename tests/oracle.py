@@ -1,0 +1,98 @@
+"""The one oracle helper the backend tests share: every backend's output (and gradients) against
+``maskdsl.reference`` with ARCHITECTURE.md's tolerance rule.
+
+Tolerance rule ("Testing"): the reference in float64 is the truth; a backend running in dtype X
+may be off by at most ``FACTOR`` times the error the *reference itself* makes in dtype X (plus a
+tiny absolute floor for exactly-representable cases), so float64 backends are held to ~1e-12 and
+float32 ones to the float32 reference's own rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import maskdsl as md
+
+FACTOR = 8.0
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def inputs(B, H, n, D, dtype=torch.float32, seed=0, grad=False, Dv=None):
+    """q, k, v [B, H, n, D] (v: Dv) from a seeded generator, randn * 1 (logits of order 1)."""
+    g = torch.Generator().manual_seed(seed)
+    dims = (D, D, D if Dv is None else Dv)
+    return [torch.randn(B, H, n, d, generator=g, dtype=torch.float64).to(dtype)
+            .requires_grad_(grad) for d in dims]
+
+
+def _reference(attn, q, k, v, dtype, scale, keep):
+    cast = [x.detach().to(dtype).requires_grad_(x.requires_grad) for x in (q, k, v)]
+    out = md.reference.attention(*cast, attn.pattern, attn.shape, score=attn.score, scale=scale,
+                                 dropout_keep=keep)
+    return out, cast
+
+
+def tolerance(error_of_reference: float, dtype) -> float:
+    return FACTOR * error_of_reference + FLOOR[dtype]
+
+
+def assert_close_by_rule(got, truth, same_dtype_ref, what: str):
+    """``got`` vs the float64 ``truth`` within FACTOR x the same-dtype reference's error.
+    NaN must sit exactly where the truth has NaN (non-finite rows, ARCHITECTURE.md)."""
+    got, truth, same = got.detach().double(), truth.detach().double(), same_dtype_ref.detach().double()
+    bad = ~torch.isfinite(truth)
+    assert torch.equal(bad, ~torch.isfinite(got)), (
+        f"{what}: non-finite entries differ from the reference's "
+        f"({int((~torch.isfinite(got)).sum())} vs {int(bad.sum())})")
+    ok = ~bad
+    if not ok.any():
+        return
+    ref_err = float((same[ok] - truth[ok]).abs().max()) if ok.any() else 0.0
+    err = float((got[ok] - truth[ok]).abs().max())
+    tol = tolerance(ref_err, same_dtype_ref.dtype)
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({FACTOR} x the " \
+                       f"{same_dtype_ref.dtype} reference's {ref_err:.3g})"
+
+
+def assert_matches_reference(attn, q, k, v, grads=True, scale=None, keep=None, out=None):
+    """``attn(q, k, v)`` (or a given ``out``) and its gradients against the reference.
+
+    grads: compare the gradients of q, k, v and of every learnable score tensor for one random
+    cotangent. keep: the dropout keep mask [B, H, N, N] the backend used (reference given the
+    same draws)."""
+    dtype = q.dtype
+    params = [t for t in _score_tensors(attn.score) if t.requires_grad] if grads else []
+    if out is None:
+        out = attn(q, k, v, scale=scale)
+    truth, cast64 = _reference(attn, q, k, v, torch.float64, scale, keep)
+    same, cast_same = _reference(attn, q, k, v, dtype, scale, keep) if dtype != torch.float64 \
+        else (truth, cast64)
+    assert_close_by_rule(out, truth, same, "output")
+    if not grads or not out.requires_grad:
+        return out
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    got = torch.autograd.grad(out, [q, k, v] + params, g.to(out.dtype), allow_unused=True)
+    exp = torch.autograd.grad(truth, cast64 + params, g, allow_unused=True)
+    exp_same = (torch.autograd.grad(same, cast_same + params, g.to(dtype), allow_unused=True)
+                if same is not truth else exp)
+    names = ["dq", "dk", "dv"] + [f"d(score param {i})" for i in range(len(params))]
+    for name, a, b, c in zip(names, got, exp, exp_same):
+        if b is None:
+            continue
+        assert a is not None, f"{name}: no gradient reached it"
+        assert_close_by_rule(a, b, c, name)
+    return out
+
+
+def _score_tensors(score):
+    out = []
+    for term in md._score.score_terms(score):
+        for v in vars(term).values():
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+    return out
+
+
+def n_tokens(shape) -> int:
+    return math.prod(shape)
