@@ -3,6 +3,7 @@
     python benchmarks/run.py                 # everything that runs on this device
     python benchmarks/run.py --only build    # sections: build, tiling, attention, tiles, triton
     python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
+    python benchmarks/run.py --only triton --case "2-D 256x256 window 80x80"   # one case by name
 
 Every ratio is measured in one run on one machine (ours / peer: < 1 means we are faster; the
 "speedup" columns are peer / ours). Results go to benchmarks/results/<device>-<date>.{json,md}
@@ -67,6 +68,19 @@ def clear_caches():
     _prog._CACHE.clear()
     _bm._DIM_CACHE.clear()
     _ir._neighborhood_dim.cache_clear()
+
+
+CASE_FILTER: set = set()    # --case: run only the cases with these exact names (empty: all)
+CASES_SEEN: set = set()
+
+
+def wanted(name: str) -> bool:
+    if not CASE_FILTER:
+        return True
+    if name in CASE_FILTER:
+        CASES_SEEN.add(name)
+        return True
+    return False
 
 
 def timeit(fn, reps: int, warmup: int = 1) -> float:
@@ -136,6 +150,8 @@ def section_build(reps: int, rows: list):
     print("\n== BlockMask build (CPU) ==")
     print(f"{'case':44} {'ours cold':>10} {'create_block_mask':>18} {'compile':>9} {'speedup':>8}")
     for name, spec, shape, with_peer in BUILD_CASES:
+        if not wanted(name):
+            continue
         if with_peer:
             times = []
             for _ in range(reps):
@@ -176,6 +192,8 @@ def section_tiling(rows: list):
     print("\n== Token tiling: block density (128-token blocks) ==")
     print(f"{'case':50} {'row-major':>10} {'tiled':>8} {'ratio':>6}  layout")
     for name, spec, shape in TILING_CASES:
+        if not wanted(name):
+            continue
         st = _prog.Program(md.parse(spec), None, shape, 1).stats()
         ratio = st["block_density"] / st["block_density_row_major"]
         print(f"{name:50} {st['block_density_row_major']:9.2%} {st['block_density']:7.2%} {ratio:6.2f}  {st['layout']}")
@@ -218,6 +236,8 @@ def section_attention(reps: int, quick: bool, rows: list):
     print(f"{'case':42} {'flex':>9} {'sdpa+mask':>10} {'dense':>9} {'natten':>9} {'ideal':>9} "
           f"{'vs mask':>8} {'vs natten':>9} {'/ideal':>7}")
     for name, spec, shape, H, D, kernel in attention_cases(quick):
+        if not wanted(name):
+            continue
         p = md.parse(spec)
         n = math.prod(shape)
         g = torch.Generator().manual_seed(0)
@@ -289,6 +309,8 @@ def section_tiles(reps: int, quick: bool, rows: list):
           f"{'vs natten':>9} {'vs mask':>8} {'/ideal':>7} | {'fwd+bwd':>8} {'mask f+b':>9} {'vs mask':>8}")
     cases = TILES_CASES[1:2] if quick else TILES_CASES
     for name, spec, shape, H, kernel in cases:
+        if not wanted(name):
+            continue
         p = md.parse(spec)
         n = math.prod(shape)
         g = torch.Generator().manual_seed(0)
@@ -370,6 +392,8 @@ def section_triton(reps: int, quick: bool, rows: list):
     print(f"{'case':44} {'dtype':>8} {'triton':>9} {'sdpa':>9} {'flex':>9} {'natten':>9} "
           f"{'vs sdpa':>8} {'target':>7} {'vs flex':>8} | {'tri f+b':>9} {'flex f+b':>9}")
     for name, spec, shape, H, published in cases:
+        if not wanted(name):
+            continue
         p = md.parse(spec)
         n = math.prod(shape)
         for dtype in dtypes:
@@ -420,7 +444,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--case", action="append", default=[], metavar="NAME",
+                    help="run only the case with exactly this name, as printed (repeatable)")
     args = ap.parse_args()
+    CASE_FILTER.update(args.case)
     reps = args.reps or (2 if args.quick else 5)
     torch.manual_seed(0)
     meta = {"device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
@@ -447,6 +474,11 @@ def main():
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1, default=float)
     print(f"\nwrote {os.path.relpath(path)}")
+    missing = CASE_FILTER - CASES_SEEN
+    if missing:
+        print(f"--case: no case named {sorted(missing)} among those --only {args.only}"
+              f"{' --quick' if args.quick else ''} runs here", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
