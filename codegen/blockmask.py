@@ -1,21 +1,23 @@
-"""The analytic BlockMask: classify every (query tile, key tile) pair as empty, partial or full
-without evaluating the mask over all N^2 token pairs.
+"""The analytic tile classes: every (query tile, key tile) pair of a layout is EMPTY, PARTIAL or
+FULL, decided without evaluating the mask over all N^2 token pairs, and stored sparsely
+(:class:`~maskdsl.codegen.tileclasses.TileClasses`: O(non-empty pairs), never [T, T]).
 
-Classes are int8: ``EMPTY = 0 < PARTIAL = 1 < FULL = 2``, plus ``UNDECIDED = 3`` while combining.
 All classes are *restricted to real tokens*: padding positions are accounted for at the end.
 
-* Separable IR (:class:`~maskdsl.codegen.ir.Sep`) is classified one dimension at a time. Per
-  dim, the condition is evaluated on the dim's coordinates only (``L x L``, not ``N x N``) and
-  reduced to tile intervals; an N-D pair is EMPTY if any dim is, FULL if all dims are, else
-  PARTIAL — i.e. the minimum over dims, exact because the predicate is an AND over dims. For a
-  long 1-D sequence the per-query key range ``[lo(q), hi(q))`` is used instead (O(N) work).
-* Flat IR (sink, document, power, radial) has its own classifier over per-tile token sets.
-* ``&``, ``|`` and ``~`` combine the three values; pairs whose class cannot be decided that way
-  (e.g. PARTIAL & PARTIAL) are UNDECIDED and are *refined*: the mask is evaluated on those tile
-  pairs only.
+* Separable IR (:class:`~maskdsl.codegen.ir.Sep`) on a tiled layout: each dimension's classes
+  between its tile intervals (``L x L`` work per dim, not ``N x N``), combined by a Kronecker-
+  style product (a pair is non-empty iff it is on every dim; its class the minimum: exact, the
+  predicate is an AND over dims). On a long 1-D sequence the per-query key range ``[lo(q),
+  hi(q))`` gives the candidate pairs directly (O(N + pairs)).
+* Flat IR has one classifier per kind (``classify_flat.register``): sinks directly; document,
+  power and radial row chunk by row chunk (O(chunk x T) memory).
+* ``&``, ``|`` combine three-valued on the entries (``tileclasses.combine``), ``~`` row chunk by
+  row chunk; pairs that cannot be decided that way (e.g. PARTIAL & PARTIAL) are UNDECIDED and
+  *refined*: the mask is evaluated on those tile pairs only (``pair_counts``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -23,22 +25,17 @@ import numpy as np
 import sympy as sp
 import torch
 
-from .ir import (K, KF, Q, QF, AndN, Const, DimRange, Flat, NotN, OrN, Sep, evaluate,
-                 predicate)
-from .printer_torch import emit_function
+from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, HeadsN, NotN, OrN,
+                 PowerFlat, RadialFlat, Sep, SinkFlat, evaluate, predicate)
+from .printer_torch import emit_function, exec_source
+from .tileclasses import EMPTY, FULL, PARTIAL, UNDECIDED, TileClasses, combine, kron
 from .tiling import Layout
 
-__all__ = ["EMPTY", "PARTIAL", "FULL", "UNDECIDED", "classify", "tile_classes", "DENSE_DIM_LIMIT"]
+__all__ = ["EMPTY", "PARTIAL", "FULL", "UNDECIDED", "classify", "tile_classes", "HeadClasses",
+           "DENSE_DIM_LIMIT", "classify_flat", "pair_counts", "flat_evaluator"]
 
-EMPTY, PARTIAL, FULL, UNDECIDED = 0, 1, 2, 3
 DENSE_DIM_LIMIT = 4096        # per-dim L x L evaluation up to this length
-REFINE_CHUNK = 1 << 22        # token pairs evaluated at once while refining
-
-
-def _exec(src: str, name: str, env: dict) -> Callable:
-    g = {"torch": torch, **env}
-    exec(compile(src, f"<maskdsl:{name}>", "exec"), g)
-    return g[name]
+PAIR_CHUNK = 1 << 22          # token pairs evaluated at once (refining, exact counts)
 
 
 def _classes_from_counts(cnt, vq, vk):
@@ -61,20 +58,13 @@ class _TileSets:
         self._boxes = None
 
     # ------------------------------------------------------------ separable IR
-    def sep(self, sep: Sep) -> np.ndarray:
+    def sep(self, sep: Sep) -> TileClasses:
         L = self.layout
         if L.tile is not None:
-            out = None
-            for d, dr in enumerate(sep.dims):
-                cls = dim_tile_classes(dr, L, d)
-                shape = [1] * (2 * L.rank)
-                shape[d], shape[L.rank + d] = L.grid[d], L.grid[d]
-                c = cls.reshape(shape)
-                out = c if out is None else np.minimum(out, c)
-            return np.broadcast_to(out, tuple(L.grid) * 2).reshape(self.T, self.T)
+            return kron([dim_tile_classes(dr, L, d) for d, dr in enumerate(sep.dims)], L.grid)
         if L.rank == 1:
             return self._dim_classes_1d(sep.dims[0], L.shape[0], L.block, self.T)
-        return self._sep_boxes(sep)
+        return TileClasses.from_row_chunks(self.T, self.T, lambda a, b: self._sep_boxes(sep, a, b))
 
     @staticmethod
     def _dim_classes_dense(dr: DimRange, order: np.ndarray, t: int) -> np.ndarray:
@@ -88,12 +78,12 @@ class _TileSets:
         return _classes_from_counts(cnt, v, v)
 
     @staticmethod
-    def _dim_classes_1d(dr: DimRange, L: int, B: int, T: int) -> np.ndarray:
+    def _dim_classes_1d(dr: DimRange, L: int, B: int, T: int) -> TileClasses:
         """1-D row-major classes from per-query key ranges: O(N + candidate pairs)."""
         if L <= DENSE_DIM_LIMIT:
             order = np.arange(T * B)
             order[L:] = -1
-            return _TileSets._dim_classes_dense(dr, order, B)
+            return TileClasses.from_dense(_TileSets._dim_classes_dense(dr, order, B))
         x = np.arange(L)
         lo, hi = key_range(dr, x, L)
         steps = [int(s) for s in dr.steps]
@@ -110,10 +100,9 @@ class _TileSets:
         min_hi = np.where(has, hi_t, big).min(1)
         max_hi = np.where(has, hi_t, 0).max(1)
         all_have = has.sum(1) == real
-        out = np.zeros((T, T), dtype=np.int8)
         rows = np.nonzero(max_hi > 0)[0]
         if len(rows) == 0:
-            return out
+            return TileClasses.empty(T, T)
         j0 = min_lo[rows] // B
         j1 = (max_hi[rows] - 1) // B + 1
         # candidate (tile, key tile) pairs, all rows at once
@@ -139,8 +128,7 @@ class _TileSets:
                 cnt = np.where(e_ > first, (e_ - first + step - 1) // step, 0).sum(1)
             size = real[ii] * (bb1 - bb0)
             cls[und] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
-        out[i_idx, j_idx] = cls
-        return out
+        return TileClasses.from_pairs(T, T, i_idx, j_idx, cls, sort=False)
 
     def boxes(self):
         """Each row-major tile as <= 2r-1 boxes: (lo, hi) arrays [T, nb, r] (empty boxes lo=hi)."""
@@ -158,9 +146,10 @@ class _TileSets:
             self._boxes = (lo, hi)
         return self._boxes
 
-    def _sep_boxes(self, sep: Sep) -> np.ndarray:
-        """Row-major N-D tiles: each tile is a few boxes; a box pair's class is the min over
-        dims of the per-dim interval classes (from 2-D prefix sums of the per-dim condition)."""
+    def _sep_boxes(self, sep: Sep, t0: int, t1: int) -> np.ndarray:
+        """Rows t0..t1 of a row-major N-D layout's classes: each tile is a few boxes; a box
+        pair's class is the min over dims of the per-dim interval classes (from 2-D prefix sums
+        of the per-dim condition)."""
         L = self.layout
         lo, hi = self.boxes()
         prefix = []
@@ -171,10 +160,10 @@ class _TileSets:
             c[1:, 1:] = m.cumsum(0).cumsum(1)
             prefix.append(c)
         T, nb = lo.shape[0], lo.shape[1]
-        out = np.empty((T, T), dtype=np.int8)
+        out = np.empty((t1 - t0, T), dtype=np.int8)
         rows = max(1, int(2e7 // max(1, T * nb * nb)))
-        for i0 in range(0, T, rows):
-            i1 = min(T, i0 + rows)
+        for i0 in range(t0, t1, rows):
+            i1 = min(t1, i0 + rows)
             cls = None
             nonempty = None
             for d in range(L.rank):
@@ -192,75 +181,109 @@ class _TileSets:
             any_real = nonempty.any((2, 3))
             mx = cls.max((2, 3))
             mn = np.where(nonempty, cls, FULL).min((2, 3))
-            out[i0:i1] = np.where(~any_real | (mx == EMPTY), EMPTY,
-                                  np.where(mn == FULL, FULL, PARTIAL))
+            out[i0 - t0:i1 - t0] = np.where(~any_real | (mx == EMPTY), EMPTY,
+                                            np.where(mn == FULL, FULL, PARTIAL))
         return out
 
-    # ------------------------------------------------------------ flat IR
-    def flat(self, f: Flat, head: int) -> np.ndarray:
-        tok, valid = self.tokens, self.valid
-        T = self.T
-        if f.kind == "sink":
-            n = f.info["n"][head]
-            cnt = ((tok < n) & valid).sum(1)
-            cls = np.where(cnt == 0, EMPTY, np.where(cnt == self.n_valid, FULL, PARTIAL)).astype(np.int8)
-            return np.broadcast_to(cls[None, :], (T, T))
+    # ------------------------------------------------------------ per-tile token summaries
+    def summary(self, values: np.ndarray):
+        """(min, max) over each tile's real tokens of a per-token array (tiles with no real
+        token: min = +big, max = -big)."""
         big = np.iinfo(np.int64).max
-        if f.kind == "document":
-            ids = f.info["ids"]
-            ids = ids.cpu().numpy() if hasattr(ids, "cpu") else np.asarray(ids)
-            v = np.where(valid, ids[np.maximum(tok, 0)], 0)
-            mn = np.where(valid, v, big).min(1)
-            mx = np.where(valid, v, -big).max(1)
-            single = mn == mx
-            disjoint = (mx[:, None] < mn[None, :]) | (mx[None, :] < mn[:, None])
-            same = single[:, None] & single[None, :] & (mn[:, None] == mn[None, :])
-            return np.where(disjoint, EMPTY, np.where(same, FULL, UNDECIDED)).astype(np.int8)
-        if f.kind == "power":
-            blk = f.info["block"][head]
-            b = np.where(valid, np.maximum(tok, 0) // blk, 0)
-            mn = np.where(valid, b, big).min(1)
-            mx = np.where(valid, b, -big).max(1)
-            sorted_b = np.sort(np.where(valid, b, big), 1)
-            distinct = ((np.diff(sorted_b, axis=1) != 0) & (sorted_b[:, 1:] != big)).sum(1) + 1
-            contiguous = (mx - mn + 1) == distinct
-            dmin = mn[:, None] - mx[None, :]
-            dmax = mx[:, None] - mn[None, :]
-            allowed = _count_pow2_or_zero(dmin, dmax)
-            total = dmax - dmin + 1
-            both = contiguous[:, None] & contiguous[None, :]
-            return np.where(allowed == 0, EMPTY,
-                            np.where(both, np.where(allowed == total, FULL, PARTIAL), UNDECIDED)).astype(np.int8)
-        if f.kind == "radial":
-            per_frame = f.info["per_frame"]
-            band = np.asarray(f.info["bands"][head], dtype=np.int64)
-            sink_frames = f.info["sink_frames"][head]
-            t0 = np.maximum(tok, 0)
-            fr, a = t0 // per_frame, t0 % per_frame
-            fmin, fmax = np.where(valid, fr, big).min(1), np.where(valid, fr, -big).max(1)
-            amin, amax = np.where(valid, a, big).min(1), np.where(valid, a, -big).max(1)
-            dmin = np.maximum(0, np.maximum(fmin[:, None] - fmax[None, :], fmin[None, :] - fmax[:, None]))
-            dmax = np.maximum(fmax[:, None] - fmin[None, :], fmax[None, :] - fmin[:, None])
-            gap = np.maximum(0, np.maximum(amin[:, None] - amax[None, :], amin[None, :] - amax[:, None]))
-            span = np.maximum(amax[:, None] - amin[None, :], amax[None, :] - amin[:, None])
-            F = len(band)
-            lo_band, hi_band = _range_min_max(band)
-            dmin_c, dmax_c = np.clip(dmin, 0, F - 1), np.clip(dmax, 0, F - 1)
-            bmin, bmax = lo_band[dmin_c, dmax_c], hi_band[dmin_c, dmax_c]
-            sink_all = (fmax < sink_frames)[None, :]
-            sink_none = (fmin >= sink_frames)[None, :]
-            full = sink_all | (bmin >= span)
-            empty = sink_none & (bmax < gap)
-            return np.where(empty, EMPTY, np.where(full, FULL, UNDECIDED)).astype(np.int8)
-        raise AssertionError(f.kind)
+        v = values[np.maximum(self.tokens, 0)]
+        return np.where(self.valid, v, big).min(1), np.where(self.valid, v, -big).max(1)
 
 
-_DIM_CACHE: Dict[tuple, np.ndarray] = {}
+# ---------------------------------------------------------------------- flat classifiers
+
+@functools.singledispatch
+def classify_flat(f: Flat, ts: _TileSets) -> TileClasses:
+    """One rule per flat IR kind (registered below)."""
+    raise TypeError(f"no tile classifier for {type(f).__name__}")
 
 
-def dim_tile_classes(dr: DimRange, layout: Layout, d: int) -> np.ndarray:
-    """Classes [n_d, n_d] of one dim's condition between the tile intervals of a tiled layout
-    (cached: the layout search asks for the same (dim, tile side, grouping) many times)."""
+@classify_flat.register(SinkFlat)
+def _(f, ts):
+    cnt = ((ts.tokens < f.n) & ts.valid).sum(1)
+    cls = np.where(cnt == 0, EMPTY, np.where(cnt == ts.n_valid, FULL, PARTIAL)).astype(np.int8)
+    cols = np.nonzero(cls)[0]                    # the key tiles holding sink tokens
+    T = ts.T
+    rows = np.repeat(np.arange(T), len(cols))
+    return TileClasses.from_pairs(T, T, rows, np.tile(cols, T), np.tile(cls[cols], T), sort=False)
+
+
+@classify_flat.register(DocumentFlat)
+def _(f, ts):
+    ids = f.ids
+    ids = ids.cpu().numpy() if hasattr(ids, "cpu") else np.asarray(ids)
+    mn, mx = ts.summary(ids.astype(np.int64))
+    single = mn == mx
+
+    def rows(a, b):
+        disjoint = (mx[a:b, None] < mn[None, :]) | (mx[None, :] < mn[a:b, None])
+        same = single[a:b, None] & single[None, :] & (mn[a:b, None] == mn[None, :])
+        return np.where(disjoint, EMPTY, np.where(same, FULL, UNDECIDED)).astype(np.int8)
+
+    return TileClasses.from_row_chunks(ts.T, ts.T, rows)
+
+
+@classify_flat.register(PowerFlat)
+def _(f, ts):
+    big = np.iinfo(np.int64).max
+    b = np.where(ts.valid, np.maximum(ts.tokens, 0) // f.block, 0)
+    mn = np.where(ts.valid, b, big).min(1)
+    mx = np.where(ts.valid, b, -big).max(1)
+    sorted_b = np.sort(np.where(ts.valid, b, big), 1)
+    distinct = ((np.diff(sorted_b, axis=1) != 0) & (sorted_b[:, 1:] != big)).sum(1) + 1
+    contiguous = (mx - mn + 1) == distinct
+
+    def rows(a, b_):
+        dmin = mn[a:b_, None] - mx[None, :]
+        dmax = mx[a:b_, None] - mn[None, :]
+        allowed = _count_pow2_or_zero(dmin, dmax)
+        total = dmax - dmin + 1
+        both = contiguous[a:b_, None] & contiguous[None, :]
+        return np.where(allowed == 0, EMPTY,
+                        np.where(both, np.where(allowed == total, FULL, PARTIAL), UNDECIDED)
+                        ).astype(np.int8)
+
+    return TileClasses.from_row_chunks(ts.T, ts.T, rows)
+
+
+@classify_flat.register(RadialFlat)
+def _(f, ts):
+    per_frame = f.per_frame
+    band = np.asarray(f.bands, dtype=np.int64)
+    t0 = np.maximum(ts.tokens, 0)
+    big = np.iinfo(np.int64).max
+    fr, a_ = t0 // per_frame, t0 % per_frame
+    fmin, fmax = np.where(ts.valid, fr, big).min(1), np.where(ts.valid, fr, -big).max(1)
+    amin, amax = np.where(ts.valid, a_, big).min(1), np.where(ts.valid, a_, -big).max(1)
+    F = len(band)
+    lo_band, hi_band = _range_min_max(band)
+
+    def rows(a, b):
+        dmin = np.maximum(0, np.maximum(fmin[a:b, None] - fmax[None, :], fmin[None, :] - fmax[a:b, None]))
+        dmax = np.maximum(fmax[a:b, None] - fmin[None, :], fmax[None, :] - fmin[a:b, None])
+        gap = np.maximum(0, np.maximum(amin[a:b, None] - amax[None, :], amin[None, :] - amax[a:b, None]))
+        span = np.maximum(amax[a:b, None] - amin[None, :], amax[None, :] - amin[a:b, None])
+        dmin_c, dmax_c = np.clip(dmin, 0, F - 1), np.clip(dmax, 0, F - 1)
+        bmin, bmax = lo_band[dmin_c, dmax_c], hi_band[dmin_c, dmax_c]
+        sink_all = (fmax < f.sink_frames)[None, :]
+        sink_none = (fmin >= f.sink_frames)[None, :]
+        full = sink_all | (bmin >= span)
+        empty = sink_none & (bmax < gap)
+        return np.where(empty, EMPTY, np.where(full, FULL, UNDECIDED)).astype(np.int8)
+
+    return TileClasses.from_row_chunks(ts.T, ts.T, rows)
+
+
+_DIM_CACHE: Dict[tuple, TileClasses] = {}
+
+
+def dim_tile_classes(dr: DimRange, layout: Layout, d: int) -> TileClasses:
+    """Classes of one dim's condition between the tile intervals of a tiled layout (n_d x n_d,
+    sparse; cached: the layout search asks for the same (dim, tile side, grouping) often)."""
     L, t, g = layout.shape[d], layout.tile[d], layout.groups[d]
     key = (dr, L, t, g, layout.padded[d])
     out = _DIM_CACHE.get(key)
@@ -268,7 +291,7 @@ def dim_tile_classes(dr: DimRange, layout: Layout, d: int) -> np.ndarray:
         if g == 1 and layout.padded[d] > DENSE_DIM_LIMIT:
             out = _TileSets._dim_classes_1d(dr, L, t, layout.grid[d])
         else:
-            out = _TileSets._dim_classes_dense(dr, layout.dim_order(d), t)
+            out = TileClasses.from_dense(_TileSets._dim_classes_dense(dr, layout.dim_order(d), t))
         if len(_DIM_CACHE) > 4096:
             _DIM_CACHE.clear()
         _DIM_CACHE[key] = out
@@ -280,7 +303,7 @@ def separable_cost(ir: Sep, layout: Layout) -> int:
     a pair is non-empty iff it is non-empty on every dim, so the count is a product."""
     cost = 1
     for d, dr in enumerate(ir.dims):
-        cost *= int((dim_tile_classes(dr, layout, d) != EMPTY).sum())
+        cost *= dim_tile_classes(dr, layout, d).nnz
     return cost
 
 
@@ -358,33 +381,43 @@ def _flat_range_boxes(a: int, b: int, shape: tuple) -> List[tuple]:
 
 # ------------------------------------------------------------------ combining and refining
 
-def _combine(cls: List[np.ndarray], kind) -> np.ndarray:
-    stack = np.stack(np.broadcast_arrays(*cls))
-    if kind is AndN:
-        neutral, absorbing = FULL, EMPTY
-    else:
-        neutral, absorbing = EMPTY, FULL
-    any_abs = (stack == absorbing).any(0)
-    non_neutral = (stack != neutral).sum(0)
-    single = np.where(stack != neutral, stack, -1).max(0)
-    out = np.where(non_neutral == 0, neutral,
-                   np.where(non_neutral == 1, single, UNDECIDED))
-    return np.where(any_abs, absorbing, out).astype(np.int8)
+@functools.singledispatch
+def _classify_ir(ir, ts: _TileSets) -> TileClasses:
+    raise TypeError(f"cannot classify {ir!r}")
 
 
-def _classify_ir(ir, ts: _TileSets, head: int) -> np.ndarray:
-    if isinstance(ir, Const):
-        return np.full((ts.T, ts.T), FULL if ir.value else EMPTY, dtype=np.int8)
-    if isinstance(ir, Sep):
-        return ts.sep(ir)
-    if isinstance(ir, Flat):
-        return ts.flat(ir, head)
-    if isinstance(ir, NotN):
-        c = _classify_ir(ir.child, ts, head)
-        return np.where(c == EMPTY, FULL, np.where(c == FULL, EMPTY, c)).astype(np.int8)
-    if isinstance(ir, (AndN, OrN)):
-        return _combine([_classify_ir(c, ts, head) for c in ir.children], type(ir))
-    raise AssertionError(f"cannot classify {ir!r}")
+@_classify_ir.register(Const)
+def _(ir, ts):
+    if not ir.value:
+        return TileClasses.empty(ts.T, ts.T)
+    return TileClasses.from_row_chunks(ts.T, ts.T, lambda a, b: np.full((b - a, ts.T), FULL, np.int8))
+
+
+@_classify_ir.register(Sep)
+def _(ir, ts):
+    return ts.sep(ir)
+
+
+@_classify_ir.register(Flat)
+def _(ir, ts):
+    return classify_flat(ir, ts)
+
+
+@_classify_ir.register(NotN)
+def _(ir, ts):
+    c = _classify_ir(ir.child, ts)
+    flip = np.array([FULL, PARTIAL, EMPTY, UNDECIDED], dtype=np.int8)   # EMPTY <-> FULL
+    return TileClasses.from_row_chunks(ts.T, ts.T, lambda a, b: flip[c.rows_dense(a, b)])
+
+
+@_classify_ir.register(AndN)
+def _(ir, ts):
+    return combine([_classify_ir(c, ts) for c in ir.children], "and")
+
+
+@_classify_ir.register(OrN)
+def _(ir, ts):
+    return combine([_classify_ir(c, ts) for c in ir.children], "or")
 
 
 def flat_evaluator(ir, tables, shape: tuple) -> Callable:
@@ -397,59 +430,104 @@ def flat_evaluator(ir, tables, shape: tuple) -> Callable:
     src = emit_function("pred", ["q_flat", "kv_flat"], prologue, expr, true_like="(q_flat + kv_flat)")
     env = {name: torch.as_tensor(np.asarray(v)) for name, v in tables.values.items()}
     env.update({name: torch.as_tensor(t).cpu() for name, t in tables.tensors.items()})
-    return _exec(src, "pred", env)
+    return exec_source(src, env)
 
 
-def _refine(cls: np.ndarray, ts: _TileSets, pred: Callable) -> int:
-    qi, ki = np.nonzero(cls == UNDECIDED)
-    if len(qi) == 0:
-        return 0
-    V = ts.layout.block
-    chunk = max(1, REFINE_CHUNK // (V * V))
-    tok = torch.from_numpy(ts.tokens)
-    for s in range(0, len(qi), chunk):
-        a, b = torch.from_numpy(qi[s:s + chunk]), torch.from_numpy(ki[s:s + chunk])
+def pair_counts(rows: np.ndarray, cols: np.ndarray, tokens: np.ndarray, pred: Callable):
+    """For tile pairs (rows[i], cols[i]) of a layout's ``tokens`` [T, V] (-1 = padding): how
+    many real token pairs the predicate allows, and how many real pairs there are. The one
+    loop that evaluates a mask on tile pairs (refinement, exact densities), in chunks of
+    ``PAIR_CHUNK`` token pairs."""
+    V = tokens.shape[1]
+    chunk = max(1, PAIR_CHUNK // (V * V))
+    tok = torch.from_numpy(tokens)
+    allowed = np.zeros(len(rows), np.int64)
+    size = np.zeros(len(rows), np.int64)
+    for s in range(0, len(rows), chunk):
+        a, b = torch.from_numpy(rows[s:s + chunk]), torch.from_numpy(cols[s:s + chunk])
         q, k = tok[a][:, :, None], tok[b][:, None, :]
         ok = (q >= 0) & (k >= 0)
         m = pred(q.clamp(min=0), k.clamp(min=0)) & ok
-        cnt = m.sum((1, 2))
-        size = ok.sum((1, 2))
-        c = torch.where(cnt == 0, EMPTY, torch.where(cnt == size, FULL, PARTIAL)).to(torch.int8)
-        cls[qi[s:s + chunk], ki[s:s + chunk]] = c.numpy()
-    return len(qi)
+        allowed[s:s + chunk] = m.sum((1, 2)).numpy()
+        size[s:s + chunk] = ok.sum((1, 2)).numpy()
+    return allowed, size
 
 
-def classify(ir, tables, layout: Layout, head: int, ts: Optional[_TileSets] = None,
-             refine: bool = True) -> np.ndarray:
-    """int8 [T, T] classes of one head's (specialised) IR on a layout, padding included."""
+def _refine(cls: TileClasses, ts: _TileSets, pred: Callable) -> TileClasses:
+    und = np.nonzero(cls.cls == UNDECIDED)[0]
+    if len(und) == 0:
+        return cls
+    cnt, size = pair_counts(cls.rows()[und], cls.indices[und], ts.tokens, pred)
+    new = cls.cls.copy()
+    new[und] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
+    return cls.with_classes(new)
+
+
+def classify(ir, tables, layout: Layout, ts: Optional[_TileSets] = None,
+             refine: bool = True) -> TileClasses:
+    """Sparse classes of one head's (specialised) IR on a layout, padding included."""
     ts = ts or _TileSets(layout)
-    cls = np.array(_classify_ir(ir, ts, head), dtype=np.int8, copy=True)
-    if refine and (cls == UNDECIDED).any():
-        _refine(cls, ts, flat_evaluator(ir, tables, layout.shape))
+    cls = _classify_ir(ir, ts)
+    if refine and (cls.cls == UNDECIDED).any():
+        cls = _refine(cls, ts, flat_evaluator(ir, tables, layout.shape))
     # padding: a tile pair with padded tokens is never FULL; all-padding tiles are EMPTY
     if layout.pads:
         part = ts.n_valid < layout.block
         none = ts.n_valid == 0
-        cls[(part[:, None] | part[None, :]) & (cls == FULL)] = PARTIAL
-        cls[none[:, None] | none[None, :]] = EMPTY
+        rows, cols = cls.rows(), cls.indices
+        keep = ~(none[rows] | none[cols])
+        new = np.where((part[rows] | part[cols]) & (cls.cls == FULL), PARTIAL, cls.cls)
+        cls = cls.with_classes(np.where(keep, new, EMPTY).astype(np.int8))
     return cls
 
 
-def tile_classes(pattern_irs, layout: Layout, refine: bool = True) -> np.ndarray:
-    """Classes for each head: ``pattern_irs`` is a list of (ir, tables) per head; heads with the
-    same IR share one classification. Returns int8 [H, T, T]."""
-    from .._memory import check_allocation
+class HeadClasses:
+    """Tile classes for every head: heads with the same IR share one ``TileClasses`` (O(H)
+    bookkeeping, O(distinct heads x non-empty pairs) memory)."""
 
-    distinct = len({(ir, repr(t.values), tuple(sorted(t.tensors))) for ir, t in pattern_irs})
-    check_allocation(f"tile classes of {distinct} x {layout.n_tiles} x {layout.n_tiles} tile pairs",
-                     4 * (distinct + 1) * layout.n_tiles ** 2 + 16 * layout.n_padded,
-                     "use a smaller grid")
+    def __init__(self, per_head: List[int], distinct: List[TileClasses]):
+        self.per_head, self.distinct = list(per_head), list(distinct)
+        self.H = len(self.per_head)
+        self.T = distinct[0].Tq
+
+    def head(self, h: int) -> TileClasses:
+        return self.distinct[self.per_head[h]]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.distinct) == 1
+
+    def nonempty(self) -> int:
+        """Non-empty tile pairs summed over heads."""
+        return int(sum(self.distinct[i].nnz for i in self.per_head))
+
+    def count(self, which) -> int:
+        return int(sum(self.distinct[i].count(which) for i in self.per_head))
+
+    def dense(self) -> np.ndarray:
+        """int8 [H, T, T] (tests and small pictures)."""
+        tabs = [d.dense() for d in self.distinct]
+        return np.stack([tabs[i] for i in self.per_head])
+
+    def nbytes(self) -> int:
+        return sum(d.nbytes() for d in self.distinct)
+
+
+def tile_classes(pattern_irs, layout: Layout, refine: bool = True) -> HeadClasses:
+    """Classes for each head: ``pattern_irs`` is a list of (ir, tables) per head; heads with the
+    same IR share one classification."""
     ts = _TileSets(layout)
-    cache: Dict[str, np.ndarray] = {}
-    out = []
-    for h, (ir, tables) in enumerate(pattern_irs):
-        key = (ir, repr(tables.values), tuple(sorted(tables.tensors))) if len(pattern_irs) > 1 else 0
-        if key not in cache:
-            cache[key] = classify(ir, tables, layout, h, ts, refine)
-        out.append(cache[key])
-    return np.stack(out)
+    index: Dict[object, int] = {}
+    distinct: List[TileClasses] = []
+    per_head = []
+    for ir, tables in pattern_irs:
+        key = (ir, repr(tables.values), tuple(sorted(tables.tensors)))
+        if key not in index:
+            made = classify(ir, tables, layout, ts, refine)
+            same = next((i for i, d in enumerate(distinct) if d.same_as(made)), None)
+            if same is None:
+                same = len(distinct)
+                distinct.append(made)
+            index[key] = same
+        per_head.append(index[key])
+    return HeadClasses(per_head, distinct)

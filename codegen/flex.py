@@ -3,22 +3,35 @@
 q, k, v are laid out in the program's token layout (tiles contiguous, padded), attended, and the
 output is put back in the user's order; the layout is invisible outside this module.
 One ``torch.compile(flex_attention)`` is shared by every program: mask_mod/score_mod objects
-come from the cached Program, so layers with the same pattern reuse one compiled graph.
+come from cached generated code, so layers with the same pattern reuse one compiled graph.
+
+The BlockMask is built from the sparse tile classes directly, both directions: the key-block
+lists per query block *and* the query-block lists per key block the backward needs (the
+transpose of the sparse classes), so no [T, T] argsort ever runs (``BlockMask.from_kv_blocks``
+with ``compute_q_blocks=True`` would sort a dense table).
 """
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
+import numpy as np
 import torch
 
-from .._caching import outside_inference_mode
+from .._caching import LRU, outside_inference_mode
+from .._memory import check_allocation, guard
+from .._score import Dropout, SinkLogit, score_terms
 from .program import Program
+from .tileclasses import FULL, PARTIAL, TileClasses
 
-__all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex"]
+__all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex", "block_mask",
+           "refusal", "preference", "strength", "call_refusal", "prepare", "run"]
 
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _compiled = None
 _lock = threading.Lock()
+_PERMS = LRU(64)
+_BLOCK_MASKS = LRU(32)
 
 
 def compiled_flex():
@@ -39,14 +52,69 @@ def compiled_flex():
         return _compiled
 
 
+# ---------------------------------------------------------------------- the BlockMask
+
+def _ordered(cls: TileClasses, which: int, width: int):
+    """(num [T], indices [T, width]) int32 of the entries of class ``which``, row by row."""
+    sel = cls.cls == which
+    rows, cols = cls.rows()[sel], cls.indices[sel]
+    num = np.bincount(rows, minlength=cls.Tq).astype(np.int32)
+    idx = np.zeros((cls.Tq, width), np.int32)
+    if len(rows):
+        starts = np.concatenate([[0], np.cumsum(num)[:-1]])
+        idx[rows, np.arange(len(rows)) - starts[rows]] = cols
+    return num, idx
+
+
+@outside_inference_mode
+@guard("block_mask()")
+def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True):
+    """The torch BlockMask (in the program's token layout), from the sparse tile classes."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = torch.device(device)
+    r = program.recipe
+    key = (r.key, device, compute_q_blocks)
+    found = _BLOCK_MASKS.get(key)
+    if found is not None:
+        return found
+    heads = [r.classes.distinct[0]] if r.classes.shared else [r.classes.head(h) for h in range(r.heads)]
+    T = r.layout.n_tiles
+    check_allocation(f"a BlockMask of {len(heads)} x {T} x {T} blocks",
+                     (8 if compute_q_blocks else 4) * 4 * len(heads) * T * T,
+                     "use backend='triton' or 'tiles' (no BlockMask)")
+
+    def tensors(tables):
+        parts = [_ordered(c, which, T) for c in tables for which in (PARTIAL, FULL)]
+        pnum = np.stack([p[0] for p in parts[0::2]])
+        pidx = np.stack([p[1] for p in parts[0::2]])
+        fnum = np.stack([p[0] for p in parts[1::2]])
+        fidx = np.stack([p[1] for p in parts[1::2]])
+        return [torch.from_numpy(x)[None].to(device) for x in (pnum, pidx, fnum, fidx)]
+
+    kv_num, kv_idx, fkv_num, fkv_idx = tensors(heads)
+    if compute_q_blocks:
+        q_num, q_idx, fq_num, fq_idx = tensors([c.transpose() for c in heads])
+    else:
+        q_num = q_idx = fq_num = fq_idx = None
+    mask_mod, _ = program.mods(device, flex=True)
+    n = r.layout.n_padded
+    bm = BlockMask((n, n), kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+                   BLOCK_SIZE=(r.block, r.block), mask_mod=mask_mod)
+    return _BLOCK_MASKS.put(key, bm)
+
+
+# ---------------------------------------------------------------------- running
+
 @outside_inference_mode
 def _permutation(program: Program, device):
-    """Gather/scatter indices of the program's layout on ``device`` (kept on the program)."""
-    cache = program.__dict__.setdefault("_flex_perms", {})
-    if device not in cache:
+    """Gather/scatter indices of the program's layout on ``device``."""
+    key = (program.recipe.key, device)
+    found = _PERMS.get(key)
+    if found is None:
         lay = program.layout
-        cache[device] = (lay.gather_index().to(device), lay.scatter_index().to(device))
-    return cache[device]
+        found = _PERMS.put(key, (lay.gather_index().to(device), lay.scatter_index().to(device)))
+    return found
 
 
 def _to_layout(x, gather):
@@ -63,13 +131,59 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if device.type == "cpu":  # flex refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    block_mask = program.block_mask(device, compute_q_blocks=needs_grad or device.type != "cpu")
+    bm = program.block_mask(device, compute_q_blocks=needs_grad or device.type != "cpu")
     lay = program.layout
     if not lay.identity:
         gather, scatter = _permutation(program, device)
         q, k, v = (_to_layout(t, gather) for t in (q, k, v))
     fn = compiled_flex() if compiled else flex_attention
-    out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
     if not lay.identity:
         out = out.index_select(2, scatter)
     return out
+
+
+# ---------------------------------------------------------------------- the backend protocol
+
+def _beyond_flex(score):
+    return next((t for t in score_terms(score) if isinstance(t, (SinkLogit, Dropout))), None)
+
+
+def refusal(spec, device) -> Optional[str]:
+    node = _beyond_flex(spec.score)
+    if node is not None:
+        return f"FlexAttention cannot express {node!r} (use backend='auto', 'tiles' or 'triton')"
+    return None
+
+
+def preference(spec, device) -> Optional[str]:
+    return None
+
+
+def strength(spec, device) -> str:
+    return "on CUDA the pattern compiles to a mask_mod with an analytic BlockMask (forward and backward)"
+
+
+def call_refusal(spec, q, k, v) -> Optional[str]:
+    if q.dtype not in FLEX_DTYPES:
+        names = "/".join(str(d).replace("torch.", "") for d in FLEX_DTYPES)
+        return f"flex does not support {q.dtype}; pass {names} inputs or pick backend='tiles'"
+    if q.device.type == "cpu" and torch.is_grad_enabled():
+        if any(t.requires_grad for t in (q, k, v)):
+            return ("flex has no backward on CPU; run under torch.no_grad() with inputs that "
+                    "do not require grad, or pick backend='tiles'")
+        for term in score_terms(spec.score):   # learnable score parameters would get no gradient
+            for name, value in vars(term).items():
+                if isinstance(value, torch.Tensor) and value.requires_grad:
+                    return (f"flex has no backward on CPU, so {term._name}'s {name} (a tensor "
+                            f"that requires grad) would get no gradient; run under "
+                            f"torch.no_grad() or pick backend='tiles'")
+    return None
+
+
+def prepare(spec) -> Program:
+    return Program(spec.pattern, spec.score, spec.shape, spec.heads)
+
+
+def run(state: Program, q, k, v, call) -> torch.Tensor:
+    return run_flex(state, q, k, v, call.scale)

@@ -9,10 +9,17 @@ IR nodes:
   ``lo(q_d) <= k_d < hi(q_d)`` and ``(k_d - q_d) % step == 0``. ``neighborhood``, ``window``,
   ``causal``, ``block`` and ``full`` lower to it, and an AND of separable nodes merges into one
   (ranges intersect: ``Max`` of the ``lo``s, ``Min`` of the ``hi``s). Separable predicates are
-  what the analytic BlockMask classifies exactly, one dimension at a time.
-* :class:`Flat` — a predicate on flat indices (``sink``, ``document``, ``power``, ``radial``),
-  with the numbers its own tile classifier needs.
+  what the analytic BlockMask classifies exactly, one dimension at a time. Each DimRange also
+  keeps the *atoms* it was built from (:class:`NatAtom`, :class:`OffAtom`, :class:`BlockAtom`):
+  the Triton kernel's per-head table is read off them, not off the DSL.
+* :class:`Flat` subclasses — predicates on flat indices (:class:`SinkFlat`,
+  :class:`DocumentFlat`, :class:`PowerFlat`, :class:`RadialFlat`), each with the numbers its
+  own tile classifier (``blockmask.classify_flat``) needs.
 * :class:`AndN`, :class:`OrN`, :class:`NotN`, :class:`HeadsN`, :class:`Const` — the algebra.
+
+Lowering is one rule per DSL node type (``lower_node.register``), and so is printing the IR as
+one predicate (``_predicate.register``) and lowering score terms (``lower_term.register``):
+adding a primitive adds its rules, it edits no ladder (ARCHITECTURE.md, "Adding a primitive").
 
 Parameters that vary per head appear as table lookups ``NAME[h]`` (:class:`Tables` holds the
 values and becomes captured tensors); when lowering for one head (``head=h``) they are plain
@@ -24,18 +31,21 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import sympy as sp
 from sympy.logic.boolalg import BooleanFunction
 
 from .._pattern import (And, Block, Causal, Document, Empty, Full, Heads, Neighborhood, Not, Or,
                         Pattern, Power, Radial, Sink, Window)
+from .._score import Alibi, DistanceDecay, RelativeBias, Softcap
 from .._values import _is_tensor
 
 __all__ = [
-    "Q", "K", "QF", "KF", "H", "SCORE", "Tables", "DimRange", "Sep", "Flat", "AndN", "OrN",
-    "NotN", "HeadsN", "Const", "lower_pattern", "IsPow2", "predicate",
+    "Q", "K", "QF", "KF", "H", "SCORE", "Tables", "DimRange", "NatAtom", "OffAtom", "BlockAtom",
+    "Sep", "Flat", "SinkFlat", "DocumentFlat", "PowerFlat", "RadialFlat", "AndN", "OrN",
+    "NotN", "HeadsN", "Const", "lower_pattern", "lower_node", "lower_score", "lower_term",
+    "IsPow2", "predicate", "simplify", "smin", "smax", "evaluate", "tighten",
 ]
 
 Q = sp.symbols("q0 q1 q2", integer=True, nonnegative=True)
@@ -63,7 +73,9 @@ class Tables:
     def __init__(self, head: Optional[int] = None):
         self.head = head
         self.values: Dict[str, list] = {}   # name -> per-head values (ints, floats or nested)
-        self.tensors: Dict[str, object] = {}  # name -> user tensors (document ids, bias tables)
+        self.tensors: Dict[str, object] = {}  # name -> tensors (document ids, bias tables)
+        # name -> (term index, field, flatten): where a score tensor is read from at call time
+        self.slots: Dict[str, tuple] = {}
 
     def lookup(self, name: str, values: list):
         if self.head is not None:
@@ -80,9 +92,13 @@ class Tables:
         self.values[name] = values
         return sp.IndexedBase(name)
 
-    def tensor(self, name: str, t) -> sp.IndexedBase:
+    def tensor(self, name: str, t, slot: Optional[tuple] = None) -> sp.IndexedBase:
+        """A captured tensor. ``slot``: (score term index, field, flatten), for a score tensor
+        the generated score_mod reads from the caller's score at every call."""
         name = self._fresh(name)
         self.tensors[name] = t
+        if slot is not None:
+            self.slots[name] = slot
         return sp.IndexedBase(name)
 
     def _fresh(self, name: str) -> str:
@@ -95,13 +111,38 @@ class Tables:
 # ------------------------------------------------------------------------------ IR nodes
 
 @dataclass(frozen=True)
+class NatAtom:
+    """NATTEN's window on one dim: kernel K, stride s, dilation d, causal (ARCHITECTURE.md)."""
+    K: Any
+    s: Any
+    d: Any
+    causal: bool
+
+
+@dataclass(frozen=True)
+class OffAtom:
+    """Offsets ``q - left <= k <= q + right`` (None: unbounded); causal is ``right = 0``."""
+    left: Any = None
+    right: Any = None
+
+
+@dataclass(frozen=True)
+class BlockAtom:
+    """The block of ``q``: ``(k + size - shift) // size == (q + size - shift) // size``."""
+    size: Any
+    shift: Any = 0
+
+
+@dataclass(frozen=True)
 class DimRange:
     """Allowed keys on one dim: ``lo <= k < hi`` and ``(k - q) % s == 0`` for each s in steps.
-    ``lo``/``hi`` are sympy expressions of the query coordinate; None means unbounded."""
+    ``lo``/``hi`` are sympy expressions of the query coordinate; None means unbounded.
+    ``atoms``: the primitives it was built from (what the Triton kernel reads)."""
 
     lo: Optional[sp.Expr] = None
     hi: Optional[sp.Expr] = None
     steps: Tuple[sp.Expr, ...] = ()
+    atoms: Tuple[Any, ...] = ()
 
     def __and__(self, other: "DimRange") -> "DimRange":
         lo = self.lo if other.lo is None else other.lo if self.lo is None else smax(self.lo, other.lo)
@@ -110,7 +151,8 @@ class DimRange:
         nums = [int(s) for s in steps if s.is_Integer]
         syms = tuple(dict.fromkeys(s for s in steps if not s.is_Integer))
         merged = (sp.Integer(math.lcm(*nums)),) if nums else ()
-        return DimRange(lo, hi, tuple(s for s in merged if s != 1) + syms)
+        return DimRange(lo, hi, tuple(s for s in merged if s != 1) + syms,
+                        self.atoms + other.atoms)
 
     def condition(self, q, k) -> sp.Basic:
         with sp.evaluate(False):  # substituting must not re-run Min/Max simplification
@@ -138,10 +180,34 @@ class Sep:
 
 @dataclass(frozen=True)
 class Flat:
-    kind: str            # "sink" | "document" | "power" | "radial"
-    expr: sp.Basic       # predicate over q_flat, kv_flat (and tables)
-    info: dict = field(default_factory=dict, compare=False, hash=False)
+    """A predicate over flat indices (q_flat, kv_flat); subclasses carry what their tile
+    classifier needs (for the head the IR was lowered for). ``node`` is the DSL node (messages)."""
+
+    expr: sp.Basic
     label: str = ""
+    node: Any = field(default=None, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class SinkFlat(Flat):
+    n: int = 0
+
+
+@dataclass(frozen=True)
+class DocumentFlat(Flat):
+    ids: Any = field(default=None, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class PowerFlat(Flat):
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class RadialFlat(Flat):
+    bands: tuple = ()
+    sink_frames: int = 0
+    per_frame: int = 1
 
 
 @dataclass(frozen=True)
@@ -279,83 +345,164 @@ def _neighborhood_dim(L, K, s, d, causal: bool) -> DimRange:
         start = smin(smax(leader - sp.floor(K / 2), 0), group_len - K)
         lo = start * d + g
         hi = lo + (K - 1) * d + 1
-    return DimRange(tighten(lo, L), tighten(hi, L), (sp.sympify(d),) if d != 1 else ())
+    return DimRange(tighten(lo, L), tighten(hi, L), (sp.sympify(d),) if d != 1 else (),
+                    (NatAtom(K, s, d, causal),))
 
 
-def _lower_leaf(p, shape: tuple, heads: int, t: Tables, idx: List[int]):
-    """One leaf -> IR, with per-head parameters as table lookups (or constants)."""
-    b = p.bind(shape, heads)
-    r = len(shape)
-    tag = f"{p._name}{idx[0]}"
-    idx[0] += 1
-    q = Q[0]
+class LowerCtx:
+    """What a lowering rule needs: the grid, the head count, the head lowered for (None: every
+    head, per-head values as table lookups), the tables, and a counter for unique names."""
 
-    def param(key, dim=None, most=None):
+    def __init__(self, shape: tuple, heads: int, head: Optional[int]):
+        self.shape, self.heads, self.head = tuple(shape), heads, head
+        self.tables = Tables(head)
+        self._n = 0
+
+    def tag(self, node) -> str:
+        tag = f"{node._name}{self._n}"
+        self._n += 1
+        return tag
+
+    def bound(self, node) -> list:
+        return node.bind(self.shape, self.heads)
+
+    def one(self, b: list) -> dict:
+        """The bound parameters of the head lowered for (head 0 when lowering for all heads:
+        the leaf's numbers are then the same on every head, or looked up from tables)."""
+        return b[self.head if self.head is not None else 0]
+
+    def param(self, b: list, tag: str, key: str, dim=None, most=None):
         vals = [x[key] if dim is None else x[key][dim] for x in b]
         if most is not None:   # beyond ``most`` the value means the same: keep numbers small
             vals = [min(v, most) for v in vals]
-        return t.lookup(f"{tag}_{key}" + ("" if dim is None else f"{dim}"), vals)
+        return self.tables.lookup(f"{tag}_{key}" + ("" if dim is None else f"{dim}"), vals)
 
-    if isinstance(p, Neighborhood):
-        dims = []
-        for d in range(r):
-            causal = [x["causal"][d] for x in b]
-            if t.head is not None:
-                c = causal[t.head]
-            elif all(c == causal[0] for c in causal):
-                c = causal[0]
-            else:
-                raise AssertionError("causal is never per-head")
-            dims.append(_neighborhood_dim(shape[d], param("kernel_size", d), param("stride", d),
-                                          param("dilation", d), c))
-        return Sep(tuple(dims), label=tag)
-    if isinstance(p, Window):
+
+@functools.singledispatch
+def lower_node(node, ctx: LowerCtx):
+    """One DSL node -> IR (registered per node type below)."""
+    raise TypeError(f"no lowering rule for {node!r}")
+
+
+@lower_node.register(Neighborhood)
+def _neighborhood(p, ctx):
+    b, tag = ctx.bound(p), ctx.tag(p)
+    dims = []
+    for d in range(len(ctx.shape)):
+        causal = ctx.one(b)["causal"][d]     # causal is never per-head (not a numeric field)
+        dims.append(_neighborhood_dim(ctx.shape[d], ctx.param(b, tag, "kernel_size", d),
+                                      ctx.param(b, tag, "stride", d),
+                                      ctx.param(b, tag, "dilation", d), causal))
+    return Sep(tuple(dims), label=tag)
+
+
+@lower_node.register(Window)
+def _window(p, ctx):
+    b, tag, q = ctx.bound(p), ctx.tag(p), Q[0]
+    dims = []
+    for d, L in enumerate(ctx.shape):
         # |k - q| <= L - 1 on a dim of length L: larger offsets are clamped to L - 1
-        return Sep(tuple(DimRange(q - param("left", d, shape[d] - 1),
-                                  q + param("right", d, shape[d] - 1) + 1) for d in range(r)),
-                   label=tag)
-    if isinstance(p, Causal):
-        dims = b[0]["dims"]
-        return Sep(tuple(DimRange(None, q + 1) if d in dims else DimRange() for d in range(r)),
-                   label=tag)
-    if isinstance(p, Block):
-        dims = []
-        for d in range(r):
-            size = param("size", d)
-            lo = sp.floor(q / size) * size
-            dims.append(DimRange(lo, lo + size))
-        return Sep(tuple(dims), label=tag)
-    if isinstance(p, Sink):
-        n = param("n")
-        return Flat("sink", sp.Lt(KF, n), {"n": [x["n"] for x in b]}, label=tag)
-    if isinstance(p, Document):
-        ids = b[0]["ids"]
-        table = t.tensor(f"{tag}_ids", ids) if _is_tensor(ids) else t.table(f"{tag}_ids", list(ids))
-        return Flat("document", sp.Eq(table[QF], table[KF]), {"ids": ids}, label=tag)
-    if isinstance(p, Power):
-        blk = param("block", most=math.prod(shape))   # one block holds every token already
-        D = sp.floor(QF / blk) - sp.floor(KF / blk)
-        expr = sp.Or(sp.Eq(D, 0), sp.And(sp.Gt(D, 0), IsPow2(D)))
-        return Flat("power", expr, {"block": [x["block"] for x in b]}, label=tag)
-    if isinstance(p, Radial):
-        frames, per_frame = shape[0], math.prod(shape[1:])
-        bands = [_radial_band(x, frames, per_frame) for x in b]
-        if t.head is not None:
-            band = t.table(f"{tag}_band", bands[t.head])
-            lookup = lambda dist: band[dist]
-        elif all(x == bands[0] for x in bands):
-            band = t.table(f"{tag}_band", bands[0])
-            lookup = lambda dist: band[dist]
-        else:
-            band = t.table(f"{tag}_band", bands)
-            lookup = lambda dist: band[H, dist]
-        sink_frames = param("sink_frames")
-        fq, fk = sp.floor(QF / per_frame), sp.floor(KF / per_frame)
-        a, bb = sp.Mod(QF, per_frame), sp.Mod(KF, per_frame)
-        expr = sp.Or(sp.Lt(fk, sink_frames), sp.Le(sp.Abs(a - bb), lookup(sp.Abs(fq - fk))))
-        return Flat("radial", expr, {"bands": bands, "sink_frames": [x["sink_frames"] for x in b],
-                                     "per_frame": per_frame}, label=tag)
-    raise AssertionError(f"no lowering for {p!r}")
+        left, right = ctx.param(b, tag, "left", d, L - 1), ctx.param(b, tag, "right", d, L - 1)
+        dims.append(DimRange(q - left, q + right + 1, (), (OffAtom(left, right),)))
+    return Sep(tuple(dims), label=tag)
+
+
+@lower_node.register(Causal)
+def _causal(p, ctx):
+    dims, tag = ctx.one(ctx.bound(p))["dims"], ctx.tag(p)
+    return Sep(tuple(DimRange(None, Q[0] + 1, (), (OffAtom(None, 0),)) if d in dims else DimRange()
+                     for d in range(len(ctx.shape))), label=tag)
+
+
+@lower_node.register(Block)
+def _block(p, ctx):
+    b, tag, q = ctx.bound(p), ctx.tag(p), Q[0]
+    dims = []
+    for d in range(len(ctx.shape)):
+        size = ctx.param(b, tag, "size", d)
+        lo = sp.floor(q / size) * size
+        dims.append(DimRange(lo, lo + size, (), (BlockAtom(size, 0),)))
+    return Sep(tuple(dims), label=tag)
+
+
+@lower_node.register(Full)
+def _full(p, ctx):
+    return Sep(tuple(DimRange() for _ in ctx.shape), label="full")
+
+
+@lower_node.register(Empty)
+def _empty(p, ctx):
+    return Const(False)
+
+
+@lower_node.register(Sink)
+def _sink(p, ctx):
+    b, tag = ctx.bound(p), ctx.tag(p)
+    n = ctx.param(b, tag, "n")
+    return SinkFlat(sp.Lt(KF, n), label=tag, node=p, n=ctx.one(b)["n"])
+
+
+@lower_node.register(Document)
+def _document(p, ctx):
+    ids, tag = ctx.one(ctx.bound(p))["ids"], ctx.tag(p)
+    t = ctx.tables
+    table = t.tensor(f"{tag}_ids", ids) if _is_tensor(ids) else t.table(f"{tag}_ids", list(ids))
+    return DocumentFlat(sp.Eq(table[QF], table[KF]), label=tag, node=p, ids=ids)
+
+
+@lower_node.register(Power)
+def _power(p, ctx):
+    b, tag = ctx.bound(p), ctx.tag(p)
+    n = math.prod(ctx.shape)
+    blk = ctx.param(b, tag, "block", most=n)          # one block holds every token already
+    D = sp.floor(QF / blk) - sp.floor(KF / blk)
+    expr = sp.Or(sp.Eq(D, 0), sp.And(sp.Gt(D, 0), IsPow2(D)))
+    return PowerFlat(expr, label=tag, node=p, block=min(ctx.one(b)["block"], n))
+
+
+@lower_node.register(Radial)
+def _radial(p, ctx):
+    b, tag, t = ctx.bound(p), ctx.tag(p), ctx.tables
+    frames, per_frame = ctx.shape[0], math.prod(ctx.shape[1:])
+    bands = [_radial_band(x, frames, per_frame) for x in b]
+    if ctx.head is not None or all(x == bands[0] for x in bands):
+        band = t.table(f"{tag}_band", bands[ctx.head if ctx.head is not None else 0])
+        lookup = lambda dist: band[dist]
+    else:
+        band = t.table(f"{tag}_band", bands)
+        lookup = lambda dist: band[H, dist]
+    sink_frames = ctx.param(b, tag, "sink_frames")
+    fq, fk = sp.floor(QF / per_frame), sp.floor(KF / per_frame)
+    a, bb = sp.Mod(QF, per_frame), sp.Mod(KF, per_frame)
+    expr = sp.Or(sp.Lt(fk, sink_frames), sp.Le(sp.Abs(a - bb), lookup(sp.Abs(fq - fk))))
+    one = ctx.one(b)
+    return RadialFlat(expr, label=tag, node=p,
+                      bands=tuple(bands[ctx.head if ctx.head is not None else 0]),
+                      sink_frames=one["sink_frames"], per_frame=per_frame)
+
+
+@lower_node.register(Not)
+def _not(p, ctx):
+    return simplify(NotN(lower_node(p.a, ctx)), ctx.shape)
+
+
+@lower_node.register(And)
+def _and(p, ctx):
+    return simplify(AndN((lower_node(p.a, ctx), lower_node(p.b, ctx))), ctx.shape)
+
+
+@lower_node.register(Or)
+def _or(p, ctx):
+    return simplify(OrN((lower_node(p.a, ctx), lower_node(p.b, ctx))), ctx.shape)
+
+
+@lower_node.register(Heads)
+def _heads(p, ctx):
+    p.bind(ctx.shape, ctx.heads)
+    if ctx.head is not None:
+        return lower_node(p.patterns[ctx.head], ctx)
+    kids = tuple(lower_node(x, ctx) for x in p.patterns)
+    return kids[0] if all(k == kids[0] for k in kids) else HeadsN(kids)
 
 
 def _radial_band(p: dict, frames: int, per_frame: int) -> list:
@@ -377,31 +524,10 @@ def _radial_band(p: dict, frames: int, per_frame: int) -> list:
 
 def lower_pattern(p: Pattern, shape: tuple, heads: int, head: Optional[int] = None):
     """Lower a pattern to IR. ``head=None``: per-head values as table lookups (for printing);
-    ``head=h``: everything specialised to head h (for the BlockMask and the kernels).
+    ``head=h``: everything specialised to head h (for the tile classes and the kernels).
     Returns (ir, tables)."""
-    t = Tables(head)
-    idx = [0]
-
-    def go(n):
-        if isinstance(n, Full):
-            return Sep(tuple(DimRange() for _ in shape), label="full")
-        if isinstance(n, Empty):
-            return Const(False)
-        if isinstance(n, Not):
-            return simplify(NotN(go(n.a)), shape)
-        if isinstance(n, And):
-            return simplify(AndN((go(n.a), go(n.b))), shape)
-        if isinstance(n, Or):
-            return simplify(OrN((go(n.a), go(n.b))), shape)
-        if isinstance(n, Heads):
-            n.bind(shape, heads)
-            if head is not None:
-                return go(n.patterns[head])
-            kids = tuple(go(x) for x in n.patterns)
-            return kids[0] if all(k == kids[0] for k in kids) else HeadsN(kids)
-        return _lower_leaf(n, shape, heads, t, idx)
-
-    return go(p), t
+    ctx = LowerCtx(shape, heads, head)
+    return lower_node(p, ctx), ctx.tables
 
 
 def simplify(n, shape: Optional[tuple] = None):
@@ -427,7 +553,7 @@ def simplify(n, shape: Optional[tuple] = None):
             if len(seps) > 1:
                 dims = tuple(_and_dims(ds) for ds in zip(*(s.dims for s in seps)))
                 if shape is not None:
-                    dims = tuple(DimRange(tighten(d.lo, L), tighten(d.hi, L), d.steps)
+                    dims = tuple(DimRange(tighten(d.lo, L), tighten(d.hi, L), d.steps, d.atoms)
                                  for d, L in zip(dims, shape))
                 seps = [Sep(dims, label="&".join(s.label for s in seps))]
             flat = seps + rest
@@ -450,85 +576,136 @@ def _and_dims(ds) -> DimRange:
     return out
 
 
+def contains(n, cls) -> bool:
+    """Whether the IR ``n`` has a node of type ``cls``."""
+    if isinstance(n, cls):
+        return True
+    kids = getattr(n, "children", None)
+    if kids is None:
+        kids = (n.child,) if isinstance(n, NotN) else ()
+    return any(contains(c, cls) for c in kids)
+
+
 def predicate(n, coords_q, coords_k, qf, kf) -> sp.Basic:
     """The IR as one sympy boolean over the given coordinate/flat expressions (built
     unevaluated: the IR is already simplified, and boolean simplification is slow)."""
     with sp.evaluate(False):
-        return _predicate(n, coords_q, coords_k, qf, kf)
+        return _predicate(n, (coords_q, coords_k, qf, kf))
 
 
-def _predicate(n, coords_q, coords_k, qf, kf) -> sp.Basic:
-    predicate = _predicate
-    if isinstance(n, Const):
-        return sp.true if n.value else sp.false
-    if isinstance(n, Sep):
-        return sp.And(*[d.condition(coords_q[i], coords_k[i]) for i, d in enumerate(n.dims)])
-    if isinstance(n, Flat):
-        return n.expr.xreplace({QF: qf, KF: kf})
-    if isinstance(n, AndN):
-        return sp.And(*[predicate(c, coords_q, coords_k, qf, kf) for c in n.children])
-    if isinstance(n, OrN):
-        return sp.Or(*[predicate(c, coords_q, coords_k, qf, kf) for c in n.children])
-    if isinstance(n, NotN):
-        return sp.Not(predicate(n.child, coords_q, coords_k, qf, kf))
-    if isinstance(n, HeadsN):
-        return sp.Or(*[sp.And(sp.Eq(H, i), predicate(c, coords_q, coords_k, qf, kf))
-                       for i, c in enumerate(n.children)])
-    raise AssertionError(n)
+@functools.singledispatch
+def _predicate(n, at) -> sp.Basic:
+    raise TypeError(f"no predicate rule for {n!r}")
+
+
+@_predicate.register(Const)
+def _(n, at):
+    return sp.true if n.value else sp.false
+
+
+@_predicate.register(Sep)
+def _(n, at):
+    coords_q, coords_k, _, _ = at
+    return sp.And(*[d.condition(coords_q[i], coords_k[i]) for i, d in enumerate(n.dims)])
+
+
+@_predicate.register(Flat)
+def _(n, at):
+    return n.expr.xreplace({QF: at[2], KF: at[3]})
+
+
+@_predicate.register(AndN)
+def _(n, at):
+    return sp.And(*[_predicate(c, at) for c in n.children])
+
+
+@_predicate.register(OrN)
+def _(n, at):
+    return sp.Or(*[_predicate(c, at) for c in n.children])
+
+
+@_predicate.register(NotN)
+def _(n, at):
+    return sp.Not(_predicate(n.child, at))
+
+
+@_predicate.register(HeadsN)
+def _(n, at):
+    return sp.Or(*[sp.And(sp.Eq(H, i), _predicate(c, at)) for i, c in enumerate(n.children)])
 
 
 # ------------------------------------------------------------------------------ scores
 
+class _TermCtx:
+    def __init__(self, term, index: int, tag: str, shape: tuple, heads: int, tables: Tables):
+        self.term, self.index, self.tag, self.tables = term, index, tag, tables
+        self.bound = term.bind(shape, heads)
+        self.heads = heads
+
+    def value(self, key):
+        """A parameter: a captured tensor (read per call) or a per-head table / constant."""
+        v = getattr(self.term, key)
+        if _is_tensor(v):
+            base = self.tables.tensor(f"{self.tag}_{key}", v.reshape(-1), (self.index, key, True))
+            return base[H] if v.numel() > 1 else base[0]
+        return self.tables.lookup(f"{self.tag}_{key}", [float(x[key]) for x in self.bound])
+
+
+@functools.singledispatch
+def lower_term(term, ctx: _TermCtx, expr):
+    """One additive score term: ``expr`` (the score so far) -> the new score."""
+    raise TypeError(f"no score rule for {term!r}")
+
+
+@lower_term.register(DistanceDecay)
+def _(term, ctx, expr):
+    diffs = [Q[d] - K[d] for d in ctx.bound[0]["dims"]]
+    if term.metric == "euclidean":
+        dist = sp.sqrt(sp.Add(*[x ** 2 for x in diffs]))
+    elif term.metric == "manhattan":
+        dist = sp.Add(*[sp.Abs(x) for x in diffs])
+    else:
+        dist = smax(*[sp.Abs(x) for x in diffs]) if len(diffs) > 1 else sp.Abs(diffs[0])
+    return expr - ctx.value("rate") * dist
+
+
+@lower_term.register(Alibi)
+def _(term, ctx, expr):
+    from .._score import geometric_slopes
+
+    if term.slopes == "geometric":
+        slope = ctx.tables.lookup(f"{ctx.tag}_slopes", geometric_slopes(ctx.heads))
+    else:
+        slope = ctx.value("slopes")
+    return expr - slope * sp.Abs(QF - KF)
+
+
+@lower_term.register(RelativeBias)
+def _(term, ctx, expr):
+    info = ctx.bound[0]
+    base = ctx.tables.tensor(f"{ctx.tag}_table", term.table, (ctx.index, "table", False))
+    idx = [smin(smax(K[d] - Q[d], -R), R) + R for d, R in enumerate(info["radius"])]
+    return expr + (base[tuple(idx)] if info["shared"] else base[(H, *idx)])
+
+
 def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]:
     """The score terms as one sympy expression of ``score``, grid coordinates, flat indices and
     the head (per-head and tensor parameters as table lookups). None when there is no additive
-    term or softcap. ``sink_logit`` and ``dropout`` are skipped: they act on the softmax."""
-    from .._score import (Alibi, DistanceDecay, Dropout, RelativeBias, SinkLogit, Softcap,
-                          geometric_slopes, score_terms)
+    term or softcap. ``sink_logit`` and ``dropout`` act on the softmax (the runtime applies
+    them; Flex cannot) and ``softcap`` wraps the sum last."""
+    from .._score import Dropout, SinkLogit, score_terms
 
-    terms = [t for t in score_terms(score) if not isinstance(t, (SinkLogit, Dropout))]
+    terms = [x for x in score_terms(score) if not isinstance(x, (SinkLogit, Dropout))]
     if not terms:
         return None
     expr = SCORE
     cap = None
     for i, term in enumerate(terms):
-        b = term.bind(shape, heads)
-        tag = f"{term._name}{i}"
-
-        def value(key):
-            v = getattr(term, key)
-            if _is_tensor(v):
-                base = t.tensor(f"{tag}_{key}", v.reshape(-1))
-                return base[H] if v.numel() > 1 else base[0]
-            return t.lookup(f"{tag}_{key}", [float(x[key]) for x in b])
-
-        if isinstance(term, (SinkLogit, Dropout)):
-            continue  # not score terms: the runtime applies them (Flex cannot; see dispatch)
-        if isinstance(term, DistanceDecay):
-            dims = b[0]["dims"]
-            diffs = [Q[d] - K[d] for d in dims]
-            if term.metric == "euclidean":
-                dist = sp.sqrt(sp.Add(*[x ** 2 for x in diffs]))
-            elif term.metric == "manhattan":
-                dist = sp.Add(*[sp.Abs(x) for x in diffs])
-            else:
-                dist = smax(*[sp.Abs(x) for x in diffs]) if len(diffs) > 1 else sp.Abs(diffs[0])
-            expr = expr - value("rate") * dist
-        elif isinstance(term, Alibi):
-            if term.slopes == "geometric":
-                slope = t.lookup(f"{tag}_slopes", geometric_slopes(heads))
-            else:
-                slope = value("slopes")
-            expr = expr - slope * sp.Abs(QF - KF)
-        elif isinstance(term, RelativeBias):
-            info = b[0]
-            base = t.tensor(f"{tag}_table", term.table)
-            idx = [smin(smax(K[d] - Q[d], -R), R) + R for d, R in enumerate(info["radius"])]
-            expr = expr + (base[tuple(idx)] if info["shared"] else base[(H, *idx)])
-        elif isinstance(term, Softcap):
-            cap = value("cap")
+        ctx = _TermCtx(term, i, f"{term._name}{i}", shape, heads, t)
+        if isinstance(term, Softcap):
+            cap = ctx.value("cap")
         else:
-            raise AssertionError(term)
+            expr = lower_term(term, ctx, expr)
     if cap is not None:
         expr = cap * sp.tanh(expr / cap)
     return expr

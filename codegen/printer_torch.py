@@ -16,12 +16,20 @@ import sympy as sp
 from sympy.printing.str import StrPrinter
 
 
-__all__ = ["TorchPrinter", "UnsupportedNode", "emit_function", "identifier"]
+__all__ = ["TorchPrinter", "UnsupportedNode", "emit_function", "exec_source", "identifier",
+           "FloorDiv", "PosMod"]
 
 
 class FloorDiv(sp.Function):
     """``a // b`` kept atomic: common-subexpression elimination must not split ``floor(a / b)``
-    into a reciprocal and a product (that would print a float division)."""
+    into a reciprocal and a product (that would print a float division); layout decodes are
+    built from it directly (no sympy evaluation of floor: fast, and never rewritten)."""
+    is_integer = True
+
+
+class PosMod(sp.Function):
+    """``a % b`` of non-negative integers, kept atomic (layout decodes): sympy's ``Mod``
+    evaluates its arguments with assumptions (slow) and once rewrote a hand-built tree wrongly."""
     is_integer = True
 
 
@@ -104,6 +112,8 @@ class TorchPrinter(StrPrinter):
     def _print_Mod(self, e):
         a, b = e.args
         return f"({self._wrap(a)} % {self._wrap(b)})"
+
+    _print_PosMod = _print_Mod
 
     def _fold(self, fn: str, clamp: str, args) -> str:
         nums = [a for a in args if a.is_number]
@@ -302,3 +312,15 @@ def _names(result, prologue) -> set:
         if isinstance(e, sp.Basic):
             out |= {str(b.label) for b in e.atoms(sp.Indexed) for b in [b.base]}
     return out
+
+
+def exec_source(src: str, env: dict = None):
+    """Exec generated source once and return its first function (a mod, or a ``make_*``
+    factory taking the captured tables). The one place generated code is exec'd; ``torch`` and
+    ``env`` are its globals, and the code object is named after the function for tracebacks."""
+    import torch
+
+    name = src.split("(", 1)[0].split()[-1]
+    g = {"torch": torch, **(env or {})}
+    exec(compile(src, f"<maskdsl:{name}>", "exec"), g)
+    return g[name]

@@ -115,11 +115,12 @@ class Layout:
         """Prologue lines computing grid coordinates ``{prefix}0..``, the flat index
         ``{prefix}_flat`` and (when the layout pads) ``{prefix}_valid`` from position ``idx``.
 
-        Every expression is built *evaluated* and without trivial terms (``x * 1``,
-        ``x % 1``, ``0 * t``): the printer rebuilds expressions (``replace``), and sympy
-        re-evaluating a hand-built unevaluated tree such as ``Mod(Mul(1, Mod(t, 14)), 7)``
-        turned it into ``Mod(Mod(t, 14)**2, 7)`` (a wrong 3-D decode, ARCHITECTURE.md,
-        "Token layouts")."""
+        Every expression is built from atomic ``FloorDiv``/``PosMod`` nodes and without trivial
+        terms (``x * 1``, ``x % 1``, ``0 * t``): the printer rebuilds expressions
+        (``replace``), and sympy re-evaluating a hand-built unevaluated tree such as
+        ``Mod(Mul(1, Mod(t, 14)), 7)`` turned it into ``Mod(Mod(t, 14)**2, 7)`` (a wrong 3-D
+        decode, ARCHITECTURE.md, "Token layouts"); atomic nodes are never rewritten, and cost
+        nothing to build."""
         lines: List[Tuple[str, sp.Basic]] = []
         if self.tile is None:
             stride = 1
@@ -173,13 +174,18 @@ class Layout:
 
 
 def _div(x, n: int):
-    """``x // n`` for a non-negative integer expression (``x`` itself when n == 1)."""
-    return x if n == 1 else sp.floor(x / n)
+    """``x // n`` for a non-negative integer expression (``x`` itself when n == 1), an atomic
+    node the printer prints as ``//`` (no sympy evaluation of floor)."""
+    from .printer_torch import FloorDiv
+
+    return x if n == 1 else FloorDiv(x, n)
 
 
 def _mod(x, n: int):
-    """``x % n`` (0 when n == 1)."""
-    return sp.Integer(0) if n == 1 else sp.Mod(x, n)
+    """``x % n`` (0 when n == 1), atomic like ``_div``."""
+    from .printer_torch import PosMod
+
+    return sp.Integer(0) if n == 1 else PosMod(x, n)
 
 
 def candidate_tiles(shape: tuple, block: int = 128) -> List[tuple]:

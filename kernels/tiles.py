@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from maskdsl._caching import outside_inference_mode
+from maskdsl._caching import LRU, outside_inference_mode
 
 __all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "rows_attending", "TILE_SIZES"]
 
@@ -46,36 +46,35 @@ class TilePlan:
             device = torch.device("cpu")
 
         lay = program.layout
+        r = program.recipe
         V, T = lay.block, lay.n_tiles
-        cls = program.classes                                   # [H, T, T]
-        shared = all(np.array_equal(cls[0], c) for c in cls[1:])
-        cls = cls[:1] if shared else cls
-        Hc = cls.shape[0]
-        nonempty = cls != EMPTY
-        M = max(1, int(nonempty.sum(-1).max()))
-        # kv tile indices per (head, query tile), non-empty first; padded slots repeat tile 0
+        heads_cls = [r.classes.distinct[0]] if r.classes.shared else \
+            [r.classes.head(h) for h in range(r.heads)]
+        Hc = len(heads_cls)
+        M = max(1, max(int(c.counts().max()) if c.Tq else 0 for c in heads_cls))
+        Hm = program.heads if r.varies else 1
         from maskdsl._memory import check_allocation
 
-        from maskdsl.codegen.program import _varies_per_head
-
-        Hm = program.heads if _varies_per_head(program.pattern) else 1
         check_allocation(f"the tiles plan's token masks ({max(Hm, Hc)} x {T} x {V} x {M * V})",
                          3 * max(Hm, Hc) * T * V * M * V + 16 * Hc * T * M * V,
                          "use a smaller grid or a sparser pattern")
-        order = np.argsort(~nonempty, axis=-1, kind="stable")[..., :M]
-        valid_slot = np.take_along_axis(nonempty, order, -1)    # [Hc, T, M]
-        idx = torch.from_numpy(np.where(valid_slot, order, 0)).to(device)
+        # kv tile indices per (head, query tile) from the sparse classes, in key-tile order;
+        # padded slots repeat tile 0 (and are masked)
+        order = np.zeros((Hc, T, M), np.int64)
+        valid_slot = np.zeros((Hc, T, M), bool)
+        for c, cls in enumerate(heads_cls):
+            rows = cls.rows()
+            pos = np.arange(cls.nnz) - cls.indptr[rows]
+            order[c, rows, pos] = cls.indices
+            valid_slot[c, rows, pos] = True
+        idx = torch.from_numpy(order).to(device)
         self.V, self.T, self.Hc = V, T, Hc
         # token-level mask over the candidate keys (the tiles' tokens): [Ha, T, V, M*V]
         pos = torch.arange(lay.n_padded, device=device).reshape(T, V)
         qpos = pos[:, :, None]                                  # [T, V, 1]
         kpos = pos[idx].reshape(Hc, T, 1, M * V)                # [Hc, T, 1, M*V]
-        mask_mod, _ = program.mods(device)
-        # the token mask is per head whenever the pattern is, even if the tile lists agree
-        heads = torch.arange(Hm, device=device).reshape(Hm, 1, 1, 1)
         with torch.no_grad():
-            allowed = mask_mod(0, heads, qpos[None], kpos)
-            allowed = allowed.expand(max(Hm, Hc), T, V, M * V).clone()
+            allowed = _token_masks(program, device, Hm, Hc, qpos, kpos)
             slot_ok = torch.from_numpy(valid_slot).to(device)
             allowed &= slot_ok[:, :, None, :, None].expand(Hc, T, 1, M, V).reshape(Hc, T, 1, M * V)
             # keep only the keys some query of the tile attends to (per query tile, padded to the
@@ -165,14 +164,32 @@ class TilePlan:
         return self._buffers[key]
 
 
-_lock = threading.Lock()
+def _token_masks(program, device, Hm: int, Hc: int, qpos, kpos) -> torch.Tensor:
+    """bool [max(Hm, Hc), T, V, M*V]: the token mask between each query tile and its candidate
+    keys. A pattern with a different pattern per head (heads([...])) is evaluated head by head
+    from each head's own IR: its table-form mask_mod would evaluate every head's branch for
+    every head (O(H^2))."""
+    from maskdsl.codegen.ir import HeadsN, contains
+    from maskdsl.codegen.source import head_mask_mod
+
+    r = program.recipe
+    T, V = qpos.shape[0], qpos.shape[1]
+    width = kpos.shape[-1]
+    if Hm > 1 and contains(r.ir, HeadsN):
+        out = torch.empty(Hm, T, V, width, dtype=torch.bool, device=device)
+        for h in range(Hm):
+            out[h] = head_mask_mod(r, h, device)(0, 0, qpos, kpos[h if Hc > 1 else 0])
+        return out
+    mask_mod, _ = program.mods(device)
+    heads = torch.arange(Hm, device=device).reshape(Hm, 1, 1, 1)
+    allowed = mask_mod(0, heads, qpos[None], kpos)
+    return allowed.expand(max(Hm, Hc), T, V, width).clone()
 
 
 def _keys_per_query(program) -> int:
     """Padded keys each query attends to in the tiles layout: max non-empty tiles x tile size."""
-    from maskdsl.codegen.blockmask import EMPTY
-
-    return int((program.classes != EMPTY).sum(-1).max()) * program.layout.block
+    c = program.classes
+    return max(int(d.counts().max()) if d.Tq else 0 for d in c.distinct) * program.layout.block
 
 
 def tiles_program(pattern, score, shape, heads):
@@ -181,27 +198,35 @@ def tiles_program(pattern, score, shape, heads):
     560 keys, 23.9 vs 26.8 ms forward for 64x64 13x13 H=4 on the benchmark CPU); otherwise 128,
     whose larger matmuls win at similar key counts (3-D 16x32x32 3x7x7: 88.4 vs 88.9 ms; 1-D
     32K causal window 1024: 94.1 vs 101.4 ms)."""
-    from maskdsl.codegen.program import program
+    from maskdsl.codegen.program import Program
 
-    big = program(pattern, score, shape, heads, block=TILE_SIZES[0])
-    small = program(pattern, score, shape, heads, block=TILE_SIZES[1])
+    big = Program(pattern, score, shape, heads, block=TILE_SIZES[0])
+    small = Program(pattern, score, shape, heads, block=TILE_SIZES[1])
     return small if _keys_per_query(small) < 0.75 * _keys_per_query(big) else big
 
 
+_PLANS = LRU(32)
+
+
 def plan_for(program, device) -> TilePlan:
-    """The program's plan on ``device``, kept on the program itself (its lifetime)."""
+    """The program's plan on ``device`` (one per recipe and device, in a bounded cache)."""
     device = torch.device(device)
-    with _lock:
-        plans = program.__dict__.setdefault("_tile_plans", {})
-        plan = plans.get(device)
+    key = (program.recipe.key, device)
+    plan = _PLANS.get(key)
     if plan is None:
         from maskdsl._memory import guarded
 
         with guarded(f"the tiles plan for {program.pattern!r} on {tuple(program.shape)}"):
-            plan = TilePlan(program, device)
-        with _lock:
-            plan = plans.setdefault(device, plan)
+            plan = _PLANS.put(key, TilePlan(program, device))
     return plan
+
+
+def score_tensors(score) -> tuple:
+    """Every tensor-valued score parameter (learnable ones need the autograd path)."""
+    from maskdsl._score import score_terms
+
+    return tuple(v for term in score_terms(score) for v in vars(term).values()
+                 if isinstance(v, torch.Tensor))
 
 
 def _with_zero_row(x):
@@ -231,7 +256,7 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     # lay out queries; gather every query tile's key/value tiles straight from user order
     grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v) + tuple(program.tables.tensors.values())
+        t.requires_grad for t in (q, k, v) + score_tensors(program.score)
         + ((sink,) if sink is not None else ()))
     native = q.dtype == dt and k.dtype == dt and v.dtype == dt
     if Hc == 1 and not grad:
@@ -375,3 +400,33 @@ def rows_attending(program, bad: torch.Tensor) -> torch.Tensor:
     if plan.scatter is not None:
         return hit.index_select(2, plan.scatter)
     return hit[:, :, :N]
+
+
+# ---------------------------------------------------------------------- the backend protocol
+
+def refusal(spec, device):
+    return None                    # any pattern, any score, any device
+
+
+def preference(spec, device):
+    return None
+
+
+def strength(spec, device) -> str:
+    if device.type == "cuda":
+        return "block-sparse PyTorch over the analytic tiles runs any pattern and score, with a backward"
+    return (f"on {device.type}, block-sparse PyTorch over the analytic tiles is the fastest path "
+            f"and the only one with a backward (Flex is inference-only there)")
+
+
+def call_refusal(spec, q, k, v):
+    return None
+
+
+def prepare(spec):
+    return tiles_program(spec.pattern, spec.score, spec.shape, spec.heads)
+
+
+def run(state, q, k, v, call):
+    return run_tiles(state, q, k, v, call.scale, sink=call.sink, dropout_p=call.dropout_p,
+                     generator=call.generator)

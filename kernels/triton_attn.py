@@ -881,13 +881,13 @@ class TritonPlan:
             self.metric = METRICS[decay.metric]
         relb = self.score_terms.get(RelativeBias)
         self.radius = (0, 0, 0)
-        self.relb_table, self.relb_hs = None, 0      # relb_hs: entries per head (0: shared)
+        self.has_relb, self.relb_hs = relb is not None, 0   # relb_hs: entries per head (0: shared)
         if relb is not None:
             bound = relb.bind(shape, heads)[0]
             self.radius = (0,) * off + tuple(bound["radius"])
-            self.relb_table = bound["table"]
             self.relb_hs = 0 if bound["shared"] else math.prod(2 * r + 1 for r in self.radius)
-        # per-head float parameters: name -> (term, field); tensor-valued ones are read per call
+        # per-head float parameters: name -> (term kind, field); tensor-valued ones are read
+        # from the caller's score at every call (a plan is shared by every score of this shape)
         fields = {"rate": (DistanceDecay, "rate"), "slope": (Alibi, "slopes"), "cap": (Softcap, "cap")}
         self.param_terms = {}
         self._fixed_terms = {}
@@ -896,9 +896,11 @@ class TritonPlan:
             if term is None:
                 continue
             if isinstance(getattr(term, field), torch.Tensor):
-                self.param_terms[name] = (term, field)
+                self.param_terms[name] = (kind, field)
             else:
                 self._fixed_terms[name] = (term, field)
+        # only which kinds are present stays: the plan keeps no user tensor
+        self.score_terms = {kind: None for kind in self.score_terms}
         self._packed, self._fixed = {}, {}
 
     @outside_inference_mode
@@ -1091,17 +1093,19 @@ def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, see
     return (dq, dk, dv, drelb, dsink, *dparams)
 
 
-def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=None,
-               seed: int = 0):
+def run_triton(plan: TritonPlan, q, k, v, scale: float, *, score=None, sink=None,
+               dropout_p=None, seed: int = 0):
     """[B, H, N, D] attention through the Triton kernels (autograd: q, k, v, the relative_bias
-    table, sink logits, learnable rate / slopes / cap). ``dropout_p``: per-head probabilities
-    (None: no dropout)."""
+    table, sink logits, learnable rate / slopes / cap). ``score``: the caller's score terms,
+    whose tensors are read now. ``dropout_p``: per-head probabilities (None: no dropout)."""
     _check_inputs(q, k, v)
     dev = q.device
     H = plan.heads
     fixed = plan.fixed_values(dev)
     learn = {}
-    for name, (term, field) in plan.param_terms.items():   # tensors: read per call (learnable)
+    terms = check_score(score)
+    for name, (kind, field) in plan.param_terms.items():   # tensors: read per call (learnable)
+        term = terms[kind]
         t = per_head_tensor(getattr(term, field), term, field, H, dev, plan.shape)
         t = t.to(dev, torch.float32)
         learn[name] = t if t.requires_grad else None
@@ -1112,8 +1116,10 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, sink=None, dropout_p=
     if dropout_p is None:
         consts["HAS_DROP"] = False
     relb = None
-    if plan.relb_table is not None:
-        relb = plan.relb_table.to(device=dev, dtype=torch.float32)
+    if plan.has_relb:
+        from .._score import RelativeBias
+
+        relb = terms[RelativeBias].table.to(device=dev, dtype=torch.float32)
         relb = (relb.reshape(-1) if plan.relb_hs == 0 else relb.reshape(H, -1)).contiguous()
     if sink is not None:
         sink = sink.to(device=dev, dtype=torch.float32).reshape(-1)
@@ -1161,3 +1167,79 @@ def keep_mask(plan: TritonPlan, batch: int, dropout_p, seed: int, device) -> tor
     dp = dropout_p.to(device=device, dtype=torch.float32).reshape(-1).expand(H).contiguous()
     _keep_kernel[(N, batch * H)](out, dp, int(seed), H, N, BLOCK=16)
     return out.bool()
+
+
+# ---------------------------------------------------------------------- the backend protocol
+
+TRITON_MIN_TOKENS = 262144   # from here a BlockMask holds >= 2048^2 tile entries per head
+_PLANS = None
+
+
+def _beyond_flex(score):
+    from .._score import Dropout, SinkLogit, score_terms
+
+    return next((t for t in score_terms(score) if isinstance(t, (SinkLogit, Dropout))), None)
+
+
+def refusal(spec, device) -> Optional[str]:
+    if triton is None:
+        return "triton is not installed (pip install triton)"
+    dev = torch.device(device)
+    if not (dev.type == "cuda" or (dev.type == "cpu" and interpreted())):
+        return f"the Triton kernel runs on CUDA (on {dev.type} only under TRITON_INTERPRET=1)"
+    try:
+        prepare(spec)
+    except MaskDSLError as e:
+        return str(e).replace("backend='triton': ", "")
+    return None
+
+
+def preference(spec, device) -> Optional[str]:
+    if _beyond_flex(spec.score) is None and spec.n < TRITON_MIN_TOKENS:
+        return (f"flex runs this pattern and {spec.n} tokens < {TRITON_MIN_TOKENS} keep its "
+                f"BlockMask small")
+    return None
+
+
+def strength(spec, device) -> str:
+    node = _beyond_flex(spec.score)
+    if node is not None:
+        return (f"FlexAttention cannot express {node._name}; the Triton kernel runs it fused "
+                f"(forward and backward)")
+    tiles = (spec.n + 127) // 128
+    return (f"{spec.n} tokens; a BlockMask would hold {tiles}^2 tile entries per head, the Triton "
+            f"kernel computes key ranges in-kernel")
+
+
+def call_refusal(spec, q, k, v) -> Optional[str]:
+    why = why_unavailable(q.device)
+    if why is not None:
+        return why
+    try:
+        _check_inputs(q, k, v)
+    except MaskDSLError as e:
+        return str(e).replace("backend='triton': ", "")
+    return None
+
+
+def prepare(spec):
+    global _PLANS
+    from .._caching import LRU
+    from ..codegen.recipe import content_key
+
+    if _PLANS is None:
+        _PLANS = LRU(64)
+    key = (content_key(spec.pattern), content_key(spec.score), tuple(spec.shape), spec.heads)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.put(key, TritonPlan(spec.pattern, spec.score, spec.shape, spec.heads))
+    return plan, spec
+
+
+def run(state, q, k, v, call) -> torch.Tensor:
+    plan, spec = state
+    # one seed per call from the compiled callable's generator: reproducible, advancing
+    seed = (int(torch.randint(0, 2**31 - 1, (), generator=call.generator))
+            if call.dropout_p is not None else 0)
+    return run_triton(plan, q, k, v, call.scale, score=spec.score, sink=call.sink,
+                      dropout_p=call.dropout_p, seed=seed)

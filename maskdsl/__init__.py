@@ -20,12 +20,11 @@ from ._values import per_head
 
 __version__ = "0.1.0"
 
+from ._node import DSL_NAMES as _DSL_NAMES
+
 __all__ = [
-    # patterns
-    "neighborhood", "window", "causal", "block", "sink", "full", "empty", "document",
-    "radial", "power", "heads", "per_head",
-    # score terms
-    "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout",
+    # every DSL constructor (patterns, score terms, per_head): the parser's names, one registry
+    *_DSL_NAMES,
     # compiling and checking
     "compile", "CompiledAttention", "parse", "reference", "MaskDSLError",
     "Pattern", "Score",

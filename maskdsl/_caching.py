@@ -1,13 +1,52 @@
-"""What every cache of maskdsl's obeys (ARCHITECTURE.md, "Caches"): what it keeps is built as
-ordinary tensors, never inference tensors, so a first call under ``torch.inference_mode()``
-cannot break a later call with autograd."""
+"""What every cache of maskdsl's obeys (ARCHITECTURE.md, "Caches"): it is bounded (``LRU``), keyed
+by content, and what it keeps is built as ordinary tensors, never inference tensors, so a first
+call under ``torch.inference_mode()`` cannot break a later call with autograd."""
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 
 import torch
 
-__all__ = ["outside_inference_mode"]
+__all__ = ["outside_inference_mode", "LRU", "clear_all"]
+
+_ALL = []   # every LRU made (clear_all: benchmarks measuring cold builds, tests)
+
+
+class LRU:
+    """A bounded, thread-safe mapping that forgets its least recently used entry."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._data: "OrderedDict" = OrderedDict()
+        self._lock = threading.Lock()
+        _ALL.append(self)
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._data:
+                return default
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key, value):
+        """Store ``value`` unless another thread stored one first; returns the stored value."""
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+            self._data[key] = value
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+            return value
+
+    def clear(self):
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self):
+        return len(self._data)
 
 
 def outside_inference_mode(fn):
@@ -23,3 +62,9 @@ def outside_inference_mode(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def clear_all() -> None:
+    """Empty every maskdsl cache (recipes, generated code, plans, BlockMasks, statistics)."""
+    for cache in _ALL:
+        cache.clear()

@@ -156,7 +156,7 @@ def _tile_picture(p, s, shape, heads, only_head, width) -> str:
     from ._compile import compile
     from ._draw import draw_classes
 
-    prog = compile(p, shape, heads, score=s)._running
+    prog = compile(p, shape, heads, score=s).program
     st = prog.stats()
     lines = [f"compiled tiles: {st['layout']}, {prog.layout.n_tiles} x {prog.layout.n_tiles} "
              f"tile pairs, {st['block_density']:.1%} non-empty "
@@ -164,7 +164,7 @@ def _tile_picture(p, s, shape, heads, only_head, width) -> str:
     heads_shown = [only_head] if only_head is not None else range(heads)
     seen = []
     for h in heads_shown:
-        cls = torch.from_numpy(prog.classes[h])
+        cls = torch.from_numpy(prog.classes.head(h).dense())
         if any(torch.equal(cls, c) for c in seen):
             continue
         seen.append(cls)

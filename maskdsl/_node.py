@@ -8,9 +8,30 @@ import numbers
 from typing import ClassVar, Dict, List
 
 from ._errors import MaskDSLError
-from ._values import Check, _is_tensor, at_head, dim_count, fmt_value, head_counts, normalize
+from ._values import (Check, _is_tensor, at_head, dim_count, fmt_value, head_counts, normalize,
+                      per_head)
 
-__all__ = ["Node", "check_shape", "check_heads"]
+__all__ = ["Node", "walk", "dsl", "DSL_NAMES", "check_shape", "check_heads"]
+
+#: Every DSL constructor by name (``neighborhood``, ``softcap``, ``per_head``, ...): the parser's
+#: whitelist and the public names of ``maskdsl`` come from here, filled by ``@dsl``.
+DSL_NAMES: Dict[str, object] = {}
+
+
+def dsl(fn):
+    """Register a DSL constructor (its ``__name__`` is its name in the text form)."""
+    DSL_NAMES[fn.__name__] = fn
+    return fn
+
+
+dsl(per_head)
+
+
+def walk(node):
+    """Every node of a tree, parents first (one walk for every pass: ``Node.children``)."""
+    yield node
+    for child in node.children():
+        yield from walk(child)
 
 
 def _key_of(v):
@@ -71,6 +92,10 @@ class Node:
 
     def _check(self) -> None:
         """Cross-field checks that need no shape (override)."""
+
+    def children(self) -> tuple:
+        """The nodes below this one (leaves: none)."""
+        return ()
 
     def _head_count(self) -> int:
         counts = set()

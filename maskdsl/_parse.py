@@ -11,7 +11,7 @@ import ast
 import inspect
 import numbers
 
-from . import _pattern, _score
+from . import _pattern, _score  # noqa: F401  (importing them registers their constructors)
 from ._errors import MaskDSLError
 from ._node import Node
 from ._pattern import Pattern
@@ -20,16 +20,10 @@ from ._values import per_head
 
 __all__ = ["parse", "NAMES"]
 
-NAMES = {
-    name: getattr(_pattern, name) for name in (
-        "neighborhood", "window", "causal", "block", "sink", "full", "empty", "document",
-        "radial", "power", "heads")
-}
-NAMES.update({
-    name: getattr(_score, name) for name in (
-        "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout")
-})
-NAMES["per_head"] = per_head
+from ._node import DSL_NAMES
+
+#: The parser's whitelist: exactly the registered DSL constructors (never anything else).
+NAMES = DSL_NAMES
 
 MAX_LENGTH = 100_000   # characters
 MAX_DEPTH = 64         # nested calls/containers/operators

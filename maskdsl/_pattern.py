@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
-from ._node import Node
+from ._node import Node, dsl
 from ._values import Check, PerHead, _fmt, _is_tensor, at_head, check_dims, dims_in_shape, per_dim
 
 __all__ = [
@@ -349,6 +349,9 @@ class _Binary(Pattern):
     def _check(self):
         _as_pattern(self.a, self._name), _as_pattern(self.b, self._name)
 
+    def children(self) -> tuple:
+        return (self.a, self.b)
+
     def __repr__(self):
         left, right = repr(self.a), repr(self.b)
         if self.a._prec < self._prec:
@@ -379,6 +382,9 @@ class Not(Pattern):
     def _check(self):
         _as_pattern(self.a, "~")
 
+    def children(self) -> tuple:
+        return (self.a,)
+
     def __repr__(self):
         inner = repr(self.a)
         return "~" + (f"({inner})" if self.a._prec < self._prec else inner)
@@ -406,6 +412,9 @@ class Heads(Pattern):
                 raise MaskDSLError(f"heads: patterns[{i}]={x!r}: expected a pattern")
         object.__setattr__(self, "patterns", ps)
 
+    def children(self) -> tuple:
+        return self.patterns
+
     def __repr__(self):
         return "heads([" + ", ".join(repr(x) for x in self.patterns) + "])"
 
@@ -419,56 +428,67 @@ class Heads(Pattern):
 
 # ----------------------------------------------------------------------------- constructors
 
+@dsl
 def neighborhood(kernel_size, stride=1, dilation=1, causal=False) -> Neighborhood:
     """Neighborhood attention exactly as NATTEN defines it (see :class:`Neighborhood`)."""
     return Neighborhood(kernel_size, stride, dilation, causal)
 
 
+@dsl
 def window(left, right=None) -> Window:
     """Sliding window ``-left <= k - q <= right`` per dim; ``right`` defaults to ``left``."""
     return Window(left, right)
 
 
+@dsl
 def causal(dims=None) -> Causal:
     """``k <= q`` on the listed dims (default: all)."""
     return Causal(dims)
 
 
+@dsl
 def block(size) -> Block:
     """Tokens attend within their own block of ``size`` per dim."""
     return Block(size)
 
 
+@dsl
 def sink(n) -> Sink:
     """The first ``n`` tokens are visible to all queries."""
     return Sink(n)
 
 
+@dsl
 def full() -> Full:
     """Every key is visible."""
     return Full()
 
 
+@dsl
 def empty() -> Empty:
     """No key is visible."""
     return Empty()
 
 
+@dsl
 def document(ids) -> Document:
     """Packed sequences: a query sees only keys with the same document id."""
     return Document(ids)
 
 
+@dsl
 def radial(decay=1.0, min_window=128, sink_frames=0) -> Radial:
     """Radial Attention's video mask (see :class:`Radial`)."""
     return Radial(decay, min_window, sink_frames)
 
 
+@dsl
 def power(block=1) -> Power:
     """PowerAttention: blocks a power-of-two distance back (see :class:`Power`)."""
     return Power(block)
 
 
+@dsl
 def heads(patterns) -> Heads:
     """One pattern per head."""
     return Heads(tuple(patterns) if isinstance(patterns, list) else patterns)

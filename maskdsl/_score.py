@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
-from ._node import Node
+from ._node import Node, dsl
 from ._values import Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape, fmt_value
 
 __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
     "ScoreSum", "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout",
-    "score_terms", "per_head_tensor", "check_tensor_params",
+    "score_terms", "per_head_tensor", "check_tensor_params", "score_extras", "without",
 ]
 
 METRICS = ("euclidean", "manhattan", "chebyshev")
@@ -239,35 +239,44 @@ class ScoreSum(Score):
                     )
                 seen[type(t)] = t
 
+    def children(self) -> tuple:
+        return self.terms
+
     def __repr__(self):
         return " + ".join(repr(t) for t in self.terms)
 
 
+@dsl
 def distance_decay(rate, metric="euclidean", dims=None) -> DistanceDecay:
     """Subtract ``rate_h * dist(q, k)`` (euclidean, manhattan or chebyshev on grid coords)."""
     return DistanceDecay(rate, metric, dims)
 
 
+@dsl
 def alibi(slopes="geometric") -> Alibi:
     """ALiBi: subtract ``slope_h * |q - k|`` on the flat index."""
     return Alibi(slopes)
 
 
+@dsl
 def relative_bias(table) -> RelativeBias:
     """Add a learnable bias indexed by the per-dim offset ``k - q``."""
     return RelativeBias(table)
 
 
+@dsl
 def softcap(cap) -> Softcap:
     """``cap * tanh(score / cap)`` (applied last)."""
     return Softcap(cap)
 
 
+@dsl
 def sink_logit(values) -> SinkLogit:
     """A learnable per-head logit in the softmax denominator."""
     return SinkLogit(values)
 
 
+@dsl
 def dropout(p, seed=0) -> Dropout:
     """Attention dropout with probability ``p``, reproducible from ``seed``."""
     return Dropout(p, seed)
@@ -293,3 +302,21 @@ def per_head_tensor(value, term, field: str, heads: int, device, shape=(1,)):
         return value.reshape(-1).expand(heads) if value.numel() == 1 else value
     vals = [b[field] for b in term.bind(shape, heads)]
     return torch.tensor(vals, dtype=torch.float64, device=device)
+
+
+def score_extras(score, heads: int, device, training: bool = True):
+    """The softmax extras every backend reads the same way: per-head sink logits and dropout
+    probabilities, tensors [heads] (None when absent; dropout also None when not training)."""
+    sink = drop_p = None
+    for t in score_terms(score):
+        if isinstance(t, SinkLogit):
+            sink = per_head_tensor(t.values, t, "values", heads, device)
+        elif isinstance(t, Dropout) and training:
+            drop_p = per_head_tensor(t.p, t, "p", heads, device)
+    return sink, drop_p
+
+
+def without(score, kind):
+    """``score`` without its terms of type ``kind`` (None when nothing is left)."""
+    terms = [t for t in score_terms(score) if not isinstance(t, kind)]
+    return sum(terms, 0) or None

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
-from collections import OrderedDict
 from typing import Optional
 
 import torch
 
+from ._caching import LRU
 from ._compile import compile as _compile
 from ._errors import MaskDSLError
 from ._inputs import FLOATS
@@ -51,8 +50,7 @@ __all__ = ["na1d", "na2d", "na3d"]
 
 _AXES = {1: "L", 2: "X, Y", 3: "X, Y, Z"}
 _CACHE_SIZE = 128                          # compiled configurations kept (least recently used out)
-_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
-_CACHE_LOCK = threading.Lock()
+_CACHE = LRU(_CACHE_SIZE)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -131,11 +129,14 @@ def _check_tensors(where: str, rank: int, query, key, value):
 def _compiled(where, pattern, shape, heads, score, backend):
     """The cached CompiledAttention for one configuration."""
     key = (len(shape), shape, heads, pattern, score, backend)
-    with _CACHE_LOCK:
-        attn = _CACHE.get(key)
-        if attn is not None:
-            _CACHE.move_to_end(key)
-            return attn
+    attn = _CACHE.get(key)
+    if attn is not None:
+        return attn
+    try:
+        attn = _compile(pattern, shape, heads, score=score, backend=backend)
+    except MaskDSLError as e:
+        raise MaskDSLError(f"{where}: {e} (spatial shape {shape}, heads={heads})") from None
+    return _CACHE.put(key, attn)
     try:
         attn = _compile(pattern, shape, heads, score=score, backend=backend)
     except MaskDSLError as e:

@@ -13,6 +13,7 @@ Functions:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -64,7 +65,22 @@ class _Grid:
 
 
 # ------------------------------------------------------------------------------ masks
+# One rule per node type: ``_mask(node, h, grid)`` -> bool [queries, N]. A new pattern registers
+# its rule here (the reference's own reading of ARCHITECTURE.md, shared with nothing else).
 
+@functools.singledispatch
+def _mask(p, h: int, g: "_Grid") -> torch.Tensor:
+    raise MaskDSLError(f"mask: expected a pattern, got {p!r}")
+
+
+def _leaf(cls):
+    """Register a leaf rule ``rule(bound_params, grid)`` for ``cls`` (parameters bound per head)."""
+    def deco(rule):
+        _mask.register(cls)(lambda p, h, g: rule(g.bound(p, h), g))
+        return rule
+    return deco
+
+@_leaf(Neighborhood)
 def _neighborhood(p: dict, g: _Grid) -> torch.Tensor:
     allowed = g.full(True)
     for dim, length in enumerate(g.shape):
@@ -86,6 +102,7 @@ def _neighborhood(p: dict, g: _Grid) -> torch.Tensor:
     return allowed
 
 
+@_leaf(Window)
 def _window(p: dict, g: _Grid) -> torch.Tensor:
     allowed = g.full(True)
     for dim in range(len(g.shape)):
@@ -94,6 +111,7 @@ def _window(p: dict, g: _Grid) -> torch.Tensor:
     return allowed
 
 
+@_leaf(Causal)
 def _causal(p: dict, g: _Grid) -> torch.Tensor:
     allowed = g.full(True)
     for dim in p["dims"]:
@@ -101,6 +119,7 @@ def _causal(p: dict, g: _Grid) -> torch.Tensor:
     return allowed
 
 
+@_leaf(Block)
 def _block(p: dict, g: _Grid) -> torch.Tensor:
     allowed = g.full(True)
     for dim, size in enumerate(p["size"]):
@@ -108,16 +127,19 @@ def _block(p: dict, g: _Grid) -> torch.Tensor:
     return allowed
 
 
+@_leaf(Sink)
 def _sink(p: dict, g: _Grid) -> torch.Tensor:
     return (g.flat_k < p["n"]).expand(g.nq, g.n)
 
 
+@_leaf(Document)
 def _document(p: dict, g: _Grid) -> torch.Tensor:
     ids = p["ids"]
     ids = ids.to(g.device) if _is_tensor(ids) else torch.tensor(ids, device=g.device)
     return ids[g.flat_q[:, 0]][:, None] == ids[None, :]
 
 
+@_leaf(Radial)
 def _radial(p: dict, g: _Grid) -> torch.Tensor:
     frames = g.shape[0]
     per_frame = math.prod(g.shape[1:])              # s: tokens per frame
@@ -136,36 +158,46 @@ def _radial(p: dict, g: _Grid) -> torch.Tensor:
     return near | (((a - b).abs().double() <= width) & kept)
 
 
+@_leaf(Power)
 def _power(p: dict, g: _Grid) -> torch.Tensor:
     D = g.flat_q // p["block"] - g.flat_k // p["block"]
     return (D == 0) | ((D > 0) & ((D & (D - 1)) == 0))
 
 
-_LEAF_RULES = {
-    Neighborhood: _neighborhood, Window: _window, Causal: _causal, Block: _block, Sink: _sink,
-    Document: _document, Radial: _radial, Power: _power,
-}
+@_mask.register(Full)
+def _full(p, h, g):
+    return g.full(True)
+
+
+@_mask.register(Empty)
+def _empty(p, h, g):
+    return g.full(False)
+
+
+@_mask.register(And)
+def _and(p, h, g):
+    return _mask(p.a, h, g) & _mask(p.b, h, g)
+
+
+@_mask.register(Or)
+def _or(p, h, g):
+    return _mask(p.a, h, g) | _mask(p.b, h, g)
+
+
+@_mask.register(Not)
+def _not(p, h, g):
+    return ~_mask(p.a, h, g)
+
+
+@_mask.register(Heads)
+def _heads(p, h, g):
+    g.bound(p, h)  # checks len(patterns) == heads
+    return _mask(p.patterns[h], h, g)
 
 
 def _mask_at(p: Pattern, h: int, g: _Grid) -> torch.Tensor:
-    """bool [N, N]: which keys each query of head ``h`` may attend to."""
-    if isinstance(p, Full):
-        return g.full(True)
-    if isinstance(p, Empty):
-        return g.full(False)
-    if isinstance(p, And):
-        return _mask_at(p.a, h, g) & _mask_at(p.b, h, g)
-    if isinstance(p, Or):
-        return _mask_at(p.a, h, g) | _mask_at(p.b, h, g)
-    if isinstance(p, Not):
-        return ~_mask_at(p.a, h, g)
-    if isinstance(p, Heads):
-        g.bound(p, h)  # checks len(patterns) == heads
-        return _mask_at(p.patterns[h], h, g)
-    rule = _LEAF_RULES.get(type(p))
-    if rule is None:
-        raise MaskDSLError(f"mask: expected a pattern, got {p!r}")
-    return rule(g.bound(p, h), g)
+    """bool [queries, N]: which keys each query of head ``h`` may attend to."""
+    return _mask(p, h, g)
 
 
 def mask(p: Pattern, shape, heads: int = 1, device="cpu", rows=None) -> torch.Tensor:
@@ -246,6 +278,7 @@ def _relative_bias(p: dict, h: int, g: _Grid, dtype) -> torch.Tensor:
     return table.to(device=g.device, dtype=dtype)[index]
 
 
+#: the additive score terms' rules: ``rule(bound_params, h, grid, dtype)`` -> [queries, N]
 _BIAS_RULES = {DistanceDecay: _distance_decay, Alibi: _alibi, RelativeBias: _relative_bias}
 
 

@@ -96,3 +96,12 @@ def _score_tensors(score):
 
 def n_tokens(shape) -> int:
     return math.prod(shape)
+
+
+def triton_available() -> bool:
+    """Whether the Triton backend can run here (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    from maskdsl.codegen import backends
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = backends.Spec(md.window(1), None, (8,), 1)
+    return backends.get("triton").refusal(spec, dev) is None

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from maskdsl.codegen.printer_torch import emit_function
-from maskdsl.codegen.program import _exec_named
+from maskdsl.codegen.printer_torch import exec_source
 from maskdsl.codegen.tiling import Layout, candidate_tiles
 
 
@@ -28,7 +28,7 @@ def decoded(layout: Layout):
     for name, _ in pro:
         src = emit_function("decode_line", ["q_idx"], pro, sp.Symbol(name, integer=True),
                             true_like="q_idx")
-        out[name] = torch.as_tensor(_exec_named(src)(pos)).expand(layout.n_padded).numpy()
+        out[name] = torch.as_tensor(exec_source(src)(pos)).expand(layout.n_padded).numpy()
     return out
 
 

@@ -15,7 +15,8 @@ import maskdsl as md
 
 triton = pytest.importorskip("triton")
 
-from maskdsl.codegen.dispatch import TRITON_MIN_TOKENS, choose  # noqa: E402
+from maskdsl.codegen import backends  # noqa: E402
+from maskdsl.kernels.triton_attn import TRITON_MIN_TOKENS  # noqa: E402
 from maskdsl.kernels.triton_attn import TritonPlan, keep_mask, run_triton  # noqa: E402
 
 # The kernels run on CUDA when there is a GPU, else on CPU in Triton's interpreter (a process
@@ -127,7 +128,7 @@ def test_dropout_matches_the_reference_given_the_same_keep_mask(device):
     plan = TritonPlan(p, score, shape, H)
     rates = torch.tensor([0.2, 0.5])
     q, k, v = _inputs(B, H, 42, 16, device)
-    out = run_triton(plan, q, k, v, 0.3, dropout_p=rates, seed=1234)
+    out = run_triton(plan, q, k, v, 0.3, score=score, dropout_p=rates, seed=1234)
     keep = keep_mask(plan, B, rates, 1234, device)
     ref = md.reference.attention(q, k, v, p, shape, score=score, scale=0.3, dropout_keep=keep)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -239,18 +240,23 @@ def test_bad_inputs_and_scores_raise():
         md.compile(md.window(2), (20,), score=two, backend="triton")
 
 
+def _choose(p, shape, heads, score, device):
+    c = backends.choose(backends.Spec(p, score, shape, heads), device)
+    return c.backend, c.reason
+
+
 def test_auto_dispatch_reasons():
     cuda = torch.device("cuda")
     p = md.neighborhood((7, 7))
-    assert choose(p, (64, 64), 2, md.dropout(0.1), cuda)[0] == "triton"
-    backend, reason = choose(p, (64, 64), 2, md.sink_logit(0.5), cuda)
+    assert _choose(p, (64, 64), 2, md.dropout(0.1), cuda)[0] == "triton"
+    backend, reason = _choose(p, (64, 64), 2, md.sink_logit(0.5), cuda)
     assert backend == "triton" and "cannot express sink_logit" in reason
-    assert choose(p, (64, 64), 2, None, cuda)[0] == "flex"
-    backend, reason = choose(md.causal() & md.window(2048), (TRITON_MIN_TOKENS,), 2, None, cuda)
+    assert _choose(p, (64, 64), 2, None, cuda)[0] == "flex"
+    backend, reason = _choose(md.causal() & md.window(2048), (TRITON_MIN_TOKENS,), 2, None, cuda)
     assert backend == "triton" and "in-kernel" in reason
-    assert choose(md.power(), (TRITON_MIN_TOKENS,), 2, None, cuda)[0] == "flex"
-    assert choose(md.power(), (4096,), 2, md.dropout(0.1), cuda)[0] == "tiles"
-    assert choose(p, (64, 64), 2, md.dropout(0.1), torch.device("cpu"))[0] == "tiles"
+    assert _choose(md.power(), (TRITON_MIN_TOKENS,), 2, None, cuda)[0] == "flex"
+    assert _choose(md.power(), (4096,), 2, md.dropout(0.1), cuda)[0] == "tiles"
+    assert _choose(p, (64, 64), 2, md.dropout(0.1), torch.device("cpu"))[0] == "tiles"
 
 
 def test_kernels_compile_for_hopper_within_shared_memory():

@@ -1,0 +1,76 @@
+"""The pattern simplifier: identities and annihilators, applied before lowering.
+
+``md.compile`` lowers ``simplify(p)``, so ``window(0, 0) & ~full()`` runs on every backend (the
+Triton kernel included, which has no ``~``) as the empty pattern. The rules, bottom-up:
+
+    a & full() -> a          a | empty() -> a        (identities)
+    a & empty() -> empty()   a | full() -> full()    (annihilators)
+    ~full() -> empty()       ~empty() -> full()      ~~a -> a
+    a & a -> a               a | a -> a              (idempotence)
+    a & ~a -> empty()        a | ~a -> full()        (complements)
+    heads([p, p, ..., p]) -> p
+
+Equality is the DSL's structural equality (tensors by identity). The reference never
+simplifies: it reads the user's pattern as written, so the tests compare the two.
+"""
+from __future__ import annotations
+
+import functools
+
+from .._pattern import And, Empty, Full, Heads, Not, Or, Pattern
+
+__all__ = ["simplify"]
+
+
+@functools.singledispatch
+def simplify(p: Pattern) -> Pattern:
+    """``p`` with the rules above applied bottom-up (leaves are returned unchanged)."""
+    return p
+
+
+@simplify.register(Not)
+def _not(p: Not) -> Pattern:
+    a = simplify(p.a)
+    if isinstance(a, Full):
+        return Empty()
+    if isinstance(a, Empty):
+        return Full()
+    if isinstance(a, Not):
+        return a.a
+    return p if a is p.a else Not(a)
+
+
+def _complements(a, b) -> bool:
+    return (isinstance(a, Not) and a.a == b) or (isinstance(b, Not) and b.a == a)
+
+
+@simplify.register(And)
+def _and(p: And) -> Pattern:
+    a, b = simplify(p.a), simplify(p.b)
+    if isinstance(a, Empty) or isinstance(b, Empty) or _complements(a, b):
+        return Empty()
+    if isinstance(a, Full) or a == b:
+        return b
+    if isinstance(b, Full):
+        return a
+    return p if (a is p.a and b is p.b) else And(a, b)
+
+
+@simplify.register(Or)
+def _or(p: Or) -> Pattern:
+    a, b = simplify(p.a), simplify(p.b)
+    if isinstance(a, Full) or isinstance(b, Full) or _complements(a, b):
+        return Full()
+    if isinstance(a, Empty) or a == b:
+        return b
+    if isinstance(b, Empty):
+        return a
+    return p if (a is p.a and b is p.b) else Or(a, b)
+
+
+@simplify.register(Heads)
+def _heads(p: Heads) -> Pattern:
+    kids = tuple(simplify(x) for x in p.patterns)
+    if all(k == kids[0] for k in kids[1:]):
+        return kids[0]
+    return p if all(k is x for k, x in zip(kids, p.patterns)) else Heads(kids)

@@ -1,0 +1,56 @@
+"""The ``dense`` backend: the reference itself (``maskdsl.reference.attention``), for small N.
+
+It materialises [B, H, N, N] logits, so ``auto`` takes it only up to ``AUTO_MAX_TOKENS`` tokens
+(where it is the fastest path anywhere) and an explicit request is refused beyond
+``MAX_TOKENS``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._score import Dropout, without
+
+__all__ = ["refusal", "preference", "strength", "call_refusal", "prepare", "run",
+           "MAX_TOKENS", "AUTO_MAX_TOKENS"]
+
+MAX_TOKENS = 32768        # beyond this the [B, H, N, N] logits are out of the question
+AUTO_MAX_TOKENS = 256     # up to here dense is the fastest path on every device
+
+
+def refusal(spec, device) -> Optional[str]:
+    if spec.n > MAX_TOKENS:
+        return (f"{spec.n} tokens is too many for the dense backend, which materialises "
+                f"[B, H, N, N]; expected N <= {MAX_TOKENS} (try backend='tiles' or 'flex')")
+    return None
+
+
+def preference(spec, device) -> Optional[str]:
+    if spec.n > AUTO_MAX_TOKENS:
+        return f"{spec.n} tokens > {AUTO_MAX_TOKENS}: the tiled paths are faster"
+    return None
+
+
+def strength(spec, device) -> str:
+    return f"{spec.n} tokens is small enough that the dense reference path is the fastest"
+
+
+def call_refusal(spec, q, k, v) -> Optional[str]:
+    return None
+
+
+def prepare(spec):
+    return spec
+
+
+def run(spec, q, k, v, call) -> torch.Tensor:
+    B, H, N, _ = q.shape
+    reference.check_dense_size("backend='dense'", B, H, N, q.dtype)
+    score, keep = spec.score, None
+    if call.dropout_p is not None:
+        keep = reference.dropout_mask(score, B, H, N, q.device, generator=call.generator)
+    else:                                  # not training (or no dropout term): no dropout
+        score = without(score, Dropout)
+    return reference.attention(q, k, v, spec.pattern, spec.shape, score=score,
+                               scale=call.scale, dropout_keep=keep)
