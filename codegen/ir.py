@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import sympy as sp
 from sympy.logic.boolalg import BooleanFunction
@@ -162,12 +162,12 @@ class DimRange:
         sub = {Q[0]: q}
         terms = []
         if self.lo is not None:
-            terms.append(sp.Le(self.lo.xreplace(sub), k))
+            terms.append(sp.Le(self.lo.xreplace(sub), k, evaluate=False))
         if self.hi is not None:
-            terms.append(sp.Lt(k, self.hi.xreplace(sub)))
+            terms.append(sp.Lt(k, self.hi.xreplace(sub), evaluate=False))
         for s in self.steps:
-            terms.append(sp.Eq(sp.Mod(k - q, s), 0))
-        return sp.And(*terms)
+            terms.append(sp.Eq(sp.Mod(k - q, s), 0, evaluate=False))
+        return sp.And(*terms, evaluate=False) if terms else sp.true
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,7 @@ class OrN:
 @dataclass(frozen=True)
 class NotN:
     child: object
+    node: Any = field(default=None, compare=False, hash=False)   # the DSL node (messages)
 
 
 @dataclass(frozen=True)
@@ -416,12 +417,13 @@ def _causal(p, ctx):
 
 @lower_node.register(Block)
 def _block(p, ctx):
+    # block index (x + size - shift) // size; its keys are [index * size - size + shift, + size)
     b, tag, q = ctx.bound(p), ctx.tag(p), Q[0]
     dims = []
     for d in range(len(ctx.shape)):
-        size = ctx.param(b, tag, "size", d)
-        lo = sp.floor(q / size) * size
-        dims.append(DimRange(lo, lo + size, (), (BlockAtom(size, 0),)))
+        size, shift = ctx.param(b, tag, "size", d), ctx.param(b, tag, "shift", d)
+        lo = sp.floor((q + size - shift) / size) * size - size + shift
+        dims.append(DimRange(lo, lo + size, (), (BlockAtom(size, shift),)))
     return Sep(tuple(dims), label=tag)
 
 
@@ -483,7 +485,7 @@ def _radial(p, ctx):
 
 @lower_node.register(Not)
 def _not(p, ctx):
-    return simplify(NotN(lower_node(p.a, ctx)), ctx.shape)
+    return simplify(NotN(lower_node(p.a, ctx), node=p), ctx.shape)
 
 
 @lower_node.register(And)
@@ -606,7 +608,8 @@ def _(n, at):
 @_predicate.register(Sep)
 def _(n, at):
     coords_q, coords_k, _, _ = at
-    return sp.And(*[d.condition(coords_q[i], coords_k[i]) for i, d in enumerate(n.dims)])
+    return sp.And(*[d.condition(coords_q[i], coords_k[i]) for i, d in enumerate(n.dims)],
+                  evaluate=False)
 
 
 @_predicate.register(Flat)
@@ -616,12 +619,12 @@ def _(n, at):
 
 @_predicate.register(AndN)
 def _(n, at):
-    return sp.And(*[_predicate(c, at) for c in n.children])
+    return sp.And(*[_predicate(c, at) for c in n.children], evaluate=False)
 
 
 @_predicate.register(OrN)
 def _(n, at):
-    return sp.Or(*[_predicate(c, at) for c in n.children])
+    return sp.Or(*[_predicate(c, at) for c in n.children], evaluate=False)
 
 
 @_predicate.register(NotN)
@@ -631,7 +634,8 @@ def _(n, at):
 
 @_predicate.register(HeadsN)
 def _(n, at):
-    return sp.Or(*[sp.And(sp.Eq(H, i), _predicate(c, at)) for i, c in enumerate(n.children)])
+    return sp.Or(*[sp.And(sp.Eq(H, i, evaluate=False), _predicate(c, at), evaluate=False)
+                   for i, c in enumerate(n.children)], evaluate=False)
 
 
 # ------------------------------------------------------------------------------ scores

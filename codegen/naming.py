@@ -47,7 +47,8 @@ def _(p):
 
 @pattern_name.register(Block)
 def _(p):
-    return f"block_{_dims(p.size)}"
+    shift = getattr(p, "shift", 0)
+    return f"block_{_dims(p.size)}" + ("" if shift == 0 else f"_shift{_dims(shift)}")
 
 
 @pattern_name.register(Sink)

@@ -1,33 +1,37 @@
-"""What the Triton kernel needs to know about a pattern: a few integers per dim and head.
+"""What the Triton kernel needs to know about a pattern: a few integers per dim and head, read off
+the IR (``codegen.ir``), never off the DSL.
 
 The kernel has no BlockMask. It evaluates each query's key range in-kernel from these numbers,
-so the metadata is O(heads x dims) whatever the sequence length. A pattern lowers when it is
+so the metadata is O(heads x dims) whatever the sequence length. Per head, the IR it runs is
 
-    core | sink(n) | ...        where core is an ``&`` of neighborhood, window, causal, block,
-                                full (or empty), and heads([...]) may pick a different one per head.
+    core | sink(n) | ...     where core is a separable IR (Sep: an AND over dims of range atoms),
+                             or a constant (full / empty)
 
-Per dim, the key set of a query at coordinate ``x`` is the keys ``k`` with ``k % d == x % d``
-(``d``: the neighborhood's dilation, 1 without one) whose in-group index lies in
-``[jlo(x), jhi(x)]``, the intersection of NATTEN's window (kernel, stride, dilation, causal), the
-window offsets ``[x - left, x + right]`` (causal is ``right = 0``) and the block of ``x``. Both
-ends are non-decreasing in ``x``, which is what lets the backward kernel find a key tile's
-queries by binary search. All of that is in the kernel; this module only collects the numbers.
+and per dim the core's atoms are at most one NATTEN window (:class:`NatAtom`), any number of
+offset limits (:class:`OffAtom`: windows, causal; they intersect) and at most one block
+(:class:`BlockAtom`, with its shift). The key set of a query at coordinate ``x`` is then the keys
+``k`` with ``k % d == x % d`` (``d``: the NATTEN window's dilation) whose in-group index lies in
+``[jlo(x), jhi(x)]``, the intersection of the three; both ends are non-decreasing in ``x``, which
+lets the backward kernel find a key tile's queries by binary search.
+
+The table's layout is ``FIELDS``: the packer here and the kernel's field offsets both come from it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
 
 from .._errors import MaskDSLError
-from .._pattern import And, Block, Causal, Empty, Full, Heads, Neighborhood, Or, Sink, Window
 
-__all__ = ["DimParams", "HeadParams", "lower_pattern", "check_score", "pack", "OFF", "FIELDS"]
+__all__ = ["FIELDS", "NO_LIMIT", "DimParams", "HeadParams", "lower_pattern", "check_score",
+           "pack", "group_tiles"]
 
-OFF = 1 << 28          # "no limit" for window offsets (int32-safe when added to a coordinate)
-FIELDS = ("kernel", "stride", "dilation", "causal", "left", "right", "block")
+#: the per-(head, dim) table's columns, in order (the kernel's F_* offsets are their indices)
+FIELDS = ("kernel", "stride", "dilation", "causal", "left", "right", "block", "shift")
+NO_LIMIT = 1 << 28     # "no limit" for window offsets (int32-safe when added to a coordinate)
 
 
 @dataclass
@@ -36,9 +40,10 @@ class DimParams:
     stride: int = 1
     dilation: int = 1
     causal: int = 0
-    left: int = OFF        # keys k with x - left <= k <= x + right
-    right: int = OFF
+    left: int = NO_LIMIT   # keys k with x - left <= k <= x + right
+    right: int = NO_LIMIT
     block: int = 0         # 0: no block
+    shift: int = 0         # the block's shift (0 <= shift < block)
 
     def as_list(self) -> list:
         return [getattr(self, f) for f in FIELDS]
@@ -46,106 +51,116 @@ class DimParams:
 
 @dataclass
 class HeadParams:
-    dims: List[DimParams]  # always 3, leading dims padded for 1-D/2-D grids
-    sink: int = 0
+    dims: List[DimParams] = field(default_factory=lambda: [DimParams() for _ in range(3)])
+    sink: int = 0          # always 3 dims, leading dims padded for 1-D/2-D grids
 
 
-def _unsupported(node, why: str = "") -> MaskDSLError:
+def _refuse(what: str) -> MaskDSLError:
     return MaskDSLError(
-        f"backend='triton': the Triton kernel cannot express {node!r}{why}; it runs an & of "
+        f"backend='triton': the Triton kernel cannot express {what}; it runs an & of "
         f"neighborhood, window, causal, block (optionally | sink(n), per head via heads([...])); "
         f"use backend='flex' or backend='tiles'"
     )
 
 
-def _merge_leaf(node, bound: dict, dims: List[DimParams], off: int, shape: tuple):
-    """AND one leaf into the per-dim parameters (``off``: padded leading dims)."""
-    if isinstance(node, Full):
-        return
-    if isinstance(node, Empty):
-        for d in dims:            # an empty key interval on every dim
-            d.left, d.right = -1, -1
-        return
-    if isinstance(node, Neighborhood):
-        for i, K in enumerate(bound["kernel_size"]):
-            d = dims[off + i]
-            new = (K, bound["stride"][i], bound["dilation"][i], int(bool(bound["causal"][i])))
+def _empty(hp: HeadParams) -> None:
+    for d in hp.dims:            # an empty key interval on every dim
+        d.left, d.right = -1, -1
+
+
+def _dim(atoms, S: int, d: DimParams) -> None:
+    from ..codegen.ir import BlockAtom, NatAtom, OffAtom
+
+    for a in atoms:
+        if isinstance(a, NatAtom):
+            new = (int(a.K), int(a.s), int(a.d), int(bool(a.causal)))
             if d.kernel and (d.kernel, d.stride, d.dilation, d.causal) != new:
-                raise _unsupported(node, " AND-ed with another neighborhood on the same dim")
+                raise _refuse("two neighborhoods AND-ed on the same dim")
             d.kernel, d.stride, d.dilation, d.causal = new
-        return
-    if isinstance(node, Window):
-        for i, (lft, rgt) in enumerate(zip(bound["left"], bound["right"])):
-            d = dims[off + i]
-            S = shape[i]   # offsets beyond S - 1 mean "no limit": clamp (int32 in the kernel)
-            d.left, d.right = min(d.left, lft, S), min(d.right, rgt, S)
-        return
-    if isinstance(node, Causal):
-        for i in bound["dims"]:
-            dims[off + i].right = min(dims[off + i].right, 0)
-        return
-    if isinstance(node, Block):
-        for i, size in enumerate(bound["size"]):
-            d = dims[off + i]
-            if d.block and d.block != size:
-                raise _unsupported(node, " AND-ed with another block size on the same dim")
-            d.block = size
-        return
-    raise _unsupported(node)
+        elif isinstance(a, OffAtom):
+            # offsets beyond S - 1 mean "no limit": clamp (int32 coordinates in the kernel)
+            if a.left is not None:
+                d.left = min(d.left, int(a.left), S)
+            if a.right is not None:
+                d.right = min(d.right, int(a.right), S)
+        elif isinstance(a, BlockAtom):
+            new = (int(a.size), int(a.shift))
+            if d.block and (d.block, d.shift) != new:
+                raise _refuse("two block sizes AND-ed on the same dim")
+            d.block, d.shift = new
+        else:  # pragma: no cover - every separable primitive states its atoms
+            raise _refuse(f"the range atom {a!r}")
 
 
-def _core(node, h: int, bound, dims, off, shape):
-    if isinstance(node, And):
-        _core(node.a, h, bound, dims, off, shape)
-        _core(node.b, h, bound, dims, off, shape)
-    elif isinstance(node, Heads):
-        _core(node.patterns[h], h, bound, dims, off, shape)
-    else:
-        _merge_leaf(node, bound(node, h), dims, off, shape)
+def _core(ir, shape: tuple, hp: HeadParams) -> None:
+    from ..codegen.ir import Const, Sep
 
-
-def _head(p, h: int, bound, shape: tuple) -> HeadParams:
     off = 3 - len(shape)
-    if isinstance(p, Heads):
-        return _head(p.patterns[h], h, bound, shape)
-    # split a top-level union into sinks and at most one core
-    terms, stack = [], [p]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, Or):
-            stack += [x.b, x.a]
-        elif isinstance(x, Heads):
-            stack.append(x.patterns[h])
-        else:
-            terms.append(x)
-    sinks = [t for t in terms if isinstance(t, Sink)]
-    cores = [t for t in terms if not isinstance(t, Sink)]
+    if isinstance(ir, Const):
+        if not ir.value:
+            _empty(hp)
+        return
+    if not isinstance(ir, Sep):
+        raise _refuse(_describe(ir))
+    for i, dr in enumerate(ir.dims):
+        _dim(dr.atoms, shape[i], hp.dims[off + i])
+
+
+def _describe(ir) -> str:
+    from ..codegen.ir import AndN, Flat, NotN, OrN
+
+    if isinstance(ir, Flat):
+        return repr(ir.node) if ir.node is not None else type(ir).__name__
+    if isinstance(ir, NotN):
+        return repr(ir.node) if ir.node is not None else "a negation (~)"
+    if isinstance(ir, OrN):
+        return "a union of two non-sink patterns"
+    if isinstance(ir, AndN):
+        return " & ".join(_describe(c) for c in ir.children if not _separable(c)) or "this &"
+    return type(ir).__name__
+
+
+def _separable(ir) -> bool:
+    from ..codegen.ir import Const, Sep
+
+    return isinstance(ir, (Sep, Const))
+
+
+def head_params(ir, shape: tuple) -> HeadParams:
+    """One head's (specialised) IR -> its table row, or MaskDSLError naming what the kernel
+    cannot run."""
+    from ..codegen.ir import OrN, SinkFlat
+
+    hp = HeadParams()
+    terms = list(ir.children) if isinstance(ir, OrN) else [ir]
+    sinks = [t for t in terms if isinstance(t, SinkFlat)]
+    cores = [t for t in terms if not isinstance(t, SinkFlat)]
     if len(cores) > 1:
-        raise _unsupported(p, " (a union of two non-sink patterns)")
-    dims = [DimParams() for _ in range(3)]
+        raise _refuse("a union of two non-sink patterns")
     if cores:
-        _core(cores[0], h, bound, dims, off, shape)
+        _core(cores[0], shape, hp)
     else:
-        _merge_leaf(Empty(), {}, dims, off, shape)
-    n_sink = max([bound(s, h)["n"] for s in sinks], default=0)
-    return HeadParams(dims, n_sink)
+        _empty(hp)
+    hp.sink = max([s.n for s in sinks], default=0)
+    return hp
 
 
 def lower_pattern(p, shape: tuple, heads: int) -> List[HeadParams]:
-    """One :class:`HeadParams` per head, or MaskDSLError naming the node the kernel cannot run."""
-    cache = {}
-
-    def bound(node, h):
-        if id(node) not in cache:
-            cache[id(node)] = (node, node.bind(shape, heads))
-        return cache[id(node)][1][h]
+    """One :class:`HeadParams` per head from the pattern's (simplified) per-head IR, or
+    MaskDSLError naming the node the kernel cannot run."""
+    from ..codegen.recipe import varies_per_head
+    from ..codegen.ir import lower_pattern as lower
+    from ..codegen.simplify import simplify
 
     if max(shape) > 2**30:
         raise MaskDSLError(
             f"backend='triton': shape {tuple(shape)} has a dim longer than 2**30; the kernel's "
             f"int32 coordinates need every dim <= 2**30 (use backend='tiles')")
-
-    return [_head(p, h, bound, tuple(shape)) for h in range(heads)]
+    p = simplify(p)
+    if varies_per_head(p):
+        return [head_params(lower(p, shape, heads, head=h)[0], shape) for h in range(heads)]
+    one = head_params(lower(p, shape, heads, head=0)[0], shape)
+    return [one] * heads
 
 
 def check_score(score) -> dict:
@@ -167,7 +182,7 @@ def check_score(score) -> dict:
 
 
 def pack(params: List[HeadParams], device) -> tuple:
-    """(int32 [H, 3, 7] per-dim table, int32 [H] sink counts) on ``device``."""
+    """(int32 [H, 3, len(FIELDS)] per-dim table, int32 [H] sink counts) on ``device``."""
     table = torch.tensor([[d.as_list() for d in hp.dims] for hp in params], dtype=torch.int32)
     sinks = torch.tensor([hp.sink for hp in params], dtype=torch.int32)
     return table.to(device), sinks.to(device)

@@ -194,22 +194,42 @@ class Causal(Pattern):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Block(Pattern):
-    """Same block on every dim: ``q // size == k // size`` (Swin-style, no shift)."""
+    """Windows of ``size`` tokens per dim, shifted by ``shift``: allowed iff
+    ``(q + size - shift) // size == (k + size - shift) // size`` on every dim.
+
+    ``shift=0`` is Swin's window attention; ``shift=size // 2`` is exactly Swin's shifted windows
+    (cyclic roll by ``-shift``, window partition, region mask), in the user's coordinates and
+    without rolling any tensor.
+    """
 
     size: Any
+    shift: Any = 0
 
     _name: ClassVar[str] = "block"
     _npos: ClassVar[int] = 1
-    _checks: ClassVar = {"size": _int(1, per_dim=True)}
+    _checks: ClassVar = {"size": _int(1, per_dim=True), "shift": _int(0, per_dim=True)}
+
+    def _check(self):
+        rank = self._rank_hint()
+        for h in range(self._head_count()):
+            size = per_dim("block", "size", at_head(self.size, h), rank)
+            shift = per_dim("block", "shift", at_head(self.shift, h), rank)
+            for i in range(rank):
+                if shift[i] >= size[i]:
+                    raise MaskDSLError(
+                        f"block: shift[{i}]={shift[i]} is not below size[{i}]={size[i]}; "
+                        f"expected 0 <= shift < size"
+                    )
 
     def _bind_head(self, p, shape, heads, where):
         size = per_dim(self._name, "size", p["size"], len(shape))
+        shift = per_dim(self._name, "shift", p["shift"], len(shape))
         for i, (b, n) in enumerate(zip(size, shape)):
             if b > n:
                 raise MaskDSLError(
                     f"block: size[{i}]={b} exceeds shape[{i}]={n}; expected 1 <= size <= {n}{where}"
                 )
-        return {"size": size}
+        return {"size": size, "shift": shift}
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -447,9 +467,10 @@ def causal(dims=None) -> Causal:
 
 
 @dsl
-def block(size) -> Block:
-    """Tokens attend within their own block of ``size`` per dim."""
-    return Block(size)
+def block(size, shift=0) -> Block:
+    """Tokens attend within their own block of ``size`` per dim, blocks shifted by ``shift``
+    (``shift=size // 2``: Swin's shifted windows); see :class:`Block`."""
+    return Block(size, shift)
 
 
 @dsl

@@ -122,8 +122,8 @@ def _causal(p: dict, g: _Grid) -> torch.Tensor:
 @_leaf(Block)
 def _block(p: dict, g: _Grid) -> torch.Tensor:
     allowed = g.full(True)
-    for dim, size in enumerate(p["size"]):
-        allowed &= (g.q[dim] // size) == (g.k[dim] // size)
+    for dim, (size, shift) in enumerate(zip(p["size"], p["shift"])):
+        allowed &= (g.q[dim] + size - shift) // size == (g.k[dim] + size - shift) // size
     return allowed
 
 
@@ -232,7 +232,7 @@ def _check_rows(rows, shape):
     n = math.prod(shape)
     t = torch.as_tensor(rows) if not _is_tensor(rows) else rows
     if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
-        raise MaskDSLError(f"mask: rows: expected a 1-D list or tensor of flat query indices")
+        raise MaskDSLError("mask: rows: expected a 1-D list or tensor of flat query indices")
     if len(t) and (int(t.min()) < 0 or int(t.max()) >= n):
         raise MaskDSLError(f"mask: rows: indices must lie in [0, {n}), got "
                            f"{int(t.min())}..{int(t.max())}")

@@ -76,7 +76,12 @@ def windows(draw, shape, heads):
 @st.composite
 def blocks(draw, shape, heads):
     sizes = [tuple(draw(st.integers(1, L)) for L in shape) for _ in range(heads)]
-    return md.block(_maybe_per_head(draw, sizes))
+    if not draw(st.booleans()):
+        return md.block(_maybe_per_head(draw, sizes))
+    shifts = [tuple(draw(st.integers(0, b - 1)) for b in size) for size in sizes]
+    if len(set(sizes)) == 1 and len(set(shifts)) == 1:
+        return md.block(sizes[0], shift=shifts[0])
+    return md.block(md.per_head(sizes), shift=md.per_head(shifts))
 
 
 @st.composite
