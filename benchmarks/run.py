@@ -1,7 +1,7 @@
 """maskdsl benchmarks: one command, one table, one results file.
 
     python benchmarks/run.py                 # everything that runs on this device
-    python benchmarks/run.py --only build    # sections: build, tiling, attention, tiles, triton
+    python benchmarks/run.py --only build    # sections: build, scale, tiling, attention, tiles, triton
     python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
     python benchmarks/run.py --only triton --case "2-D 256x256 window 80x80"   # one case by name
 
@@ -10,10 +10,13 @@ Every ratio is measured in one run on one machine (ours / peer: < 1 means we are
 with the device, torch version and the exact command.
 
 Sections:
-  build      analytic BlockMask (cold: lowering + layout search + classification + BlockMask,
-             caches cleared) vs torch.compile(create_block_mask) steady state (its first call,
-             the compile, reported separately); the 3-D 524,288-token build runs in a child
-             process so its peak memory is its own.
+  build      what a user calls, md.compile(...).block_mask() (cold: lowering + layout search +
+             sparse classes + BlockMask with the q-indices the backward needs, caches cleared)
+             vs torch.compile(create_block_mask) steady state (its first call, the compile,
+             reported separately); the 3-D 524,288-token build runs in a child process so its
+             peak memory is its own.
+  scale      fresh processes: a 4M-token window's compile + tile classes, 128 heads([...]) vs
+             the per_head equivalent, the RSS of 200 compiles of fresh document ids.
   tiling     block density row-major vs token-tiled (128-token tiles).
   attention  forward time: flex backend vs SDPA with a materialised bool mask vs dense SDPA
              (no mask) vs NATTEN (when installed), plus the ideal = dense x block density.
@@ -110,26 +113,27 @@ BUILD_CASES = [
 
 
 def ours_build(spec: str, shape: tuple) -> dict:
+    """What a user calls: md.compile(...).block_mask() (with the q-indices the backward needs)."""
     p = md.parse(spec)
     t0 = time.perf_counter()
-    prog = _prog.Program(p, None, shape, 1)
-    prog.block_mask(compute_q_blocks=False)
-    return {"seconds": time.perf_counter() - t0, "layout": prog.layout.describe(),
-            "blocks": prog.classes.nonempty()}
+    attn = md.compile(p, shape, 1, backend="flex")
+    attn.block_mask()
+    return {"seconds": time.perf_counter() - t0, "layout": attn.program.layout.describe(),
+            "blocks": attn.program.classes.nonempty()}
 
 
 def child_build(spec: str, shape: tuple) -> dict:
     """Cold build in a fresh process: time and peak RSS (total, and above the import baseline)."""
     code = PEAK_RSS + (
         "import json, time, sys; sys.path.insert(0, %r)\n"
-        "import maskdsl as md; from maskdsl.codegen import program as P\n"
-        "P.Program(md.window(1), None, (4,), 1, block=16)\n"
+        "import maskdsl as md\n"
+        "md.compile(md.window(1), (300,), backend='flex').block_mask()\n"
         "base = peak_mb()\n"
-        "t0 = time.perf_counter(); pr = P.Program(md.parse(%r), None, %r, 1)\n"
-        "pr.block_mask(compute_q_blocks=False); t = time.perf_counter() - t0\n"
+        "t0 = time.perf_counter(); a = md.compile(md.parse(%r), %r, 1, backend='flex')\n"
+        "a.block_mask(); t = time.perf_counter() - t0\n"
         "peak = peak_mb()\n"
         "print(json.dumps({'seconds': t, 'peak_rss_mb': peak, 'above_import_mb': peak - base,"
-        " 'layout': pr.layout.describe()}))\n" % (os.path.join(HERE, ".."), spec, tuple(shape)))
+        " 'layout': a.program.layout.describe()}))\n" % (os.path.join(HERE, ".."), spec, tuple(shape)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -177,6 +181,61 @@ def section_build(reps: int, rows: list):
             rows.append({"section": "build", "case": name, "ours_seconds": r["seconds"],
                          "peak_rss_mb": r["peak_rss_mb"], "above_import_mb": r["above_import_mb"],
                          "layout": r["layout"]})
+
+
+# ---------------------------------------------------------------------------------- scale
+
+def _child(code: str) -> dict:
+    full = PEAK_RSS + "import json, time, sys; sys.path.insert(0, %r)\nimport torch, maskdsl as md\n" % (
+        os.path.join(HERE, "..")) + code
+    out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+SCALE_CODE = {
+    # compile + tile classes of a 4M-token sliding window (stats() builds the recipe and reads it)
+    "1-D 4,194,304 causal() & window(1024): compile + tile classes": (
+        "t0 = time.perf_counter(); a = md.compile(md.causal() & md.window(1024), (4194304,))\n"
+        "st = a.stats(); t = time.perf_counter() - t0\n"
+        "print(json.dumps({'seconds': t, 'peak_rss_mb': peak_mb(), 'pairs': a.program.classes.nonempty()}))\n"),
+    # 128 different patterns per head vs the same windows as per_head values: compile + first call
+    "128 heads([window(i + 1)]) on 4096 tokens: compile + first tiles call": (
+        "q = torch.randn(1, 128, 4096, 16)\n"
+        "t0 = time.perf_counter(); a = md.compile(md.heads([md.window(i + 1) for i in range(128)]),"
+        " (4096,), 128, backend='tiles'); a(q, q, q); t = time.perf_counter() - t0\n"
+        "print(json.dumps({'seconds': t, 'peak_rss_mb': peak_mb()}))\n"),
+    "128 per_head windows on 4096 tokens: compile + first tiles call": (
+        "q = torch.randn(1, 128, 4096, 16)\n"
+        "t0 = time.perf_counter(); a = md.compile(md.window(md.per_head([i + 1 for i in range(128)])),"
+        " (4096,), 128, backend='tiles'); a(q, q, q); t = time.perf_counter() - t0\n"
+        "print(json.dumps({'seconds': t, 'peak_rss_mb': peak_mb()}))\n"),
+    # fresh document ids every step (sequence packing): the caches must not grow
+    "200 compiles + calls of fresh document ids (4096 tokens): RSS": (
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) / 1024\n"
+        "g = torch.Generator().manual_seed(0); q = torch.randn(1, 2, 4096, 16); marks = {}\n"
+        "t0 = time.perf_counter()\n"
+        "for step in range(1, 201):\n"
+        "    cuts = torch.sort(torch.randint(0, 4096, (7,), generator=g)).values\n"
+        "    ids = torch.bucketize(torch.arange(4096), cuts)\n"
+        "    md.compile(md.document(ids), (4096,), 2, backend='tiles')(q, q, q)\n"
+        "    if step in (20, 50, 100, 200): marks[step] = rss()\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t0, 'rss_mb_at_step': marks}))\n"),
+}
+
+
+def section_scale(rows: list):
+    print("\n== Scale: memory and time of what users call (fresh process each) ==")
+    for name, code in SCALE_CODE.items():
+        if not wanted(name):
+            continue
+        r = _child(code)
+        extra = ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in r.items() if k != "seconds")
+        print(f"{name:70} {r['seconds']:8.2f}s  {extra}")
+        rows.append(dict(section="scale", case=name, **r))
 
 
 # ---------------------------------------------------------------------------------- tiling
@@ -442,7 +501,7 @@ def section_triton(reps: int, quick: bool, rows: list):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="build,tiling,attention,tiles,triton")
+    ap.add_argument("--only", default="build,scale,tiling,attention,tiles,triton")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -462,6 +521,8 @@ def main():
     only = set(args.only.split(","))
     if "build" in only:
         section_build(reps, rows)
+    if "scale" in only:
+        section_scale(rows)
     if "tiling" in only:
         section_tiling(rows)
     if "attention" in only:

@@ -25,7 +25,7 @@ import numpy as np
 import sympy as sp
 import torch
 
-from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, HeadsN, NotN, OrN,
+from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, NotN, OrN,
                  PowerFlat, RadialFlat, Sep, SinkFlat, evaluate, predicate)
 from .printer_torch import emit_function, exec_source
 from .tileclasses import EMPTY, FULL, PARTIAL, UNDECIDED, TileClasses, combine, kron
@@ -52,10 +52,34 @@ class _TileSets:
     def __init__(self, layout: Layout):
         self.layout = layout
         self.T = layout.n_tiles
-        self.tokens = layout.tokens().reshape(self.T, layout.block)    # -1 = padding
-        self.valid = self.tokens >= 0
-        self.n_valid = self.valid.sum(1)
-        self._boxes = None
+        self._boxes = self._tokens = self._n_valid = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """int64 [T, block]: each tile's user tokens (-1 = padding), built on first use (a
+        separable pattern on a tiled layout never needs them)."""
+        if self._tokens is None:
+            self._tokens = self.layout.tokens().reshape(self.T, self.layout.block)
+        return self._tokens
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.tokens >= 0
+
+    @property
+    def n_valid(self) -> np.ndarray:
+        """Real tokens per tile: per-dim counts multiplied out (no token table)."""
+        if self._n_valid is None:
+            L = self.layout
+            if L.tile is None:
+                self._n_valid = np.clip(L.n - np.arange(self.T) * L.block, 0, L.block)
+            else:
+                out = np.ones(1, np.int64)
+                for d in range(L.rank):
+                    c = (L.dim_order(d).reshape(L.grid[d], L.tile[d]) >= 0).sum(1)
+                    out = (out[:, None] * c[None, :]).reshape(-1)
+                self._n_valid = out
+        return self._n_valid
 
     # ------------------------------------------------------------ separable IR
     def sep(self, sep: Sep) -> TileClasses:
@@ -69,7 +93,7 @@ class _TileSets:
     @staticmethod
     def _dim_classes_dense(dr: DimRange, order: np.ndarray, t: int) -> np.ndarray:
         """Tile-interval classes on one dim from the L x L condition (any coordinate order)."""
-        m = dim_matrix(dr, np.maximum(order, 0))
+        m = _dim_matrix_cached(dr, order)
         ok = order >= 0
         m = m & ok[:, None] & ok[None, :]
         n = len(order) // t
@@ -339,6 +363,23 @@ def key_range(dr: DimRange, x: np.ndarray, L: int):
     lo = np.zeros(x.shape, np.int64) if dr.lo is None else np.broadcast_to(evaluate(dr.lo, {Q[0]: x}), x.shape)
     hi = np.full(x.shape, L, np.int64) if dr.hi is None else np.broadcast_to(evaluate(dr.hi, {Q[0]: x}), x.shape)
     return np.clip(lo, 0, L).astype(np.int64), np.clip(hi, 0, L).astype(np.int64)
+
+
+_MATRICES: Dict[tuple, np.ndarray] = {}
+
+
+def _dim_matrix_cached(dr: DimRange, order: np.ndarray) -> np.ndarray:
+    """``dim_matrix`` on a dim's coordinate order, via the natural-order matrix (computed once
+    per (dim range, length): the layout search asks for it under many orders)."""
+    L = int(order.max()) + 1 if len(order) else 0
+    key = (dr, L)
+    m = _MATRICES.get(key)
+    if m is None:
+        if len(_MATRICES) > 256:
+            _MATRICES.clear()
+        m = _MATRICES[key] = dim_matrix(dr, np.arange(L))
+    x = np.maximum(order, 0)
+    return m[x[:, None], x[None, :]]
 
 
 def dim_matrix(dr: DimRange, x: np.ndarray) -> np.ndarray:

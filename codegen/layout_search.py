@@ -91,14 +91,16 @@ def choose_layout(irs, shape: tuple, block: int, tile="auto"
         classes = None
         if separable and lay.tile is not None:
             cost = sum(separable_cost(ir, lay) for ir, _ in irs)
-        elif i > 0 and lay.n_tiles ** 2 * len(irs) > MAX_SEARCH_PAIRS:
-            continue
+        elif lay.n_tiles ** 2 * len(irs) > MAX_SEARCH_PAIRS and (i > 0 or separable):
+            continue     # too many pairs to classify just to compare (a tiled one will do)
         else:
             classes = tile_classes(irs, lay, refine=False)
             cost = classes.nonempty()
         tried[lay.describe()] = cost
         if best is None or cost < best[0]:
             best = (cost, lay, classes)
+    if best is None:       # nothing affordable to compare: the row-major layout, as is
+        best = (0, layouts[0], None)
     _, lay, classes = best
     if classes is None or classes.count(3) > 0:       # 3: UNDECIDED pairs left to refine
         classes = tile_classes(irs, lay, refine=True)

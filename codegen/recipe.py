@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 

@@ -71,6 +71,7 @@ class TileClasses:
     def from_row_chunks(Tq: int, Tk: int, rows_fn, chunk_pairs: int = 1 << 24) -> "TileClasses":
         """Built chunk by chunk from ``rows_fn(t0, t1) -> int8 [t1 - t0, Tk]``: O(chunk x Tk)
         memory for the classifiers that only know how to fill whole rows."""
+        _check_work(Tq, Tk)
         step = max(1, chunk_pairs // max(1, Tk))
         parts_r, parts_c, parts_v = [], [], []
         kept = 0
@@ -149,6 +150,22 @@ class TileClasses:
 
     def nbytes(self) -> int:
         return int(self.indptr.nbytes + self.indices.nbytes + self.cls.nbytes)
+
+
+MAX_ROW_CHUNK_PAIRS = 2e10   # tile pairs a row-chunk classifier may visit (~a minute of numpy)
+
+
+def _check_work(Tq: int, Tk: int) -> None:
+    """Refuse a classification that would visit every one of Tq x Tk tile pairs when that is
+    beyond reach (a flat or negated pattern, or an untileable N-D shape, on a huge grid)."""
+    from .._errors import MaskDSLError
+
+    if Tq * Tk > MAX_ROW_CHUNK_PAIRS:
+        raise MaskDSLError(
+            f"classifying this pattern's {Tq} x {Tk} tile pairs one by one is beyond reach (more "
+            f"than {MAX_ROW_CHUNK_PAIRS:.0e}); only separable patterns (neighborhood, window, "
+            f"causal, block, their &) and sinks scale past that: use a smaller grid, or a shape "
+            f"whose dims are powers of two (token tiling)")
 
 
 def _check_entries(nnz: int, Tq: int, Tk: int) -> None:

@@ -39,7 +39,6 @@ class TilePlan:
 
     @outside_inference_mode
     def __init__(self, program, device: torch.device):
-        from maskdsl.codegen.blockmask import EMPTY
 
         target = device
         if device.type == "meta":   # meta tensors carry no values: build on CPU, then move

@@ -16,7 +16,6 @@ from ._errors import MaskDSLError
 from ._node import Node
 from ._pattern import Pattern
 from ._score import Score
-from ._values import per_head
 
 __all__ = ["parse", "NAMES"]
 

@@ -16,7 +16,7 @@ import copy
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from ._errors import MaskDSLError
 

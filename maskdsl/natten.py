@@ -137,16 +137,6 @@ def _compiled(where, pattern, shape, heads, score, backend):
     except MaskDSLError as e:
         raise MaskDSLError(f"{where}: {e} (spatial shape {shape}, heads={heads})") from None
     return _CACHE.put(key, attn)
-    try:
-        attn = _compile(pattern, shape, heads, score=score, backend=backend)
-    except MaskDSLError as e:
-        raise MaskDSLError(f"{where}: {e} (spatial shape {shape}, heads={heads})") from None
-    with _CACHE_LOCK:
-        attn = _CACHE.setdefault(key, attn)
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return attn
 
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,

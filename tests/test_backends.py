@@ -238,3 +238,157 @@ def test_nan_sink_logit_propagates_on_every_backend(backend):
     ref = md.reference.attention(q.double(), k.double(), v.double(), md.window(3), (64,), score=s)
     assert torch.isnan(out[:, 0]).all() and torch.isnan(ref[:, 0]).all()
     torch.testing.assert_close(out[:, 1].double(), ref[:, 1], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- every backend
+# One parametrized copy of what each backend used to test on its own: fully masked rows,
+# dropout (reproducible, keep rate, training off, the reference given the backend's own keep
+# mask) and dispatch.
+
+ALL = ["dense", "tiles", "flex", "triton"]
+GRAD = {"dense", "tiles", "triton"}          # flex has no backward on CPU
+
+
+def _skip_missing(backend):
+    if backend == "triton" and not _triton_ok():
+        pytest.skip("triton is not installed")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fully_masked_rows_are_zero_with_finite_gradients(backend):
+    """Rows with no key output zeros (never NaN) with finite gradients, with and without a sink
+    logit; the cases are built so that empty rows exist (checked)."""
+    _skip_missing(backend)
+    second = md.neighborhood(3) if backend == "triton" else md.causal() & md.window(2) & ~md.sink(4)
+    p = md.heads([md.empty(), second])          # Triton has no ~: head 1 then has no empty row
+    shape, H = (40,), 2
+    m = md.reference.mask(p, shape, H)
+    empty = ~m.any(-1)
+    assert empty[0].all() and (backend == "triton" or empty[1, :4].all()) and not empty[1, 4:].any()
+    sink = torch.tensor([1.0, 0.0], requires_grad=backend in GRAD)
+    for score in (None, md.sink_logit(sink)):
+        if backend == "flex" and score is not None:
+            continue
+        attn = md.compile(p, shape, H, score=score, backend=backend)
+        q, k, v = inputs(1, H, 40, 16, grad=backend in GRAD)
+        out = assert_matches_reference(attn, q, k, v, grads=backend in GRAD)
+        assert torch.isfinite(out).all()
+        if score is None:
+            assert (out[0][empty] == 0).all()
+
+
+def _keep_of(backend, attn, B, H, n, call_index_generator):
+    """The dropout keep mask [B, H, N, N] the backend's first call draws, in the reference's
+    layout: the dense path draws it with the reference's own function; tiles in its gathered
+    tile layout (scattered back here); Triton in-kernel (its keep_mask tool)."""
+    if backend == "dense":
+        return md.reference.dropout_mask(attn.score, B, H, n, generator=call_index_generator)
+    if backend == "tiles":
+        from maskdsl.kernels.tiles import plan_for
+
+        prog = attn.tiles_program
+        plan = plan_for(prog, torch.device("cpu"))
+        _, drop_p = md._score.score_extras(attn.score, H, "cpu")
+        u = torch.rand((B, H, plan.T, plan.V, plan.K), generator=call_index_generator,
+                       dtype=torch.float64)
+        keep_g = u >= drop_p.double().reshape(1, H, 1, 1, 1)
+        tok = torch.from_numpy(prog.layout.tokens())
+        qtok = tok[plan.q_pos.expand(plan.T, plan.V, 1)].expand(plan.T, plan.V, plan.K)
+        out = torch.zeros(B, H, n, n, dtype=torch.bool)
+        for h in range(H):
+            ok = plan.allowed[h if plan.allowed.shape[0] > 1 else 0]
+            ktok = tok[plan.k_pos[h if plan.Hc > 1 else 0]].expand(plan.T, plan.V, plan.K)
+            out[:, h, qtok[ok], ktok[ok]] = keep_g[:, h, ok]
+        return out
+    from maskdsl.kernels.triton_attn import keep_mask
+
+    plan, _ = attn._state("triton")
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=call_index_generator))
+    _, drop_p = md._score.score_extras(attn.score, H, "cpu")
+    return keep_mask(plan, B, drop_p, seed, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["dense", "tiles", "triton"])
+def test_dropout_matches_the_reference_given_the_backends_keep_mask(backend):
+    _skip_missing(backend)
+    p, shape, H, B = md.neighborhood((3, 3)), (6, 7), 2, 2
+    table = torch.randn(2, 3, 3, requires_grad=True)
+    s = md.dropout(md.per_head([0.2, 0.5]), seed=3) + md.alibi() + md.relative_bias(table)
+    attn = md.compile(p, shape, H, score=s, backend=backend)
+    gen = torch.Generator().manual_seed(3)                    # the term's seed: call 1's draws
+    keep = _keep_of(backend, attn, B, H, 42, gen)
+    q, k, v = inputs(B, H, 42, 16, grad=True)
+    assert_matches_reference(attn, q, k, v, keep=keep)
+    rate = keep.float().mean((0, 2, 3))                       # of all pairs; allowed pairs only:
+    allowed = md.reference.mask(p, shape, H)[None].expand(B, H, 42, 42)
+    kept = (keep & allowed).sum((0, 2, 3)).float() / allowed.sum((0, 2, 3))
+    torch.testing.assert_close(kept, torch.tensor([0.8, 0.5]), atol=0.08, rtol=0)
+    assert rate.numel() == H
+
+
+@pytest.mark.parametrize("backend", ["dense", "tiles", "triton"])
+def test_dropout_is_reproducible_advances_and_turns_off(backend):
+    _skip_missing(backend)
+    s = md.dropout(0.3, seed=5)
+    q, k, v = inputs(1, 2, 64, 16)
+    a, b = (md.compile(md.window(8), (64,), 2, score=s, backend=backend) for _ in range(2))
+    first = a(q, k, v)
+    torch.testing.assert_close(first, b(q, k, v))             # same seed, same draws
+    assert not torch.allclose(a(q, k, v), first)              # the generator advances
+    a.training = False
+    torch.testing.assert_close(a(q, k, v), md.reference.attention(q, k, v, md.window(8), (64,)),
+                               atol=2e-5, rtol=2e-5)
+    # kept mass: with v = 1 every row is (kept probability) / (1 - p): 1 on average
+    ones = torch.ones_like(v)
+    mean = torch.stack([b(q, k, ones).mean() for _ in range(8)]).mean().item()
+    assert mean == pytest.approx(1.0, abs=0.03)
+
+
+def _choice(p, shape, heads, score, device):
+    from maskdsl.codegen import backends
+    c = backends.choose(backends.Spec(p, score, shape, heads), torch.device(device))
+    return c.backend, c.reason
+
+
+def test_dispatch_reasons_on_every_device():
+    p = md.neighborhood((7, 7))
+    assert _choice(md.window(4), (100,), 1, None, "cpu")[0] == "dense"
+    backend, reason = _choice(p, (64, 64), 2, None, "cpu")
+    assert backend == "tiles" and reason.startswith("tiles: on cpu") and "not dense" in reason
+    backend, reason = _choice(p, (64, 64), 2, None, "cuda")
+    assert backend == "flex" and reason.startswith("flex: on CUDA")
+    assert "not triton: flex runs this pattern" in reason     # the refusals ahead are named
+    doc = md.document(torch.arange(1000) // 100)
+    backend, reason = _choice(doc, (1000,), 1, md.sink_logit(0.5), "cuda")
+    assert backend == "tiles" and "cannot express sink_logit" in reason
+    assert "cannot express document" in reason
+    assert _choice(p, (64, 64), 2, md.dropout(0.1), "cpu")[0] == "tiles"
+    if _triton_ok():                         # Triton's place on CUDA
+        from maskdsl.kernels.triton_attn import TRITON_MIN_TOKENS as BIG
+        assert _choice(p, (64, 64), 2, md.dropout(0.1), "cuda")[0] == "triton"
+        backend, reason = _choice(p, (64, 64), 2, md.sink_logit(0.5), "cuda")
+        assert backend == "triton" and "cannot express sink_logit" in reason
+        backend, reason = _choice(md.causal() & md.window(2048), (BIG,), 2, None, "cuda")
+        assert backend == "triton" and "in-kernel" in reason
+        assert _choice(md.power(), (BIG,), 2, None, "cuda")[0] == "flex"
+        assert _choice(md.power(), (4096,), 2, md.dropout(0.1), "cuda")[0] == "tiles"
+    with pytest.raises(md.MaskDSLError, match=r"backend='flex': FlexAttention cannot express "
+                                             r"dropout\(0.1\)"):
+        md.compile(md.window(4), (100,), score=md.dropout(0.1), backend="flex")
+    with pytest.raises(md.MaskDSLError, match=r"backend='dense': 40000 tokens is too many"):
+        md.compile(md.window(8), (200, 200), backend="dense")
+
+
+def test_auto_falls_back_per_call_and_says_so():
+    attn = md.compile(md.neighborhood((7, 7)), (64, 64), device="cuda")
+    assert attn.backend == "flex"
+    q = torch.randn(1, 1, 4096, 8, requires_grad=True)
+    attn(q, q, q).sum().backward()          # called on CPU with a backward: re-decided
+    assert attn.backend == "tiles" and q.grad is not None
+    e = md.compile(md.neighborhood((7, 7)), (64, 64), backend="flex")
+    with pytest.raises(md.MaskDSLError, match=r"backend='flex': flex has no backward on CPU"):
+        e(q, q, q)
+    x = torch.randn(1, 1, 4096, 8, dtype=torch.float64)
+    with pytest.raises(md.MaskDSLError, match=r"flex does not support torch.float64"):
+        e(x, x, x)

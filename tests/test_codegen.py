@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import assume, given, strategies as st
 
 import maskdsl as md
-from maskdsl.codegen.blockmask import EMPTY, FULL, PARTIAL, tile_classes
+from maskdsl.codegen.blockmask import EMPTY, FULL, PARTIAL
 from maskdsl.codegen.program import Program
 from maskdsl.codegen.tiling import Layout, candidate_tiles
 from strategies import cases, literal_scores
@@ -123,8 +123,7 @@ def test_score_mod_equals_reference_bias(case, data):
     s = data.draw(literal_scores(shape, heads))
     terms = [t for t in md._score.score_terms(s)
              if not isinstance(t, (md._score.SinkLogit, md._score.Dropout))]
-    if not terms:
-        return
+    assume(terms)
     s = sum(terms)
     prog = Program(md.full(), s, shape, heads, block=BLOCK, tile=None)
     _, score_mod = prog.mods("cpu")
@@ -174,8 +173,14 @@ def test_per_head_parameters_are_captured_tables_not_floats():
     for fn in (mask_mod, score_mod):
         cells = [c.cell_contents for c in fn.__closure__]
         assert cells and all(isinstance(c, torch.Tensor) for c in cells)   # no Python floats
-    again, _ = Program(md.window(md.per_head([1, 2, 3])), None, (32,), 3, block=BLOCK, tile=None).mods("cpu")
-    assert again.__code__ is not mask_mod.__code__ or again is mask_mod
+    # another program of the same pattern (another layer, another score) runs the same code
+    # object (torch.compile guards on it: nothing recompiles); its score_mod is rebuilt per call
+    # from one code object too
+    again, s2 = Program(md.window(md.per_head([1, 2, 3])), md.alibi(md.per_head([0.5, 0.25, 0.125])),
+                        (32,), 3, block=BLOCK, tile=None).mods("cpu")
+    assert again.__code__ is mask_mod.__code__ and s2.__code__ is score_mod.__code__
+    other, _ = Program(md.window(md.per_head([2, 2, 4])), None, (32,), 3, block=BLOCK, tile=None).mods("cpu")
+    assert other.__closure__[0].cell_contents.tolist() == [2, 2, 4]
 
 
 def test_tiling_pays_on_a_2d_neighborhood():
@@ -246,19 +251,6 @@ def test_compiled_flex_matches_reference(compiled_attns, i):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_fully_masked_rows_are_zero_under_compiled_flex(compiled_attns):
-    attn = compiled_attns[2]          # ~block removes the diagonal blocks of some queries
-    p, shape, H, _ = COMPILED_CASES[2]
-    q, k, v = _flex_inputs(shape, H, D=32, seed=9)
-    m = md.reference.mask(p, shape, H)
-    out = attn(q, k, v)
-    empty_rows = ~m.any(-1)
-    assert torch.isfinite(out).all()
-    if empty_rows.any():
-        assert (out[0][empty_rows] == 0).all()
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_same_pattern_reuses_one_compile(compiled_attns):
     from torch._dynamo.utils import counters
 
@@ -272,38 +264,3 @@ def test_same_pattern_reuses_one_compile(compiled_attns):
         again(q, k, v)
         compiled_attns[0](q, k, v)
     assert counters["stats"]["unique_graphs"] == before
-
-
-def test_auto_dispatch_reasons():
-    small = md.compile(md.window(4), (100,))
-    assert small.backend == "dense" and "small" in small.reason
-    gpu = md.compile(md.neighborhood((7, 7)), (64, 64), heads=2, device="cuda")
-    assert gpu.backend == "flex" and gpu.reason.startswith("flex: on CUDA")
-    cpu = md.compile(md.neighborhood((7, 7)), (64, 64), heads=2, device="cpu")
-    assert cpu.backend == "tiles" and cpu.reason.startswith("tiles: on cpu")
-    sl = md.compile(md.window(4), (1000,), score=md.sink_logit(0.5), device="cuda")
-    assert sl.backend == "triton" and "cannot express sink_logit" in sl.reason
-    doc = md.document(torch.arange(1000) // 100)      # neither Flex (sink_logit) nor Triton (document)
-    sl = md.compile(doc, (1000,), score=md.sink_logit(0.5), device="cuda")
-    assert sl.backend == "tiles" and "cannot express sink_logit" in sl.reason
-    with pytest.raises(md.MaskDSLError, match=r"backend='flex': FlexAttention cannot express dropout\(0.1\)"):
-        md.compile(md.window(4), (100,), score=md.dropout(0.1), backend="flex")
-
-
-def test_explicit_flex_refuses_float64_and_cpu_backward():
-    attn = md.compile(md.window(4), (64,), backend="flex")
-    q = torch.randn(1, 1, 64, 8, dtype=torch.float64)
-    with pytest.raises(md.MaskDSLError, match=r"flex does not support torch.float64"):
-        attn(q, q, q)
-    q = torch.randn(1, 1, 64, 8, requires_grad=True)
-    with pytest.raises(md.MaskDSLError, match=r"flex has no backward on CPU"):
-        attn(q, q, q)
-
-
-def test_auto_redecides_for_the_device_it_is_called_on():
-    attn = md.compile(md.neighborhood((7, 7)), (64, 64), device="cuda")
-    assert attn.backend == "flex"
-    q = torch.randn(1, 1, 4096, 8, requires_grad=True)
-    out = attn(q, q, q)                       # called on CPU, with a backward to come
-    out.sum().backward()
-    assert attn.backend == "tiles" and q.grad is not None

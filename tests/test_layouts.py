@@ -5,7 +5,6 @@ candidate layout: 1-D to 3-D, tile shapes, residue groups (dilation), padding, b
 The 3-D decode bug (ARCHITECTURE.md, "Token layouts") lived here: a layout with tile size 1 on
 dim 1, the last dim in one tile and a residue group >= 3 decoded ``(t % 14)`` as
 ``(t % 14)**2``. This test walks the candidates that case came from."""
-import math
 
 import numpy as np
 import pytest
