@@ -264,3 +264,139 @@ def test_same_pattern_reuses_one_compile(compiled_attns):
         again(q, k, v)
         compiled_attns[0](q, k, v)
     assert counters["stats"]["unique_graphs"] == before
+
+
+# ----------------------------------------------------------------------------- units
+# Fast, exact checks of the classifier's pieces (the mutation-testing subset leans on these):
+# the unrefined classes are sound (a FULL/EMPTY claim is never wrong) and as tight as pinned.
+
+from maskdsl.codegen import blockmask as _bm  # noqa: E402
+from maskdsl.codegen import ir as _ir  # noqa: E402
+from maskdsl.codegen.tileclasses import TileClasses, combine, kron  # noqa: E402
+
+
+def _unrefined(p, shape, block=8, tile=None):
+    lay = Layout(shape, tile, block=block) if tile else Layout(shape, block=block)
+    ir, tables = _ir.lower_pattern(p, shape, 1, head=0)
+    return _bm.classify(ir, tables, lay, refine=False).dense(), lay
+
+
+@pytest.mark.parametrize("p,shape,tile,undecided", [
+    (md.document([0] * 12 + [1] * 20 + [2] * 8), (40,), None, 7),      # pairs with the mixed tile
+    (md.power(1), (40,), None, 0),                                      # contiguous blocks: exact
+    (md.power(4), (48,), None, 0),
+    (md.sink(5), (40,), None, 0),                                       # sinks are always exact
+    (md.radial(min_window=4), (6, 4, 4), (1, 2, 4), None),
+    (md.radial(min_window=2, sink_frames=1), (6, 4, 4), None, None),
+    (md.sink(3) | md.window(2), (40,), None, None),
+    (~md.sink(4), (40,), None, 0),
+])
+def test_unrefined_classes_are_sound_and_tight(p, shape, tile, undecided):
+    got, lay = _unrefined(p, shape, tile=tile)
+    expected = reference_classes(p, shape, 1, lay)[0]
+    decided = got != 3
+    assert np.array_equal(got[decided], expected[decided])     # sound
+    if undecided is not None:
+        assert int((got == 3).sum()) == undecided              # tight
+    assert (got == 3).sum() < got.size                          # the classifier decides things
+
+
+def test_count_pow2_or_zero_against_brute_force():
+    lo = np.arange(-20, 41)[:, None]
+    hi = lo + np.arange(0, 40)[None, :]
+    got = _bm._count_pow2_or_zero(np.broadcast_to(lo, hi.shape), hi)
+    def brute(a, b):
+        return sum(1 for d in range(a, b + 1) if d == 0 or (d > 0 and d & (d - 1) == 0))
+    exp = np.vectorize(brute)(np.broadcast_to(lo, hi.shape), hi)
+    assert np.array_equal(got, exp)
+
+
+def test_is_pow2_evaluates_integers_only():
+    import sympy as sp
+    for v in range(-3, 70):
+        want = v > 0 and v & (v - 1) == 0
+        assert _ir.IsPow2(sp.Integer(v)) == (sp.true if want else sp.false), v
+    assert isinstance(_ir.IsPow2(_ir.QF), _ir.IsPow2)
+
+
+def test_ir_simplify_folds_and_merges():
+    s = _ir.Sep((_ir.DimRange(),))
+    t = _ir.Sep((_ir.DimRange(_ir.Q[0] - 2, _ir.Q[0] + 3),))
+    f = _ir.SinkFlat(_ir.KF < 3, n=3)
+    assert _ir.simplify(_ir.NotN(_ir.Const(True))) == _ir.Const(False)
+    assert _ir.simplify(_ir.NotN(_ir.NotN(f))) == f
+    assert _ir.simplify(_ir.AndN((f, _ir.Const(False)))) == _ir.Const(False)
+    assert _ir.simplify(_ir.AndN((f, _ir.Const(True)))) == f
+    assert _ir.simplify(_ir.OrN((f, _ir.Const(True)))) == _ir.Const(True)
+    assert _ir.simplify(_ir.OrN((f, _ir.Const(False)))) == f
+    assert _ir.simplify(_ir.AndN((_ir.Const(True),))) == _ir.Const(True)
+    assert _ir.simplify(_ir.OrN((_ir.Const(False),))) == _ir.Const(False)
+    merged = _ir.simplify(_ir.AndN((s, t, f)), (10,))
+    assert isinstance(merged, _ir.AndN) and merged.children[1] == f
+    assert merged.children[0].dims[0].lo is not None and merged.children[0].dims[0].hi is not None
+    nested = _ir.simplify(_ir.OrN((_ir.OrN((f, t)), s)))
+    assert isinstance(nested, _ir.OrN) and len(nested.children) == 3
+
+
+def test_dim_range_and_merges_steps_by_lcm():
+    import sympy as sp
+    a = _ir.DimRange(None, _ir.Q[0] + 1, (sp.Integer(2),))
+    b = _ir.DimRange(_ir.Q[0] - 4, None, (sp.Integer(3), sp.Integer(1)))
+    c = a & b
+    assert c.steps == (sp.Integer(6),) and c.lo == _ir.Q[0] - 4 and c.hi == _ir.Q[0] + 1
+    assert (a & _ir.DimRange()).steps == (sp.Integer(2),)
+    assert (_ir.DimRange(None, None, (sp.Integer(1),)) & _ir.DimRange()).steps == ()
+
+
+@pytest.mark.parametrize("p,L", [(md.neighborhood(5, stride=2, dilation=3), 40),
+                                 (md.neighborhood(4, causal=True, dilation=2), 30),
+                                 (md.window(3, right=1), 20), (md.block(6, shift=2), 25),
+                                 (md.causal() & md.window(4), 33)])
+def test_key_range_equals_the_dim_matrix(p, L):
+    ir, _ = _ir.lower_pattern(p, (L,), 1, head=0)
+    dr = ir.dims[0]
+    x = np.arange(L)
+    lo, hi = _bm.key_range(dr, x, L)
+    m = _bm.dim_matrix(dr, x)
+    steps = [int(s) for s in dr.steps]
+    step = math.lcm(*steps) if steps else 1
+    for q in range(L):
+        keys = set(np.nonzero(m[q])[0].tolist())
+        assert keys == {k for k in range(lo[q], hi[q]) if (k - q) % step == 0}, q
+    assert torch.equal(torch.from_numpy(m), md.reference.mask(p, (L,))[0])
+
+
+def test_sparse_kron_and_combine_match_dense():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = rng.integers(0, 3, (rng.integers(1, 5), rng.integers(1, 5))).astype(np.int8)
+        b = rng.integers(0, 3, (rng.integers(1, 5), rng.integers(1, 5))).astype(np.int8)
+        got = kron([TileClasses.from_dense(a), TileClasses.from_dense(b)], None).dense()
+        exp = np.minimum(a[:, None, :, None], b[None, :, None, :]).reshape(
+            a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+        assert np.array_equal(got, exp)
+        c = rng.integers(0, 4, a.shape).astype(np.int8)
+        for kind in ("and", "or"):
+            d = combine([TileClasses.from_dense(a), TileClasses.from_dense(c)], kind).dense()
+            for i in range(a.shape[0]):
+                for j in range(a.shape[1]):
+                    x, y = int(a[i, j]), int(c[i, j])
+                    if kind == "and":
+                        want = 0 if 0 in (x, y) else (y if x == 2 else x if y == 2 else 3)
+                    else:
+                        want = 2 if 2 in (x, y) else (y if x == 0 else x if y == 0 else 3)
+                    assert d[i, j] == want, (kind, x, y, d[i, j])
+        assert np.array_equal(TileClasses.from_dense(a).transpose().dense(), a.T)
+
+
+def test_pair_counts_count_real_token_pairs():
+    lay = Layout((10,), block=4)                       # 3 tiles, the last with 2 real tokens
+    ts = _bm._TileSets(lay)
+    pred = lambda q, k: (k <= q)
+    rows, cols = np.array([0, 2, 2, 1]), np.array([0, 2, 0, 2])
+    allowed, size = _bm.pair_counts(rows, cols, ts.tokens, pred)
+    assert size.tolist() == [16, 4, 8, 8]
+    assert allowed.tolist() == [10, 3, 8, 0]
+    assert ts.n_valid.tolist() == [4, 4, 2]
+    tiled = _bm._TileSets(Layout((5, 6), (2, 4), block=8))
+    assert tiled.n_valid.tolist() == (tiled.tokens >= 0).sum(1).tolist()
