@@ -34,7 +34,7 @@ from .tiling import Layout
 __all__ = ["EMPTY", "PARTIAL", "FULL", "UNDECIDED", "classify", "tile_classes", "HeadClasses",
            "DENSE_DIM_LIMIT", "classify_flat", "pair_counts", "flat_evaluator"]
 
-DENSE_DIM_LIMIT = 4096        # per-dim L x L evaluation up to this length
+DENSE_DIM_LIMIT = 512         # per-dim L x L evaluation up to this length (then key ranges)
 PAIR_CHUNK = 1 << 22          # token pairs evaluated at once (refining, exact counts)
 
 
@@ -103,7 +103,8 @@ class _TileSets:
 
     @staticmethod
     def _dim_classes_1d(dr: DimRange, L: int, B: int, T: int) -> TileClasses:
-        """1-D row-major classes from per-query key ranges: O(N + candidate pairs)."""
+        """1-D row-major classes from per-query key ranges: O(N + candidate pairs) (short
+        sequences: the L x L condition, which is as cheap there)."""
         if L <= DENSE_DIM_LIMIT:
             order = np.arange(T * B)
             order[L:] = -1
@@ -372,6 +373,8 @@ def _dim_matrix_cached(dr: DimRange, order: np.ndarray) -> np.ndarray:
     """``dim_matrix`` on a dim's coordinate order, via the natural-order matrix (computed once
     per (dim range, length): the layout search asks for it under many orders)."""
     L = int(order.max()) + 1 if len(order) else 0
+    if L > 512:                      # only small matrices are worth keeping
+        return dim_matrix(dr, np.maximum(order, 0))
     key = (dr, L)
     m = _MATRICES.get(key)
     if m is None:

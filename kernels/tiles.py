@@ -204,7 +204,16 @@ def tiles_program(pattern, score, shape, heads):
     return small if _keys_per_query(small) < 0.75 * _keys_per_query(big) else big
 
 
-_PLANS = LRU(32)
+def _plan_bytes(plan) -> int:
+    """What a plan holds (its token masks, indices, cached SDPA masks and gather buffers)."""
+    total = sum(v.nbytes for v in vars(plan).values() if isinstance(v, torch.Tensor))
+    total += sum(m.nbytes for m in plan._float_masks.values())
+    total += sum(b.nbytes for bufs in plan._buffers.values() for b in bufs[:3])
+    return total
+
+
+PLAN_CACHE_BYTES = 512 << 20    # plans kept, least recently used out (each is O(N x keys))
+_PLANS = LRU(32, max_bytes=PLAN_CACHE_BYTES, weigh=_plan_bytes)
 
 
 def plan_for(program, device) -> TilePlan:

@@ -15,10 +15,12 @@ _ALL = []   # every LRU made (clear_all: benchmarks measuring cold builds, tests
 
 
 class LRU:
-    """A bounded, thread-safe mapping that forgets its least recently used entry."""
+    """A bounded, thread-safe mapping that forgets its least recently used entry: at most
+    ``maxsize`` entries and, with ``weigh``, at most ``max_bytes`` of them (``weigh(value)`` in
+    bytes, read when entries are added; the newest entry always stays)."""
 
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
+    def __init__(self, maxsize: int, max_bytes: int = None, weigh=None):
+        self.maxsize, self.max_bytes, self.weigh = maxsize, max_bytes, weigh
         self._data: "OrderedDict" = OrderedDict()
         self._lock = threading.Lock()
         _ALL.append(self)
@@ -39,6 +41,11 @@ class LRU:
             self._data[key] = value
             while len(self._data) > self.maxsize:
                 self._data.popitem(last=False)
+            if self.weigh is not None:
+                total = sum(self.weigh(v) for v in self._data.values())
+                while total > self.max_bytes and len(self._data) > 1:
+                    _, old = self._data.popitem(last=False)
+                    total -= self.weigh(old)
             return value
 
     def clear(self):
