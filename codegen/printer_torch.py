@@ -61,6 +61,20 @@ class TorchPrinter(StrPrinter):
     def emptyPrinter(self, expr):  # noqa: N802 (sympy's name)
         raise UnsupportedNode(f"no torch printing rule for {type(expr).__name__}: {expr}")
 
+    def _print(self, expr, **kwargs):
+        # sympy dispatches on the first class of the node's MRO with a ``_print_<Class>``;
+        # StrPrinter's generic rules (Function, Basic, NumberSymbol, ...) would print ``sin(a)``
+        # or ``pi``, names the exec'd code does not have: only this class's rules may answer.
+        if isinstance(expr, sp.Basic):
+            for cls in type(expr).__mro__:
+                name = "_print_" + cls.__name__
+                if hasattr(self, name):
+                    if name not in _RULES:
+                        raise UnsupportedNode(
+                            f"no torch printing rule for {type(expr).__name__}: {expr}")
+                    break
+        return super()._print(expr, **kwargs)
+
     def _print_Symbol(self, e):
         return e.name
 
@@ -209,6 +223,9 @@ class TorchPrinter(StrPrinter):
     def _print_IsPow2(self, e):
         x = self._wrap(e.args[0])
         return f"(({x} & ({x} - 1)) == 0)"
+
+
+_RULES = frozenset(n for n in vars(TorchPrinter) if n.startswith("_print_"))
 
 
 def _balanced(text: str) -> bool:

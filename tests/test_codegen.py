@@ -400,3 +400,73 @@ def test_pair_counts_count_real_token_pairs():
     assert ts.n_valid.tolist() == [4, 4, 2]
     tiled = _bm._TileSets(Layout((5, 6), (2, 4), block=8))
     assert tiled.n_valid.tolist() == (tiled.tokens >= 0).sum(1).tolist()
+
+
+def test_tile_classes_operations_match_numpy():
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        Tq, Tk = int(rng.integers(1, 7)), int(rng.integers(1, 7))
+        a = rng.integers(0, 3, (Tq, Tk)).astype(np.int8)
+        # unsorted pairs with EMPTY entries among them: dropped, then sorted row by row
+        r, c = np.meshgrid(np.arange(Tq), np.arange(Tk), indexing="ij")
+        order = rng.permutation(Tq * Tk)
+        tc = TileClasses.from_pairs(Tq, Tk, r.ravel()[order], c.ravel()[order], a.ravel()[order])
+        assert np.array_equal(tc.dense(), a) and tc.nnz == int((a != 0).sum())
+        assert tc.same_as(TileClasses.from_dense(a)) and not tc.same_as(TileClasses.empty(Tq, Tk)) \
+            or not a.any()
+        assert tc.counts().tolist() == (a != 0).sum(1).tolist()
+        for which in (1, 2):
+            assert tc.counts(which).tolist() == (a == which).sum(1).tolist()
+            assert tc.count(which) == int((a == which).sum())
+        assert np.array_equal(tc.transpose().dense(), a.T)
+        keep = tc.cls == 2
+        assert np.array_equal(tc.where(keep).dense(), np.where(a == 2, a, 0))
+        t0 = int(rng.integers(0, Tq)); t1 = int(rng.integers(t0, Tq + 1))
+        assert np.array_equal(tc.rows_dense(t0, t1), a[t0:t1])
+        chunked = TileClasses.from_row_chunks(Tq, Tk, lambda i, j: a[i:j], chunk_pairs=1)
+        assert chunked.same_as(tc)
+        assert tc.nbytes() == tc.indptr.nbytes + tc.indices.nbytes + tc.cls.nbytes
+    empty = TileClasses.from_row_chunks(3, 4, lambda i, j: np.zeros((j - i, 4), np.int8))
+    assert empty.nnz == 0 and empty.same_as(TileClasses.empty(3, 4))
+    assert combine([tc], "and") is tc                     # one operand: itself
+
+
+def test_tile_classification_beyond_reach_is_refused():
+    from maskdsl.codegen import tileclasses as _tc
+    with pytest.raises(md.MaskDSLError, match=r"classifying this pattern's 200000 x 200000 tile pairs"):
+        TileClasses.from_row_chunks(200_000, 200_000, lambda i, j: None)
+    assert 200_000 ** 2 > _tc.MAX_ROW_CHUNK_PAIRS
+
+
+def test_printer_rules_compute_what_sympy_computes():
+    import sympy as sp
+    from maskdsl.codegen.printer_torch import FloorDiv, PosMod, emit_function, exec_source
+    a, b = sp.symbols("a b", integer=True, positive=True)
+    exprs = [sp.Rational(3, 2) * a, sp.S.Half * b, sp.floor(a / 3), sp.floor(a), FloorDiv(a, 1),
+             FloorDiv(a + b, 4), PosMod(a, 3), sp.Mod(a - b, 5), sp.Min(a, b), sp.Max(a, 3),
+             sp.Abs(a - b), sp.sqrt(a), sp.tanh(a - b), a ** 2, 1 / a, sp.Ge(a, b), sp.Gt(a, b),
+             sp.Le(a, b), sp.Lt(a, b), sp.Eq(a, b), sp.Ne(a, b), sp.And(a < 4, b >= 2),
+             sp.Or(a < 2, sp.Not(b < 5)), 3 * a - 2 * b + 7, (a + b) * (a - b) + (a + b)]
+    grid = torch.arange(1, 9)
+    A, B = torch.meshgrid(grid, grid, indexing="ij")
+    for e in exprs:
+        fn = exec_source(emit_function("f", ["a", "b"], [], e, true_like="a"))
+        got = fn(A, B)
+        value = (lambda v: float(bool(v))) if isinstance(
+            e, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction)) else float
+        plain = e.replace(FloorDiv, lambda x, y: sp.floor(x / y)).replace(PosMod, sp.Mod)
+        want = torch.tensor([[value(plain.subs({a: int(x), b: int(y)})) for y in grid] for x in grid],
+                            dtype=torch.float64)
+        assert torch.allclose(got.double(), want, rtol=1e-6), e
+
+
+def test_printer_refuses_nodes_without_a_rule():
+    import sympy as sp
+    from maskdsl.codegen.printer_torch import TorchPrinter, UnsupportedNode, _balanced, identifier
+    a = sp.Symbol("a", integer=True)
+    for e in (sp.sin(a), sp.pi, sp.oo, a ** sp.Rational(1, 3), sp.Piecewise((a, a > 0), (0, True))):
+        with pytest.raises(UnsupportedNode, match="no torch printing rule"):
+            TorchPrinter().doprint(e)
+    assert not _balanced(")(") and _balanced("(a)(b)") and not _balanced("(a")
+    assert [identifier(t) for t in ("3x", "class", "+++", "a b", "x" * 120)] == \
+        ["f_3x", "f_class", "fn", "a_b", "x" * 96]
