@@ -25,6 +25,7 @@ import numpy as np
 import sympy as sp
 import torch
 
+from .._caching import LRU
 from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, NotN, OrN,
                  PowerFlat, RadialFlat, Sep, SinkFlat, evaluate, predicate)
 from .printer_torch import emit_function, exec_source
@@ -303,7 +304,7 @@ def _(f, ts):
     return TileClasses.from_row_chunks(ts.T, ts.T, rows)
 
 
-_DIM_CACHE: Dict[tuple, TileClasses] = {}
+_DIM_CACHE = LRU(4096)   # (dim range, side, tile, groups, padded) -> TileClasses
 
 
 def dim_tile_classes(dr: DimRange, layout: Layout, d: int) -> TileClasses:
@@ -317,9 +318,7 @@ def dim_tile_classes(dr: DimRange, layout: Layout, d: int) -> TileClasses:
             out = _TileSets._dim_classes_1d(dr, L, t, layout.grid[d])
         else:
             out = TileClasses.from_dense(_TileSets._dim_classes_dense(dr, layout.dim_order(d), t))
-        if len(_DIM_CACHE) > 4096:
-            _DIM_CACHE.clear()
-        _DIM_CACHE[key] = out
+        out = _DIM_CACHE.put(key, out)
     return out
 
 
@@ -366,7 +365,7 @@ def key_range(dr: DimRange, x: np.ndarray, L: int):
     return np.clip(lo, 0, L).astype(np.int64), np.clip(hi, 0, L).astype(np.int64)
 
 
-_MATRICES: Dict[tuple, np.ndarray] = {}
+_MATRICES = LRU(256)   # (dim range, length) -> bool [L, L], L <= 512 (at most 64 MB)
 
 
 def _dim_matrix_cached(dr: DimRange, order: np.ndarray) -> np.ndarray:
@@ -378,9 +377,7 @@ def _dim_matrix_cached(dr: DimRange, order: np.ndarray) -> np.ndarray:
     key = (dr, L)
     m = _MATRICES.get(key)
     if m is None:
-        if len(_MATRICES) > 256:
-            _MATRICES.clear()
-        m = _MATRICES[key] = dim_matrix(dr, np.arange(L))
+        m = _MATRICES.put(key, dim_matrix(dr, np.arange(L)))
     x = np.maximum(order, 0)
     return m[x[:, None], x[None, :]]
 

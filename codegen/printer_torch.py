@@ -103,9 +103,6 @@ class TorchPrinter(StrPrinter):
         text = f"{e.base}[{', '.join(self._print(i) for i in e.indices)}]"
         return f"{text}.to({self.float_like})" if self.float_like else text
 
-    def _print_IndexedBase(self, e):
-        return str(e)
-
     def _wrap(self, e) -> str:
         text = self._print(e)
         atom = e.is_Symbol or e.is_Integer or isinstance(e, sp.Indexed)
@@ -177,9 +174,6 @@ class TorchPrinter(StrPrinter):
             else:
                 out += f" + {self._print(t)}"
         return f"({out})"
-
-    def _print_sqrt(self, e):
-        return f"torch.sqrt({self._float(e.args[0])})"
 
     def _print_tanh(self, e):
         return f"torch.tanh({self._print(e.args[0])})"

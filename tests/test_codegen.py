@@ -83,6 +83,11 @@ def test_analytic_classes_equal_block_reduction_of_reference(case):
     (md.radial(min_window=4), (6, 4, 4), (1, 2, 8)),
     (md.radial(min_window=2, sink_frames=1), (6, 4, 4), None),
     (md.heads([md.window(2), md.block(4)]) & md.neighborhood(md.per_head([3, 5])), (12, 8), (4, 4)),
+    # row-major N-D layouts: each 16-token tile is a few boxes of the grid (FULL pairs included)
+    (md.neighborhood((9, 9)), (12, 12), None),
+    (md.neighborhood((3, 5, 5)) & md.causal(dims=(0,)), (3, 5, 5), None),     # FULL and PARTIAL
+    (md.neighborhood((3, 7), dilation=(1, 2), stride=(1, 2)), (7, 20), None),
+    (md.block((2, 16)) | md.window(3) & md.causal(), (6, 16), None),         # FULL and PARTIAL
 ])
 def test_analytic_classes_on_hand_picked_cases(p, shape, tile):
     H = 2 if "heads" in repr(p) else 1
@@ -283,6 +288,7 @@ def _unrefined(p, shape, block=8, tile=None):
 
 @pytest.mark.parametrize("p,shape,tile,undecided", [
     (md.document([0] * 12 + [1] * 20 + [2] * 8), (40,), None, 7),      # pairs with the mixed tile
+    (md.document([0] * 12 + [1] * 20 + [2] * 13), (45,), None, 7),     # a padded last tile
     (md.power(1), (40,), None, 0),                                      # contiguous blocks: exact
     (md.power(4), (48,), None, 0),
     (md.sink(5), (40,), None, 0),                                       # sinks are always exact
@@ -346,6 +352,9 @@ def test_dim_range_and_merges_steps_by_lcm():
     assert c.steps == (sp.Integer(6),) and c.lo == _ir.Q[0] - 4 and c.hi == _ir.Q[0] + 1
     assert (a & _ir.DimRange()).steps == (sp.Integer(2),)
     assert (_ir.DimRange(None, None, (sp.Integer(1),)) & _ir.DimRange()).steps == ()
+    assert (_ir.DimRange() & _ir.DimRange()).steps == ()
+    tagged = _ir.DimRange(atoms=("a",)) & _ir.DimRange(atoms=("b", "c"))
+    assert tagged.atoms == ("a", "b", "c")
 
 
 @pytest.mark.parametrize("p,L", [(md.neighborhood(5, stride=2, dilation=3), 40),
@@ -446,14 +455,16 @@ def test_printer_rules_compute_what_sympy_computes():
              FloorDiv(a + b, 4), PosMod(a, 3), sp.Mod(a - b, 5), sp.Min(a, b), sp.Max(a, 3),
              sp.Abs(a - b), sp.sqrt(a), sp.tanh(a - b), a ** 2, 1 / a, sp.Ge(a, b), sp.Gt(a, b),
              sp.Le(a, b), sp.Lt(a, b), sp.Eq(a, b), sp.Ne(a, b), sp.And(a < 4, b >= 2),
-             sp.Or(a < 2, sp.Not(b < 5)), 3 * a - 2 * b + 7, (a + b) * (a - b) + (a + b)]
+             sp.Or(a < 2, sp.Not(b < 5)), 3 * a - 2 * b + 7, (a + b) * (a - b) + (a + b),
+             sp.true, sp.false]
     grid = torch.arange(1, 9)
     A, B = torch.meshgrid(grid, grid, indexing="ij")
     for e in exprs:
         fn = exec_source(emit_function("f", ["a", "b"], [], e, true_like="a"))
         got = fn(A, B)
         value = (lambda v: float(bool(v))) if isinstance(
-            e, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction)) else float
+            e, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction,
+                sp.logic.boolalg.BooleanAtom)) else float
         plain = e.replace(FloorDiv, lambda x, y: sp.floor(x / y)).replace(PosMod, sp.Mod)
         want = torch.tensor([[value(plain.subs({a: int(x), b: int(y)})) for y in grid] for x in grid],
                             dtype=torch.float64)
@@ -467,6 +478,117 @@ def test_printer_refuses_nodes_without_a_rule():
     for e in (sp.sin(a), sp.pi, sp.oo, a ** sp.Rational(1, 3), sp.Piecewise((a, a > 0), (0, True))):
         with pytest.raises(UnsupportedNode, match="no torch printing rule"):
             TorchPrinter().doprint(e)
+    assert TorchPrinter().doprint(sp.floor(a / 3)) == "(a // 3)"   # printed directly, not via FloorDiv
+    assert TorchPrinter().doprint(sp.floor(a)) == "a"
     assert not _balanced(")(") and _balanced("(a)(b)") and not _balanced("(a")
     assert [identifier(t) for t in ("3x", "class", "+++", "a b", "x" * 120)] == \
         ["f_3x", "f_class", "fn", "a_b", "x" * 96]
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: md.distance_decay(r),
+    lambda r: md.distance_decay(r, metric="manhattan"),
+    lambda r: md.alibi(r),
+])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_tensor_parameters_are_read_per_call_with_gradients(make, per_head):
+    shape, heads = (3, 4), 3
+    rate = (torch.tensor([0.1, 0.3, 0.7]) if per_head else torch.tensor(0.4)).requires_grad_()
+    s = make(rate)
+    _, score_mod = Program(md.full(), s, shape, heads, block=BLOCK, tile=None).mods("cpu")
+    pos = torch.arange(12)
+    outs = [score_mod(torch.zeros(12, 12), 0, torch.tensor(h), pos[:, None], pos[None, :])
+            for h in range(heads)]
+    got = torch.stack(outs)
+    torch.testing.assert_close(got, md.reference.bias(s, shape, heads).detach())
+    got[2].sum().backward()                       # only head 2's entry (or the shared scalar)
+    grad = rate.grad.reshape(-1)
+    assert grad[-1] < 0 and (not per_head or grad[:2].abs().sum() == 0)
+    with torch.no_grad():
+        rate.mul_(2)                              # changed in place: the next call reads it
+    again = score_mod(torch.zeros(12, 12), 0, torch.tensor(1), pos[:, None], pos[None, :])
+    torch.testing.assert_close(again, 2 * got[1].detach())
+
+
+def test_key_range_of_open_and_empty_dim_ranges():
+    import sympy as sp
+    q, L = _ir.Q[0], 12
+    x = np.arange(L)
+    for dr in (_ir.DimRange(None, q - 5), _ir.DimRange(q + 5, None), _ir.DimRange(None, None, (sp.Integer(3),)),
+               _ir.DimRange(q - 40, q + 40), _ir.DimRange(q + 2, q - 2)):
+        lo, hi = _bm.key_range(dr, x, L)
+        assert lo.dtype == hi.dtype == np.int64
+        assert ((0 <= lo) & (lo <= L) & (0 <= hi) & (hi <= L)).all(), dr   # clipped to the dim
+        m = _bm.dim_matrix(dr, x)
+        step = math.lcm(*[int(s) for s in dr.steps]) if dr.steps else 1
+        for i in range(L):
+            assert set(np.nonzero(m[i])[0].tolist()) == \
+                {k for k in range(lo[i], hi[i]) if (k - i) % step == 0}, (dr, i)
+
+
+@pytest.mark.parametrize("decay,min_window,shape", [
+    (1.0, 2, (9, 3, 4)), (0.5, 3, (9, 3, 4)), (2.0, 5, (9, 4, 4)), (0.25, 1, (6, 2, 8)),
+    (1.0, 16, (9, 4, 4)), (1.5, 6, (9, 4, 5))])
+def test_radial_mask_mod_equals_reference_across_decays_and_windows(decay, min_window, shape):
+    p = md.radial(decay=decay, min_window=min_window)
+    got, _, _ = mask_in_user_order(Program(p, None, shape, 1, block=BLOCK, tile=None))
+    assert torch.equal(got, md.reference.mask(p, shape, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_score_mod_computes_in_the_score_dtype(dtype):
+    shape = (5, 7)
+    s = md.distance_decay(0.3, metric="euclidean") + md.relative_bias(torch.randn(1, 9, 13, dtype=torch.float64))
+    _, score_mod = Program(md.full(), s, shape, 1, block=BLOCK, tile=None).mods("cpu")
+    pos = torch.arange(35)
+    got = score_mod(torch.zeros(35, 35, dtype=dtype), 0, torch.tensor(0), pos[:, None], pos[None, :])
+    assert got.dtype == dtype
+    want = md.reference.bias(s, shape, 1, dtype=torch.float64)[0]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), want.to(dtype).double(), atol=tol, rtol=tol)
+
+
+def test_head_classes_count_each_class_over_heads():
+    p = md.heads([md.window(3), md.block(16), md.window(3)])
+    prog = Program(p, None, (64,), 3, block=BLOCK, tile=None)
+    dense = prog.classes.dense()                       # [H, T, T]
+    for which in (PARTIAL, FULL):
+        assert prog.classes.count(which) == int((dense == which).sum())
+    assert prog.classes.nonempty() == int((dense != EMPTY).sum())
+    st = prog.stats()
+    assert st["full_blocks"] == pytest.approx((dense == FULL).sum() / dense.size)
+    assert st["partial_blocks"] == pytest.approx((dense == PARTIAL).sum() / dense.size)
+
+
+def test_ir_contains_finds_nodes_at_any_depth():
+    def ir(p, shape=(16,), heads=2):
+        return _ir.lower_pattern(p, shape, heads)[0]
+    heads = md.heads([md.window(2), md.block(4)])
+    assert _ir.contains(ir(heads), _ir.HeadsN)
+    assert _ir.contains(ir(~(md.sink(2) | heads) & md.causal()), _ir.HeadsN)     # under & ~ |
+    assert not _ir.contains(ir(md.window(2) & ~md.sink(3)), _ir.HeadsN)
+    assert _ir.contains(ir(md.window(2) & ~md.sink(3)), _ir.NotN)
+    assert not _ir.contains(ir(md.window(2)), _ir.NotN)
+
+
+def test_layout_repr_names_tile_and_groups():
+    assert repr(Layout((64,), block=16)) == "Layout(row-major, blocks of 16)"
+    assert repr(Layout((8, 8), (4, 4), block=16)) == "Layout(tile=4x4)"
+    assert repr(Layout((6, 40), (2, 8), (1, 2), block=16)) == "Layout(tile=2x8, groups=(1, 2))"
+
+
+def test_ir_evaluate_agrees_with_sympy_on_every_node_it_knows():
+    import sympy as sp
+    q, k = _ir.Q[0], _ir.K[0]
+    x = np.arange(0, 13)                  # Q and K are non-negative symbols
+    y = np.arange(1, 14)[::-1].copy()
+    exprs = [q + 2 * k - 3, q * k, sp.Rational(3, 2) * q, q / 4, (q + 1) / (k + 2), sp.floor(q / 3),
+             sp.floor((q - 1) / k), sp.Mod(q, 4), sp.Mod(q - k, k), sp.Min(q, 2, k), sp.Max(q, -1, k - 5),
+             sp.Abs(q - k), sp.Abs(q) + sp.Abs(k), q ** 2, (q - k) ** 3, sp.Integer(5)]
+    for e in exprs:
+        got = np.broadcast_to(_ir.evaluate(e, {q: x, k: y}), x.shape)
+        want = np.array([float(e.subs({q: int(a), k: int(b)})) for a, b in zip(x, y)])
+        assert np.allclose(got, want), e
+    for bad in (sp.sqrt(q), q ** -2, sp.sin(q)):
+        with pytest.raises(TypeError, match=r"cannot evaluate (Pow|sin): "):
+            _ir.evaluate(bad, {q: x})
