@@ -344,18 +344,25 @@ def _range_min_max(band: np.ndarray):
     return lo, hi
 
 
+def _floor_log2(x: np.ndarray) -> np.ndarray:
+    """floor(log2(x)) of int64 x >= 1, exact: float64's log2 can be one off either way from
+    2**53 up (2**60 - 1 rounds to 2**60), so the estimate is corrected in both directions."""
+    b = np.clip(np.floor(np.log2(x.astype(np.float64))).astype(np.int64), 0, 62)
+    one = np.int64(1)
+    b = np.where((b > 0) & ((one << b) > x), b - 1, b)
+    return np.where((b < 62) & ((one << np.minimum(b + 1, 62)) <= x), b + 1, b)
+
+
 def _count_pow2_or_zero(dmin: np.ndarray, dmax: np.ndarray) -> np.ndarray:
-    """How many D in [dmin, dmax] are 0 or a power of two."""
+    """How many D in [dmin, dmax] are 0 or a power of two: with f(x) = floor(log2(x)) and
+    f(0) = -1, the powers of two in [lo, hi] (lo >= 1) number f(hi) - f(lo - 1)."""
+    dmin, dmax = np.asarray(dmin, np.int64), np.asarray(dmax, np.int64)
     zero = ((dmin <= 0) & (dmax >= 0)).astype(np.int64)
     lo = np.maximum(dmin, 1)
-    hi = dmax
-    ok = hi >= lo
-    hi_bits = np.where(ok, np.floor(np.log2(np.maximum(hi, 1))).astype(np.int64), 0)
-    lo_bits = np.where(ok, np.ceil(np.log2(np.maximum(lo, 1))).astype(np.int64), 0)
-    # guard float rounding at exact powers of two
-    hi_bits = np.where(ok & ((1 << (hi_bits + 1)) <= hi), hi_bits + 1, hi_bits)
-    lo_bits = np.where(ok & (lo_bits > 0) & ((1 << (lo_bits - 1)) >= lo), lo_bits - 1, lo_bits)
-    return zero + np.where(ok, np.maximum(0, hi_bits - lo_bits + 1), 0)
+    ok = dmax >= lo
+    f_hi = _floor_log2(np.maximum(dmax, 1))
+    f_below = np.where(lo > 1, _floor_log2(np.maximum(lo - 1, 1)), -1)
+    return zero + np.where(ok, f_hi - f_below, 0)
 
 
 def key_range(dr: DimRange, x: np.ndarray, L: int):

@@ -315,6 +315,15 @@ def test_count_pow2_or_zero_against_brute_force():
         return sum(1 for d in range(a, b + 1) if d == 0 or (d > 0 and d & (d - 1) == 0))
     exp = np.vectorize(brute)(np.broadcast_to(lo, hi.shape), hi)
     assert np.array_equal(got, exp)
+    # near and beyond 2**53, where float64's log2 is one off (2**60 - 1 rounds to 2**60)
+    def brute_big(a, b):
+        return int(a <= 0 <= b) + sum(1 for e in range(63) if a <= 1 << e <= b)
+    edges = [0, 1, 2, 3, 2**31 - 1, 2**53 - 1, 2**53, 2**53 + 1, 2**59 + 1, 2**60 - 1, 2**60,
+             2**60 + 1, 2**62 - 1, 2**62, 2**63 - 1]
+    pairs = [(a, b) for a in edges for b in edges if a <= b]
+    a = np.array([x for x, _ in pairs], np.int64)
+    b = np.array([y for _, y in pairs], np.int64)
+    assert _bm._count_pow2_or_zero(a, b).tolist() == [brute_big(x, y) for x, y in pairs]
 
 
 def test_is_pow2_evaluates_integers_only():
@@ -552,6 +561,7 @@ def test_head_classes_count_each_class_over_heads():
     p = md.heads([md.window(3), md.block(16), md.window(3)])
     prog = Program(p, None, (64,), 3, block=BLOCK, tile=None)
     dense = prog.classes.dense()                       # [H, T, T]
+    assert prog.classes.per_head == [0, 1, 0] and len(prog.classes.distinct) == 2   # shared
     for which in (PARTIAL, FULL):
         assert prog.classes.count(which) == int((dense == which).sum())
     assert prog.classes.nonempty() == int((dense != EMPTY).sum())
@@ -592,3 +602,110 @@ def test_ir_evaluate_agrees_with_sympy_on_every_node_it_knows():
     for bad in (sp.sqrt(q), q ** -2, sp.sin(q)):
         with pytest.raises(TypeError, match=r"cannot evaluate (Pow|sin): "):
             _ir.evaluate(bad, {q: x})
+
+
+def test_candidate_tiles_are_every_power_of_two_box_that_fits():
+    import itertools
+
+    def next_pow2(n):
+        p = 1
+        while p < n:
+            p *= 2
+        return p
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        r = int(rng.integers(1, 4))
+        shape = tuple(int(x) for x in rng.integers(1, 40, r))
+        block = int(rng.choice([8, 16, 64, 128]))
+        pows = [1 << i for i in range(block.bit_length())]
+        want = [t for t in itertools.product(pows, repeat=r)
+                if math.prod(t) == block and all(s <= next_pow2(2 * L) for s, L in zip(t, shape))]
+        assert candidate_tiles(shape, block) == (want if r > 1 else []), (shape, block)
+    assert candidate_tiles((50, 50)) == candidate_tiles((50, 50), 128)
+
+
+@pytest.mark.parametrize("p,shape", [
+    (md.neighborhood(5, dilation=3), (40,)),
+    (md.neighborhood((3, 5), dilation=(2, 3), stride=(1, 2)), (9, 16)),
+    (md.neighborhood((2, 3, 3), dilation=(1, 2, 2), causal=(True, False, True)), (4, 6, 7)),
+    (md.window(3) & md.block(4, shift=1), (30,)),
+])
+def test_mask_mod_equals_reference_with_steps(p, shape):
+    for tile in (None, *candidate_tiles(shape, BLOCK)[:2]):
+        got, _, _ = mask_in_user_order(Program(p, None, shape, 1, block=BLOCK, tile=tile))
+        assert torch.equal(got, md.reference.mask(p, shape, 1)), tile
+
+
+def test_layout_describe_and_padding_sentinel():
+    assert Layout((64,), block=16).describe() == "row-major, 16-token blocks"
+    assert Layout((6, 40), (2, 8), (1, 2), block=16).describe() == \
+        "2x8 tiles, tokens grouped by residue mod 1x2"
+    lay = Layout((5, 6), (2, 4), block=8)
+    assert lay.describe() == "2x4 tiles, padded 30 -> 48 tokens"
+    tok = lay.tokens()
+    assert sorted(tok[tok >= 0].tolist()) == list(range(30))
+    assert set(tok[tok < 0].tolist()) == {-1}                      # padding is exactly -1
+    for d in range(2):
+        order = lay.dim_order(d)
+        assert set(order[order < 0].tolist()) <= {-1}
+    grouped = Layout((6, 40), (2, 8), (1, 2), block=16).dim_order(1)
+    assert grouped[:8].tolist() == [0, 2, 4, 6, 8, 10, 12, 14]       # residue 0 first
+
+
+def test_tables_give_each_parameter_a_fresh_name():
+    t = _ir.Tables()
+    names = [str(t.lookup("a", [1.0, 2.0])), str(t.lookup("a", [3.0, 4.0])),
+             str(t.tensor("a", torch.zeros(2))), str(t.lookup("a", [5.0, 6.0]))]
+    assert names == ["a[h]", "a_1[h]", "a_2", "a_3[h]"]
+
+
+def test_smin_smax_fold_numbers_flatten_and_dedupe():
+    import sympy as sp
+    q, k = _ir.Q[0], _ir.K[0]
+    assert _ir.smin(q, 3, 5) == sp.Min(q, 3) and _ir.smax(q, 3, 5) == sp.Max(q, 5)
+    assert set(_ir.smin(_ir.smin(q, 2), k, q).args) == {q, k, 2}             # flattened, deduped
+    assert set(_ir.smax(_ir.smax(q, 2), k, 7).args) == {q, k, 7}
+    assert _ir.smin(q, q) == q and _ir.smax(4, 9) == 9 and _ir.smin(4, 9) == 4
+    assert isinstance(_ir.smin(q, k), sp.Min) and isinstance(_ir.smax(q, k), sp.Max)
+
+
+def test_flat_range_boxes_tile_the_range_exactly():
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        shape = tuple(int(x) for x in rng.integers(1, 6, int(rng.integers(1, 4))))
+        n = math.prod(shape)
+        a, b = sorted(int(x) for x in rng.integers(0, n + 1, 2))
+        covered = []
+        for lo, hi in _bm._flat_range_boxes(a, b, shape):
+            box = np.zeros(shape, bool)
+            box[tuple(slice(l, h) for l, h in zip(lo, hi))] = True
+            assert box.any(), (shape, a, b, lo, hi)                   # no empty boxes
+            covered += np.nonzero(box.reshape(-1))[0].tolist()
+        assert sorted(covered) == list(range(a, b)), (shape, a, b)     # exact and disjoint
+
+
+@pytest.mark.parametrize("p,shape,tile", [
+    (md.window(7), (203,), None),
+    (md.window(40), (203,), None),                                   # FULL pairs too
+    (md.causal() & md.window(40), (517,), None),
+    (md.neighborhood(9, dilation=7), (203,), None),
+    (md.neighborhood(5, stride=3), (150,), None),
+    (md.neighborhood(7, causal=True, dilation=2), (161,), None),
+    (md.block(24, shift=5), (203,), None),
+    (md.window(0, right=40), (203,), None),
+    (md.window(0, 0), (100,), None),
+    (md.neighborhood((5, 7), dilation=(1, 3)), (20, 70), (4, 4)),
+    (md.neighborhood((3, 9), causal=(False, True), stride=(1, 2)), (12, 75), (2, 8)),
+])
+def test_key_range_classes_beyond_the_dense_limit_are_exact(p, shape, tile, monkeypatch):
+    # the classifier's O(N) path (per-query key ranges), forced on small dims
+    from maskdsl import _caching
+    monkeypatch.setattr(_bm, "DENSE_DIM_LIMIT", 8)
+    _caching.clear_all()
+    try:
+        prog = Program(p, None, shape, 1, block=BLOCK, tile=tile)
+        got = prog.classes.dense()
+    finally:
+        _caching.clear_all()
+    assert np.array_equal(got, reference_classes(p, shape, 1, prog.layout))
