@@ -44,28 +44,27 @@ def _complements(a, b) -> bool:
     return (isinstance(a, Not) and a.a == b) or (isinstance(b, Not) and b.a == a)
 
 
+def _lattice(p, make, absorbing, neutral) -> Pattern:
+    """``&`` (absorbing empty, neutral full) and ``|`` (absorbing full, neutral empty) are duals:
+    an absorbing operand or a complementary pair absorbs, a neutral operand or a repeat drops."""
+    a, b = simplify(p.a), simplify(p.b)
+    if isinstance(a, absorbing) or isinstance(b, absorbing) or _complements(a, b):
+        return absorbing()
+    if isinstance(a, neutral) or a == b:
+        return b
+    if isinstance(b, neutral):
+        return a
+    return p if (a is p.a and b is p.b) else make(a, b)
+
+
 @simplify.register(And)
 def _and(p: And) -> Pattern:
-    a, b = simplify(p.a), simplify(p.b)
-    if isinstance(a, Empty) or isinstance(b, Empty) or _complements(a, b):
-        return Empty()
-    if isinstance(a, Full) or a == b:
-        return b
-    if isinstance(b, Full):
-        return a
-    return p if (a is p.a and b is p.b) else And(a, b)
+    return _lattice(p, And, Empty, Full)
 
 
 @simplify.register(Or)
 def _or(p: Or) -> Pattern:
-    a, b = simplify(p.a), simplify(p.b)
-    if isinstance(a, Full) or isinstance(b, Full) or _complements(a, b):
-        return Full()
-    if isinstance(a, Empty) or a == b:
-        return b
-    if isinstance(b, Empty):
-        return a
-    return p if (a is p.a and b is p.b) else Or(a, b)
+    return _lattice(p, Or, Full, Empty)
 
 
 @simplify.register(Heads)
