@@ -162,6 +162,14 @@ def _check_inputs(q, k, v):
     for name, d in (("q/k head dim", D), ("v head dim", Dv)):
         if not 16 <= d <= 256:
             raise MaskDSLError(f"backend='triton': {name} {d}: expected 16 to 256")
+    # the kernels address a row within one (batch, head) as int32 token * D: refuse what would
+    # wrap around (the (batch, head) base offset itself is int64)
+    N = q.shape[-2]
+    if N * max(D, Dv) >= 2**31:
+        raise MaskDSLError(
+            f"backend='triton': N x head dim = {N} x {max(D, Dv)} = {N * max(D, Dv)}: expected "
+            f"less than 2**31 (the kernels' int32 offsets within one batch and head); use "
+            f"backend='tiles' or 'flex'")
 
 
 class _Fn(torch.autograd.Function):

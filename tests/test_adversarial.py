@@ -203,6 +203,20 @@ def test_triton_refuses_bf16_in_the_interpreter():
         attn(q, k, v)
 
 
+def test_triton_refuses_offsets_beyond_int32():
+    """The kernels address rows within one (batch, head) as int32 token * D."""
+    if not triton_available():
+        pytest.skip("needs triton")
+    from maskdsl.kernels.triton_attn import _check_inputs
+
+    big = torch.empty(1, 1, 2**24, 128, device="meta", dtype=torch.float16)
+    with pytest.raises(md.MaskDSLError, match=r"N x head dim = 16777216 x 128 = 2147483648: "
+                                             r"expected less than 2\*\*31"):
+        _check_inputs(big, big, big)
+    ok = torch.empty(1, 1, 2**24 - 1, 128, device="meta", dtype=torch.float16)
+    _check_inputs(ok, ok, ok)
+
+
 def test_triton_params_clamp_windows_to_the_grid():
     from maskdsl.kernels.triton_params import lower_pattern
 
