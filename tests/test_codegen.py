@@ -430,8 +430,8 @@ def test_tile_classes_operations_match_numpy():
         order = rng.permutation(Tq * Tk)
         tc = TileClasses.from_pairs(Tq, Tk, r.ravel()[order], c.ravel()[order], a.ravel()[order])
         assert np.array_equal(tc.dense(), a) and tc.nnz == int((a != 0).sum())
-        assert tc.same_as(TileClasses.from_dense(a)) and not tc.same_as(TileClasses.empty(Tq, Tk)) \
-            or not a.any()
+        assert tc.same_as(TileClasses.from_dense(a))
+        assert tc.same_as(TileClasses.empty(Tq, Tk)) == (not a.any())
         assert tc.counts().tolist() == (a != 0).sum(1).tolist()
         for which in (1, 2):
             assert tc.counts(which).tolist() == (a == which).sum(1).tolist()
