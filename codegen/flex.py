@@ -68,13 +68,21 @@ def _ordered(cls: TileClasses, which: int, width: int):
 
 @outside_inference_mode
 @guard("block_mask()")
-def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True):
-    """The torch BlockMask (in the program's token layout), from the sparse tile classes."""
+def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True,
+               seq_len: Optional[int] = None):
+    """The torch BlockMask (in the program's token layout), from the sparse tile classes.
+
+    ``seq_len``: the sequence length it is made for (default: the layout's padded length, what
+    the backend runs); a row-major layout may pass the user's N (the last block is partial)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     device = torch.device(device)
     r = program.recipe
-    key = (r.key, device, compute_q_blocks)
+    n = r.layout.n_padded if seq_len is None else seq_len
+    if not r.layout.n <= n <= r.layout.n_padded or (n != r.layout.n_padded and r.layout.tile is not None):
+        raise ValueError(f"seq_len={seq_len}: this layout holds {r.layout.n} tokens in "
+                         f"{r.layout.n_padded} positions")
+    key = (r.key, device, compute_q_blocks, n)
     found = _BLOCK_MASKS.get(key)
     if found is not None:
         return found
@@ -98,7 +106,6 @@ def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True):
     else:
         q_num = q_idx = fq_num = fq_idx = None
     mask_mod, _ = program.mods(device, flex=True)
-    n = r.layout.n_padded
     bm = BlockMask((n, n), kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
                    BLOCK_SIZE=(r.block, r.block), mask_mod=mask_mod)
     return _BLOCK_MASKS.put(key, bm)
@@ -132,13 +139,13 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True):
     if device.type == "cpu":  # flex refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     bm = program.block_mask(device, compute_q_blocks=needs_grad or device.type != "cpu")
-    lay = program.layout
-    if not lay.identity:
+    permute = not program.layout.row_major_order
+    if permute:
         gather, scatter = _permutation(program, device)
         q, k, v = (_to_layout(t, gather) for t in (q, k, v))
     fn = compiled_flex() if compiled else flex_attention
     out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
-    if not lay.identity:
+    if permute:
         out = out.index_select(2, scatter)
     return out
 

@@ -60,9 +60,23 @@ class Layout:
         g = "" if all(x == 1 for x in self.groups) else f", groups={self.groups}"
         return f"Layout(tile={'x'.join(map(str, self.tile))}{g})"
 
+    @property
+    def row_major_order(self) -> bool:
+        """Whether positions are the user's flat token indices (row-major order, no padding):
+        untiled and unpadded, or tiles that are runs of whole rows (each dim's tile spans the
+        full extent of every later dim), ungrouped."""
+        if self.tile is None:
+            return self.n_padded == self.n
+        if any(g != 1 for g in self.groups) or self.padded != self.shape:
+            return False
+        return all(t == 1 or all(self.tile[e] == self.shape[e] for e in range(d + 1, self.rank))
+                   for d, t in enumerate(self.tile))
+
     def describe(self) -> str:
         if self.tile is None:
             return f"row-major, {self.block}-token blocks"
+        if self.row_major_order:
+            return f"row-major order ({'x'.join(map(str, self.tile))} tiles)"
         g = ("" if all(x == 1 for x in self.groups)
              else ", tokens grouped by residue mod " + "x".join(map(str, self.groups)))
         pad = "" if self.n_padded == self.n else f", padded {self.n} -> {self.n_padded} tokens"

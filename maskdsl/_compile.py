@@ -51,7 +51,9 @@ class CompiledAttention:
             ``auto`` call had to run another backend, which and why).
         training: whether a ``dropout`` term is applied (default True; set False to evaluate).
         source: the generated ``mask_mod`` (and ``score_mod``) Python source.
-        mask_mod, score_mod: the generated functions (flex signatures).
+        mask_mod, score_mod: the generated functions (flex signatures), like ``source`` and
+            ``block_mask()`` in the user's row-major token order; ``flex_inputs("tiled")``
+            gives the tiled form the flex backend runs, with its permutation.
     """
 
     def __init__(self, spec, choice, auto: bool, device=None):
@@ -144,21 +146,47 @@ class CompiledAttention:
         """The Program the tiles backend runs (its tile size chosen per pattern)."""
         return self._state("tiles")
 
+    def _row_major(self):
+        """The Program in the user's row-major token order (the public artefacts' program)."""
+        if self._structural:
+            self._refresh()
+        if "row-major" not in self._states:
+            from ._interop import row_major_program
+
+            self._states["row-major"] = row_major_program(self)
+        return self._states["row-major"]
+
     @property
     def source(self) -> str:
-        return self.program.source
+        """The generated ``mask_mod`` (and ``score_mod``) source, on row-major flat indices."""
+        return self._row_major().source
 
     @property
     def mask_mod(self):
-        return self.program.mods("cpu")[0]
+        """The generated mask_mod, on the user's row-major token indices (flex's signature)."""
+        return self._row_major().mods("cpu", flex=True)[0]
 
     @property
     def score_mod(self):
-        return self.program.mods("cpu")[1]
+        """The generated score_mod on row-major token indices, or None without score terms."""
+        return self._row_major().mods("cpu", flex=True)[1]
 
     def block_mask(self, device="cpu"):
-        """The torch BlockMask, built analytically (in the program's token layout)."""
-        return self.program.block_mask(check_device(device))
+        """The torch BlockMask in the user's row-major token order (sequence length N), built
+        analytically from key ranges: pass it to ``flex_attention`` with your own q, k, v.
+        The tiled form the flex backend runs: :meth:`flex_inputs` with ``layout="tiled"``."""
+        from ._interop import row_major_block_mask
+
+        return row_major_block_mask(self._row_major(), check_device(device))
+
+    def flex_inputs(self, layout: str = "row-major", device="cpu"):
+        """Everything ``flex_attention`` needs, as a :class:`maskdsl._interop.FlexInputs`:
+        mask_mod, score_mod, block_mask and, for ``layout="tiled"`` (the order the flex backend
+        runs: compact N-D tiles, fewer non-empty blocks), the gather/scatter indices with
+        ``to_layout(x)`` / ``from_layout(out)`` to move tensors in and out of it."""
+        from ._interop import flex_inputs
+
+        return flex_inputs(self, layout, device)
 
     def stats(self) -> dict:
         """Token density, block density before/after token tiling, ideal speedup, layout."""

@@ -88,3 +88,14 @@ def test_decode_source_has_no_squares_or_trivial_terms():
     pro = lay.decode(idx, "q")
     src = emit_function("f", ["q_idx"], pro, sp.Symbol("q_flat"), true_like="q_idx")
     assert "**" not in src and "(0 * " not in src and "% 1)" not in src, src
+
+
+@pytest.mark.parametrize("shape", [(6, 16, 16), (64, 64), (32, 128, 128), (8, 16), (20, 37), (16, 8, 4)])
+def test_row_major_order_is_exactly_the_identity_permutation(shape):
+    """``Layout.row_major_order`` (flex skips its permutation, and the public artefacts reuse
+    the program, when it holds) is True exactly when positions are the flat token indices."""
+    for t in [None] + list(candidate_tiles(shape, 128)):
+        for groups in (None, (2,) * len(shape)):
+            lay = Layout(shape, t, groups) if t is not None else Layout(shape)
+            truth = lay.n_padded == lay.n and bool((lay.tokens() == np.arange(lay.n)).all())
+            assert lay.row_major_order == truth, (shape, t, groups)
