@@ -10,7 +10,10 @@ All classes are *restricted to real tokens*: padding positions are accounted for
   predicate is an AND over dims). On a long 1-D sequence the per-query key range ``[lo(q),
   hi(q))`` gives the candidate pairs directly (O(N + pairs)).
 * Flat IR has one classifier per kind (``classify_flat.register``): sinks directly; document,
-  power and radial row chunk by row chunk (O(chunk x T) memory).
+  power and radial row chunk by row chunk (O(chunk x T) memory). A user's ``mask_fn`` cannot be
+  reasoned about: its candidate pairs (every pair, or those its ``key_range`` meets) are
+  UNDECIDED and refinement evaluates the function on them (at most ``MASK_FN_MAX_PAIRS``
+  token pairs at compile time).
 * ``&``, ``|`` combine three-valued on the entries (``tileclasses.combine``), ``~`` row chunk by
   row chunk; pairs that cannot be decided that way (e.g. PARTIAL & PARTIAL) are UNDECIDED and
   *refined*: the mask is evaluated on those tile pairs only (``pair_counts``).
@@ -26,17 +29,21 @@ import sympy as sp
 import torch
 
 from .._caching import LRU
-from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, NotN, OrN,
-                 PowerFlat, RadialFlat, Sep, SinkFlat, evaluate, predicate)
+from .._errors import MaskDSLError
+from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, FnFlat, NotN, OrN,
+                 PowerFlat, RadialFlat, Sep, SinkFlat, contains, evaluate, predicate)
 from .printer_torch import emit_function, exec_source
 from .tileclasses import EMPTY, FULL, PARTIAL, UNDECIDED, TileClasses, combine, kron
 from .tiling import Layout
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "UNDECIDED", "classify", "tile_classes", "HeadClasses",
-           "DENSE_DIM_LIMIT", "classify_flat", "pair_counts", "flat_evaluator"]
+           "DENSE_DIM_LIMIT", "classify_flat", "pair_counts", "flat_evaluator",
+           "MASK_FN_MAX_PAIRS"]
 
 DENSE_DIM_LIMIT = 512         # per-dim L x L evaluation up to this length (then key ranges)
 PAIR_CHUNK = 1 << 22          # token pairs evaluated at once (refining, exact counts)
+MASK_FN_MAX_PAIRS = 1 << 28   # token pairs a mask_fn may be evaluated on to classify one head
+                              # (~16K tokens without key_range; a few seconds per simple fn)
 
 
 def _classes_from_counts(cnt, vq, vk):
@@ -304,6 +311,109 @@ def _(f, ts):
     return TileClasses.from_row_chunks(ts.T, ts.T, rows)
 
 
+@classify_flat.register(FnFlat)
+def _(f, ts):
+    """A user's function: no pair is decided here. Without ``key_range`` every pair of tiles
+    with real tokens is UNDECIDED; with it, the pairs where some query's [lo, hi) hull meets the
+    key tile's span of flat indices (a superset of the pairs fn can allow; the rest are EMPTY).
+    Refinement then evaluates fn on the UNDECIDED pairs."""
+    T = ts.T
+    real = ts.n_valid > 0
+    if f.key_range is None:
+        return TileClasses.from_row_chunks(
+            T, T, lambda a, b: np.where(real[a:b, None] & real[None, :], UNDECIDED, EMPTY
+                                        ).astype(np.int8))
+    lo, hi = fn_key_range(f)
+    big = np.iinfo(np.int64).max
+    tok = ts.tokens
+    t0 = np.maximum(tok, 0)
+    has = ts.valid & (hi[t0] > lo[t0])                  # queries with a non-empty range
+    a_ = np.where(has, lo[t0], big).min(1)              # per query tile: the hull [a_, b_)
+    b_ = np.where(has, hi[t0], -1).max(1)
+    kmin = np.where(ts.valid, tok, big).min(1)          # per key tile: its flat span
+    kmax = np.where(ts.valid, tok, -1).max(1)
+
+    def rows(a, b):
+        meet = (kmin[None, :] < b_[a:b, None]) & (kmax[None, :] >= a_[a:b, None])
+        return np.where(meet, UNDECIDED, EMPTY).astype(np.int8)
+
+    return TileClasses.from_row_chunks(T, T, rows)
+
+
+def fn_key_range(f: FnFlat):
+    """``key_range`` on every flat query index: (lo, hi) int64 numpy arrays [n], clipped to
+    [0, n]; MaskDSLError naming key_range when it fails or returns something else."""
+    from .._pattern import check_key_range_result
+
+    n = f.n
+    q = torch.arange(n, dtype=torch.int64)
+    with torch.no_grad():
+        try:
+            r = f.key_range(q)
+        except MaskDSLError:
+            raise
+        except Exception as e:
+            raise MaskDSLError(f"{f.node!r}: key_range raised {type(e).__name__}: {e} when "
+                               f"called with the int64 tensor of all {n} flat query indices"
+                               ) from None
+        check_key_range_result(f.node, r, n)
+    lo, hi = (np.broadcast_to(np.asarray(torch.as_tensor(x).cpu(), dtype=np.int64), (n,))
+              for x in r)
+    return np.clip(lo, 0, n), np.clip(hi, 0, n)
+
+
+class _CheckedFn:
+    """A user's mask function as compile-time evaluation calls it: its result is checked (a
+    bool tensor of the broadcast shape) and its errors become MaskDSLError naming it. The
+    generated mods call the function itself (traceable by torch.compile)."""
+
+    def __init__(self, f: FnFlat):
+        self.f = f
+        self._range = None
+
+    def _outside(self, out, q, k) -> None:
+        """A key_range is a promise: an allowed pair outside it is an error here (the pairs
+        outside every candidate tile are never evaluated: the reference checks all of them)."""
+        if self._range is None:
+            self._range = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in fn_key_range(self.f))
+        lo, hi = self._range
+        bad = out & ((k < lo[q]) | (k >= hi[q]))
+        if bool(bad.any()):
+            idx = torch.nonzero(bad)[0].tolist()
+            qq = int(q.expand(bad.shape)[tuple(idx)])
+            kk = int(k.expand(bad.shape)[tuple(idx)])
+            raise MaskDSLError(
+                f"{self.f.node!r}: key_range is not a superset of fn's keys: fn allows query "
+                f"{qq} -> key {kk} but key_range gives [{int(lo[qq])}, {int(hi[qq])}); widen "
+                f"key_range or drop it")
+
+    def __call__(self, b, h, q, k):
+        from .._pattern import check_mask_result
+
+        where = (f"when called with int64 tensors q_idx {list(q.shape)}, kv_idx "
+                 f"{list(k.shape)} (tile classification)")
+        try:
+            out = self.f.fn(b, h, q, k)
+        except MaskDSLError:
+            raise
+        except Exception as e:
+            raise MaskDSLError(f"{self.f.node!r}: fn raised {type(e).__name__}: {e} {where}"
+                               ) from None
+        check_mask_result(self.f.node, out, tuple(torch.broadcast_shapes(q.shape, k.shape)), where)
+        if self.f.key_range is not None:
+            self._outside(out, q, k)
+        return out
+
+
+def _fn_leaves(ir) -> list:
+    if isinstance(ir, FnFlat):
+        return [ir]
+    kids = getattr(ir, "children", None)
+    if kids is None:
+        kids = (ir.child,) if isinstance(ir, NotN) else ()
+    return [x for c in kids for x in _fn_leaves(c)]
+
+
 _DIM_CACHE = LRU(4096)   # (dim range, side, tile, groups, padded) -> TileClasses
 
 
@@ -478,6 +588,10 @@ def flat_evaluator(ir, tables, shape: tuple) -> Callable:
     src = emit_function("pred", ["q_flat", "kv_flat"], prologue, expr, true_like="(q_flat + kv_flat)")
     env = {name: torch.as_tensor(np.asarray(v)) for name, v in tables.values.items()}
     env.update({name: torch.as_tensor(t).cpu() for name, t in tables.tensors.items()})
+    if tables.fns:
+        leaves = {str(f.expr.args[0]): f for f in _fn_leaves(ir)}   # by the captured name
+        env.update({name: _CheckedFn(leaves[name]) if name in leaves else fn
+                    for name, fn in tables.fns.items()})
     return exec_source(src, env)
 
 
@@ -501,10 +615,22 @@ def pair_counts(rows: np.ndarray, cols: np.ndarray, tokens: np.ndarray, pred: Ca
     return allowed, size
 
 
-def _refine(cls: TileClasses, ts: _TileSets, pred: Callable) -> TileClasses:
+def _refine(cls: TileClasses, ts: _TileSets, pred: Callable, ir=None) -> TileClasses:
     und = np.nonzero(cls.cls == UNDECIDED)[0]
     if len(und) == 0:
         return cls
+    fns = _fn_leaves(ir) if ir is not None and contains(ir, FnFlat) else []
+    pairs = len(und) * ts.layout.block ** 2
+    if fns and pairs > MASK_FN_MAX_PAIRS:
+        open_ = [f for f in fns if f.key_range is None]
+        what = repr(open_[0].node if open_ else fns[0].node)
+        fix = ("pass key_range=lambda q_idx: (lo, hi), a superset [lo, hi) of each query's flat "
+               "keys, so only the tiles it meets are evaluated" if open_ else
+               "tighten its key_range (or AND it with a bounded pattern such as window(w))")
+        raise MaskDSLError(
+            f"{what}: classifying its tiles would evaluate the function on {pairs} token pairs, "
+            f"beyond MASK_FN_MAX_PAIRS = 2**{MASK_FN_MAX_PAIRS.bit_length() - 1} "
+            f"({ts.layout.n} tokens); {fix}")
     cnt, size = pair_counts(cls.rows()[und], cls.indices[und], ts.tokens, pred)
     new = cls.cls.copy()
     new[und] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
@@ -517,7 +643,7 @@ def classify(ir, tables, layout: Layout, ts: Optional[_TileSets] = None,
     ts = ts or _TileSets(layout)
     cls = _classify_ir(ir, ts)
     if refine and (cls.cls == UNDECIDED).any():
-        cls = _refine(cls, ts, flat_evaluator(ir, tables, layout.shape))
+        cls = _refine(cls, ts, flat_evaluator(ir, tables, layout.shape), ir)
     # padding: a tile pair with padded tokens is never FULL; all-padding tiles are EMPTY
     if layout.pads:
         part = ts.n_valid < layout.block

@@ -13,8 +13,9 @@ IR nodes:
   keeps the *atoms* it was built from (:class:`NatAtom`, :class:`OffAtom`, :class:`BlockAtom`):
   the Triton kernel's per-head table is read off them, not off the DSL.
 * :class:`Flat` subclasses — predicates on flat indices (:class:`SinkFlat`,
-  :class:`DocumentFlat`, :class:`PowerFlat`, :class:`RadialFlat`), each with the numbers its
-  own tile classifier (``blockmask.classify_flat``) needs.
+  :class:`DocumentFlat`, :class:`PowerFlat`, :class:`RadialFlat`, :class:`FnFlat`), each with
+  the numbers its own tile classifier (``blockmask.classify_flat``) needs. ``FnFlat`` is a
+  user's ``mask_fn``: a :class:`CallMask` of a captured Python function on ``q_flat``/``kv_flat``.
 * :class:`AndN`, :class:`OrN`, :class:`NotN`, :class:`HeadsN`, :class:`Const` — the algebra.
 
 Lowering is one rule per DSL node type (``lower_node.register``), and so is printing the IR as
@@ -36,14 +37,15 @@ from typing import Any, Dict, Optional, Tuple
 import sympy as sp
 from sympy.logic.boolalg import BooleanFunction
 
-from .._pattern import (And, Block, Causal, Document, Empty, Full, Heads, Neighborhood, Not, Or,
-                        Pattern, Power, Radial, Sink, Window)
+from .._pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn, Neighborhood,
+                        Not, Or, Pattern, Power, Radial, Sink, Window)
 from .._score import Alibi, DistanceDecay, RelativeBias, Softcap
 from .._values import _is_tensor
 
 __all__ = [
     "Q", "K", "QF", "KF", "H", "SCORE", "Tables", "DimRange", "NatAtom", "OffAtom", "BlockAtom",
-    "Sep", "Flat", "SinkFlat", "DocumentFlat", "PowerFlat", "RadialFlat", "AndN", "OrN",
+    "Sep", "Flat", "SinkFlat", "DocumentFlat", "PowerFlat", "RadialFlat", "FnFlat", "CallMask",
+    "AndN", "OrN",
     "NotN", "HeadsN", "Const", "lower_pattern", "lower_node", "lower_score", "lower_term",
     "IsPow2", "predicate", "simplify", "smin", "smax", "evaluate", "tighten",
 ]
@@ -66,6 +68,16 @@ class IsPow2(BooleanFunction):
         return None
 
 
+class CallMask(BooleanFunction):
+    """A user's mask function called on flat indices: ``CallMask(name, h, q_flat, kv_flat)``,
+    printed ``name(b, h, q_flat, kv_flat)`` with ``b`` zero (``name``: a symbol naming the
+    captured function in :class:`Tables`). Never evaluated symbolically."""
+
+    @classmethod
+    def eval(cls, *args):
+        return None
+
+
 class Tables:
     """Per-head parameter tables: ``lookup(name, values)`` gives a constant when every head
     agrees (or when lowering for a single head) and ``name[h]`` otherwise."""
@@ -76,6 +88,7 @@ class Tables:
         self.tensors: Dict[str, object] = {}  # name -> tensors (document ids, bias tables)
         # name -> (term index, field, flatten): where a score tensor is read from at call time
         self.slots: Dict[str, tuple] = {}
+        self.fns: Dict[str, object] = {}      # name -> a user's Python function (mask_fn)
 
     def lookup(self, name: str, values: list):
         if self.head is not None:
@@ -101,9 +114,16 @@ class Tables:
             self.slots[name] = slot
         return sp.IndexedBase(name)
 
+    def function(self, name: str, fn) -> sp.Symbol:
+        """A captured Python function (a user's ``mask_fn``), passed to the generated code like
+        a table; the symbol names it in :class:`CallMask`."""
+        name = self._fresh(name)
+        self.fns[name] = fn
+        return sp.Symbol(name)
+
     def _fresh(self, name: str) -> str:
         n, i = name, 1
-        while n in self.values or n in self.tensors:
+        while n in self.values or n in self.tensors or n in self.fns:
             n, i = f"{name}_{i}", i + 1
         return n
 
@@ -208,6 +228,17 @@ class RadialFlat(Flat):
     bands: tuple = ()
     sink_frames: int = 0
     per_frame: int = 1
+
+
+@dataclass(frozen=True)
+class FnFlat(Flat):
+    """A user's ``mask_fn``: ``fn`` and ``key_range`` compare by identity (two functions never
+    share an IR, a classification or a cache entry); ``head``: the head lowered for (None: the
+    table form, ``h`` symbolic); ``n``: the grid's tokens."""
+    fn: Any = None
+    key_range: Any = None
+    head: Optional[int] = None
+    n: int = 0
 
 
 @dataclass(frozen=True)
@@ -481,6 +512,16 @@ def _radial(p, ctx):
     return RadialFlat(expr, label=tag, node=p,
                       bands=tuple(bands[ctx.head if ctx.head is not None else 0]),
                       sink_frames=one["sink_frames"], per_frame=per_frame)
+
+
+@lower_node.register(MaskFn)
+def _mask_fn(p, ctx):
+    ctx.bound(p)                                   # binds and probes fn (MaskFn.probe)
+    tag = ctx.tag(p)
+    name = ctx.tables.function(f"{tag}_fn", p.fn)
+    head = H if ctx.head is None else sp.Integer(ctx.head)
+    return FnFlat(CallMask(name, head, QF, KF), label=tag, node=p, fn=p.fn,
+                  key_range=p.key_range, head=ctx.head, n=math.prod(ctx.shape))
 
 
 @lower_node.register(Not)

@@ -3,7 +3,8 @@
 One ``_print_<Node>`` method per sympy node (sympy's own printers are the model); nodes with no
 method raise :class:`UnsupportedNode`. The generated functions only use integer tensor ops
 (``//``, ``%``, ``torch.minimum``, comparisons, ``& | ~``) for masks, plus ``torch.sqrt``,
-``torch.tanh``, ``torch.abs`` for scores. Per-head parameters and data tables are captured
+``torch.tanh``, ``torch.abs`` for scores, and calls of captured user functions (``mask_fn``:
+``CallMask`` prints ``fn(b, h, q_flat, kv_flat)`` on flat indices). Per-head parameters and data tables are captured
 tensors passed in as globals of the exec'd function — never Python floats in closures.
 """
 from __future__ import annotations
@@ -214,6 +215,15 @@ class TorchPrinter(StrPrinter):
     def _print_BooleanFalse(self, e):
         return "FALSE"
 
+    def _print_CallMask(self, e):
+        # a user's mask_fn on flat indices: b is 0 (masks never vary per batch) and a head
+        # known at compile time becomes a tensor like the indices (fn is broadcast-safe)
+        name, h, q, k = e.args
+        qs, ks = self._print(q), self._print(k)
+        zero = f"({qs} * 0)"
+        hs = f"({zero} + {self._print(h)})" if h.is_number else self._print(h)
+        return f"{name}({zero}, {hs}, {qs}, {ks})"
+
     def _print_IsPow2(self, e):
         x = self._wrap(e.args[0])
         return f"(({x} & ({x} - 1)) == 0)"
@@ -318,10 +328,14 @@ class _Hoister(TorchPrinter):
 
 
 def _names(result, prologue) -> set:
+    """The captured names an expression reads: table bases and called user functions."""
+    from .ir import CallMask
+
     out = set()
     for e in [result] + [x for _, x in prologue]:
         if isinstance(e, sp.Basic):
             out |= {str(b.label) for b in e.atoms(sp.Indexed) for b in [b.base]}
+            out |= {str(c.args[0]) for c in e.atoms(CallMask)}
     return out
 
 

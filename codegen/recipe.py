@@ -7,12 +7,22 @@ content (document ids by a digest of their values; a recipe holds a private copy
 a user tensor), so compiling fresh document ids every step does not grow memory and an in-place
 change of the ids is a different key. Score terms are not part of a recipe: their tensors are
 read at call time (``codegen.source``).
+
+A user's ``mask_fn`` is keyed by *which function* it is: a serial number given to each function
+object the first time it is keyed and never reused (the serial table holds weak references,
+so it keeps no function alive and forgets dead ones; a new function, even at a dead one's
+address, gets a new serial). Two different functions never share an entry, the same function
+always finds its recipe, and the caches stay bounded by their LRU sizes. A recipe, like the
+generated mods it caches, keeps its mask_fn (and what that closes over) alive until evicted.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -21,7 +31,7 @@ import torch
 from .._caching import LRU, outside_inference_mode
 from .._memory import guarded
 from .._node import Node, walk
-from .._pattern import Document, Heads, Pattern
+from .._pattern import Document, Heads, MaskFn, Pattern
 from .._values import PerHead
 from .blockmask import HeadClasses
 from .ir import Tables, lower_pattern
@@ -68,6 +78,9 @@ def content_key(x):
         ids = x.ids.detach().cpu().contiguous()
         return ("document", str(ids.dtype), tuple(ids.shape),
                 hashlib.sha1(ids.numpy().tobytes()).hexdigest())
+    if isinstance(x, MaskFn):
+        return ("mask_fn", function_key(x.fn), x.name,
+                None if x.key_range is None else function_key(x.key_range))
     if isinstance(x, Node):
         return (type(x).__name__,) + tuple(content_key(getattr(x, f.name))
                                            for f in dataclasses.fields(x))
@@ -80,10 +93,54 @@ def content_key(x):
     return (type(x).__name__, x)
 
 
+class _Identity:
+    """A strong reference compared by identity (a callable that cannot be weakly referenced)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+_SERIALS: dict = {}                 # id(fn) -> (weakref to fn, serial)
+_NEXT_SERIAL = itertools.count()
+_SERIAL_LOCK = threading.RLock()    # re-entrant: a weakref callback may run inside it (GC)
+
+
+def _forget(ident: int, serial: int) -> None:
+    with _SERIAL_LOCK:
+        found = _SERIALS.get(ident)
+        if found is not None and found[1] == serial:
+            del _SERIALS[ident]
+
+
+def function_key(fn) -> tuple:
+    """A cache key for a Python function: a serial number that no other function object ever
+    gets (see the module docstring); callables without weak references are held by identity."""
+    with _SERIAL_LOCK:
+        found = _SERIALS.get(id(fn))
+        if found is not None and found[0]() is fn:
+            return ("fn", found[1])
+        serial = next(_NEXT_SERIAL)
+        try:
+            ref = weakref.ref(fn, lambda _, i=id(fn), s=serial: _forget(i, s))
+        except TypeError:
+            return ("fn-object", _Identity(fn))
+        _SERIALS[id(fn)] = (ref, serial)
+        return ("fn", serial)
+
+
 def varies_per_head(p) -> bool:
-    """Whether any head of ``p`` differs from the others (per_head values or heads([...]))."""
+    """Whether any head of ``p`` differs from the others (per_head values or heads([...]), or a
+    mask_fn, which is called with the head and may use it)."""
     for node in walk(p):
-        if isinstance(node, Heads):
+        if isinstance(node, (Heads, MaskFn)):
             return True
         for v in vars(node).values():
             if isinstance(v, PerHead) or (isinstance(v, tuple) and any(isinstance(x, PerHead) for x in v)):

@@ -6,6 +6,9 @@ Python source for flex's signatures ``mask_mod(b, h, q_idx, kv_idx)`` and
 ``score_mod(score, b, h, q_idx, kv_idx)``; per-head parameters and data tables are captured
 tensors (the source is a ``make_*`` factory taking them), never Python floats in closures.
 
+A user's ``mask_fn`` is a captured name like the tables: the factory takes the function and the
+mod calls it on the decoded flat indices (``q_flat``, ``k_flat``), never on layout positions.
+
 ``mods(recipe, score, device)`` gives the functions: the mask_mod is built once per device; the
 score_mod is rebuilt from the same code object at every call with the *caller's* score tensors
 (learnable tables change between calls; one code object means nothing recompiles).
@@ -47,7 +50,7 @@ def decoded(layout, rank: int):
 
 
 def _names(tables: Tables) -> List[str]:
-    return sorted(tables.values) + sorted(tables.tensors)
+    return sorted(tables.values) + sorted(tables.tensors) + sorted(tables.fns)
 
 
 def mask_source(r: Recipe) -> str:
@@ -119,6 +122,7 @@ def _static_tables(tables: Tables, key, device, flex: bool) -> dict:
         for name, t in tables.tensors.items():
             if name not in tables.slots:
                 out[name] = t.to(device)
+        out.update(tables.fns)        # users' mask functions are passed as they are
         out = _STATIC.put((key, device, flex), out)
     return out
 

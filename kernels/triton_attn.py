@@ -378,7 +378,18 @@ def _beyond_flex(score):
     return next((t for t in score_terms(score) if isinstance(t, (SinkLogit, Dropout))), None)
 
 
+def _python_leaf(pattern):
+    from .._node import walk
+    from .._pattern import MaskFn
+
+    return next((n for n in walk(pattern) if isinstance(n, MaskFn)), None)
+
+
 def refusal(spec, device) -> Optional[str]:
+    leaf = _python_leaf(spec.pattern)
+    if leaf is not None:
+        return (f"the Triton kernel cannot call Python, and {leaf!r} is a Python function; "
+                f"use backend='tiles', 'flex' or 'dense'")
     if triton is None:
         return "triton is not installed (pip install triton)"
     dev = torch.device(device)

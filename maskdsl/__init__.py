@@ -15,7 +15,7 @@ from ._errors import MaskDSLError
 from ._parse import parse
 # the DSL constructors (public through __all__, which the @dsl registry spells out)
 from ._pattern import (Pattern, block, causal, document, empty, full, heads,  # noqa: F401
-                       neighborhood, power, radial, sink, window)
+                       mask_fn, neighborhood, power, radial, sink, window)
 from ._score import (Score, alibi, distance_decay, dropout, relative_bias,  # noqa: F401
                      sink_logit, softcap)
 from ._values import per_head  # noqa: F401

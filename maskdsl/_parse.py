@@ -4,6 +4,8 @@ Accepted: calls of DSL constructors (by name, positional and keyword arguments),
 (with unary ``-``/``+``), strings, ``True``/``False``/``None``, tuples, lists, and the operators
 ``& | ~`` (patterns) and ``+`` (score terms). Anything else — attribute access, other names,
 subscripts, lambdas, comprehensions — is a MaskDSLError naming what was found and where.
+Constructors that take Python code (``mask_fn``) are refused too: code is never parsed from
+text, so ``parse(repr(p)) == p`` holds for every pattern built without them.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ MAX_DEPTH = 64         # nested calls/containers/operators
 def parse(text: str):
     """Read a pattern (or score terms) written in the DSL's text form.
 
-    ``parse(repr(p)) == p`` for every pattern and literal score.
+    ``parse(repr(p)) == p`` for every pattern and literal score built without ``mask_fn``
+    (which takes Python code: the parser refuses it).
 
     Example:
         >>> import maskdsl as md
@@ -61,6 +64,16 @@ def parse(text: str):
             f"neighborhood(7) or softcap(30.0)"
         )
     return out
+
+
+def _takes_code(fn) -> bool:
+    """Whether a DSL constructor takes Python code (``mask_fn``): never built from text."""
+    return bool(getattr(fn, "_takes_code", False))
+
+
+def _textual():
+    """The constructors text may call, sorted (for messages)."""
+    return sorted(n for n, f in NAMES.items() if not _takes_code(f))
 
 
 def _clip(text: str, n: int = 60) -> str:
@@ -97,6 +110,11 @@ class _Reader:
     def fail(self, node, what: str):
         where = f"column {node.col_offset + 1} of " if hasattr(node, "col_offset") else ""
         raise MaskDSLError(f"parse: {what} ({where}{_clip(self.text)!r})")
+
+    def _refuse_code(self, node, name: str):
+        self.fail(node, f"{name}() takes a Python function and code is never parsed from text; "
+                        f"build it in Python (md.{name}(fn, name=...)) and combine it with "
+                        f"parsed patterns using & | ~")
 
     def read(self, node, depth: int):
         if depth > MAX_DEPTH:
@@ -140,7 +158,9 @@ class _Reader:
             fn = NAMES.get(node.func.id)
             if fn is None:
                 self.fail(node, f"unknown function {node.func.id!r}; expected one of "
-                                f"{', '.join(sorted(NAMES))}")
+                                f"{', '.join(_textual())}")
+            if _takes_code(fn):
+                self._refuse_code(node, node.func.id)
             args = [self.read(x, d) for x in node.args]
             kwargs = {}
             for kw in node.keywords:
@@ -155,6 +175,8 @@ class _Reader:
                 self.fail(node, f"{node.func.id}(): {e}")
             return fn(*args, **kwargs)
         if isinstance(node, ast.Name):
+            if node.id in NAMES and _takes_code(NAMES[node.id]):
+                self._refuse_code(node, node.id)
             if node.id in NAMES:
                 self.fail(node, f"{node.id} must be called, e.g. {node.id}(...)")
             self.fail(node, f"unknown name {node.id!r}; only DSL constructors, numbers, strings, "

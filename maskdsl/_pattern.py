@@ -16,9 +16,9 @@ from ._values import Check, PerHead, _fmt, _is_tensor, at_head, check_dims, dims
 
 __all__ = [
     "Pattern", "Neighborhood", "Window", "Causal", "Block", "Sink", "Full", "Empty",
-    "Document", "Radial", "Power", "And", "Or", "Not", "Heads",
+    "Document", "Radial", "Power", "MaskFn", "And", "Or", "Not", "Heads",
     "neighborhood", "window", "causal", "block", "sink", "full", "empty", "document",
-    "radial", "power", "heads",
+    "radial", "power", "mask_fn", "heads",
 ]
 
 def _int(lo: int, *, per_dim=False, per_head=True) -> Check:
@@ -359,6 +359,131 @@ class Power(Pattern):
     _checks: ClassVar = {"block": _int(1)}
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class MaskFn(Pattern):
+    """A user-written mask_mod as a leaf: ``fn(b, h, q_idx, kv_idx) -> bool tensor``, flex's
+    signature, on *flat row-major* token indices of the user's grid (whatever layout a backend
+    runs, the generated code converts positions to flat indices before calling ``fn``).
+
+    ``fn`` is called with broadcast integer tensors (it must be broadcast-safe, as under flex's
+    ``create_mask``): ``b`` is always 0 (maskdsl masks never vary per batch), ``h`` the head.
+    ``key_range``: optional ``key_range(q_idx) -> (lo, hi)``, per query a superset half-open
+    interval ``[lo, hi)`` of the flat keys ``fn`` may allow; the tile classifier then evaluates
+    ``fn`` only on tile pairs that meet it. Without it every tile pair is evaluated (O(N^2) work,
+    bounded memory, refused beyond ``codegen.blockmask.MASK_FN_MAX_PAIRS`` token pairs).
+
+    Equality and cache keys are by the function object (``fn`` and ``key_range`` identity, and
+    ``name``): two different functions never share a compiled structure. ``fn`` must be pure:
+    what it returns for the same indices must not change after the pattern is compiled.
+    """
+
+    fn: Any
+    name: Any = None
+    key_range: Any = None
+
+    _name: ClassVar[str] = "mask_fn"
+
+    def _check(self):
+        if isinstance(self.fn, Node) or not callable(self.fn):
+            raise MaskDSLError(
+                f"mask_fn: fn={_clip_repr(self.fn)}: expected a callable "
+                f"fn(b, h, q_idx, kv_idx) -> bool tensor (flex's mask_mod signature)")
+        name = self.name
+        if name is None:
+            name = getattr(self.fn, "__name__", None)
+            if not isinstance(name, str) or not name.isidentifier():
+                name = "fn"                           # lambdas, partials, callable objects
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise MaskDSLError(
+                f"mask_fn: name={_clip_repr(self.name)}: expected a non-empty string of at most "
+                f"100 characters")
+        object.__setattr__(self, "name", name)
+        if self.key_range is not None and (isinstance(self.key_range, Node)
+                                           or not callable(self.key_range)):
+            raise MaskDSLError(
+                f"mask_fn: key_range={_clip_repr(self.key_range)}: expected None or a callable "
+                f"key_range(q_idx) -> (lo, hi), a superset [lo, hi) of each query's flat keys")
+
+    def __repr__(self):
+        text = f"mask_fn(name={self.name!r}"
+        if self.key_range is not None:
+            text += f", key_range={getattr(self.key_range, '__name__', 'fn')}"
+        return text + ")"
+
+    def bind(self, shape, heads):
+        out = super().bind(shape, heads)
+        self.probe(tuple(shape))
+        return out
+
+    def probe(self, shape: tuple) -> None:
+        """Call ``fn`` (and ``key_range``) once on a few tokens of ``shape`` and check what they
+        return: a MaskDSLError naming the field, at compile time, instead of a failure deep in
+        a backend."""
+        import torch
+
+        n = math.prod(shape)
+        idx = torch.tensor(sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n))), dtype=torch.int64)
+        P = len(idx)
+        zero = torch.zeros((), dtype=torch.int64)
+        where = (f"when called with b=0, h=0 and int64 tensors q_idx [{P}, 1], kv_idx [1, {P}] "
+                 f"(fn must be broadcast-safe)")
+        with torch.no_grad():
+            try:
+                out = self.fn(zero, zero, idx[:, None], idx[None, :])
+            except MaskDSLError:
+                raise
+            except Exception as e:   # the user's code: any error becomes one line naming it
+                raise MaskDSLError(f"{self!r}: fn raised {type(e).__name__}: {e} {where}") from None
+            check_mask_result(self, out, (P, P), where)
+            if self.key_range is not None:
+                try:
+                    r = self.key_range(idx)
+                except MaskDSLError:
+                    raise
+                except Exception as e:
+                    raise MaskDSLError(
+                        f"{self!r}: key_range raised {type(e).__name__}: {e} when called with "
+                        f"an int64 tensor q_idx [{P}]") from None
+                check_key_range_result(self, r, P)
+
+
+def check_mask_result(node, out, shape: tuple, where: str) -> None:
+    """``fn``'s result must be a bool tensor that broadcasts to ``shape`` (q x kv)."""
+    import torch
+
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+        got = (f"a {out.dtype} tensor" if isinstance(out, torch.Tensor)
+               else f"{type(out).__name__} {_clip_repr(out, 40)}")
+        raise MaskDSLError(f"{node!r}: fn returned {got} {where}; expected a bool tensor")
+    try:
+        ok = tuple(torch.broadcast_shapes(tuple(out.shape), shape)) == tuple(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise MaskDSLError(
+            f"{node!r}: fn returned shape {list(out.shape)} {where}; expected a bool tensor "
+            f"broadcastable to {list(shape)} (the broadcast of q_idx and kv_idx)")
+
+
+def check_key_range_result(node, r, P: int) -> None:
+    import torch
+
+    ok = isinstance(r, (tuple, list)) and len(r) == 2
+    for x in (r if ok else ()):
+        if isinstance(x, torch.Tensor):
+            ok = ok and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+            try:
+                ok = ok and tuple(torch.broadcast_shapes(tuple(x.shape), (P,))) == (P,)
+            except RuntimeError:
+                ok = False
+        else:
+            ok = ok and isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    if not ok:
+        raise MaskDSLError(
+            f"{node!r}: key_range returned {_clip_repr(r, 60)} for an int64 tensor q_idx [{P}]; "
+            f"expected (lo, hi): ints or integer tensors broadcastable to q_idx")
+
+
 # ----------------------------------------------------------------------------- algebra
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -507,6 +632,18 @@ def radial(decay=1.0, min_window=128, sink_frames=0) -> Radial:
 def power(block=1) -> Power:
     """PowerAttention: blocks a power-of-two distance back (see :class:`Power`)."""
     return Power(block)
+
+
+@dsl
+def mask_fn(fn, name=None, key_range=None) -> MaskFn:
+    """A user-written mask_mod ``fn(b, h, q_idx, kv_idx) -> bool tensor`` (flex's signature, flat
+    row-major indices) as a pattern leaf; ``key_range(q_idx) -> (lo, hi)`` optionally bounds
+    each query's keys for the tile classes. Python only: the parser refuses it (code is never
+    parsed from text). See :class:`MaskFn`."""
+    return MaskFn(fn, name, key_range)
+
+
+mask_fn._takes_code = True    # the parser refuses it: code is never parsed from text
 
 
 @dsl

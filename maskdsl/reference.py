@@ -23,8 +23,8 @@ from ._errors import MaskDSLError
 from ._inputs import check_count, check_device, check_qkv, check_scale
 from ._memory import check_allocation, guard, guarded
 from ._node import check_heads, check_shape
-from ._pattern import (And, Block, Causal, Document, Empty, Full, Heads, Neighborhood, Not, Or,
-                       Pattern, Power, Radial, Sink, Window)
+from ._pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn, Neighborhood,
+                       Not, Or, Pattern, Power, Radial, Sink, Window)
 from ._score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, SinkLogit, Softcap,
                      check_tensor_params, geometric_slopes, score_terms)
 from ._values import _is_tensor
@@ -162,6 +162,40 @@ def _radial(p: dict, g: _Grid) -> torch.Tensor:
 def _power(p: dict, g: _Grid) -> torch.Tensor:
     D = g.flat_q // p["block"] - g.flat_k // p["block"]
     return (D == 0) | ((D > 0) & ((D & (D - 1)) == 0))
+
+
+@_mask.register(MaskFn)
+def _mask_fn(p, h, g):
+    """The user's function on the flat index grids: ``fn(0, h, q [queries, 1], k [1, N])``,
+    broadcast int64 tensors on the grid's device. A ``key_range`` is a promise (a superset of
+    each query's keys): an allowed pair outside it is an error, never silently dropped."""
+    g.bound(p, h)                                   # binds and probes fn on a few tokens
+    zero = torch.zeros((), dtype=torch.int64, device=g.device)
+    head = torch.full((), h, dtype=torch.int64, device=g.device)
+    out = p.fn(zero, head, g.flat_q, g.flat_k)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+        got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise MaskDSLError(f"{p!r}: fn returned {got} on the flat index grids (head {h}); "
+                           f"expected a bool tensor")
+    try:
+        allowed = out.to(g.device).expand(g.nq, g.n)
+    except RuntimeError:
+        raise MaskDSLError(f"{p!r}: fn returned shape {list(out.shape)} on the flat index grids "
+                           f"(head {h}); expected a bool tensor broadcastable to "
+                           f"[{g.nq}, {g.n}]") from None
+    if p.key_range is not None:
+        lo, hi = p.key_range(g.flat_q[:, 0])
+        lo = torch.as_tensor(lo, device=g.device).expand(g.nq)[:, None]
+        hi = torch.as_tensor(hi, device=g.device).expand(g.nq)[:, None]
+        outside = allowed & ((g.flat_k < lo) | (g.flat_k >= hi))
+        if bool(outside.any()):
+            i, j = (int(x) for x in torch.nonzero(outside)[0])
+            q = int(g.flat_q[i, 0])
+            raise MaskDSLError(
+                f"{p!r}: key_range is not a superset of fn's keys: fn allows query {q} -> key "
+                f"{j} (head {h}) but key_range gives [{int(lo[i, 0])}, {int(hi[i, 0])}); widen "
+                f"key_range or drop it")
+    return allowed
 
 
 @_mask.register(Full)
