@@ -136,7 +136,7 @@ class Layout:
         decode, ARCHITECTURE.md, "Token layouts"); atomic nodes are never rewritten, and cost
         nothing to build."""
         lines: List[Tuple[str, sp.Basic]] = []
-        if self.tile is None:
+        if self.tile is None or self.row_major_order:   # positions are flat token indices
             stride = 1
             coords = []
             for d in reversed(range(self.rank)):

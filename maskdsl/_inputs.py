@@ -35,9 +35,13 @@ def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS):
                 f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}"
             )
         if t.shape[2] != n:
+            hint = ""
+            if t.shape[1] == n:
+                hint = (f"; it looks heads-last [B, N, H, D]: pass {name}.transpose(1, 2) "
+                        f"(maskdsl.natten takes heads-last tensors as they are)")
             raise MaskDSLError(
                 f"{name}: shape {list(t.shape)} has N={t.shape[2]} tokens but shape {shape} has "
-                f"{n}; expected [B, H, {n}, D]"
+                f"{n}; expected [B, H, {n}, D]{hint}"
             )
         if heads is not None and t.shape[1] != heads:
             raise MaskDSLError(

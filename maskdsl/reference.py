@@ -383,7 +383,7 @@ def dropout_mask(score: Optional[Score], batch: int, heads: int, n: int, device=
 
 
 def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=None,
-              dropout_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+              dropout_keep: Optional[torch.Tensor] = None, rows=None) -> torch.Tensor:
     """Dense masked attention, the definition every backend must reproduce.
 
     ``softmax(q k^T * scale + bias, masked by p)``, then ``softcap`` (applied after the additive
@@ -398,9 +398,12 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
         scale: logit scale, default 1/sqrt(D).
         dropout_keep: bool [B, H, N, N] keep mask for the score's dropout term; default: drawn
             by :func:`dropout_mask` from the term's seed. Ignored without a dropout term.
+        rows: only these query rows (flat indices, in this order): the output is
+            [B, H, len(rows), Dv] and costs O(rows x N) memory, computed a few rows at a time.
 
     Returns:
-        [B, H, N, Dv] in q's dtype; differentiable in q, k, v and tensor-valued score parameters.
+        [B, H, N, Dv] (or [B, H, len(rows), Dv]) in q's dtype; differentiable in q, k, v and
+        tensor-valued score parameters.
     """
     if not isinstance(p, Pattern):
         raise MaskDSLError(f"attention: p={p!r}: expected a pattern")
@@ -408,15 +411,19 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
         raise MaskDSLError(f"attention: score={score!r}: expected score terms or None")
     shape = check_shape(shape)
     B, H, N, D = check_qkv(q, k, v, shape)
-    check_dense_size("reference.attention", B, H, N, q.dtype)
-    g = _Grid(shape, H, q.device)
-    with guarded("reference.attention"):
-        allowed = torch.stack([_mask_at(p, h, g) for h in range(H)])
-    _bind_all(score, g)
+    rows = _check_rows(rows, shape)
     check_params_device(score, q.device)
     check_tensor_params(score)
     if _find(score, Dropout) is not None and dropout_keep is None:
+        if rows is not None:
+            raise MaskDSLError("attention: rows= with a dropout term needs dropout_keep= (the "
+                               "keep mask of all N x N pairs the rows are taken from)")
         dropout_keep = dropout_mask(score, B, H, N, q.device)
+    if dropout_keep is not None and _find(score, Dropout) is not None and (
+            dropout_keep.dtype != torch.bool or dropout_keep.shape != (B, H, N, N)):
+        raise MaskDSLError(f"dropout_keep: expected a bool tensor of shape {[B, H, N, N]}, got "
+                           f"{dropout_keep.dtype} {list(dropout_keep.shape)}")
+    scale = check_scale(scale, D)
     # Non-finite inputs (ARCHITECTURE.md, "Non-finite inputs"): a query is poisoned (its row is
     # NaN) when its q row, or the k or v row of a key it attends, holds a NaN or inf; every
     # other row is computed from finite values only.
@@ -424,8 +431,29 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
     q, k, v = (torch.where(bad[..., None], zero, x) for bad, x in ((bad_q, q), (bad_kv, k), (bad_kv, v)))
-    out = masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score,
-                           check_scale(scale, D), dropout_keep)
+    if rows is None:
+        check_dense_size("reference.attention", B, H, N, q.dtype)
+        return _attention_rows(q, k, v, p, shape, score, scale, dropout_keep, None, bad_q, bad_kv)
+    chunk = max(1, 2 ** 22 // max(1, B * H * N))       # rows per step: ~4M logits at a time
+    outs = [_attention_rows(q, k, v, p, shape, score, scale, dropout_keep, rows[i:i + chunk],
+                            bad_q, bad_kv) for i in range(0, len(rows), chunk)]
+    if not outs:
+        return q.new_zeros(B, H, 0, v.shape[3])
+    return torch.cat(outs, 2)
+
+
+def _attention_rows(q, k, v, p, shape, score, scale, keep, rows, bad_q, bad_kv):
+    """attention() for the query ``rows`` (None: all) on sanitised q, k, v."""
+    H = q.shape[1]
+    g = _Grid(shape, H, q.device, rows)
+    with guarded("reference.attention"):
+        allowed = torch.stack([_mask_at(p, h, g) for h in range(H)])
+    _bind_all(score, g)
+    if rows is not None:
+        rows = rows.to(q.device)
+        q, bad_q = q[:, :, rows], bad_q[:, :, rows]
+        keep = keep[:, :, rows] if keep is not None else None
+    out = masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score, scale, keep)
     poisoned = bad_q | (allowed[None] & bad_kv[:, :, None, :]).any(-1)
     return out.masked_fill(poisoned[..., None], float("nan"))
 
@@ -453,6 +481,7 @@ def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None):
     """Softmax attention given the bool mask ``allowed`` [H, N, N]; ``bias_fn(dtype)`` returns the
     additive bias [H, N, N] or None. Shared by :func:`attention` and the dense backend."""
     B, H, N, _ = q.shape
+    Nk = k.shape[2]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     logits = torch.einsum("bhqd,bhkd->bhqk", q.to(dt), k.to(dt)) * scale
     b = bias_fn(dt)
@@ -479,9 +508,9 @@ def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None):
     probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     drop = _find(score, Dropout)
     if drop is not None and keep is not None:
-        if keep.dtype != torch.bool or keep.shape != (B, H, N, N):
+        if keep.dtype != torch.bool or keep.shape != (B, H, N, Nk):
             raise MaskDSLError(
-                f"dropout_keep: expected a bool tensor of shape {[B, H, N, N]}, got "
+                f"dropout_keep: expected a bool tensor of shape {[B, H, N, Nk]}, got "
                 f"{keep.dtype} {list(keep.shape)}"
             )
         ps = torch.tensor([b["p"] for b in drop.bind((N,), H)], dtype=dt, device=q.device)

@@ -105,3 +105,87 @@ def test_png_without_matplotlib_names_the_viz_extra(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "install the viz extra, e.g. pip install 'maskdsl[viz]'" in r.stderr
+
+
+def test_version_names_and_help_list_the_dsl():
+    import maskdsl as md
+
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"maskdsl {md.__version__}"
+    r = run("names")
+    assert r.returncode == 0, r.stderr
+    for name in ("neighborhood", "window", "causal", "sink", "radial", "softcap", "per_head"):
+        assert f"\n{name}(" in "\n" + r.stdout
+    assert "neighborhood(kernel_size, stride=1, dilation=1, causal=False)" in r.stdout
+    lines = r.stdout.splitlines()
+    assert all(lines[i + 1].startswith("    ") and lines[i + 1].strip() for i in range(0, len(lines), 2))
+    r = run("--help")
+    assert "DSL names" in r.stdout and "neighborhood" in r.stdout and "alibi" in r.stdout
+    for sub, flags in (("bench", ("--backend", "--batch", "--reps")), ("check", ("--seed", "--batch", "--rows"))):
+        text = run(sub, "--help").stdout
+        for flag in flags:       # every option says what it is
+            line = next(x for x in text.splitlines() if x.strip().startswith(flag))
+            rest = text.split(line, 1)[1].splitlines()[0] if line.strip() == flag.split()[0] else line
+            assert len(line.split()) > 2 or rest.strip(), (sub, flag, line)
+
+
+def test_broken_pipe_ends_quietly():
+    r = subprocess.run(f"{sys.executable} -m maskdsl show 'neighborhood(3)' --shape 32x32 | head -1",
+                       shell=True, capture_output=True, text=True, timeout=120)
+    assert r.stdout.count("\n") == 1
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_check_samples_rows_of_a_large_grid_and_says_so():
+    r = run("check", "causal() & window(64) | sink(2)", "--shape", "40000", "--quiet",
+            "--backend", "tiles", "--rows", "64", "--dim", "8")
+    assert r.returncode == 0, r.stderr
+    assert "rows compared: 64 sampled (first, last, corners, tile boundaries, random) of 40000" in r.stdout
+    assert ": OK" in r.stdout
+
+
+def test_check_sample_covers_first_last_corners_and_tile_edges():
+    import maskdsl as md
+    from maskdsl._cli import _check_rows
+
+    attn = md.compile(md.neighborhood((3, 3)), (40, 50), backend="tiles")
+    rows = _check_rows(attn, 64, 0).tolist()
+    assert len(rows) == 64 and rows == sorted(set(rows))
+    for flat in (0, 40 * 50 - 1, 49, 39 * 50, 20 * 50 + 25):     # first, corners, centre, last
+        assert flat in rows
+    lay = attn.program.layout
+    tok = lay.tokens()
+    edges = [int(tok[t * lay.block + o]) for t in range(lay.n_tiles) for o in (0, lay.block - 1)]
+    assert sum(e in rows for e in edges if e >= 0) >= 8          # first/last tokens of tiles
+    assert _check_rows(attn, 4096, 0).tolist() == list(range(2000))   # small N: every row
+
+
+@pytest.mark.parametrize("backend", ["dense", "tiles", "auto"])
+def test_check_with_dropout_uses_the_backends_own_keep_mask(backend):
+    """It used to report MISMATCH on correct runs (a reference with another keep mask)."""
+    r = run("check", "neighborhood((3, 3))", "--shape", "12x12", "--heads", "2", "--quiet",
+            "--score", "dropout(per_head([0.2, 0.5]), seed=4) + alibi()", "--backend", backend)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "backend's own keep mask" in r.stdout and ": OK" in r.stdout
+
+
+def test_bench_labels_auto_and_explicit_rows_apart():
+    r = run("bench", "window(3)", "--shape", "64", "--reps", "1", "--dim", "8",
+            "--backend", "auto,tiles")
+    assert r.returncode == 0, r.stderr
+    assert "maskdsl auto (dense)" in r.stdout and "maskdsl tiles" in r.stdout
+
+
+def test_bench_skips_dense_sdpa_that_would_not_fit():
+    r = run("bench", "causal() & window(16)", "--shape", "70000", "--reps", "1", "--dim", "8",
+            "--backend", "tiles")
+    assert r.returncode == 0, r.stderr
+    assert "(sdpa dense skipped:" in r.stdout and "(sdpa + materialised mask skipped" in r.stdout
+    assert "x vs maskdsl tiles" in r.stdout
+
+
+def test_explain_tried_line_stays_short():
+    r = run("explain", "neighborhood((7, 7), dilation=(1, 2))", "--shape", "64x64")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("tried:"))
+    assert len(line) < 400 and "more layouts" in line
+    assert "(0 * " not in r.stdout and "* 1)" not in r.stdout
