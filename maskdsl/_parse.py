@@ -157,8 +157,8 @@ class _Reader:
                 self.fail(node, "only DSL constructors can be called, e.g. neighborhood(7)")
             fn = NAMES.get(node.func.id)
             if fn is None:
-                self.fail(node, f"unknown function {node.func.id!r}; expected one of "
-                                f"{', '.join(_textual())}")
+                self.fail(node, f"unknown function {node.func.id!r}{_did_you_mean(node.func.id, _textual())}; "
+                                f"expected one of {', '.join(_textual())}")
             if _takes_code(fn):
                 self._refuse_code(node, node.func.id)
             args = [self.read(x, d) for x in node.args]
@@ -172,6 +172,12 @@ class _Reader:
             try:
                 inspect.signature(fn).bind(*args, **kwargs)
             except TypeError as e:
+                params = list(inspect.signature(fn).parameters)
+                wrong = next((k for k in kwargs if k not in params), None)
+                if wrong is not None:
+                    self.fail(node, f"{node.func.id}(): unknown keyword argument {wrong!r}"
+                                    f"{_did_you_mean(wrong, params)}; it takes "
+                                    f"{node.func.id}{inspect.signature(fn).replace(return_annotation=inspect.Signature.empty)}")
                 self.fail(node, f"{node.func.id}(): {e}")
             return fn(*args, **kwargs)
         if isinstance(node, ast.Name):
@@ -179,6 +185,14 @@ class _Reader:
                 self._refuse_code(node, node.id)
             if node.id in NAMES:
                 self.fail(node, f"{node.id} must be called, e.g. {node.id}(...)")
-            self.fail(node, f"unknown name {node.id!r}; only DSL constructors, numbers, strings, "
-                            f"tuples and lists are allowed")
+            self.fail(node, f"unknown name {node.id!r}{_did_you_mean(node.id, _textual())}; only "
+                            f"DSL constructors, numbers, strings, tuples and lists are allowed")
         self.fail(node, f"{_WHAT.get(type(node), type(node).__name__)} not allowed")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -89,7 +89,7 @@ CASES = [
     ("parse syntax", lambda: md.parse("neighborhood(7"), r"parse: invalid syntax"),
     ("parse unknown", lambda: md.parse("os.system('x')"), r"parse: only DSL constructors can be called"),
     ("parse name", lambda: md.parse("neighborhood(k)"), r"parse: unknown name 'k'"),
-    ("parse kwarg", lambda: md.parse("window(3, up=2)"), r"window\(\): got an unexpected keyword argument 'up'"),
+    ("parse kwarg", lambda: md.parse("window(3, up=2)"), r"window\(\): unknown keyword argument 'up'; it takes window\(left, right=None\)"),
     ("parse and", lambda: md.parse("full() and empty()"), r"'and'/'or' \(use & and \|\)"),
     ("parse number", lambda: md.parse("3"), r"parse: '3' is a number, not a pattern or score"),
     ("parse empty", lambda: md.parse("   "), r"parse: empty spec"),

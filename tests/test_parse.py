@@ -131,3 +131,22 @@ def test_fuzz_arbitrary_text_gives_a_node_or_a_maskdsl_error(text):
     except md.MaskDSLError:
         return
     assert isinstance(out, (md.Pattern, md.Score))
+
+
+@pytest.mark.parametrize("text,hint", [
+    ("neighbourhood(3)", "unknown function 'neighbourhood' (did you mean 'neighborhood'?)"),
+    ("window(3) & casual()", "unknown function 'casual' (did you mean 'causal'?)"),
+    ("window(3) | sinks", "unknown name 'sinks' (did you mean 'sink'?)"),
+    ("neighborhood(kernal_size=3)", "unknown keyword argument 'kernal_size' (did you mean 'kernel_size'?); "
+                                    "it takes neighborhood(kernel_size, stride=1, dilation=1, causal=False)"),
+])
+def test_unknown_names_get_a_did_you_mean(text, hint):
+    with pytest.raises(md.MaskDSLError) as e:
+        md.parse(text)
+    assert hint in str(e.value)
+
+
+def test_no_suggestion_for_names_far_from_any():
+    with pytest.raises(md.MaskDSLError) as e:
+        md.parse("blah(3)")
+    assert "did you mean" not in str(e.value)
