@@ -205,7 +205,12 @@ class CompiledAttention:
         """Attention output [B, H, N, Dv] for q, k, v of shape [B, H, N, D].
 
         A query whose q row, or a key it attends, holds a NaN or inf outputs NaN; no other row
-        is affected (ARCHITECTURE.md, "Non-finite inputs")."""
+        is affected (ARCHITECTURE.md, "Non-finite inputs"). Under ``torch.compile`` the call is
+        one custom op that runs this same eager call (ARCHITECTURE.md, "torch.compile")."""
+        if torch.compiler.is_compiling():
+            from ._ops import compiled_call
+
+            return compiled_call(self, q, k, v, scale)
         from ._isolate import nonfinite_rows, poison, sanitize
 
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads)

@@ -139,8 +139,8 @@ def _compiled(where, pattern, shape, heads, score, backend):
     return _CACHE.put(key, attn)
 
 
-def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
-        backend):
+def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, score, backend):
+    """The checks of a call and its (cached) CompiledAttention."""
     where = f"na{rank}d"
     shape, heads = _check_tensors(where, rank, query, key, value)
     if score is not None and not isinstance(score, Score):
@@ -150,8 +150,18 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         raise MaskDSLError(f"{where}: backend={backend!r}: expected one of 'auto', 'dense', "
                            f"'flex', 'tiles'")
     pattern = neighborhood_pattern(where, rank, kernel_size, stride, dilation, is_causal)
-    attn = _compiled(where, pattern, shape, heads, score, backend)
-    B, n = query.shape[0], math.prod(shape)
+    return _compiled(where, pattern, shape, heads, score, backend)
+
+
+def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
+        backend):
+    where = f"na{rank}d"
+    if torch.compiler.is_compiling():
+        return _na_traced(rank, query, key, value, kernel_size, stride, dilation, is_causal,
+                          scale, score, backend)
+    attn = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, score,
+                    backend)
+    B, n, heads = query.shape[0], math.prod(attn.shape), attn.heads
 
     def to_bhnd(t):                        # [B, *spatial, H, D] -> [B, H, N, D]
         return t.reshape(B, n, heads, t.shape[-1]).transpose(1, 2)
@@ -160,6 +170,29 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         out = attn(to_bhnd(query), to_bhnd(key), to_bhnd(value), scale=scale)
     except MaskDSLError as e:
         raise MaskDSLError(f"{where}: {e} (query shape {list(query.shape)})") from None
+    return out.transpose(1, 2).reshape(*query.shape[:-1], out.shape[-1])
+
+
+def _na_traced(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
+               backend):
+    """``_na`` while Dynamo traces it: the Python checks and the compile run once, at trace
+    time, and the call is one custom op (ARCHITECTURE.md, "torch.compile")."""
+    from . import _ops
+
+    args = (kernel_size, stride, dilation, is_causal, score, backend)
+    metas = tuple(_ops.stand_in(t) for t in (query, key, value))
+    error = _ops.natten_check(rank, metas, *args)
+    if error:
+        return _ops.refuse(query, key, value, "", error, "")
+    B, heads = query.shape[0], query.shape[-2]
+    n = math.prod(query.shape[1:-2])
+
+    def to_bhnd(t):
+        return t.reshape(B, n, heads, t.shape[-1]).transpose(1, 2)
+
+    q, k, v = to_bhnd(query), to_bhnd(key), to_bhnd(value)
+    prepared = _ops.natten_prepare(rank, metas, *args, _ops.call_meta(q, k, v, scale))
+    out = _ops.finish(prepared, score, q, k, v, True, where=f"na{rank}d: ")
     return out.transpose(1, 2).reshape(*query.shape[:-1], out.shape[-1])
 
 

@@ -162,8 +162,8 @@ class PatternAttention(nn.Module):
                 f"shape={self.shape}")
         return self.shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Self-attention over x of shape [B, *shape, dim] or [B, N, dim]; returns x's layout."""
+    def _check_input(self, x) -> tuple:
+        """The token grid of input ``x``; raises MaskDSLError when x does not fit."""
         where = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise MaskDSLError(f"{where}: x: expected a torch.Tensor [B, *shape, {self.dim}], got "
@@ -171,16 +171,35 @@ class PatternAttention(nn.Module):
         if x.dim() < 2 or x.shape[-1] != self.dim:
             raise MaskDSLError(f"{where}: x has shape {list(x.shape)}; expected the last dim to "
                                f"be dim={self.dim}")
-        shape = self._grid(x)
+        return self._grid(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention over x of shape [B, *shape, dim] or [B, N, dim]; returns x's layout.
+        Under ``torch.compile`` the checks and the attention's compile run once, at trace time
+        (ARCHITECTURE.md, "torch.compile")."""
+        where = type(self).__name__
+        compiling = torch.compiler.is_compiling() and isinstance(x, torch.Tensor)
+        if compiling:
+            from . import _ops
+
+            shape, error = _ops.module_grid(self, _ops.stand_in(x))
+            if error:
+                return _ops.refuse(x, x, x, "", error, "")
+        else:
+            shape = self._check_input(x)
         B, n, H, Dh = x.shape[0], math.prod(shape), self.heads, self.head_dim
         qkv = self.qkv(x.reshape(B, n, self.dim)).reshape(B, n, 3, H, Dh).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                   # each [B, H, N, Dh]
-        attn = self.attention(shape)
-        attn.training = self.training
-        try:
-            out = attn(q, k, v, scale=self.scale)
-        except MaskDSLError as e:
-            raise MaskDSLError(f"{where}: {e}") from None
+        if compiling:
+            prepared = _ops.module_prepare(self, shape, _ops.call_meta(q, k, v, self.scale))
+            out = _ops.finish(prepared, self.score, q, k, v, self.training, where=f"{where}: ")
+        else:
+            attn = self.attention(shape)
+            attn.training = self.training
+            try:
+                out = attn(q, k, v, scale=self.scale)
+            except MaskDSLError as e:
+                raise MaskDSLError(f"{where}: {e}") from None
         out = out.transpose(1, 2).reshape(B, n, self.dim)
         return self.proj_drop(self.proj(out)).reshape(x.shape)
 

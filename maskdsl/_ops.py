@@ -1,0 +1,399 @@
+"""maskdsl under ``torch.compile``: one custom op around ``CompiledAttention`` (ARCHITECTURE.md,
+"torch.compile").
+
+Dynamo cannot trace what a call does in Python (cache locks, ``importlib``, the non-finite check's
+host read, lazily compiling a pattern), and a custom op cannot take a Python object. So a call
+made while ``torch.compiler.is_compiling()`` is split in two:
+
+* at trace time, ``_prepare`` (``torch.compiler.assume_constant_result``: Dynamo runs it as
+  plain Python and bakes its result into the graph) checks what is static about the call
+  (ranks, shapes, dtypes, devices, the requested backend's refusals) and registers the
+  ``CompiledAttention`` in a bounded registry under a *handle*, a string;
+* the graph calls ``maskdsl::attention(q, k, v, params, scale, training, handle)``, whose real
+  implementation runs exactly what an eager call runs (``CompiledAttention.__call__``:
+  validation, the non-finite isolation, the backend), and whose fake implementation returns an
+  empty [B, H, N, Dv]. ``params`` are the score's tensor parameters as the graph sees them, so a
+  learnable rate or relative_bias table gets its gradient.
+
+Handles are keyed by content (the pattern's and score's content keys, shape, heads, requested
+backend, device), never by tensor identity, so layers with the same configuration share one
+entry and a graph's constants are the same in every process. Two kinds of state are per object
+and get a per-object suffix: a dropout stream (each callable's generator advances on its own) and
+document ids (an in-place change is noticed by the object that holds them).
+
+Backward: ``maskdsl::attention_backward``, itself a custom op, recomputes the forward under
+``enable_grad`` and returns ``torch.autograd.grad`` of it (q, k, v and each parameter that needs
+one): correct on every backend, at the cost of one more forward per backward. Dropout keeps its
+eager semantics: the forward returns its generator's state from before the call, and the
+backward replays that state, so it drops exactly what the forward dropped; the stream advances
+once per call, as in eager.
+
+A call that eager would refuse compiles into a graph that raises the same ``MaskDSLError`` when
+it runs (``maskdsl::refuse``), so bad input raises ``MaskDSLError`` under
+``fullgraph=True`` too, and never breaks the graph.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import List, Tuple
+
+import torch
+
+from ._caching import LRU
+from ._errors import MaskDSLError
+
+__all__ = ["compiled_call", "REGISTRY_SIZE", "handle_of"]
+
+REGISTRY_SIZE = 512                 # CompiledAttention entries (least recently used out)
+_REGISTRY = LRU(REGISTRY_SIZE)
+_SERIAL = itertools.count()
+_NO_STATE = torch.empty(0, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------- the registry
+
+def handle_of(attn) -> str:
+    """The registry handle of ``attn`` (computed once per object; see the module docstring)."""
+    found = attn.__dict__.get("_op_handle")
+    if found is not None:
+        return found
+    from .codegen.recipe import content_key
+
+    key = (content_key(attn.pattern), content_key(attn.score), tuple(attn.shape), attn.heads,
+           "auto" if attn._auto else attn.backend,
+           None if attn._device is None else str(attn._device))
+    handle = "md-" + hashlib.sha1(repr(key).encode()).hexdigest()[:20]
+    if attn._generator is not None or attn._structural:
+        handle += f"-{next(_SERIAL)}"      # a dropout stream, document ids: per object
+    attn.__dict__["_op_handle"] = handle
+    return handle
+
+
+def _lookup(handle: str):
+    attn = _REGISTRY.get(handle)
+    if attn is None:
+        raise MaskDSLError(
+            f"torch.compile: the compiled attention {handle!r} is no longer registered (more "
+            f"than {REGISTRY_SIZE} distinct ones were used under torch.compile); call "
+            f"torch._dynamo.reset() and compile again")
+    return attn
+
+
+def _param_fields(score) -> Tuple[Tuple[int, str], ...]:
+    """(term index, field name) of every tensor-valued score parameter, in a fixed order."""
+    from ._score import score_terms
+
+    return tuple((i, name) for i, term in enumerate(score_terms(score))
+                 for name, value in vars(term).items() if isinstance(value, torch.Tensor))
+
+
+def _shallow(obj):
+    """A copy of a node or CompiledAttention sharing its fields (no constructor checks re-run)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    return new
+
+
+def _with_params(attn, params: List[torch.Tensor], training: bool, generator=None):
+    """A CompiledAttention that runs ``attn``'s spec with the score's tensors replaced by
+    ``params``, in ``training`` mode (``attn`` itself when nothing differs; ``attn`` is never
+    changed). The copy shares ``attn``'s dropout generator unless ``generator`` is given (the
+    backward's replay) and, when its tensors are ``attn``'s own, its prepared states."""
+    from ._score import score_terms
+    from .codegen.backends import Spec
+
+    fields = _param_fields(attn.score)
+    old = score_terms(attn.score)
+    same = all(getattr(old[i], name) is t for (i, name), t in zip(fields, params))
+    if same and generator is None and attn.training == training:
+        return attn
+    run = _shallow(attn)
+    run.training = training
+    if generator is not None:
+        run._generator = generator
+    if not same:
+        terms = list(old)
+        for (i, name), t in zip(fields, params):
+            if terms[i] is old[i]:
+                terms[i] = _shallow(old[i])
+            object.__setattr__(terms[i], name, t)
+        if len(terms) == 1 and attn.score is old[0]:
+            score = terms[0]
+        else:
+            score = _shallow(attn.score)
+            object.__setattr__(score, "terms", tuple(terms))
+        run._spec = Spec(attn.pattern, score, attn.shape, attn.heads)
+        run.score = score
+        run._states = {}                  # backends' states hold the score: prepare again
+    return run
+
+
+# ---------------------------------------------------------------------- the custom ops
+
+def _fresh(out: torch.Tensor, inputs) -> torch.Tensor:
+    """``out`` as a contiguous tensor that aliases no input (what a custom op must return)."""
+    out = out.contiguous()
+    ptr = out.untyped_storage().data_ptr()
+    if out.numel() and any(t.numel() and t.untyped_storage().data_ptr() == ptr for t in inputs):
+        out = out.clone()
+    return out
+
+
+def _rng_state(attn, training: bool) -> torch.Tensor:
+    """The dropout generator's state before this call (empty when nothing is drawn)."""
+    if attn._generator is None or not training:
+        return _NO_STATE.clone()
+    return attn._generator.get_state()
+
+
+@torch.library.custom_op("maskdsl::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: List[torch.Tensor],
+              scale: float, training: bool, handle: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, N, Dv] attention of the registered CompiledAttention ``handle``, and the dropout
+    generator's state before the call (for the backward's replay)."""
+    attn = _lookup(handle)
+    state = _rng_state(attn, training)
+    out = _with_params(attn, params, training)(q, k, v, scale=scale)
+    return _fresh(out, (q, k, v, *params)), state
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, params, scale, training, handle):
+    attn = _REGISTRY.get(handle)
+    n_state = 0
+    if attn is not None and attn._generator is not None and training:
+        n_state = attn._generator.get_state().numel()
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, torch.empty(n_state, dtype=torch.uint8)
+
+
+def _autograd_dispatch():
+    """Autograd back on inside a custom op's implementation (the dispatcher runs it with the
+    autograd keys excluded, so ``enable_grad`` alone would record nothing)."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+@torch.library.custom_op("maskdsl::attention_backward", mutates_args=())
+def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       params: List[torch.Tensor], rng_state: torch.Tensor, scale: float,
+                       training: bool, handle: str, needs: List[bool]) -> List[torch.Tensor]:
+    """Gradients of ``maskdsl::attention`` for q, k, v and each parameter (zeros where
+    ``needs`` is False): the forward recomputed under ``enable_grad``."""
+    attn = _lookup(handle)
+    inputs = [t.detach().requires_grad_(bool(n) and t.is_floating_point())
+              for t, n in zip((q, k, v, *params), needs)]
+    generator = None
+    if rng_state.numel():
+        generator = torch.Generator()
+        generator.set_state(rng_state)
+    run = _with_params(attn, inputs[3:], training, generator=generator)
+    wanted = [t for t in inputs if t.requires_grad]
+    grads = {}
+    if wanted:
+        with _autograd_dispatch(), torch.enable_grad():
+            out = run(*inputs[:3], scale=scale)
+            found = torch.autograd.grad(out, wanted, grad, allow_unused=True)
+        grads = {id(t): g for t, g in zip(wanted, found)}
+    return [_fresh(grads[id(t)], ()) if grads.get(id(t)) is not None else
+            torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in inputs]
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad, q, k, v, params, rng_state, scale, training, handle, needs):
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, *params)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, params, scale, training, handle = inputs
+    _, state = output
+    ctx.save_for_backward(q, k, v, state, *params)
+    ctx.scale, ctx.training, ctx.handle = scale, training, handle
+
+
+def _backward(ctx, grad, _grad_state):
+    q, k, v, state, *params = ctx.saved_tensors
+    nq, nk, nv, nparams = ctx.needs_input_grad[:4]
+    needs = [bool(nq), bool(nk), bool(nv), *(bool(n) for n in nparams)]
+    grads = attention_backward(grad, q, k, v, params, state, ctx.scale, ctx.training,
+                               ctx.handle, needs)
+    out = [g if n else None for g, n in zip(grads, needs)]
+    return out[0], out[1], out[2], out[3:], None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("maskdsl::refuse", mutates_args=())
+def refuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: str, message: str,
+           where: str) -> torch.Tensor:
+    """Raises the ``MaskDSLError`` an eager call raises: a refused call, compiled into the
+    graph. With a ``handle``, the real tensors are checked first (their exact shapes in the
+    message); else ``message``, the trace-time refusal. ``where`` prefixes it ("na2d: ")."""
+    from ._inputs import check_qkv
+
+    try:
+        if handle:
+            attn = _lookup(handle)
+            check_qkv(q, k, v, attn.shape, attn.heads)
+        raise MaskDSLError(message)
+    except MaskDSLError as e:
+        raise MaskDSLError(f"{where}{e}") from None
+
+
+@refuse.register_fake
+def _refuse_fake(q, k, v, handle, message, where):
+    if q.dim() == v.dim() >= 1:
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+    return q.new_empty(0)
+
+
+def _refuse_backward(ctx, grad):   # pragma: no cover - the forward always raises
+    return None, None, None, None, None, None
+
+
+refuse.register_autograd(_refuse_backward)
+
+
+# ---------------------------------------------------------------------- trace time
+
+def _stand_in(layout, rank, dtype, device, batch, rest, requires_grad):
+    """A tensor without storage that carries what the checks read (layout, rank, dtype, device,
+    shape, requires_grad); ``batch``: the batch size, 1 when it is dynamic."""
+    if layout != torch.strided:
+        return torch.empty(0, dtype=dtype).to_sparse()
+    base = torch.empty((), dtype=dtype, device=device, requires_grad=requires_grad)
+    return base.expand(*((batch,) + rest)) if rank >= 1 else base
+
+
+def _prepare_call(attn, meta: tuple) -> tuple:
+    """Trace time, as plain Python: (handle, parameter fields, scale, error message or "").
+
+    ``meta`` (``call_meta``): per tensor (layout, rank, dtype, device, batch, the other sizes,
+    requires_grad), the scale, whether grad mode is on, whether the batch sizes agree. Runs the
+    eager call's static checks and, for ``auto``, its choice of backend for these tensors."""
+    from . import reference
+    from ._inputs import check_qkv, check_scale
+    from .codegen import backends
+
+    tensors, scale, grad_mode, batch_ok = meta
+    handle = handle_of(attn)
+    _REGISTRY.put(handle, attn)
+    try:
+        q, k, v = (_stand_in(*t) for t in tensors)
+        check_qkv(q, k, v, attn.shape, attn.heads)
+        if not batch_ok:
+            raise MaskDSLError("q, k, v: batch sizes differ")   # refuse() names the shapes
+        scale = check_scale(scale, q.shape[-1])
+        reference.check_params_device(attn.score, q.device)
+        with torch.set_grad_enabled(grad_mode):
+            if attn._auto:
+                if q.device != attn._device:
+                    attn._device = q.device
+                    attn._choice = backends.choose(attn._spec, q.device)
+                ran, met = backends.fallback(attn._spec, attn.backend, q, k, v, q.device)
+                attn._last_call = (ran, met) if met else None
+            else:
+                why = backends.get(attn.backend).call_refusal(attn._spec, q, k, v)
+                if why is not None:
+                    raise MaskDSLError(f"backend={attn.backend!r}: {why}")
+    except MaskDSLError as e:
+        return handle, (), 1.0, str(e)
+    return handle, _param_fields(attn.score), scale, ""
+
+
+_prepare = torch.compiler.assume_constant_result(_prepare_call)
+
+
+def _meta(t):
+    # the batch size is left out (it may be dynamic; the stand-ins have batch 1, and refuse()
+    # re-checks the real tensors); every other size must be static
+    return (t.layout, t.dim(), t.dtype, t.device, 1, tuple(t.shape[1:]), t.requires_grad)
+
+
+def stand_in(t):
+    """Trace time: the static description of a tensor ``assume_constant_result`` can take."""
+    return _meta(t)
+
+
+def call_meta(q, k, v, scale) -> tuple:
+    """Traced: what ``_prepare_call`` reads about a call, as constants."""
+    batch_ok = True                # an ``if`` on sizes: a guard and a constant, not a SymBool
+    if q.dim() >= 1 and k.dim() >= 1 and v.dim() >= 1:
+        if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
+            batch_ok = False
+    return tuple(_meta(t) for t in (q, k, v)), scale, torch.is_grad_enabled(), batch_ok
+
+
+def finish(prepared, score, q, k, v, training: bool, where: str = ""):
+    """Traced: the graph's op call for a prepared call (or the refusal it compiles to)."""
+    from ._score import score_terms
+
+    handle, fields, scale, error = prepared
+    if error:
+        return refuse(q, k, v, handle, error, where)
+    terms = score_terms(score)
+    params = [getattr(terms[i], name) for i, name in fields]
+    out, _ = attention(q, k, v, params, scale, bool(training), handle)
+    return out
+
+
+def compiled_call(attn, q, k, v, scale):
+    """What ``CompiledAttention.__call__`` runs while Dynamo traces it (no graph break)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise MaskDSLError(f"{name}: expected a torch.Tensor [B, H, N, D], got "
+                               f"{type(t).__name__}")
+    prepared = _prepare(attn, call_meta(q, k, v, scale))
+    return finish(prepared, attn.score, q, k, v, attn.training)
+
+
+# ---------------------------------------------------------------------- maskdsl.nn, natten
+
+@torch.compiler.assume_constant_result
+def module_grid(module, meta: tuple):
+    """Trace time, for ``maskdsl.nn``: (grid shape, error message or ""): the module's input
+    checks on a stand-in of x, and its attention compiled for that grid."""
+    try:
+        shape = module._check_input(_stand_in(*meta))
+        module.attention(shape)
+        return shape, ""
+    except MaskDSLError as e:
+        return (), str(e)
+
+
+@torch.compiler.assume_constant_result
+def module_prepare(module, shape: tuple, meta: tuple):
+    """Trace time, for ``maskdsl.nn``: ``_prepare_call`` for the module's attention."""
+    return _prepare_call(module.attention(shape), meta)
+
+
+def _natten_attention(rank, metas, kernel_size, stride, dilation, is_causal, score, backend):
+    from . import natten
+
+    tensors = (_stand_in(*m) for m in metas)
+    return natten._prepare(rank, *tensors, kernel_size, stride, dilation, is_causal, score,
+                           backend)
+
+
+@torch.compiler.assume_constant_result
+def natten_check(rank: int, metas: tuple, kernel_size, stride, dilation, is_causal, score,
+                 backend) -> str:
+    """Trace time, for ``maskdsl.natten``: the call's error message, or ""."""
+    try:
+        _natten_attention(rank, metas, kernel_size, stride, dilation, is_causal, score, backend)
+        return ""
+    except MaskDSLError as e:
+        return str(e)
+
+
+@torch.compiler.assume_constant_result
+def natten_prepare(rank: int, metas: tuple, kernel_size, stride, dilation, is_causal, score,
+                   backend, meta: tuple):
+    """Trace time, for ``maskdsl.natten``: ``_prepare_call`` for the call's attention."""
+    return _prepare_call(_natten_attention(rank, metas, kernel_size, stride, dilation,
+                                           is_causal, score, backend), meta)
