@@ -27,11 +27,15 @@ import numpy as np
 import torch
 
 from maskdsl._caching import LRU, outside_inference_mode
+from maskdsl.codegen.tileclasses import FULL
 
 __all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "rows_attending", "TILE_SIZES"]
 
 TILE_SIZES = (128, 64)           # tokens per tile; see tiles_program
-_MAX_SCORE_ELEMENTS = 1 << 26    # explicit path: query tiles in chunks of at most this many scores
+_MAX_SCORE_ELEMENTS = 1 << 24    # explicit and chunked paths: query tiles in chunks of at most this many scores
+_PLAN_CHUNK_ELEMENTS = 1 << 25   # plan build: token-mask entries evaluated per step
+_CACHED_MASK_ELEMENTS = 1 << 25  # SDPA masks kept whole up to this size (128 MB in fp32)
+_GATHER_BYTES = 256 << 20        # gathered k/v beyond this: attend a chunk of query tiles at a time
 
 
 class TilePlan:
@@ -55,47 +59,92 @@ class TilePlan:
         from maskdsl._memory import check_allocation
 
         check_allocation(f"the tiles plan's token masks ({max(Hm, Hc)} x {T} x {V} x {M * V})",
-                         3 * max(Hm, Hc) * T * V * M * V + 16 * Hc * T * M * V,
+                         max(Hm, Hc) * T * V * M * V + 16 * Hc * T * M * V
+                         + 24 * _PLAN_CHUNK_ELEMENTS,
                          "use a smaller grid or a sparser pattern")
         # kv tile indices per (head, query tile) from the sparse classes, in key-tile order;
         # padded slots repeat tile 0 (and are masked)
         order = np.zeros((Hc, T, M), np.int64)
         valid_slot = np.zeros((Hc, T, M), bool)
+        full_slot = np.zeros((Hc, T, M), bool)
         for c, cls in enumerate(heads_cls):
             rows = cls.rows()
             pos = np.arange(cls.nnz) - cls.indptr[rows]
             order[c, rows, pos] = cls.indices
             valid_slot[c, rows, pos] = True
+            full_slot[c, rows, pos] = cls.cls == FULL
         idx = torch.from_numpy(order).to(device)
+        # the mask_mod is evaluated on partial tile pairs only: a FULL pair allows every
+        # (query, key) of its tiles, and holds no padding (ARCHITECTURE.md, "Tile classes")
+        partial = valid_slot & ~full_slot
+        P = max(1, int(partial.sum(-1).max()))
+        p_order = np.argsort(~partial, axis=-1, kind="stable")[..., :P]      # slots, partial first
+        p_ok = torch.from_numpy(np.take_along_axis(partial, p_order, -1)).to(device)   # [Hc, T, P]
+        p_slot = torch.from_numpy(p_order).to(device)
         self.V, self.T, self.Hc = V, T, Hc
-        # token-level mask over the candidate keys (the tiles' tokens): [Ha, T, V, M*V]
+        # token-level mask over the candidate keys (the tiles' tokens), evaluated a chunk of
+        # query tiles at a time (O(chunk x V x M*V) temporaries, never all of them at once):
+        # pass 1 finds the keys some query of each tile attends to, pass 2 evaluates the mask
+        # on those K keys only
         pos = torch.arange(lay.n_padded, device=device).reshape(T, V)
         qpos = pos[:, :, None]                                  # [T, V, 1]
-        kpos = pos[idx].reshape(Hc, T, 1, M * V)                # [Hc, T, 1, M*V]
+        kcand = pos[idx].reshape(Hc, T, 1, M * V)               # [Hc, T, 1, M*V]
+        kpart = pos[torch.gather(idx, 2, p_slot)].reshape(Hc, T, 1, P * V)
+        full_cols = torch.from_numpy(full_slot).to(device)[:, :, None, :, None]
+        Ha = max(Hm, Hc)
+        step = max(1, _PLAN_CHUNK_ELEMENTS // max(1, Ha * V * M * V))
+        lanes = torch.arange(V, device=device)
+
+        def candidates(t0, t1):
+            """bool [Ha, t, V, M*V]: the token mask of query tiles t0:t1 against every key of
+            their key tiles (FULL slots true, partial ones evaluated, unused slots false)."""
+            t = t1 - t0
+            a = full_cols[:, t0:t1].expand(Ha, t, V, M, V).reshape(Ha, t, V, M * V).to(torch.uint8)
+            ev = _token_masks(program, device, Hm, Hc, qpos[t0:t1], kpart[:, t0:t1])
+            ev &= p_ok[:, t0:t1, None, :, None].expand(Hc, t, 1, P, V).reshape(Hc, t, 1, P * V)
+            cols = (p_slot[:, t0:t1, :, None] * V + lanes).reshape(Hc, t, 1, P * V)
+            # padded entries of the partial list point at other slots with value 0: amax keeps
+            # those slots as they are
+            a.scatter_reduce_(-1, cols.expand(Ha, t, V, P * V), ev.to(torch.uint8), "amax")
+            return a.bool()
+
         with torch.no_grad():
-            allowed = _token_masks(program, device, Hm, Hc, qpos, kpos)
-            slot_ok = torch.from_numpy(valid_slot).to(device)
-            allowed &= slot_ok[:, :, None, :, None].expand(Hc, T, 1, M, V).reshape(Hc, T, 1, M * V)
-            # keep only the keys some query of the tile attends to (per query tile, padded to the
-            # longest list): an 8x8 query tile under a 13x13 neighborhood needs its 20x20 halo,
-            # 400 keys, not the 576 of its nine key tiles
-            used = allowed.any(2)                               # [Ha, T, M*V]
-            if Hc == 1:
-                used = used.any(0, keepdim=True)
+            used = torch.empty(1 if Hc == 1 else Ha, T, M * V, dtype=torch.bool, device=device)
+            for t0 in range(0, T, step):
+                t1 = min(T, t0 + step)
+                a = candidates(t0, t1)
+                # keep only the keys some query of the tile attends to (per query tile, padded
+                # to the longest list): an 8x8 query tile under a 13x13 neighborhood needs its
+                # 20x20 halo, 400 keys, not the 576 of its nine key tiles
+                u = a.any(2)                                    # [Ha, t, M*V]
+                used[:, t0:t1] = u.any(0, keepdim=True) if Hc == 1 else u
+                del a, u
             K = max(1, int(used.sum(-1).max()))
             K = min(M * V, -(-K // 16) * 16)                    # matmul-friendly width
             keep_cols = torch.argsort((~used).to(torch.int8), dim=-1, stable=True)[..., :K]
             col_ok = torch.gather(used, -1, keep_cols)          # [Hc, T, K]
-            kpos = torch.gather(kpos.reshape(Hc, T, M * V), -1, keep_cols).reshape(Hc, T, 1, K)
-            cols = keep_cols[:, :, None, :].expand(allowed.shape[0], T, V, K)
-            allowed = torch.gather(allowed, -1, cols) & col_ok[:, :, None, :]
+            del used
+            kpos = torch.gather(kcand.reshape(Hc, T, M * V), -1, keep_cols).reshape(Hc, T, 1, K)
+            del kcand
+            # stored bit-packed along the keys (8 per byte): 1M tokens under a 1024-token
+            # window hold 150 MB of packed masks instead of 1.2 GB of bools
+            K8 = -(-K // 8)
+            bits = torch.empty(Ha, T, V, K8, dtype=torch.uint8, device=device)
+            row_any = torch.empty(Ha, T, V, 1, dtype=torch.bool, device=device)
+            weights = (1 << torch.arange(8, device=device)).to(torch.uint8)
+            for t0 in range(0, T, step):
+                t1 = min(T, t0 + step)
+                cols = keep_cols[:, t0:t1, None, :].expand(Ha, t1 - t0, V, K)
+                a = torch.gather(candidates(t0, t1), -1, cols) & col_ok[:, t0:t1, None, :]
+                row_any[:, t0:t1] = a.any(-1, keepdim=True)
+                a = torch.nn.functional.pad(a, (0, K8 * 8 - K)).reshape(Ha, t1 - t0, V, K8, 8)
+                bits[:, t0:t1] = (a.to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+            del keep_cols
         self.K = K
-        self.allowed = allowed                                  # bool [1 or H, T, V, K]
+        self._bits, self._weights = bits, weights
         # rows with no allowed key: give SDPA one dummy key (output zeroed afterwards), so no
         # backend ever sees an all -inf row (some return NaN there, and NaN gradients)
-        self.row_any = allowed.any(-1, keepdim=True)            # [1 or H, T, V, 1]
-        self.sdpa_mask = allowed.clone()
-        self.sdpa_mask[..., :1] |= ~self.row_any
+        self.row_any = row_any                                  # [1 or H, T, V, 1]
         self.every_row_has_keys = bool(self.row_any.all())
         self._float_masks: Dict[tuple, torch.Tensor] = {}
         self.q_pos, self.k_pos = qpos, kpos
@@ -126,23 +175,46 @@ class TilePlan:
         self._buffers: Dict[tuple, tuple] = {}
         self.buffer_lock = threading.Lock()
 
+    def allowed_chunk(self, t0: int = 0, t1: Optional[int] = None) -> torch.Tensor:
+        """bool [1 or H, t, V, K]: the token mask of query tiles t0:t1 (unpacked)."""
+        b = self._bits[:, t0:t1]
+        out = (b[..., None] & self._weights) != 0
+        return out.reshape(*b.shape[:-1], -1)[..., :self.K]
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """bool [1 or H, T, V, K]: every query tile's token mask over its gathered keys."""
+        return self.allowed_chunk()
+
     @outside_inference_mode
-    def float_mask(self, H: int, dtype):
-        """SDPA's mask for H heads, [1, H*T, V, K], built once: additive (0 / -inf) in ``dtype``
-        (SDPA would convert a bool mask on every call), or the bool *disallowed* entries for
-        ``dtype="blocked"`` (laid out like a score bias)."""
+    def float_mask(self, H: int, dtype, t0: int = 0, t1: Optional[int] = None):
+        """SDPA's mask for H heads and query tiles ``t0:t1``, [1, H*t, V, K]: additive
+        (0 / -inf) in ``dtype`` (SDPA would convert a bool mask on every call), or the bool
+        *disallowed* entries for ``dtype="blocked"`` (laid out like a score bias). Rows with no
+        key get one dummy key (their output is zeroed). The whole mask is built once and kept
+        when it is small (<= ``_CACHED_MASK_ELEMENTS``); otherwise per call and chunk."""
+        t1 = self.T if t1 is None else t1
+        whole = (t0, t1) == (0, self.T)
         key = (H, dtype)
-        mask = self._float_masks.get(key)
+        mask = self._float_masks.get(key) if whole else None
         if mask is None:
-            allowed = self.sdpa_mask.expand(H, self.T, self.V, self.K).reshape(
-                1, H * self.T, self.V, self.K)
+            t = t1 - t0
+            ok = self.allowed_chunk(t0, t1)
+            ok[..., :1] |= ~self.row_any[:, t0:t1]
+            ok = ok.expand(H, t, self.V, self.K).reshape(1, H * t, self.V, self.K)
             if dtype == "blocked":
-                mask = ~allowed
+                mask = ~ok
             else:
-                mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-                mask.masked_fill_(~allowed, float("-inf"))
-            self._float_masks[key] = mask
+                mask = torch.where(ok, torch.zeros((), dtype=dtype, device=ok.device),
+                                   torch.full((), float("-inf"), dtype=dtype, device=ok.device))
+            if whole and H * self.T * self.V * self.K <= _CACHED_MASK_ELEMENTS:
+                self._float_masks[key] = mask
         return mask
+
+    def chunk(self, B: int, H: int, D: int) -> int:
+        """Query tiles per step of the chunked path (the explicit softmax's chunk, so dropout
+        draws the same stream either way)."""
+        return max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * self.V * self.K))
 
     @outside_inference_mode
     def buffers(self, B, H, D, Dv, dtype, device, padded: bool = True):
@@ -267,6 +339,10 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
         t.requires_grad for t in (q, k, v) + score_tensors(program.score)
         + ((sink,) if sink is not None else ()))
     native = q.dtype == dt and k.dtype == dt and v.dtype == dt
+    itemsize = torch.finfo(dt).bits // 8
+    if T > 1 and B * H * T * K * (D + Dv) * itemsize > _GATHER_BYTES:
+        return _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep, dt,
+                            native)
     if Hc == 1 and not grad:
         with plan.buffer_lock:
             qb, kb, vb, (qz, kz, vz) = plan.buffers(B, H, D, Dv, dt, device, padded=not native)
@@ -305,6 +381,85 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
 
 def _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt):
     """Attention of the laid-out queries against their gathered keys, back in user order."""
+    out = _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt)
+    return _unlayout(plan, out, q.shape[2], q.dtype)
+
+
+def _unlayout(plan, out, N: int, dtype):
+    """[B, H, n_padded, Dv] in the layout -> [B, H, N, Dv] in the user's order."""
+    if plan.scatter is not None:
+        out = out.index_select(2, plan.scatter)
+    elif out.shape[2] != N:
+        out = out[:, :, :N]
+    return out.to(dtype)
+
+
+class _Slice:
+    """Query tiles ``t0:t1`` of a plan, read like a plan by the attention steps."""
+
+    def __init__(self, plan, t0: int, t1: int):
+        self._plan, self._t0, self._t1 = plan, t0, t1
+        self.T, self.V, self.K, self.Hc = t1 - t0, plan.V, plan.K, plan.Hc
+        self.row_any = plan.row_any[:, t0:t1]
+        self.every_row_has_keys = plan.every_row_has_keys
+        self.q_pos, self.k_pos = plan.q_pos[t0:t1], plan.k_pos[:, t0:t1]
+
+    def float_mask(self, H: int, dtype):
+        return self._plan.float_mask(H, dtype, self._t0, self._t1)
+
+    def allowed_chunk(self, t0: int = 0, t1: Optional[int] = None) -> torch.Tensor:
+        t1 = self.T if t1 is None else t1
+        return self._plan.allowed_chunk(self._t0 + t0, self._t0 + t1)
+
+
+def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep, dt, native):
+    """run_tiles for large grids: gather and attend a chunk of query tiles at a time, so the
+    gathered keys and the SDPA masks are O(chunk), not O(N x keys per query) (1M tokens under a
+    1024-token window: 1.2 GB of gathered k/v at D=16, 4.8 GB of fp32 mask otherwise)."""
+    B, H, N, D = q.shape
+    Dv = v.shape[-1]
+    T, V, K, Hc = plan.T, plan.V, plan.K, plan.Hc
+    if native:
+        qz, kz, vz, qi, kvi = q, k, v, plan.q_index0, plan.kv_index0
+    else:
+        qz, kz, vz = (_with_zero_row(x).to(dt) for x in (q, k, v))
+        qi, kvi = plan.q_index, plan.kv_index
+    qi, kvi = qi.reshape(T, V), kvi.reshape(Hc, T, K)
+    pad = plan.pad_mask.reshape(Hc, T, K) if native and plan.pad_mask is not None else None
+    hh = torch.arange(H, device=q.device)[:, None]
+    step = plan.chunk(B, H, D)
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v) + score_tensors(program.score)
+        + ((sink,) if sink is not None else ()))
+    # without autograd, chunks are written into one buffer: kept chunk outputs between the
+    # freed temporaries would fragment the heap (RSS grew ~20 MB per chunk at 1M tokens)
+    whole = None if grad else torch.empty(B, H, T * V, Dv, dtype=dt, device=q.device)
+    outs = []
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        t = t1 - t0
+        qt = qz.index_select(2, qi[t0:t1].reshape(-1)).reshape(B, H, t, V, D)
+        idx = kvi[:, t0:t1].reshape(Hc, t * K)
+        if Hc == 1:
+            kg, vg = kz.index_select(2, idx[0]), vz.index_select(2, idx[0])
+        else:
+            kg, vg = kz[:, hh, idx], vz[:, hh, idx]
+        if pad is not None:
+            m = pad[:, t0:t1].reshape(Hc, t * K)[None, :, :, None]
+            kg, vg = kg.masked_fill(m, 0), vg.masked_fill(m, 0)
+        kg, vg = kg.reshape(B, H, t, K, D), vg.reshape(B, H, t, K, Dv)
+        o = _attend_tiles(program, _Slice(plan, t0, t1), qt, kg, vg, q, scale, sink, dropout_p,
+                          generator, keep[:, :, t0:t1] if keep is not None else None, dt)
+        if whole is None:
+            outs.append(o)
+        else:
+            whole[:, :, t0 * V:t1 * V] = o
+        del qt, kg, vg, o
+    return _unlayout(plan, torch.cat(outs, 2) if whole is None else whole, N, q.dtype)
+
+
+def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt):
+    """[B, H, T * V, Dv]: attention of laid-out query tiles against their gathered keys."""
     from maskdsl._score import Softcap, score_terms
 
     device = q.device
@@ -327,12 +482,7 @@ def _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, kee
     else:
         out = _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep,
                         B, H, dt)
-    out = out.reshape(B, H, T * V, Dv)
-    if plan.scatter is not None:
-        out = out.index_select(2, plan.scatter)
-    elif out.shape[2] != N:
-        out = out[:, :, :N]
-    return out.to(q.dtype)
+    return out.reshape(B, H, T * V, Dv)
 
 
 def _fused(qt, kg, vg, plan, bias, scale, B, H):
@@ -359,7 +509,6 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
     device = qt.device
     T, V, K, Hc = plan.T, plan.V, plan.K, plan.Hc
     heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
-    allowed = plan.allowed[None]                                 # [1, Hc, T, V, K]
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * K))
     outs = []
     for t0 in range(0, T, chunk):
@@ -369,7 +518,7 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
             qp = plan.q_pos[t0:t1][None, None]                   # [1, 1, t, V, 1]
             kp = plan.k_pos[:, t0:t1][None] if Hc > 1 else plan.k_pos[0, t0:t1][None, None]
             s = score_mod(s, 0, heads, qp, kp)
-        s = s.masked_fill(~allowed[:, :, t0:t1], float("-inf"))
+        s = s.masked_fill(~plan.allowed_chunk(t0, t1)[None], float("-inf"))
         m = s.amax(-1, keepdim=True)
         if sink is not None:
             m = torch.maximum(m, sink.to(dt).reshape(1, H, 1, 1, 1))
@@ -404,7 +553,10 @@ def rows_attending(program, bad: torch.Tensor) -> torch.Tensor:
         seen = ext.index_select(2, plan.kv_index[0])
     else:
         seen = ext[:, torch.arange(H, device=bad.device)[:, None], plan.kv_index]
-    hit = (plan.allowed[None] & seen.reshape(B, H, T, 1, K)).any(-1).reshape(B, H, T * V)
+    seen = seen.reshape(B, H, T, 1, K)
+    step = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * K))     # O(chunk) temporaries
+    hit = torch.cat([(plan.allowed_chunk(t0, t0 + step)[None] & seen[:, :, t0:t0 + step]).any(-1)
+                     for t0 in range(0, T, step)], 2).reshape(B, H, T * V)
     if plan.scatter is not None:
         return hit.index_select(2, plan.scatter)
     return hit[:, :, :N]

@@ -38,12 +38,12 @@ def next_keep_mask(attn, backend: str, batch: int) -> torch.Tensor:
         return keep_mask(plan, batch, drop_p, seed, "cpu")
     if backend != "tiles":
         raise ValueError(f"{backend} draws no dropout")
-    from .kernels.tiles import _MAX_SCORE_ELEMENTS, plan_for
+    from .kernels.tiles import plan_for
 
     prog = attn.tiles_program
     plan = plan_for(prog, torch.device("cpu"))
     T, V, K = plan.T, plan.V, plan.K
-    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * H * V * K))
+    chunk = plan.chunk(batch, H, 0)      # the query tiles each step of the call draws for
     ps = drop_p.double().reshape(1, H, 1, 1, 1)
     keep_g = torch.cat([torch.rand((batch, H, min(T, t0 + chunk) - t0, V, K), generator=gen,
                                    dtype=torch.float64) >= ps for t0 in range(0, T, chunk)], 2)

@@ -430,7 +430,8 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
     bad_q = ~torch.isfinite(q).all(-1)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    q, k, v = (torch.where(bad[..., None], zero, x) for bad, x in ((bad_q, q), (bad_kv, k), (bad_kv, v)))
+    q, k, v = (torch.where(bad[..., None], zero, x) if bool(bad.any()) else x
+               for bad, x in ((bad_q, q), (bad_kv, k), (bad_kv, v)))
     if rows is None:
         check_dense_size("reference.attention", B, H, N, q.dtype)
         return _attention_rows(q, k, v, p, shape, score, scale, dropout_keep, None, bad_q, bad_kv)
