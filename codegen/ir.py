@@ -44,7 +44,7 @@ from .._values import _is_tensor
 
 __all__ = [
     "Q", "K", "QF", "KF", "H", "SCORE", "Tables", "DimRange", "NatAtom", "OffAtom", "BlockAtom",
-    "Sep", "Flat", "SinkFlat", "DocumentFlat", "PowerFlat", "RadialFlat", "FnFlat", "CallMask",
+    "Sep", "Flat", "SinkFlat", "DocumentFlat", "PowerFlat", "RadialFlat", "FnFlat", "CallMask", "CallScore",
     "AndN", "OrN",
     "NotN", "HeadsN", "Const", "lower_pattern", "lower_node", "lower_score", "lower_term",
     "IsPow2", "predicate", "simplify", "smin", "smax", "evaluate", "tighten",
@@ -71,6 +71,16 @@ class IsPow2(BooleanFunction):
 class CallMask(BooleanFunction):
     """A user's mask function called on flat indices: ``CallMask(name, h, q_flat, kv_flat)``,
     printed ``name(b, h, q_flat, kv_flat)`` with ``b`` zero (``name``: a symbol naming the
+    captured function in :class:`Tables`). Never evaluated symbolically."""
+
+    @classmethod
+    def eval(cls, *args):
+        return None
+
+
+class CallScore(sp.Function):
+    """A user's score function on flat indices: ``CallScore(name, score, h, q_flat, kv_flat)``,
+    printed ``name(score, b, h, q_flat, kv_flat)`` with ``b`` zero (``name``: a symbol naming the
     captured function in :class:`Tables`). Never evaluated symbolically."""
 
     @classmethod
@@ -743,14 +753,21 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
     terms = [x for x in score_terms(score) if not isinstance(x, (SinkLogit, Dropout))]
     if not terms:
         return None
+    from .._score import ScoreFn
+
     expr = SCORE
     cap = None
+    fns = []
     for i, term in enumerate(terms):
         ctx = _TermCtx(term, i, f"{term._name}{i}", shape, heads, t)
         if isinstance(term, Softcap):
             cap = ctx.value("cap")
+        elif isinstance(term, ScoreFn):      # after every additive term, in the order written
+            fns.append(t.function(f"{ctx.tag}_fn", term.fn))
         else:
             expr = lower_term(term, ctx, expr)
+    for name in fns:
+        expr = CallScore(name, expr, H, QF, KF)
     if cap is not None:
         expr = cap * sp.tanh(expr / cap)
     return expr

@@ -224,6 +224,12 @@ class TorchPrinter(StrPrinter):
         hs = f"({zero} + {self._print(h)})" if h.is_number else self._print(h)
         return f"{name}({zero}, {hs}, {qs}, {ks})"
 
+    def _print_CallScore(self, e):
+        # a user's score_fn on flat indices, b zero (scores never vary per batch)
+        name, score, h, q, k = e.args
+        qs, ks = self._print(q), self._print(k)
+        return f"{name}({self._print(score)}, ({qs} * 0), {self._print(h)}, {qs}, {ks})"
+
     def _print_IsPow2(self, e):
         x = self._wrap(e.args[0])
         return f"(({x} & ({x} - 1)) == 0)"
@@ -329,13 +335,13 @@ class _Hoister(TorchPrinter):
 
 def _names(result, prologue) -> set:
     """The captured names an expression reads: table bases and called user functions."""
-    from .ir import CallMask
+    from .ir import CallMask, CallScore
 
     out = set()
     for e in [result] + [x for _, x in prologue]:
         if isinstance(e, sp.Basic):
             out |= {str(b.label) for b in e.atoms(sp.Indexed) for b in [b.base]}
-            out |= {str(c.args[0]) for c in e.atoms(CallMask)}
+            out |= {str(c.args[0]) for c in e.atoms(CallMask, CallScore)}
     return out
 
 

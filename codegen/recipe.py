@@ -32,6 +32,7 @@ from .._caching import LRU, outside_inference_mode
 from .._memory import guarded
 from .._node import Node, walk
 from .._pattern import Document, Heads, MaskFn, Pattern
+from .._score import ScoreFn
 from .._values import PerHead
 from .blockmask import HeadClasses
 from .ir import Tables, lower_pattern
@@ -81,6 +82,8 @@ def content_key(x):
     if isinstance(x, MaskFn):
         return ("mask_fn", function_key(x.fn), x.name,
                 None if x.key_range is None else function_key(x.key_range))
+    if isinstance(x, ScoreFn):
+        return ("score_fn", function_key(x.fn), x.name)
     if isinstance(x, Node):
         return (type(x).__name__,) + tuple(content_key(getattr(x, f.name))
                                            for f in dataclasses.fields(x))

@@ -460,15 +460,16 @@ def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep
 
 def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt):
     """[B, H, T * V, Dv]: attention of laid-out query tiles against their gathered keys."""
-    from maskdsl._score import Softcap, score_terms
+    from maskdsl._score import ScoreFn, Softcap, score_terms
 
     device = q.device
     B, H, N, _ = q.shape
     Dv = vg.shape[-1]
     V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
     _, score_mod = program.mods(device)
+    nonlinear = any(isinstance(t, (Softcap, ScoreFn)) for t in score_terms(program.score))
     bias = None
-    if score_mod is not None:
+    if score_mod is not None and not nonlinear:
         heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
         kp = plan.k_pos[:, None] if Hc > 1 else plan.k_pos[0][None, None]
         kp = kp.reshape(1, Hc, T, 1, K) if Hc > 1 else kp
@@ -476,7 +477,6 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
         # a 0-d score loses type promotion to float32 tables: cast (SDPA misreads a mask whose
         # dtype differs from q's)
         bias = score_mod(zero, 0, heads, plan.q_pos[None, None], kp).to(dt)   # [1, H, T, V, K]
-    nonlinear = any(isinstance(t, Softcap) for t in score_terms(program.score))
     if sink is None and dropout_p is None and not nonlinear:
         out = _fused(qt, kg, vg, plan, bias, scale, B, H)
     else:

@@ -386,7 +386,10 @@ def _python_leaf(pattern):
 
 
 def refusal(spec, device) -> Optional[str]:
-    leaf = _python_leaf(spec.pattern)
+    from .._score import ScoreFn, score_terms
+
+    leaf = _python_leaf(spec.pattern) or next(
+        (t for t in score_terms(spec.score) if isinstance(t, ScoreFn)), None)
     if leaf is not None:
         return (f"the Triton kernel cannot call Python, and {leaf!r} is a Python function; "
                 f"use backend='tiles', 'flex' or 'dense'")

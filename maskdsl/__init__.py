@@ -17,7 +17,7 @@ from ._parse import parse
 from ._pattern import (Pattern, block, causal, document, empty, full, heads,  # noqa: F401
                        mask_fn, neighborhood, power, radial, sink, window)
 from ._score import (Score, alibi, distance_decay, dropout, relative_bias,  # noqa: F401
-                     sink_logit, softcap)
+                     score_fn, sink_logit, softcap)
 from ._values import per_head  # noqa: F401
 
 __version__ = "0.1.0"

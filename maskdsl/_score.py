@@ -12,7 +12,8 @@ from ._values import Check, _is_tensor, check_dims, check_tensor_values, dims_in
 
 __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
-    "ScoreSum", "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit", "dropout",
+    "ScoreSum", "ScoreFn", "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit",
+    "dropout", "score_fn",
     "score_terms", "per_head_tensor", "check_tensor_params", "score_extras", "without",
 ]
 
@@ -219,6 +220,76 @@ class Dropout(Score):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class ScoreFn(Score):
+    """A user-written score_mod as a score term: ``fn(score, b, h, q_idx, kv_idx) -> tensor``,
+    flex's signature, on *flat row-major* token indices of the user's grid (ARCHITECTURE.md,
+    "Semantics"). It is applied to the score after every additive term and before ``softcap``;
+    several apply in the order written. ``fn`` is called with broadcast tensors (it must be
+    broadcast-safe) and must return a floating tensor broadcastable to ``score``; ``b`` is
+    always 0 (maskdsl scores do not vary per batch), ``h`` the head. Cache keys are by the
+    function object (and ``name``), as for ``mask_fn``; ``fn`` must be pure."""
+
+    fn: Any
+    name: Any = None
+
+    _name: ClassVar[str] = "score_fn"
+
+    def _check(self):
+        if isinstance(self.fn, Node) or not callable(self.fn):
+            raise MaskDSLError(
+                f"score_fn: fn={self.fn!r:.80}: expected a callable fn(score, b, h, q_idx, kv_idx) "
+                f"-> tensor (flex's score_mod signature)")
+        name = self.name
+        if name is None:
+            name = getattr(self.fn, "__name__", None)
+            if not isinstance(name, str) or not name.isidentifier():
+                name = "fn"
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise MaskDSLError(f"score_fn: name={self.name!r:.80}: expected a non-empty string "
+                               f"of at most 100 characters")
+        object.__setattr__(self, "name", name)
+
+    def __repr__(self):
+        return f"score_fn(name={self.name!r})"
+
+    def bind(self, shape, heads):
+        out = super().bind(shape, heads)
+        self.probe(tuple(shape))
+        return out
+
+    def probe(self, shape: tuple) -> None:
+        """Call ``fn`` once on a few tokens and check what it returns (a MaskDSLError naming the
+        term at compile time, not a failure deep in a backend)."""
+        import math
+
+        import torch
+
+        n = math.prod(shape)
+        idx = torch.tensor(sorted({0, 1, n // 2, n - 1} & set(range(n))), dtype=torch.int64)
+        P = len(idx)
+        zero = torch.zeros((), dtype=torch.int64)
+        where = (f"when called with score float32 [{P}, {P}], b=0, h=0 and int64 tensors q_idx "
+                 f"[{P}, 1], kv_idx [1, {P}] (fn must be broadcast-safe)")
+        with torch.no_grad():
+            try:
+                out = self.fn(torch.zeros(P, P), zero, zero, idx[:, None], idx[None, :])
+            except MaskDSLError:
+                raise
+            except Exception as e:   # the user's code: any error becomes one line naming it
+                raise MaskDSLError(f"{self!r}: fn raised {type(e).__name__}: {e} {where}") from None
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise MaskDSLError(f"{self!r}: fn returned {got} {where}; expected a floating tensor")
+        try:
+            ok = tuple(torch.broadcast_shapes(tuple(out.shape), (P, P))) == (P, P)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise MaskDSLError(f"{self!r}: fn returned shape {list(out.shape)} {where}; expected "
+                               f"a tensor broadcastable to the score's shape {[P, P]}")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class ScoreSum(Score):
     """Several score terms; built by ``+``."""
 
@@ -280,6 +351,17 @@ def sink_logit(values) -> SinkLogit:
 def dropout(p, seed=0) -> Dropout:
     """Attention dropout with probability ``p``, reproducible from ``seed``."""
     return Dropout(p, seed)
+
+
+@dsl
+def score_fn(fn, name=None) -> ScoreFn:
+    """A user-written score_mod ``fn(score, b, h, q_idx, kv_idx) -> tensor`` (flex's signature,
+    flat row-major indices) as a score term, applied after the additive terms and before
+    ``softcap``. Python only: the parser refuses it (code is never parsed from text)."""
+    return ScoreFn(fn, name)
+
+
+score_fn._takes_code = True    # the parser refuses it: code is never parsed from text
 
 
 def check_tensor_params(score) -> None:

@@ -25,7 +25,7 @@ from ._memory import check_allocation, guard, guarded
 from ._node import check_heads, check_shape
 from ._pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn, Neighborhood,
                        Not, Or, Pattern, Power, Radial, Sink, Window)
-from ._score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, SinkLogit, Softcap,
+from ._score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, ScoreFn, SinkLogit, Softcap,
                      check_tensor_params, geometric_slopes, score_terms)
 from ._values import _is_tensor
 
@@ -430,7 +430,7 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
     bad_q = ~torch.isfinite(q).all(-1)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    q, k, v = (torch.where(bad[..., None], zero, x) if bool(bad.any()) else x
+    q, k, v = (torch.where(bad[..., None], zero, x) if x.is_meta or bool(bad.any()) else x
                for bad, x in ((bad_q, q), (bad_kv, k), (bad_kv, v)))
     if rows is None:
         check_dense_size("reference.attention", B, H, N, q.dtype)
@@ -454,7 +454,8 @@ def _attention_rows(q, k, v, p, shape, score, scale, keep, rows, bad_q, bad_kv):
         rows = rows.to(q.device)
         q, bad_q = q[:, :, rows], bad_q[:, :, rows]
         keep = keep[:, :, rows] if keep is not None else None
-    out = masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score, scale, keep)
+    out = masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score, scale, keep,
+                           flat=(g.flat_q, g.flat_k))
     poisoned = bad_q | (allowed[None] & bad_kv[:, :, None, :]).any(-1)
     return out.masked_fill(poisoned[..., None], float("nan"))
 
@@ -478,7 +479,21 @@ def check_dense_size(what: str, B: int, H: int, N: int, dtype) -> None:
 
 
 @guard("dense attention")
-def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None):
+def _score_fns(score, logits, flat):
+    """Each ``score_fn`` term in the order written, on the logits [B, H, R, N] with the queries'
+    and keys' flat indices ``flat`` = ([R, 1], [1, N]), b = 0 and the head broadcast."""
+    for term in score_terms(score):
+        if isinstance(term, ScoreFn):
+            B, H = logits.shape[:2]
+            qf, kf = flat
+            zero = torch.zeros((), dtype=torch.int64, device=logits.device)
+            h = torch.arange(H, device=logits.device).reshape(1, H, 1, 1)
+            logits = term.fn(logits, zero, h, qf.to(logits.device)[None, None],
+                             kf.to(logits.device)[None, None]).to(logits.dtype).expand(logits.shape)
+    return logits
+
+
+def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None, flat=None):
     """Softmax attention given the bool mask ``allowed`` [H, N, N]; ``bias_fn(dtype)`` returns the
     additive bias [H, N, N] or None. Shared by :func:`attention` and the dense backend."""
     B, H, N, _ = q.shape
@@ -488,6 +503,8 @@ def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None):
     b = bias_fn(dt)
     if b is not None:
         logits = logits + b
+    if flat is not None:
+        logits = _score_fns(score, logits, flat)
     cap = _find(score, Softcap)
     if cap is not None:
         caps = torch.stack([torch.as_tensor(_value(c["cap"], h, logits), dtype=dt, device=q.device)

@@ -5,6 +5,7 @@ each is checked against the DSL's own primitive: through ``maskdsl.reference.mas
 the generated artefacts on row-major and tiled layouts, and through the dense, tiles and flex
 backends (flex: CPU forward under no_grad; its compiles are slow, so its cases are few)."""
 import gc
+import warnings
 
 import pytest
 import torch
@@ -389,3 +390,89 @@ def test_quadratic_classification_is_refused_without_key_range():
     mask_mod, _ = prog.mods("cpu")
     got = mask_mod(0, 0, rows[:, None], torch.arange(n)[None, :])
     assert torch.equal(got, md.reference.mask(md.causal() & md.window(64), (n,), rows=rows)[0])
+
+
+# ----------------------------------------------------------------------------- score_fn
+
+def _softcap20(score, b, h, q_idx, kv_idx):           # attention-gym's tanh soft-capping
+    return 20.0 * torch.tanh(score / 20.0)
+
+
+def _alibi_heads(score, b, h, q_idx, kv_idx):          # ALiBi with slope (h + 1) / 16
+    return score - (h + 1) * 0.0625 * (q_idx - kv_idx).abs()
+
+
+def _relative(score, b, h, q_idx, kv_idx):             # attention-gym's relative position bias
+    return score + 0.01 * (q_idx - kv_idx)
+
+
+SCORE_PORTS = [(_softcap20, md.softcap(20.0)), (_alibi_heads, md.alibi(md.per_head([0.0625, 0.125])))]
+
+
+@pytest.mark.parametrize("backend", ["dense", "tiles"])
+@pytest.mark.parametrize("fn,twin", SCORE_PORTS, ids=["softcap", "alibi"])
+def test_score_fn_ports_match_their_dsl_twins(fn, twin, backend):
+    p, shape = md.neighborhood((5, 7)) | md.sink(2), (20, 37)     # tiles permutes this grid
+    q, k, v = (torch.randn(1, 2, 740, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = md.compile(p, shape, 2, score=md.score_fn(fn) + md.distance_decay(0.1), backend=backend)
+    want = md.reference.attention(q, k, v, p, shape, score=twin + md.distance_decay(0.1))
+    out = got(q, k, v)
+    torch.testing.assert_close(out, want)
+    g1 = torch.autograd.grad(out.sum(), (q, k, v))
+    g2 = torch.autograd.grad(want.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_score_fn_runs_after_the_additive_terms_and_before_softcap():
+    p, shape = md.window(4), (40,)
+    s = md.distance_decay(0.3) + md.score_fn(lambda sc, b, h, q, k: 2.0 * sc, name="double") \
+        + md.softcap(3.0)
+    q, k, v = (torch.randn(1, 1, 40, 8, dtype=torch.float64) for _ in range(3))
+    idx = torch.arange(40)
+    d = (idx[:, None] - idx[None, :]).abs().double()
+    logits = 3.0 * torch.tanh(2.0 * ((q[0, 0] @ k[0, 0].T) / 8 ** 0.5 - 0.3 * d) / 3.0)
+    logits = logits.masked_fill(d > 4, float("-inf"))
+    want = torch.softmax(logits, -1) @ v[0, 0]
+    torch.testing.assert_close(md.reference.attention(q, k, v, p, shape, score=s)[0, 0], want)
+    torch.testing.assert_close(md.compile(p, shape, score=s, backend="tiles")(q, k, v)[0, 0], want)
+
+
+def test_score_fn_learnable_capture_gets_its_gradient_on_tiles():
+    w = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    s = md.score_fn(lambda sc, b, h, q, k: sc - w * (q - k).abs(), name="learned_decay")
+    p, shape = md.causal() & md.window(16), (200,)
+    q, k, v = (torch.randn(1, 1, 200, 8, dtype=torch.float64) for _ in range(3))
+    out = md.compile(p, shape, score=s, backend="tiles")(q, k, v)
+    (g,) = torch.autograd.grad(out.square().sum(), w)
+    (want,) = torch.autograd.grad(md.reference.attention(q, k, v, p, shape, score=s).square().sum(), w)
+    torch.testing.assert_close(g, want)
+
+
+def test_score_fn_on_flex_and_in_the_row_major_score_mod():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    p, shape = md.neighborhood((5, 5)), (16, 24)
+    s = md.score_fn(_relative) + md.alibi()
+    q, k, v = (torch.randn(1, 2, 384, 16) for _ in range(3))
+    want = md.reference.attention(q.double(), k.double(), v.double(), p, shape, score=s)
+    attn = md.compile(p, shape, 2, score=s, backend="flex")
+    with torch.no_grad():
+        assert (attn(q, k, v).double() - want).abs().max() < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = flex_attention(q, k, v, score_mod=attn.score_mod, block_mask=attn.block_mask())
+    assert (out.double() - want).abs().max() < 1e-5
+
+
+def test_score_fn_bad_input_and_where_it_cannot_run():
+    with pytest.raises(md.MaskDSLError, match=r"score_fn: fn=5: expected a callable"):
+        md.score_fn(5)
+    with pytest.raises(md.MaskDSLError, match="returned a torch.bool tensor"):
+        md.compile(md.window(3), (64,), score=md.score_fn(lambda sc, b, h, q, k: sc > 0))
+    with pytest.raises(md.MaskDSLError, match="fn raised ZeroDivisionError"):
+        md.compile(md.window(3), (64,), score=md.score_fn(lambda sc, b, h, q, k: 1 / 0))
+    with pytest.raises(md.MaskDSLError, match="code is never parsed from text"):
+        md.parse("score_fn(3)")
+    with pytest.raises(md.MaskDSLError, match="Triton kernel cannot call Python"):
+        md.compile(md.window(3), (64,), score=md.score_fn(_softcap20), backend="triton")
