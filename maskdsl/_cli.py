@@ -164,12 +164,12 @@ def _cmd_show(args) -> int:
 
 
 def _tile_picture(p, s, shape, heads, only_head, width) -> str:
-    """The compiled tiles (the BlockMask the flex backend runs), in its tiled token layout,
-    drawn from the sparse tile classes (never a dense T x T table)."""
+    """The compiled tiles the chosen backend runs, in its tiled token layout, drawn from the
+    sparse tile classes (never a dense T x T table)."""
     from ._compile import compile
     from ._draw import draw_classes
 
-    prog = compile(p, shape, heads, score=s, backend="auto")._state("flex")
+    prog = compile(p, shape, heads, score=s).program
     st = prog.stats()
     lines = [f"compiled tiles: {st['layout']}, {prog.layout.n_tiles} x {prog.layout.n_tiles} "
              f"tile pairs, {st['block_density']:.1%} non-empty "

@@ -12,6 +12,13 @@ import torch
 # defined, i.e. before maskdsl.kernels.triton_attn is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh inductor cache per test session: inductor's on-disk FX graph cache does not key on
+# custom ops' fake implementations, so code compiled against an older maskdsl (or an older
+# fake) would be reused and fail its stride asserts (seen locally; CI machines start empty).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="maskdsl-test-inductor-")
 from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
