@@ -1,7 +1,7 @@
 """maskdsl benchmarks: one command, one table, one results file.
 
     python benchmarks/run.py                 # everything that runs on this device
-    python benchmarks/run.py --only build    # sections: build, scale, tiling, attention, tiles, triton
+    python benchmarks/run.py --only build    # sections: build, scale, tiling, attention, tiles, triton, compile
     python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
     python benchmarks/run.py --only triton --case "2-D 256x256 window 80x80"   # one case by name
 
@@ -10,19 +10,27 @@ Every ratio is measured in one run on one machine (ours / peer: < 1 means we are
 with the device, torch version and the exact command.
 
 Sections:
-  build      what a user calls, md.compile(...).block_mask() (cold: lowering + layout search +
-             sparse classes + BlockMask with the q-indices the backward needs, caches cleared)
+  build      what a user calls, md.compile(...).block_mask() (row-major, the user's token
+             order; cold: lowering + layout search + sparse classes + BlockMask with the
+             q-indices the backward needs, caches cleared), and flex_inputs("tiled") (the tiled
+             order the flex backend runs)
              vs torch.compile(create_block_mask) steady state (its first call, the compile,
              reported separately); the 3-D 524,288-token build runs in a child process so its
              peak memory is its own.
   scale      fresh processes: a 4M-token window's compile + tile classes, 128 heads([...]) vs
              the per_head equivalent, the RSS of 200 compiles of fresh document ids.
+  cli        fresh processes: maskdsl show / check on 1-D 1,048,576 tokens and 3-D 32x128x128
+             (wall time and peak RSS; the targets are < 60 s and < 2 GB each).
   tiling     block density row-major vs token-tiled (128-token tiles).
   attention  forward time: flex backend vs SDPA with a materialised bool mask vs dense SDPA
              (no mask) vs NATTEN (when installed), plus the ideal = dense x block density.
   tiles      the tiles backend, forward and forward+backward, vs NATTEN (CPU: its eager Flex
              path), SDPA with a materialised mask, dense SDPA and the ideal; peak memory of the
              3-D case in a fresh process.
+  compile    a small model (2 x [LayerNorm + NeighborhoodAttention2D + MLP]) under
+             torch.compile(fullgraph=True) vs eager on CPU: the first call (the compile, caches
+             off) and steady forward / forward+backward; not in the default list (minutes of
+             compiling): run it with --only compile.
   triton     (CUDA) the Triton kernel on NATTEN's published use cases and a 1M-token sliding
              window, fp16/bf16, D=128: vs dense SDPA, our flex backend and NATTEN (if
              installed), forward and forward+backward. On CPU, TRITON_INTERPRET=1 runs it on
@@ -112,14 +120,17 @@ BUILD_CASES = [
 ]
 
 
-def ours_build(spec: str, shape: tuple) -> dict:
-    """What a user calls: md.compile(...).block_mask() (with the q-indices the backward needs)."""
+def ours_build(spec: str, shape: tuple, layout: str = "row-major") -> dict:
+    """What a user calls: md.compile(...).block_mask() (row-major, the user's token order, with
+    the q-indices the backward needs), or ``flex_inputs(layout="tiled")`` (the flex backend's
+    own tiled order, fewer non-empty blocks)."""
     p = md.parse(spec)
     t0 = time.perf_counter()
     attn = md.compile(p, shape, 1, backend="flex")
-    attn.block_mask()
-    return {"seconds": time.perf_counter() - t0, "layout": attn.program.layout.describe(),
-            "blocks": attn.program.classes.nonempty()}
+    bm = attn.block_mask() if layout == "row-major" else attn.flex_inputs(layout).block_mask
+    prog = attn._row_major() if layout == "row-major" else attn.program
+    return {"seconds": time.perf_counter() - t0, "layout": prog.layout.describe(),
+            "blocks": int((bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item())}
 
 
 def child_build(spec: str, shape: tuple) -> dict:
@@ -132,8 +143,10 @@ def child_build(spec: str, shape: tuple) -> dict:
         "t0 = time.perf_counter(); a = md.compile(md.parse(%r), %r, 1, backend='flex')\n"
         "a.block_mask(); t = time.perf_counter() - t0\n"
         "peak = peak_mb()\n"
+        "t0 = time.perf_counter(); a.flex_inputs('tiled'); t_tiled = time.perf_counter() - t0\n"
         "print(json.dumps({'seconds': t, 'peak_rss_mb': peak, 'above_import_mb': peak - base,"
-        " 'layout': a.program.layout.describe()}))\n" % (os.path.join(HERE, ".."), spec, tuple(shape)))
+        " 'layout': a._row_major().layout.describe(), 'tiled_extra_seconds': t_tiled,"
+        " 'tiled_layout': a.program.layout.describe()}))\n" % (os.path.join(HERE, ".."), spec, tuple(shape)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -154,33 +167,75 @@ def peer_build(spec: str, shape: tuple, reps: int) -> dict:
 
 def section_build(reps: int, rows: list):
     print("\n== BlockMask build (CPU) ==")
-    print(f"{'case':44} {'ours cold':>10} {'create_block_mask':>18} {'compile':>9} {'speedup':>8}")
+    print(f"{'case':44} {'row-major':>10} {'tiled':>9} {'create_block_mask':>18} {'compile':>9} "
+          f"{'speedup':>8}")
     for name, spec, shape, with_peer in BUILD_CASES:
         if not wanted(name):
             continue
         if with_peer:
-            times = []
+            times, tiled = [], []
             for _ in range(reps):
                 clear_caches()
                 r = ours_build(spec, shape)
                 times.append(r["seconds"])
-            ours = statistics.median(times)
+                clear_caches()
+                rt = ours_build(spec, shape, "tiled")
+                tiled.append(rt["seconds"])
+            ours, ours_tiled = statistics.median(times), statistics.median(tiled)
             peer = peer_build(spec, shape, reps)
             speed = peer["steady_seconds"] / ours
-            print(f"{name:44} {ours * 1e3:8.1f}ms {peer['steady_seconds'] * 1e3:16.1f}ms "
-                  f"{peer['first_call_seconds']:8.1f}s {speed:7.0f}x")
+            print(f"{name:44} {ours * 1e3:8.1f}ms {ours_tiled * 1e3:7.1f}ms "
+                  f"{peer['steady_seconds'] * 1e3:16.1f}ms {peer['first_call_seconds']:8.1f}s "
+                  f"{speed:7.0f}x   blocks {r['blocks']} row-major, {rt['blocks']} {rt['layout']}")
             rows.append({"section": "build", "case": name, "ours_seconds": ours,
+                         "ours_tiled_seconds": ours_tiled,
                          "create_block_mask_steady_seconds": peer["steady_seconds"],
                          "create_block_mask_first_call_seconds": peer["first_call_seconds"],
-                         "speedup": speed, "layout": r["layout"]})
+                         "speedup": speed, "layout": r["layout"], "blocks": r["blocks"],
+                         "tiled_layout": rt["layout"], "tiled_blocks": rt["blocks"]})
         else:
             r = child_build(spec, shape)
-            print(f"{name:44} {r['seconds'] * 1e3:8.1f}ms {'(not run)':>18} {'':>9} {'':>8}  "
+            print(f"{name:44} {r['seconds'] * 1e3:8.1f}ms {'':>9} {'(not run)':>18} {'':>9} {'':>8}  "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['above_import_mb']:.0f} MB above import), "
-                  f"{r['layout']}")
-            rows.append({"section": "build", "case": name, "ours_seconds": r["seconds"],
-                         "peak_rss_mb": r["peak_rss_mb"], "above_import_mb": r["above_import_mb"],
-                         "layout": r["layout"]})
+                  f"{r['layout']}; tiled ({r['tiled_layout']}) +{r['tiled_extra_seconds'] * 1e3:.0f} ms")
+            rows.append(dict(section="build", case=name, ours_seconds=r.pop("seconds"), **r))
+
+
+# ---------------------------------------------------------------------------------- cli
+
+CLI_CASES = [
+    ("show 1-D 1,048,576 causal() & window(1024) | sink(4)",
+     ["show", "causal() & window(1024) | sink(4)", "--shape", "1048576"]),
+    ("check 1-D 1,048,576 causal() & window(1024) | sink(4)",
+     ["check", "causal() & window(1024) | sink(4)", "--shape", "1048576", "--quiet"]),
+    ("show 3-D 32x128x128 neighborhood((3, 13, 13))",
+     ["show", "neighborhood((3, 13, 13))", "--shape", "32x128x128"]),
+    ("check 3-D 32x128x128 neighborhood((3, 13, 13))",
+     ["check", "neighborhood((3, 13, 13))", "--shape", "32x128x128", "--quiet"]),
+]
+
+
+def section_cli(rows: list):
+    """The command line on large grids, each in a fresh process (wall time, peak RSS)."""
+    print("\n== Command line on large grids (fresh process each: wall time, peak RSS) ==")
+    for name, argv in CLI_CASES:
+        if not wanted(name):
+            continue
+        code = PEAK_RSS + (
+            "import json, sys, time, io, contextlib; sys.path.insert(0, %r)\n"
+            "t0 = time.perf_counter()\n"
+            "from maskdsl._cli import main\n"
+            "buf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf): code = main(%r)\n"
+            "t = time.perf_counter() - t0\n"
+            "last = [x for x in buf.getvalue().splitlines() if x.strip()][-1]\n"
+            "print(json.dumps({'seconds': t, 'peak_rss_mb': peak_mb(), 'exit': code, 'last_line': last}))\n"
+            % (os.path.join(HERE, ".."), argv))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{name:56} {r['seconds']:7.1f}s  peak RSS {r['peak_rss_mb']:6.0f} MB  exit {r['exit']}"
+              f"  | {r['last_line'][:70]}")
+        rows.append(dict(section="cli", case=name, command="maskdsl " + " ".join(argv), **r))
 
 
 # ---------------------------------------------------------------------------------- scale
@@ -506,9 +561,79 @@ def section_triton(reps: int, quick: bool, rows: list):
                          "triton_fwd_bwd_seconds": t_tri_fb, "flex_fwd_bwd_seconds": t_flex_fb})
 
 
+# ---------------------------------------------------------------------------------- compile
+
+def section_compile(reps: int, rows: list):
+    """maskdsl under torch.compile(fullgraph=True): compile time and steady speed vs eager."""
+    import torch._dynamo
+    import torch._inductor.config
+    from maskdsl.nn import NeighborhoodAttention2D
+
+    class Block(torch.nn.Module):
+        def __init__(self, dim, heads, kernel):
+            super().__init__()
+            self.ln = torch.nn.LayerNorm(dim)
+            self.na = NeighborhoodAttention2D(dim, heads, kernel)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(),
+                                           torch.nn.Linear(4 * dim, dim))
+
+        def forward(self, x):
+            x = x + self.na(self.ln(x))
+            return x + self.mlp(self.ln(x))
+
+    print("\n== torch.compile(fullgraph=True) vs eager (CPU, fp32): 2 x [LayerNorm + "
+          "NeighborhoodAttention2D + MLP] ==")
+    print(f"{'case':34} {'graphs':>6} {'breaks':>6} {'compile fwd':>11} {'compile f+b':>11} | "
+          f"{'eager fwd':>9} {'comp fwd':>9} {'speedup':>7} | {'eager f+b':>9} {'comp f+b':>9} "
+          f"{'speedup':>7}")
+    torch._inductor.config.force_disable_caches = True      # measure the real compile
+    for name, dim, heads, grid, kernel, batch in [
+            ("dim 64, 4 heads, 16x16, 7x7, B=2", 64, 4, 16, 7, 2),
+            ("dim 128, 4 heads, 32x32, 7x7, B=2", 128, 4, 32, 7, 2)]:
+        if not wanted(name):
+            continue
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(Block(dim, heads, kernel), Block(dim, heads, kernel))
+        x = torch.randn(batch, grid, grid, dim)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+
+        def fwd_bwd(fn):
+            model.zero_grad(set_to_none=True)
+            fn(x).square().mean().backward()
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(x)
+        t_compile_fwd = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fwd_bwd(compiled)
+        t_compile_fb = time.perf_counter() - t0
+        with torch.no_grad():
+            t_eager = timeit(lambda: model(x), reps)
+            t_comp = timeit(lambda: compiled(x), reps)
+        t_eager_fb = timeit(lambda: fwd_bwd(model), reps)
+        t_comp_fb = timeit(lambda: fwd_bwd(compiled), reps)
+        print(f"{name:34} {explained.graph_count:6d} {explained.graph_break_count:6d} "
+              f"{t_compile_fwd:10.1f}s {t_compile_fb:10.1f}s | {t_eager * 1e3:7.1f}ms "
+              f"{t_comp * 1e3:7.1f}ms {t_eager / t_comp:6.2f}x | {t_eager_fb * 1e3:7.1f}ms "
+              f"{t_comp_fb * 1e3:7.1f}ms {t_eager_fb / t_comp_fb:6.2f}x")
+        rows.append({"section": "compile", "case": name, "graphs": explained.graph_count,
+                     "graph_breaks": explained.graph_break_count,
+                     "first_call_fwd_seconds": t_compile_fwd,
+                     "first_call_fwd_bwd_seconds": t_compile_fb,
+                     "eager_fwd_seconds": t_eager, "compiled_fwd_seconds": t_comp,
+                     "eager_fwd_bwd_seconds": t_eager_fb, "compiled_fwd_bwd_seconds": t_comp_fb,
+                     "fwd_speedup": t_eager / t_comp, "fwd_bwd_speedup": t_eager_fb / t_comp_fb})
+    torch._inductor.config.force_disable_caches = False
+    torch._dynamo.reset()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="build,scale,tiling,attention,tiles,triton")
+    ap.add_argument("--only", default="build,scale,cli,tiling,attention,tiles,triton")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -530,6 +655,8 @@ def main():
         section_build(reps, rows)
     if "scale" in only:
         section_scale(rows)
+    if "cli" in only:
+        section_cli(rows)
     if "tiling" in only:
         section_tiling(rows)
     if "attention" in only:
@@ -538,6 +665,8 @@ def main():
         section_tiles(reps, args.quick, rows)
     if "triton" in only:
         section_triton(reps, args.quick, rows)
+    if "compile" in only:
+        section_compile(reps, rows)
     os.makedirs(args.out, exist_ok=True)
     tag = ("cuda-" if torch.cuda.is_available() else "cpu-") + datetime.date.today().isoformat()
     path = os.path.join(args.out, f"{tag}.json")
