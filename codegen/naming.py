@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 
-from .._pattern import And, Block, Causal, Heads, Neighborhood, Not, Or, Sink, Window
+from .._pattern import And, Block, Causal, Heads, MaskFn, Neighborhood, Not, Or, Sink, Window
 
 __all__ = ["pattern_name"]
 
@@ -54,6 +54,11 @@ def _(p):
 @pattern_name.register(Sink)
 def _(p):
     return f"sink_{_dims(p.n)}"
+
+
+@pattern_name.register(MaskFn)
+def _(p):
+    return f"fn_{p.name}"      # the user's name (printer_torch.identifier makes it an identifier)
 
 
 @pattern_name.register(And)

@@ -476,3 +476,13 @@ def test_score_fn_bad_input_and_where_it_cannot_run():
         md.parse("score_fn(3)")
     with pytest.raises(md.MaskDSLError, match="Triton kernel cannot call Python"):
         md.compile(md.window(3), (64,), score=md.score_fn(_softcap20), backend="triton")
+
+
+def test_generated_functions_are_named_after_the_users_function():
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < 4)
+
+    attn = md.compile(md.mask_fn(prefix_lm) & md.window(8), (64,))
+    assert attn.mask_mod.__name__ == "mask_fn_prefix_lm__and__window_8"
+    named = md.compile(md.mask_fn(lambda b, h, q, k: k <= q, name="my causal!"), (64,))
+    assert named.mask_mod.__name__ == "mask_fn_my_causal"
