@@ -12,6 +12,7 @@ Write a pattern in a small declarative DSL, compile it for a token grid, call it
 from . import reference
 from ._compile import CompiledAttention, compile
 from ._errors import MaskDSLError
+from ._merge import merge
 from ._parse import parse
 # the DSL constructors (public through __all__, which the @dsl registry spells out)
 from ._pattern import (Pattern, block, causal, document, empty, full, heads,  # noqa: F401
@@ -28,7 +29,7 @@ __all__ = [
     # every DSL constructor (patterns, score terms, per_head): the parser's names, one registry
     *_DSL_NAMES,
     # compiling and checking
-    "compile", "CompiledAttention", "parse", "reference", "MaskDSLError",
+    "compile", "CompiledAttention", "parse", "reference", "MaskDSLError", "merge",
     "Pattern", "Score",
     # drop-in modules (imported on first use)
     "nn", "natten",

@@ -8,7 +8,8 @@ uses the DSL nodes' parameter binding (``node.bind``), never generated code.
 Functions:
     mask(p, shape, heads)      -> bool [H, N, N]
     bias(s, shape, heads)      -> float [H, N, N]  (the additive score terms)
-    attention(q, k, v, p, shape, score=None, scale=None, dropout_keep=None) -> [B, H, N, D]
+    attention(q, k, v, p, shape, score=None, scale=None, dropout_keep=None, rows=None,
+              return_lse=False) -> [B, H, N, D] (and lse [B, H, N])
     dropout_mask(score, batch, heads, n)            -> bool [B, H, N, N]
 """
 from __future__ import annotations
@@ -383,7 +384,7 @@ def dropout_mask(score: Optional[Score], batch: int, heads: int, n: int, device=
 
 
 def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=None,
-              dropout_keep: Optional[torch.Tensor] = None, rows=None) -> torch.Tensor:
+              dropout_keep: Optional[torch.Tensor] = None, rows=None, return_lse: bool = False):
     """Dense masked attention, the definition every backend must reproduce.
 
     ``softmax(q k^T * scale + bias, masked by p)``, then ``softcap`` (applied after the additive
@@ -400,6 +401,10 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
             by :func:`dropout_mask` from the term's seed. Ignored without a dropout term.
         rows: only these query rows (flat indices, in this order): the output is
             [B, H, len(rows), Dv] and costs O(rows x N) memory, computed a few rows at a time.
+        return_lse: also return the log-sum-exp [B, H, Nq]: the natural log of each row's
+            softmax denominator (sink logits included, dropout not), -inf for a row with no key,
+            NaN for a poisoned row; float64 for float64 inputs, float32 otherwise.
+            :func:`maskdsl.merge` combines such pairs over disjoint key sets.
 
     Returns:
         [B, H, N, Dv] (or [B, H, len(rows), Dv]) in q's dtype; differentiable in q, k, v and
@@ -434,13 +439,19 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
                for bad, x in ((bad_q, q), (bad_kv, k), (bad_kv, v)))
     if rows is None:
         check_dense_size("reference.attention", B, H, N, q.dtype)
-        return _attention_rows(q, k, v, p, shape, score, scale, dropout_keep, None, bad_q, bad_kv)
+        out, lse = _attention_rows(q, k, v, p, shape, score, scale, dropout_keep, None, bad_q,
+                                   bad_kv)
+        return (out, lse) if return_lse else out
     chunk = max(1, 2 ** 22 // max(1, B * H * N))       # rows per step: ~4M logits at a time
-    outs = [_attention_rows(q, k, v, p, shape, score, scale, dropout_keep, rows[i:i + chunk],
-                            bad_q, bad_kv) for i in range(0, len(rows), chunk)]
-    if not outs:
-        return q.new_zeros(B, H, 0, v.shape[3])
-    return torch.cat(outs, 2)
+    parts = [_attention_rows(q, k, v, p, shape, score, scale, dropout_keep, rows[i:i + chunk],
+                             bad_q, bad_kv) for i in range(0, len(rows), chunk)]
+    if not parts:
+        out = q.new_zeros(B, H, 0, v.shape[3])
+        lse = torch.zeros(B, H, 0, dtype=torch.float64 if q.dtype == torch.float64
+                          else torch.float32, device=q.device)
+    else:
+        out, lse = torch.cat([o for o, _ in parts], 2), torch.cat([x for _, x in parts], 2)
+    return (out, lse) if return_lse else out
 
 
 def _attention_rows(q, k, v, p, shape, score, scale, keep, rows, bad_q, bad_kv):
@@ -454,10 +465,11 @@ def _attention_rows(q, k, v, p, shape, score, scale, keep, rows, bad_q, bad_kv):
         rows = rows.to(q.device)
         q, bad_q = q[:, :, rows], bad_q[:, :, rows]
         keep = keep[:, :, rows] if keep is not None else None
-    out = masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score, scale, keep,
-                           flat=(g.flat_q, g.flat_k))
+    out, lse = masked_attention(q, k, v, allowed, lambda dt: _bias(score, g, dt), score, scale,
+                                keep, flat=(g.flat_q, g.flat_k), return_lse=True)
     poisoned = bad_q | (allowed[None] & bad_kv[:, :, None, :]).any(-1)
-    return out.masked_fill(poisoned[..., None], float("nan"))
+    return (out.masked_fill(poisoned[..., None], float("nan")),
+            lse.masked_fill(poisoned, float("nan")))
 
 
 def check_params_device(score, device):
@@ -493,7 +505,8 @@ def _score_fns(score, logits, flat):
     return logits
 
 
-def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None, flat=None):
+def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None, flat=None,
+                     return_lse: bool = False):
     """Softmax attention given the bool mask ``allowed`` [H, N, N]; ``bias_fn(dtype)`` returns the
     additive bias [H, N, N] or None. Shared by :func:`attention` and the dense backend."""
     B, H, N, _ = q.shape
@@ -534,4 +547,8 @@ def masked_attention(q, k, v, allowed, bias_fn, score, scale: float, keep=None, 
         ps = torch.tensor([b["p"] for b in drop.bind((N,), H)], dtype=dt, device=q.device)
         probs = probs * keep.to(q.device) / (1 - ps)[None, :, None, None]
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v.to(dt))
-    return out.to(q.dtype)
+    if not return_lse:
+        return out.to(q.dtype)
+    # log of the softmax denominator (sink logits included): -inf for a row with no key
+    lse = (m + torch.log(denom)).squeeze(-1)
+    return out.to(q.dtype), lse

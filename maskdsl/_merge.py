@@ -1,0 +1,78 @@
+"""``md.merge``: combine attentions over disjoint key sets from their outputs and log-sum-exps
+(ARCHITECTURE.md, "Semantics").
+
+For parts i with output ``o_i`` and log-sum-exp ``l_i`` (the log of the softmax denominator over
+the part's keys): ``l = log(sum_i exp(l_i))`` and ``o = sum_i exp(l_i - l) * o_i``. A part with no
+key (``l_i = -inf``) weighs nothing; a row with no key in any part outputs zeros and ``-inf``.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from ._errors import MaskDSLError
+
+__all__ = ["merge"]
+
+
+def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (out, lse) of attention over the union of disjoint key sets, from each set's
+    ``(out [B, H, N, D], lse [B, H, N])``; exact and differentiable.
+
+    A ``sink_logit`` joins each part's denominator it was computed with: include it in exactly
+    one part, or the merged softmax counts it once per part.
+
+    Example:
+        >>> import torch, maskdsl as md
+        >>> q = k = v = torch.randn(1, 1, 8, 4, dtype=torch.float64)
+        >>> whole = md.reference.attention(q, k, v, md.full(), (8,), return_lse=True)
+        >>> left = md.reference.attention(q, k, v, md.window(7, 0), (8,), return_lse=True)
+        >>> right = md.reference.attention(q, k, v, ~md.window(7, 0), (8,), return_lse=True)
+        >>> out, lse = md.merge([left, right])
+        >>> bool(torch.allclose(out, whole[0])) and bool(torch.allclose(lse, whole[1]))
+        True
+    """
+    if isinstance(parts, (str, bytes)) or not hasattr(parts, "__len__"):
+        raise MaskDSLError(f"merge: expected a list of (out, lse) pairs, got {type(parts).__name__}")
+    parts = list(parts)
+    if not parts:
+        raise MaskDSLError("merge: expected at least one (out, lse) pair, got an empty list")
+    for i, part in enumerate(parts):
+        if not (isinstance(part, (tuple, list)) and len(part) == 2
+                and all(isinstance(t, torch.Tensor) for t in part)):
+            raise MaskDSLError(f"merge: parts[{i}]: expected a pair (out, lse) of tensors, got "
+                               f"{type(part).__name__}")
+        out, lse = part
+        if out.dim() != 4 or lse.shape != out.shape[:3]:
+            raise MaskDSLError(
+                f"merge: parts[{i}]: out {list(out.shape)} and lse {list(lse.shape)}: expected "
+                f"out [B, H, N, D] and lse [B, H, N]")
+        if out.shape != parts[0][0].shape:
+            raise MaskDSLError(f"merge: parts[{i}]: out {list(out.shape)} differs from parts[0]'s "
+                               f"{list(parts[0][0].shape)}")
+        if out.device != parts[0][0].device or lse.device != out.device:
+            raise MaskDSLError(f"merge: parts[{i}]: tensors on {out.device} and {lse.device}; "
+                               f"expected every part on {parts[0][0].device}")
+        if not lse.is_floating_point() or not out.is_floating_point():
+            raise MaskDSLError(f"merge: parts[{i}]: expected floating tensors, got {out.dtype} "
+                               f"and {lse.dtype}")
+    lse_dt = torch.promote_types(torch.float32, parts[0][1].dtype)
+    lses = torch.stack([lse.to(lse_dt) for _, lse in parts])            # [P, B, H, N]
+    outs = torch.stack([out for out, _ in parts])                        # [P, B, H, N, D]
+    # log-sum-exp over the parts, written out so that rows with no key anywhere (every l_i =
+    # -inf) give -inf with zero gradients (torch.logsumexp's backward is NaN there), and a NaN
+    # part (a poisoned row) stays NaN
+    m = lses.detach().amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(lses - m[None])                                        # 0 for empty parts
+    s = e.sum(0)
+    some = s > 0
+    total = torch.where(some, m + torch.log(torch.where(some, s, torch.ones_like(s))),
+                        torch.full_like(s, float("-inf")))
+    nan = torch.isnan(lses).any(0)
+    total = torch.where(nan, torch.full_like(total, float("nan")), total)
+    w = e / torch.where(some, s, torch.ones_like(s))[None]              # exp(l_i - l)
+    out = (w[..., None].to(outs.dtype) * outs).sum(0)
+    out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
+    return out, total
