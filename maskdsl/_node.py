@@ -210,3 +210,23 @@ def check_heads(heads) -> int:
     if heads > MAX_HEADS:
         raise MaskDSLError(f"heads={heads}: expected an int in [1, {MAX_HEADS}]")
     return int(heads)
+
+
+def check_user_fn(where: str, fn, name, signature: str) -> str:
+    """A user's Python function (``mask_fn``, ``score_fn``): MaskDSLError unless ``fn`` is
+    callable; returns its name (``name``, else ``fn.__name__`` when an identifier, else "fn")."""
+    if isinstance(fn, Node) or not callable(fn):
+        text = repr(fn)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise MaskDSLError(f"{where}: fn={text}: expected a callable {signature}")
+    out = name
+    if out is None:
+        out = getattr(fn, "__name__", None)
+        if not isinstance(out, str) or not out.isidentifier():
+            out = "fn"                                # lambdas, partials, callable objects
+    if not isinstance(out, str) or not out.strip() or len(out) > 100:
+        text = repr(name)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        raise MaskDSLError(f"{where}: name={text}: expected a non-empty string of at most 100 "
+                           f"characters")
+    return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
-from ._node import Node, dsl
+from ._node import Node, check_user_fn, dsl
 from ._values import Check, PerHead, _fmt, _is_tensor, at_head, check_dims, dims_in_shape, per_dim
 
 __all__ = [
@@ -384,19 +384,8 @@ class MaskFn(Pattern):
     _name: ClassVar[str] = "mask_fn"
 
     def _check(self):
-        if isinstance(self.fn, Node) or not callable(self.fn):
-            raise MaskDSLError(
-                f"mask_fn: fn={_clip_repr(self.fn)}: expected a callable "
-                f"fn(b, h, q_idx, kv_idx) -> bool tensor (flex's mask_mod signature)")
-        name = self.name
-        if name is None:
-            name = getattr(self.fn, "__name__", None)
-            if not isinstance(name, str) or not name.isidentifier():
-                name = "fn"                           # lambdas, partials, callable objects
-        if not isinstance(name, str) or not name.strip() or len(name) > 100:
-            raise MaskDSLError(
-                f"mask_fn: name={_clip_repr(self.name)}: expected a non-empty string of at most "
-                f"100 characters")
+        name = check_user_fn("mask_fn", self.fn, self.name,
+                             "fn(b, h, q_idx, kv_idx) -> bool tensor (flex's mask_mod signature)")
         object.__setattr__(self, "name", name)
         if self.key_range is not None and (isinstance(self.key_range, Node)
                                            or not callable(self.key_range)):

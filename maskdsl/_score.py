@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
-from ._node import Node, dsl
+from ._node import Node, check_user_fn, dsl
 from ._values import Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape, fmt_value
 
 __all__ = [
@@ -235,18 +235,8 @@ class ScoreFn(Score):
     _name: ClassVar[str] = "score_fn"
 
     def _check(self):
-        if isinstance(self.fn, Node) or not callable(self.fn):
-            raise MaskDSLError(
-                f"score_fn: fn={self.fn!r:.80}: expected a callable fn(score, b, h, q_idx, kv_idx) "
-                f"-> tensor (flex's score_mod signature)")
-        name = self.name
-        if name is None:
-            name = getattr(self.fn, "__name__", None)
-            if not isinstance(name, str) or not name.isidentifier():
-                name = "fn"
-        if not isinstance(name, str) or not name.strip() or len(name) > 100:
-            raise MaskDSLError(f"score_fn: name={self.name!r:.80}: expected a non-empty string "
-                               f"of at most 100 characters")
+        name = check_user_fn("score_fn", self.fn, self.name,
+                             "fn(score, b, h, q_idx, kv_idx) -> tensor (flex's score_mod signature)")
         object.__setattr__(self, "name", name)
 
     def __repr__(self):
