@@ -230,3 +230,38 @@ def check_user_fn(where: str, fn, name, signature: str) -> str:
         raise MaskDSLError(f"{where}: name={text}: expected a non-empty string of at most 100 "
                            f"characters")
     return out
+
+
+def probe_indices(shape: tuple):
+    """int64 [P]: the few flat token indices a user's function is first called on (the first
+    and last two, the middle), so a wrong result fails at compile time, naming the function."""
+    import math
+
+    import torch
+
+    n = math.prod(shape)
+    return torch.tensor(sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n))), dtype=torch.int64)
+
+
+def call_user(node, what: str, fn, args: tuple, where: str):
+    """``fn(*args)`` without autograd; any exception from the user's code becomes one
+    MaskDSLError line naming ``node``, ``what`` raised it and how it was called."""
+    import torch
+
+    with torch.no_grad():
+        try:
+            return fn(*args)
+        except MaskDSLError:
+            raise
+        except Exception as e:   # the user's code: any error becomes one line naming it
+            raise MaskDSLError(f"{node!r}: {what} raised {type(e).__name__}: {e} {where}") from None
+
+
+def broadcasts_to(t, shape: tuple) -> bool:
+    """Whether tensor ``t`` broadcasts to exactly ``shape``."""
+    import torch
+
+    try:
+        return tuple(torch.broadcast_shapes(tuple(t.shape), tuple(shape))) == tuple(shape)
+    except RuntimeError:
+        return False

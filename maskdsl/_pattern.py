@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
-from ._node import Node, check_user_fn, dsl
+from ._node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
 from ._values import Check, PerHead, _fmt, _is_tensor, at_head, check_dims, dims_in_shape, per_dim
 
 __all__ = [
@@ -410,30 +410,17 @@ class MaskFn(Pattern):
         a backend."""
         import torch
 
-        n = math.prod(shape)
-        idx = torch.tensor(sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n))), dtype=torch.int64)
+        idx = probe_indices(shape)
         P = len(idx)
         zero = torch.zeros((), dtype=torch.int64)
         where = (f"when called with b=0, h=0 and int64 tensors q_idx [{P}, 1], kv_idx [1, {P}] "
                  f"(fn must be broadcast-safe)")
-        with torch.no_grad():
-            try:
-                out = self.fn(zero, zero, idx[:, None], idx[None, :])
-            except MaskDSLError:
-                raise
-            except Exception as e:   # the user's code: any error becomes one line naming it
-                raise MaskDSLError(f"{self!r}: fn raised {type(e).__name__}: {e} {where}") from None
-            check_mask_result(self, out, (P, P), where)
-            if self.key_range is not None:
-                try:
-                    r = self.key_range(idx)
-                except MaskDSLError:
-                    raise
-                except Exception as e:
-                    raise MaskDSLError(
-                        f"{self!r}: key_range raised {type(e).__name__}: {e} when called with "
-                        f"an int64 tensor q_idx [{P}]") from None
-                check_key_range_result(self, r, P)
+        out = call_user(self, "fn", self.fn, (zero, zero, idx[:, None], idx[None, :]), where)
+        check_mask_result(self, out, (P, P), where)
+        if self.key_range is not None:
+            r = call_user(self, "key_range", self.key_range, (idx,),
+                          f"when called with an int64 tensor q_idx [{P}]")
+            check_key_range_result(self, r, P)
 
 
 def check_mask_result(node, out, shape: tuple, where: str) -> None:
@@ -444,11 +431,7 @@ def check_mask_result(node, out, shape: tuple, where: str) -> None:
         got = (f"a {out.dtype} tensor" if isinstance(out, torch.Tensor)
                else f"{type(out).__name__} {_clip_repr(out, 40)}")
         raise MaskDSLError(f"{node!r}: fn returned {got} {where}; expected a bool tensor")
-    try:
-        ok = tuple(torch.broadcast_shapes(tuple(out.shape), shape)) == tuple(shape)
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(out, shape):
         raise MaskDSLError(
             f"{node!r}: fn returned shape {list(out.shape)} {where}; expected a bool tensor "
             f"broadcastable to {list(shape)} (the broadcast of q_idx and kv_idx)")
@@ -461,10 +444,7 @@ def check_key_range_result(node, r, P: int) -> None:
     for x in (r if ok else ()):
         if isinstance(x, torch.Tensor):
             ok = ok and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
-            try:
-                ok = ok and tuple(torch.broadcast_shapes(tuple(x.shape), (P,))) == (P,)
-            except RuntimeError:
-                ok = False
+            ok = ok and broadcasts_to(x, (P,))
         else:
             ok = ok and isinstance(x, numbers.Integral) and not isinstance(x, bool)
     if not ok:

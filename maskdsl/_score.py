@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
 from ._errors import MaskDSLError
-from ._node import Node, check_user_fn, dsl
+from ._node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
 from ._values import Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape, fmt_value
 
 __all__ = [
@@ -250,31 +250,19 @@ class ScoreFn(Score):
     def probe(self, shape: tuple) -> None:
         """Call ``fn`` once on a few tokens and check what it returns (a MaskDSLError naming the
         term at compile time, not a failure deep in a backend)."""
-        import math
-
         import torch
 
-        n = math.prod(shape)
-        idx = torch.tensor(sorted({0, 1, n // 2, n - 1} & set(range(n))), dtype=torch.int64)
+        idx = probe_indices(shape)
         P = len(idx)
         zero = torch.zeros((), dtype=torch.int64)
         where = (f"when called with score float32 [{P}, {P}], b=0, h=0 and int64 tensors q_idx "
                  f"[{P}, 1], kv_idx [1, {P}] (fn must be broadcast-safe)")
-        with torch.no_grad():
-            try:
-                out = self.fn(torch.zeros(P, P), zero, zero, idx[:, None], idx[None, :])
-            except MaskDSLError:
-                raise
-            except Exception as e:   # the user's code: any error becomes one line naming it
-                raise MaskDSLError(f"{self!r}: fn raised {type(e).__name__}: {e} {where}") from None
+        out = call_user(self, "fn", self.fn, (torch.zeros(P, P), zero, zero, idx[:, None],
+                                              idx[None, :]), where)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
             raise MaskDSLError(f"{self!r}: fn returned {got} {where}; expected a floating tensor")
-        try:
-            ok = tuple(torch.broadcast_shapes(tuple(out.shape), (P, P))) == (P, P)
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not broadcasts_to(out, (P, P)):
             raise MaskDSLError(f"{self!r}: fn returned shape {list(out.shape)} {where}; expected "
                                f"a tensor broadcastable to the score's shape {[P, P]}")
 
