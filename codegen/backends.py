@@ -8,10 +8,11 @@ checks and xformers' ``not_supported_reasons``):
 * ``preference(spec, device)``: under ``auto`` only, why another backend is the better choice even
   though this one could run it (None: take me);
 * ``strength(spec, device)``: one sentence saying why it is a good choice (for ``attn.reason``);
-* ``call_refusal(spec, q, k, v)``: None, or why it cannot run *these* tensors (dtype, device,
-  gradients), as the message a user who asked for it reads;
+* ``call_refusal(spec, q, k, v, return_lse)``: None, or why it cannot run *these* tensors
+  (dtype, device, gradients; the lse output), as the message a user who asked for it reads;
 * ``prepare(spec)``: the heavy objects it runs (programs, plans), cached inside the module;
-* ``run(state, q, k, v, call)``: attention on checked, finite inputs in the user's token order.
+* ``run(state, q, k, v, call)``: attention on checked, finite inputs in the user's token order
+  (k and v may have H_kv heads dividing H: GQA); ``(out, lse)`` when ``call.return_lse``.
 
 ``choose(spec, device)`` walks the device's priority list and returns the first backend with no
 refusal and no preference, with ``reason`` assembled from its strength and the reasons of those
@@ -60,12 +61,14 @@ class Spec:
 @dataclass
 class Call:
     """One call's options: the logit scale, per-head sink logits and dropout probabilities
-    ([H] tensors, None when absent or not training) and the dropout generator."""
+    ([H] tensors, None when absent or not training), the dropout generator, and whether
+    ``run`` returns ``(out, lse)`` instead of ``out``."""
 
     scale: float
     sink: Optional[torch.Tensor] = None
     dropout_p: Optional[torch.Tensor] = None
     generator: Optional[torch.Generator] = None
+    return_lse: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ def requested(name: str, spec: Spec, device: torch.device) -> Choice:
     return Choice(name, f"{name} was requested")
 
 
-def fallback(spec: Spec, current: str, q, k, v, device) -> Tuple[str, List[Tuple[str, str]]]:
+def fallback(spec: Spec, current: str, q, k, v, device,
+             return_lse: bool = False) -> Tuple[str, List[Tuple[str, str]]]:
     """Under ``auto``: the backend that runs *this call* when ``current`` refuses the tensors:
     the next one in the priority list that takes the request and these tensors, with the
     refusals met on the way."""
@@ -124,7 +128,7 @@ def fallback(spec: Spec, current: str, q, k, v, device) -> Tuple[str, List[Tuple
         b = get(name)
         if name != current and (b.refusal(spec, device) or b.preference(spec, device)):
             continue
-        why = b.call_refusal(spec, q, k, v)
+        why = b.call_refusal(spec, q, k, v, return_lse)
         if why is None:
             return name, met
         met.append((name, why))

@@ -129,8 +129,10 @@ def _to_layout(x, gather):
     return torch.cat([x, pad], 2).index_select(2, gather)
 
 
-def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True):
-    """flex_attention on [B, H, N, D] inputs in the user's token order."""
+def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True,
+             return_lse: bool = False):
+    """flex_attention on [B, H, N, D] inputs in the user's token order (k, v may have H_kv
+    heads: Flex's own ``enable_gqa``); ``return_lse``: also the float32 lse [B, H, N]."""
     from torch.nn.attention.flex_attention import flex_attention
 
     device = q.device
@@ -144,10 +146,28 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True):
         gather, scatter = _permutation(program, device)
         q, k, v = (_to_layout(t, gather) for t in (q, k, v))
     fn = compiled_flex() if compiled else flex_attention
-    out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+    kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if return_lse:
+        kw.update(_lse_request())
+    out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **kw)
+    lse = None
+    if return_lse:
+        out, aux = out
+        lse = getattr(aux, "lse", aux).float()     # AuxOutput (torch >= 2.9) or the bare lse
     if permute:
         out = out.index_select(2, scatter)
-    return out
+        lse = lse.index_select(2, scatter) if lse is not None else None
+    return (out, lse) if return_lse else out
+
+
+def _lse_request() -> dict:
+    """flex_attention's way to ask for the log-sum-exp: ``return_aux`` where it exists
+    (``return_lse`` is deprecated there), else ``return_lse``."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:   # pragma: no cover - torch < 2.9
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
 
 
 # ---------------------------------------------------------------------- the backend protocol
@@ -171,10 +191,13 @@ def strength(spec, device) -> str:
     return "on CUDA the pattern compiles to a mask_mod with an analytic BlockMask (forward and backward)"
 
 
-def call_refusal(spec, q, k, v) -> Optional[str]:
+def call_refusal(spec, q, k, v, return_lse: bool = False) -> Optional[str]:
     if q.dtype not in FLEX_DTYPES:
         names = "/".join(str(d).replace("torch.", "") for d in FLEX_DTYPES)
         return f"flex does not support {q.dtype}; pass {names} inputs or pick backend='tiles'"
+    if return_lse and q.device.type == "cpu":
+        return ("flex cannot return the log-sum-exp on CPU (torch's compiled CPU flex kernel "
+                "has no lse output); pick backend='tiles'")
     if q.device.type == "cpu" and torch.is_grad_enabled():
         if any(t.requires_grad for t in (q, k, v)):
             return ("flex has no backward on CPU; run under torch.no_grad() with inputs that "
@@ -193,4 +216,4 @@ def prepare(spec) -> Program:
 
 
 def run(state: Program, q, k, v, call) -> torch.Tensor:
-    return run_flex(state, q, k, v, call.scale)
+    return run_flex(state, q, k, v, call.scale, return_lse=call.return_lse)

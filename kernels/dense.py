@@ -36,7 +36,7 @@ def strength(spec, device) -> str:
     return f"{spec.n} tokens is small enough that the dense reference path is the fastest"
 
 
-def call_refusal(spec, q, k, v) -> Optional[str]:
+def call_refusal(spec, q, k, v, return_lse: bool = False) -> Optional[str]:
     return None
 
 
@@ -53,4 +53,4 @@ def run(spec, q, k, v, call) -> torch.Tensor:
     else:                                  # not training (or no dropout term): no dropout
         score = without(score, Dropout)
     return reference.attention(q, k, v, spec.pattern, spec.shape, score=score,
-                               scale=call.scale, dropout_keep=keep)
+                               scale=call.scale, dropout_keep=keep, return_lse=call.return_lse)

@@ -29,7 +29,8 @@ import torch
 from maskdsl._caching import LRU, outside_inference_mode
 from maskdsl.codegen.tileclasses import FULL
 
-__all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "rows_attending", "TILE_SIZES"]
+__all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "rows_attending",
+           "rows_with_keys", "TILE_SIZES"]
 
 TILE_SIZES = (128, 64)           # tokens per tile; see tiles_program
 _MAX_SCORE_ELEMENTS = 1 << 24    # explicit and chunked paths: query tiles in chunks of at most this many scores
@@ -314,26 +315,33 @@ def _with_zero_row(x):
 
 
 def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
-              generator: Optional[torch.Generator] = None, keep: Optional[torch.Tensor] = None):
-    """Block-sparse attention on [B, H, N, D] inputs in the user's token order.
+              generator: Optional[torch.Generator] = None, keep: Optional[torch.Tensor] = None,
+              return_lse: bool = False):
+    """Block-sparse attention on [B, H, N, D] inputs in the user's token order (k, v: [B, H_kv,
+    N, D] with H_kv dividing H for grouped-query attention; each query head's keys are gathered
+    straight from its kv head, never from an H-head copy).
 
     Args:
         sink: per-head sink logits, a tensor [H] (or None).
         dropout_p: per-head dropout probabilities, a float tensor [H] (or None: no dropout).
         generator: where dropout draws from (CPU generator; the keep mask is moved to q's device).
         keep: an explicit keep mask in the gathered layout [B, H, T, V, K] (tests use this).
+        return_lse: also return the log-sum-exp [B, H, N] (the softmax is then written out:
+            SDPA returns none on CPU).
     Returns:
-        [B, H, N, Dv]
+        [B, H, N, Dv] (and lse)
     """
 
     device = q.device
     B, H, N, D = q.shape
     Dv = v.shape[-1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     if B == 0:   # nothing to attend; keep the graph so backward gives zero-size gradients
-        return v.new_zeros(0, H, N, Dv) + (q.sum() + k.sum() + v.sum()).to(v.dtype)
+        out = v.new_zeros(0, H, N, Dv) + (q.sum() + k.sum() + v.sum()).to(v.dtype)
+        return (out, out.new_zeros(0, H, N, dtype=dt)) if return_lse else out
     plan = plan_for(program, device)
     V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = H // k.shape[1]                    # query heads per key/value head (GQA)
     # lay out queries; gather every query tile's key/value tiles straight from user order
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v) + score_tensors(program.score)
@@ -342,8 +350,8 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     itemsize = torch.finfo(dt).bits // 8
     if T > 1 and B * H * T * K * (D + Dv) * itemsize > _GATHER_BYTES:
         return _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep, dt,
-                            native)
-    if Hc == 1 and not grad:
+                            native, return_lse)
+    if Hc == 1 and not grad and group == 1:
         with plan.buffer_lock:
             qb, kb, vb, (qz, kz, vz) = plan.buffers(B, H, D, Dv, dt, device, padded=not native)
             if native:
@@ -360,28 +368,35 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
                 vb.index_fill_(2, plan.pad_slots, 0)
             return _attend(program, plan, qb.reshape(B, H, T, V, D), kb.reshape(B, H, T, K, D),
                            vb.reshape(B, H, T, K, Dv), q, scale, sink, dropout_p, generator,
-                           keep, dt)
+                           keep, dt, return_lse)
     if native:
         qz, kz, vz, qi, kvi = q, k, v, plan.q_index0, plan.kv_index0
     else:
         qz, kz, vz = (_with_zero_row(x).to(dt) for x in (q, k, v))
         qi, kvi = plan.q_index, plan.kv_index
     qt = qz.index_select(2, qi).reshape(B, H, T, V, D)
-    if Hc == 1:
+    if Hc == 1 and group == 1:
         kg, vg = kz.index_select(2, kvi[0]), vz.index_select(2, kvi[0])
-    else:
-        hh = torch.arange(H, device=device)[:, None]
+    else:                                      # per-head keys, or GQA: head h reads h // group
+        hh = torch.arange(H, device=device)[:, None] // group
         kg, vg = kz[:, hh, kvi], vz[:, hh, kvi]
     if native and plan.pad_mask is not None:   # padding slots read token 0: zero them
         pad = plan.pad_mask[None, :, :, None]
         kg, vg = kg.masked_fill(pad, 0), vg.masked_fill(pad, 0)
     kg, vg = kg.reshape(B, H, T, K, D), vg.reshape(B, H, T, K, Dv)
-    return _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt)
+    return _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt,
+                   return_lse)
 
 
-def _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt):
+def _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt,
+            return_lse=False):
     """Attention of the laid-out queries against their gathered keys, back in user order."""
-    out = _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt)
+    out = _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt,
+                        return_lse)
+    if return_lse:
+        out, lse = out
+        return (_unlayout(plan, out, q.shape[2], q.dtype),
+                _unlayout(plan, lse[..., None], q.shape[2], dt)[..., 0])
     return _unlayout(plan, out, q.shape[2], q.dtype)
 
 
@@ -412,7 +427,8 @@ class _Slice:
         return self._plan.allowed_chunk(self._t0 + t0, self._t0 + t1)
 
 
-def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep, dt, native):
+def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep, dt, native,
+                 return_lse=False):
     """run_tiles for large grids: gather and attend a chunk of query tiles at a time, so the
     gathered keys and the SDPA masks are O(chunk), not O(N x keys per query) (1M tokens under a
     1024-token window: 1.2 GB of gathered k/v at D=16, 4.8 GB of fp32 mask otherwise)."""
@@ -426,7 +442,7 @@ def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep
         qi, kvi = plan.q_index, plan.kv_index
     qi, kvi = qi.reshape(T, V), kvi.reshape(Hc, T, K)
     pad = plan.pad_mask.reshape(Hc, T, K) if native and plan.pad_mask is not None else None
-    hh = torch.arange(H, device=q.device)[:, None]
+    hh = torch.arange(H, device=q.device)[:, None] // (H // k.shape[1])      # GQA: kv head of h
     step = plan.chunk(B, H, D)
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v) + score_tensors(program.score)
@@ -434,13 +450,13 @@ def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep
     # without autograd, chunks are written into one buffer: kept chunk outputs between the
     # freed temporaries would fragment the heap (RSS grew ~20 MB per chunk at 1M tokens)
     whole = None if grad else torch.empty(B, H, T * V, Dv, dtype=dt, device=q.device)
-    outs = []
+    outs, lses = [], []
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         t = t1 - t0
         qt = qz.index_select(2, qi[t0:t1].reshape(-1)).reshape(B, H, t, V, D)
         idx = kvi[:, t0:t1].reshape(Hc, t * K)
-        if Hc == 1:
+        if Hc == 1 and k.shape[1] == H:
             kg, vg = kz.index_select(2, idx[0]), vz.index_select(2, idx[0])
         else:
             kg, vg = kz[:, hh, idx], vz[:, hh, idx]
@@ -449,17 +465,26 @@ def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep
             kg, vg = kg.masked_fill(m, 0), vg.masked_fill(m, 0)
         kg, vg = kg.reshape(B, H, t, K, D), vg.reshape(B, H, t, K, Dv)
         o = _attend_tiles(program, _Slice(plan, t0, t1), qt, kg, vg, q, scale, sink, dropout_p,
-                          generator, keep[:, :, t0:t1] if keep is not None else None, dt)
+                          generator, keep[:, :, t0:t1] if keep is not None else None, dt,
+                          return_lse)
+        if return_lse:
+            o, lse = o
+            lses.append(lse)
         if whole is None:
             outs.append(o)
         else:
             whole[:, :, t0 * V:t1 * V] = o
         del qt, kg, vg, o
-    return _unlayout(plan, torch.cat(outs, 2) if whole is None else whole, N, q.dtype)
+    out = _unlayout(plan, torch.cat(outs, 2) if whole is None else whole, N, q.dtype)
+    if return_lse:
+        return out, _unlayout(plan, torch.cat(lses, 2)[..., None], N, dt)[..., 0]
+    return out
 
 
-def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt):
-    """[B, H, T * V, Dv]: attention of laid-out query tiles against their gathered keys."""
+def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt,
+                  return_lse=False):
+    """[B, H, T * V, Dv]: attention of laid-out query tiles against their gathered keys (and
+    the lse [B, H, T * V] with ``return_lse``)."""
     from maskdsl._score import ScoreFn, Softcap, score_terms
 
     device = q.device
@@ -477,11 +502,14 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
         # a 0-d score loses type promotion to float32 tables: cast (SDPA misreads a mask whose
         # dtype differs from q's)
         bias = score_mod(zero, 0, heads, plan.q_pos[None, None], kp).to(dt)   # [1, H, T, V, K]
-    if sink is None and dropout_p is None and not nonlinear:
+    if sink is None and dropout_p is None and not nonlinear and not return_lse:
         out = _fused(qt, kg, vg, plan, bias, scale, B, H)
     else:
         out = _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep,
-                        B, H, dt)
+                        B, H, dt, return_lse)
+    if return_lse:
+        out, lse = out
+        return out.reshape(B, H, T * V, Dv), lse.reshape(B, H, T * V)
     return out.reshape(B, H, T * V, Dv)
 
 
@@ -504,13 +532,15 @@ def _fused(qt, kg, vg, plan, bias, scale, B, H):
     return torch.where(row_any, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep, B, H, dt):
-    """The softmax written out: softcap, sink logits and dropout (chunked over query tiles)."""
+def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep, B, H, dt,
+              return_lse=False):
+    """The softmax written out: softcap, sink logits, dropout and the log-sum-exp (chunked over
+    query tiles)."""
     device = qt.device
     T, V, K, Hc = plan.T, plan.V, plan.K, plan.Hc
     heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * K))
-    outs = []
+    outs, lses = [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         s = torch.matmul(qt[:, :, t0:t1], kg[:, :, t0:t1].transpose(-1, -2)) * scale
@@ -529,6 +559,10 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
             denom = denom + torch.exp(sink.to(dt).reshape(1, H, 1, 1, 1) - m)
         # a row with no key divides 0 by 1; a NaN (sink logit) stays NaN, never becomes 1
         p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+        if return_lse:     # log of the denominator: -inf (and no NaN gradient) for a row with no key
+            some = denom > 0
+            lse = m + torch.log(torch.where(some, denom, torch.ones_like(denom)))
+            lses.append(torch.where(some, lse, torch.full_like(lse, float("-inf")))[..., 0])
         if dropout_p is not None:
             ps = dropout_p.to(device=device, dtype=dt).reshape(1, H, 1, 1, 1)
             if keep is not None:
@@ -538,7 +572,10 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
                 kp_ = (u >= ps.cpu().double()).to(device)
             p = p * kp_ / (1 - ps)
         outs.append(torch.matmul(p, vg[:, :, t0:t1]))
-    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    if return_lse:
+        return out, torch.cat(lses, 2) if len(lses) > 1 else lses[0]
+    return out
 
 
 def rows_attending(program, bad: torch.Tensor) -> torch.Tensor:
@@ -562,6 +599,17 @@ def rows_attending(program, bad: torch.Tensor) -> torch.Tensor:
     return hit[:, :, :N]
 
 
+def rows_with_keys(program, device) -> torch.Tensor:
+    """bool [H, N]: the queries that attend at least one key (built once per plan and device;
+    backends whose kernels cannot tell an empty row's log-sum-exp apart read it here)."""
+    plan = plan_for(program, device)
+    found = getattr(plan, "_rows_with_keys", None)
+    if found is None:
+        ones = torch.ones(1, program.heads, program.n, dtype=torch.bool, device=device)
+        found = plan._rows_with_keys = outside_inference_mode(rows_attending)(program, ones)[0]
+    return found
+
+
 # ---------------------------------------------------------------------- the backend protocol
 
 def refusal(spec, device):
@@ -579,7 +627,7 @@ def strength(spec, device) -> str:
             f"and the only one with a backward (Flex is inference-only there)")
 
 
-def call_refusal(spec, q, k, v):
+def call_refusal(spec, q, k, v, return_lse: bool = False):
     return None
 
 
@@ -589,4 +637,4 @@ def prepare(spec):
 
 def run(state, q, k, v, call):
     return run_tiles(state, q, k, v, call.scale, sink=call.sink, dropout_p=call.dropout_p,
-                     generator=call.generator)
+                     generator=call.generator, return_lse=call.return_lse)

@@ -182,14 +182,14 @@ class _Fn(torch.autograd.Function):
         out, lse = _launch_fwd(plan, consts, sc, q, k, v, relb, sinkl, scale, seed)
         ctx.save_for_backward(q, k, v, out, lse, relb, sinkl)
         ctx.plan, ctx.consts, ctx.sc, ctx.scale, ctx.seed = plan, consts, sc, scale, seed
-        return out
+        return out, lse / LOG2E                  # the kernels' base-2 lse -> natural log
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
+    def backward(ctx, do, dlse):
         q, k, v, out, lse, relb, sinkl = ctx.saved_tensors
         grads = _launch_bwd(ctx.plan, ctx.consts, ctx.sc, q, k, v, out, lse, relb, sinkl, do,
-                            ctx.scale, ctx.seed, ctx.needs_input_grad)
+                            ctx.scale, ctx.seed, ctx.needs_input_grad, dlse)
         return (*grads, None, None, None, None, None)
 
 
@@ -247,13 +247,18 @@ def _launch_fwd(plan, consts, sc, q, k, v, relb, sinkl, scale, seed):
     return out, lse
 
 
-def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, seed, needs):
-    """Gradients of q, k, v, the table, sink logits, rate, slopes, cap (None: not needed)."""
+def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, seed, needs,
+                dlse=None):
+    """Gradients of q, k, v, the table, sink logits, rate, slopes, cap (None: not needed).
+    ``dlse``: the gradient of the (natural) lse output; since d lse / d s_ij = p_ij it enters
+    every kernel as ``delta - dlse`` (ds = p (dp - delta) + p dlse)."""
     B, H, N, D = q.shape
     Dv = v.shape[-1]
     P, NS = plan.packed(q.device)
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1)                        # rowsum(dO * O) [B, H, N]
+    if dlse is not None:
+        delta = delta - dlse.float()
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
@@ -319,9 +324,11 @@ def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, see
 
 def run_triton(plan: TritonPlan, q, k, v, scale: float, *, score=None, sink=None,
                dropout_p=None, seed: int = 0):
-    """[B, H, N, D] attention through the Triton kernels (autograd: q, k, v, the relative_bias
-    table, sink logits, learnable rate / slopes / cap). ``score``: the caller's score terms,
-    whose tensors are read now. ``dropout_p``: per-head probabilities (None: no dropout)."""
+    """([B, H, N, D] attention, its natural-log lse [B, H, N] float32) through the Triton
+    kernels (autograd: q, k, v, the relative_bias table, sink logits, learnable rate / slopes /
+    cap, through both outputs). An empty row's lse reads 0 here: ``run`` marks it -inf.
+    ``score``: the caller's score terms, whose tensors are read now. ``dropout_p``: per-head
+    probabilities (None: no dropout)."""
     _check_inputs(q, k, v)
     dev = q.device
     H = plan.heads
@@ -348,8 +355,9 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, score=None, sink=None
     if sink is not None:
         sink = sink.to(device=dev, dtype=torch.float32).reshape(-1)
         sink = sink.expand(H) if sink.numel() == 1 else sink
-    return _Fn.apply(q, k, v, relb, sink, learn.get("rate"), learn.get("slope"), learn.get("cap"),
-                     plan, consts, sc, float(scale), int(seed))
+    out, lse = _Fn.apply(q, k, v, relb, sink, learn.get("rate"), learn.get("slope"),
+                         learn.get("cap"), plan, consts, sc, float(scale), int(seed))
+    return out, lse
 
 
 def keep_mask(plan, batch: int, dropout_p, seed: int, device) -> torch.Tensor:
@@ -422,7 +430,7 @@ def strength(spec, device) -> str:
             f"kernel computes key ranges in-kernel")
 
 
-def call_refusal(spec, q, k, v) -> Optional[str]:
+def call_refusal(spec, q, k, v, return_lse: bool = False) -> Optional[str]:
     why = why_unavailable(q.device)
     if why is not None:
         return why
@@ -452,5 +460,20 @@ def run(state, q, k, v, call) -> torch.Tensor:
     # one seed per call from the compiled callable's generator: reproducible, advancing
     seed = (int(torch.randint(0, 2**31 - 1, (), generator=call.generator))
             if call.dropout_p is not None else 0)
-    return run_triton(plan, q, k, v, call.scale, score=spec.score, sink=call.sink,
-                      dropout_p=call.dropout_p, seed=seed)
+    H = q.shape[1]
+    if k.shape[1] != H:
+        # GQA: the kernels index one key/value head per query head, so k and v are expanded to
+        # H heads here (a copy; autograd sums their gradients back). In-kernel kv-head indexing
+        # is left for a GPU session (ARCHITECTURE.md, "GQA").
+        k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
+    out, lse = run_triton(plan, q, k, v, call.scale, score=spec.score, sink=call.sink,
+                          dropout_p=call.dropout_p, seed=seed)
+    if not call.return_lse:
+        return out
+    if call.sink is None:       # the kernels store 0 for a row with no key: mark it -inf
+        from .tiles import rows_with_keys, tiles_program
+
+        has = rows_with_keys(tiles_program(spec.pattern, spec.score, spec.shape, spec.heads),
+                             q.device)
+        lse = torch.where(has[None], lse, torch.full((), float("-inf"), device=q.device))
+    return out, lse

@@ -201,17 +201,29 @@ class CompiledAttention:
         return self._masks[device]
 
     # ------------------------------------------------------------------ running
-    def __call__(self, q, k, v, *, scale: Optional[float] = None) -> torch.Tensor:
+    def __call__(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False):
         """Attention output [B, H, N, Dv] for q, k, v of shape [B, H, N, D].
 
-        A query whose q row, or a key it attends, holds a NaN or inf outputs NaN; no other row
-        is affected (ARCHITECTURE.md, "Non-finite inputs"). Under ``torch.compile`` the call is
-        one custom op that runs this same eager call (ARCHITECTURE.md, "torch.compile")."""
+        k and v may carry H_kv heads dividing H (grouped-query attention): query head i reads
+        key/value head i // (H // H_kv), as SDPA's ``enable_gqa`` and Flex do; no backend but
+        ``triton`` copies them to H heads.
+
+        ``return_lse=True`` returns ``(out, lse)``: lse float32 (float64 for float64 inputs)
+        [B, H, N], the natural log of each row's softmax denominator (sink logits included),
+        -inf for a row with no key, differentiable wherever the backend has a backward;
+        :func:`maskdsl.merge` combines such pairs (ARCHITECTURE.md, "Log-sum-exp").
+
+        A query whose q row, or a key it attends, holds a NaN or inf outputs NaN (and a NaN
+        lse); no other row is affected (ARCHITECTURE.md, "Non-finite inputs"). Under
+        ``torch.compile`` the call is one custom op that runs this same eager call
+        (ARCHITECTURE.md, "torch.compile")."""
+        if not isinstance(return_lse, bool):
+            raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
         if torch.compiler.is_compiling():
             from ._ops import compiled_call
 
-            return compiled_call(self, q, k, v, scale)
-        from ._isolate import nonfinite_rows, poison, sanitize
+            return compiled_call(self, q, k, v, scale, return_lse)
+        from ._isolate import nonfinite_rows, poison, poison_lse, sanitize
 
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads)
         scale = check_scale(scale, D)
@@ -221,14 +233,20 @@ class CompiledAttention:
             self._refresh()
         bad = nonfinite_rows(q, k, v)
         if bad is None:
-            return self._run(q, k, v, scale)
+            return self._run(q, k, v, scale, return_lse)
         from .kernels.tiles import rows_attending
 
         bad_q, bad_kv = bad
-        out = self._run(sanitize(q, bad_q), sanitize(k, bad_kv), sanitize(v, bad_kv), scale)
-        return poison(out, q, bad_q | rows_attending(self.tiles_program, bad_kv))
+        res = self._run(sanitize(q, bad_q), sanitize(k, bad_kv), sanitize(v, bad_kv), scale,
+                        return_lse)
+        if bad_kv.shape[1] != H:                 # GQA: each query head sees its kv head's rows
+            bad_kv = bad_kv.repeat_interleave(H // bad_kv.shape[1], dim=1)
+        rows = bad_q | rows_attending(self.tiles_program, bad_kv)
+        if return_lse:
+            return poison(res[0], q, rows), poison_lse(res[1], rows)
+        return poison(res, q, rows)
 
-    def _run(self, q, k, v, scale: float) -> torch.Tensor:
+    def _run(self, q, k, v, scale: float, return_lse: bool = False):
         """The chosen backend on checked, finite inputs (``auto``: re-decided for a new device,
         and for this call another backend when the chosen one refuses these tensors)."""
         from .codegen import backends
@@ -239,15 +257,15 @@ class CompiledAttention:
                 self._device = q.device
                 self._choice = backends.choose(self._spec, q.device)
                 name = self.backend
-            ran, met = backends.fallback(self._spec, name, q, k, v, q.device)
+            ran, met = backends.fallback(self._spec, name, q, k, v, q.device, return_lse)
             self._last_call = (ran, met) if met else None
             name = ran
         else:
-            why = backends.get(name).call_refusal(self._spec, q, k, v)
+            why = backends.get(name).call_refusal(self._spec, q, k, v, return_lse)
             if why is not None:
                 raise MaskDSLError(f"backend={name!r}: {why}")
         sink, drop_p = score_extras(self.score, self.heads, q.device, self.training)
-        call = backends.Call(scale, sink, drop_p, self._generator)
+        call = backends.Call(scale, sink, drop_p, self._generator, return_lse)
         return backends.get(name).run(self._state(name), q, k, v, call)
 
 

@@ -43,17 +43,24 @@ def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS):
                 f"{name}: shape {list(t.shape)} has N={t.shape[2]} tokens but shape {shape} has "
                 f"{n}; expected [B, H, {n}, D]{hint}"
             )
-        if heads is not None and t.shape[1] != heads:
+        if name == "q" and heads is not None and t.shape[1] != heads:
             raise MaskDSLError(
                 f"{name}: shape {list(t.shape)} has H={t.shape[1]} heads but the pattern was "
                 f"compiled for heads={heads}"
             )
     b, h, _, d = q.shape
-    if k.shape != q.shape:
-        raise MaskDSLError(f"k: shape {list(k.shape)} differs from q's {list(q.shape)}")
-    if v.shape[:3] != q.shape[:3]:
+    hk = k.shape[1]
+    # grouped-query attention (ARCHITECTURE.md, "GQA"): k and v may carry H_kv heads, H % H_kv
+    # == 0; query head i reads key/value head i // (H // H_kv)
+    if k.shape[0] != b or k.shape[3] != d or hk == 0 or h % hk:
+        what = "batch size" if k.shape[0] != b else "head dim" if k.shape[3] != d else "heads"
         raise MaskDSLError(
-            f"v: shape {list(v.shape)} differs from q's {list(q.shape)} in [B, H, N]"
+            f"k: shape {list(k.shape)} differs from q's {list(q.shape)} in its {what}; expected "
+            f"[{b}, H_kv, {k.shape[2]}, {d}] with H_kv dividing q's {h} heads (grouped-query "
+            f"attention) or equal to it")
+    if v.shape[:3] != k.shape[:3]:
+        raise MaskDSLError(
+            f"v: shape {list(v.shape)} differs from k's {list(k.shape)} in [B, H_kv, N]"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise MaskDSLError(f"q, k, v: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); expected one dtype")

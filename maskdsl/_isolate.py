@@ -22,12 +22,12 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["nonfinite_rows", "sanitize", "poison"]
+__all__ = ["nonfinite_rows", "sanitize", "poison", "poison_lse"]
 
 
 def nonfinite_rows(q, k, v) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """None when q, k and v are all finite (one reduction and one host read), else
-    (bad_q [B, H, N], bad_kv [B, H, N]): the rows of q, and of k or v, holding a NaN or inf."""
+    (bad_q [B, H, N], bad_kv [B, H_kv, N]): the rows of q, and of k or v, holding a NaN or inf."""
     if q.device.type == "meta" or q.numel() == 0:
         return None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -69,3 +69,8 @@ class _Poison(torch.autograd.Function):
 def poison(out: torch.Tensor, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``out`` with the poisoned rows [B, H, N] set to NaN (see the module docstring)."""
     return _Poison.apply(out, q, rows)
+
+
+def poison_lse(lse: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp with the poisoned rows [B, H, N] set to NaN (no gradient through them)."""
+    return lse.masked_fill(rows, float("nan"))

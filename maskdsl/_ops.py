@@ -9,10 +9,10 @@ made while ``torch.compiler.is_compiling()`` is split in two:
   plain Python and bakes its result into the graph) checks what is static about the call
   (ranks, shapes, dtypes, devices, the requested backend's refusals) and registers the
   ``CompiledAttention`` in a bounded registry under a *handle*, a string;
-* the graph calls ``maskdsl::attention(q, k, v, params, scale, training, handle)``, whose real
-  implementation runs exactly what an eager call runs (``CompiledAttention.__call__``:
+* the graph calls ``maskdsl::attention(q, k, v, params, scale, training, handle, return_lse)``,
+  whose real implementation runs exactly what an eager call runs (``CompiledAttention.__call__``:
   validation, the non-finite isolation, the backend), and whose fake implementation returns an
-  empty [B, H, N, Dv]. ``params`` are the score's tensor parameters as the graph sees them, so a
+  empty [B, H, N, Dv] (and an lse [B, H, N], empty [0] when not asked for). ``params`` are the score's tensor parameters as the graph sees them, so a
   learnable rate or relative_bias table gets its gradient.
 
 Handles are keyed by content (the pattern's and score's content keys, shape, heads, requested
@@ -147,25 +147,33 @@ def _rng_state(attn, training: bool) -> torch.Tensor:
     return attn._generator.get_state()
 
 
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("maskdsl::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: List[torch.Tensor],
-              scale: float, training: bool, handle: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """[B, H, N, Dv] attention of the registered CompiledAttention ``handle``, and the dropout
-    generator's state before the call (for the backward's replay)."""
+              scale: float, training: bool, handle: str,
+              return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, H, N, Dv] attention of the registered CompiledAttention ``handle``, its lse [B, H, N]
+    (empty [0] unless ``return_lse``), and the dropout generator's state before the call (for
+    the backward's replay)."""
     attn = _lookup(handle)
     state = _rng_state(attn, training)
-    out = _with_params(attn, params, training)(q, k, v, scale=scale)
-    return _fresh(out, (q, k, v, *params)), state
+    res = _with_params(attn, params, training)(q, k, v, scale=scale, return_lse=return_lse)
+    out, lse = res if return_lse else (res, q.new_empty(0, dtype=_lse_dtype(q)))
+    return _fresh(out, (q, k, v, *params)), _fresh(lse, ()), state
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, params, scale, training, handle):
+def _attention_fake(q, k, v, params, scale, training, handle, return_lse):
     attn = _REGISTRY.get(handle)
     n_state = 0
     if attn is not None and attn._generator is not None and training:
         n_state = attn._generator.get_state().numel()
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    return out, torch.empty(n_state, dtype=torch.uint8)
+    lse = q.new_empty(*(q.shape[:-1] if return_lse else (0,)), dtype=_lse_dtype(q))
+    return out, lse, torch.empty(n_state, dtype=torch.uint8)
 
 
 def _autograd_dispatch():
@@ -179,11 +187,13 @@ def _autograd_dispatch():
 
 
 @torch.library.custom_op("maskdsl::attention_backward", mutates_args=())
-def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       params: List[torch.Tensor], rng_state: torch.Tensor, scale: float,
-                       training: bool, handle: str, needs: List[bool]) -> List[torch.Tensor]:
+def attention_backward(grad: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor, params: List[torch.Tensor],
+                       rng_state: torch.Tensor, scale: float, training: bool, handle: str,
+                       needs: List[bool]) -> List[torch.Tensor]:
     """Gradients of ``maskdsl::attention`` for q, k, v and each parameter (zeros where
-    ``needs`` is False): the forward recomputed under ``enable_grad``."""
+    ``needs`` is False): the forward recomputed under ``enable_grad``; ``grad_lse`` (empty when
+    the forward returned no lse) is the lse output's gradient."""
     attn = _lookup(handle)
     inputs = [t.detach().requires_grad_(bool(n) and t.is_floating_point())
               for t, n in zip((q, k, v, *params), needs)]
@@ -196,33 +206,41 @@ def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     grads = {}
     if wanted:
         with _autograd_dispatch(), torch.enable_grad():
-            out = run(*inputs[:3], scale=scale)
-            found = torch.autograd.grad(out, wanted, grad, allow_unused=True)
+            if grad_lse.numel():
+                out, lse = run(*inputs[:3], scale=scale, return_lse=True)
+                found = torch.autograd.grad([out, lse], wanted, [grad, grad_lse],
+                                            allow_unused=True)
+            else:
+                out = run(*inputs[:3], scale=scale)
+                found = torch.autograd.grad(out, wanted, grad, allow_unused=True)
         grads = {id(t): g for t, g in zip(wanted, found)}
     return [_fresh(grads[id(t)], ()) if grads.get(id(t)) is not None else
             torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in inputs]
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad, q, k, v, params, rng_state, scale, training, handle, needs):
+def _attention_backward_fake(grad, grad_lse, q, k, v, params, rng_state, scale, training, handle,
+                             needs):
     return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, *params)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, params, scale, training, handle = inputs
-    _, state = output
+    q, k, v, params, scale, training, handle, return_lse = inputs
+    _, _, state = output
     ctx.save_for_backward(q, k, v, state, *params)
-    ctx.scale, ctx.training, ctx.handle = scale, training, handle
+    ctx.scale, ctx.training, ctx.handle, ctx.return_lse = scale, training, handle, return_lse
 
 
-def _backward(ctx, grad, _grad_state):
+def _backward(ctx, grad, grad_lse, _grad_state):
     q, k, v, state, *params = ctx.saved_tensors
     nq, nk, nv, nparams = ctx.needs_input_grad[:4]
     needs = [bool(nq), bool(nk), bool(nv), *(bool(n) for n in nparams)]
-    grads = attention_backward(grad, q, k, v, params, state, ctx.scale, ctx.training,
+    if not ctx.return_lse or grad_lse is None:
+        grad_lse = grad.new_empty(0, dtype=_lse_dtype(q))
+    grads = attention_backward(grad, grad_lse, q, k, v, params, state, ctx.scale, ctx.training,
                                ctx.handle, needs)
     out = [g if n else None for g, n in zip(grads, needs)]
-    return out[0], out[1], out[2], out[3:], None, None, None
+    return out[0], out[1], out[2], out[3:], None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -280,7 +298,7 @@ def _prepare_call(attn, meta: tuple) -> tuple:
     from ._inputs import check_qkv, check_scale
     from .codegen import backends
 
-    tensors, scale, grad_mode, batch_ok = meta
+    tensors, scale, grad_mode, batch_ok, return_lse = meta
     handle = handle_of(attn)
     _REGISTRY.put(handle, attn)
     try:
@@ -295,10 +313,11 @@ def _prepare_call(attn, meta: tuple) -> tuple:
                 if q.device != attn._device:
                     attn._device = q.device
                     attn._choice = backends.choose(attn._spec, q.device)
-                ran, met = backends.fallback(attn._spec, attn.backend, q, k, v, q.device)
+                ran, met = backends.fallback(attn._spec, attn.backend, q, k, v, q.device,
+                                             return_lse)
                 attn._last_call = (ran, met) if met else None
             else:
-                why = backends.get(attn.backend).call_refusal(attn._spec, q, k, v)
+                why = backends.get(attn.backend).call_refusal(attn._spec, q, k, v, return_lse)
                 if why is not None:
                     raise MaskDSLError(f"backend={attn.backend!r}: {why}")
     except MaskDSLError as e:
@@ -320,36 +339,38 @@ def stand_in(t):
     return _meta(t)
 
 
-def call_meta(q, k, v, scale) -> tuple:
+def call_meta(q, k, v, scale, return_lse: bool = False) -> tuple:
     """Traced: what ``_prepare_call`` reads about a call, as constants."""
     batch_ok = True                # an ``if`` on sizes: a guard and a constant, not a SymBool
     if q.dim() >= 1 and k.dim() >= 1 and v.dim() >= 1:
         if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
             batch_ok = False
-    return tuple(_meta(t) for t in (q, k, v)), scale, torch.is_grad_enabled(), batch_ok
+    return (tuple(_meta(t) for t in (q, k, v)), scale, torch.is_grad_enabled(), batch_ok,
+            bool(return_lse))
 
 
-def finish(prepared, score, q, k, v, training: bool, where: str = ""):
+def finish(prepared, score, q, k, v, training: bool, where: str = "", return_lse: bool = False):
     """Traced: the graph's op call for a prepared call (or the refusal it compiles to)."""
     from ._score import score_terms
 
     handle, fields, scale, error = prepared
     if error:
-        return refuse(q, k, v, handle, error, where)
+        out = refuse(q, k, v, handle, error, where)
+        return (out, out[..., 0].float()) if return_lse else out
     terms = score_terms(score)
     params = [getattr(terms[i], name) for i, name in fields]
-    out, _ = attention(q, k, v, params, scale, bool(training), handle)
-    return out
+    out, lse, _ = attention(q, k, v, params, scale, bool(training), handle, bool(return_lse))
+    return (out, lse) if return_lse else out
 
 
-def compiled_call(attn, q, k, v, scale):
+def compiled_call(attn, q, k, v, scale, return_lse: bool = False):
     """What ``CompiledAttention.__call__`` runs while Dynamo traces it (no graph break)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise MaskDSLError(f"{name}: expected a torch.Tensor [B, H, N, D], got "
                                f"{type(t).__name__}")
-    prepared = _prepare(attn, call_meta(q, k, v, scale))
-    return finish(prepared, attn.score, q, k, v, attn.training)
+    prepared = _prepare(attn, call_meta(q, k, v, scale, return_lse))
+    return finish(prepared, attn.score, q, k, v, attn.training, return_lse=return_lse)
 
 
 # ---------------------------------------------------------------------- maskdsl.nn, natten

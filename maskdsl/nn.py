@@ -50,7 +50,8 @@ class PatternAttention(nn.Module):
 
     ``x -> Linear(dim, 3 * dim) -> q, k, v [B, heads, N, dim // heads] -> md.compile(pattern,
     shape, heads, score)(q, k, v) -> Linear(dim, dim)``. The q/k/v channels of the first Linear
-    are ordered ``[3, heads, head_dim]`` (as in NATTEN and timm).
+    are ordered ``[3, heads, head_dim]`` (as in NATTEN and timm); with ``kv_heads`` (grouped-query
+    attention) it is ``Linear(dim, (heads + 2 * kv_heads) * head_dim)``, ordered q, k, v.
 
     Args:
         dim: embedding size (channels); must be divisible by ``heads``.
@@ -66,6 +67,8 @@ class PatternAttention(nn.Module):
         backend: ``"auto"``, ``"dense"``, ``"flex"`` or ``"tiles"`` (see ``md.compile``).
         scale: logit scale (keyword only), default ``head_dim ** -0.5``.
         proj_drop: dropout probability after the output projection (keyword only).
+        kv_heads: key/value heads (keyword only; default ``heads``): grouped-query attention,
+            query head i reads key/value head ``i // (heads // kv_heads)``.
 
     A ``dropout`` score term is applied only in training mode (``module.train()``).
 
@@ -82,7 +85,8 @@ class PatternAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, pattern: Pattern, shape, score: Optional[Score] = None,
                  qkv_bias: bool = True, proj_bias: bool = True, backend: str = "auto", *,
-                 scale: Optional[float] = None, proj_drop: float = 0.0):
+                 scale: Optional[float] = None, proj_drop: float = 0.0,
+                 kv_heads: Optional[int] = None):
         super().__init__()
         where = type(self).__name__
         dim_name, heads_name = self._arg_names
@@ -104,7 +108,12 @@ class PatternAttention(nn.Module):
         if isinstance(proj_drop, bool) or not isinstance(proj_drop, numbers.Real) \
                 or not 0 <= proj_drop < 1:
             raise MaskDSLError(f"{where}: proj_drop={proj_drop!r}: expected a number in [0, 1)")
+        kv_heads = heads if kv_heads is None else _positive_int(where, "kv_heads", kv_heads)
+        if heads % kv_heads:
+            raise MaskDSLError(f"{where}: kv_heads={kv_heads} does not divide {heads_name}="
+                               f"{heads}; expected a divisor (grouped-query attention)")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.kv_heads = kv_heads
         self.scale = check_scale(scale, self.head_dim)
         self.pattern, self.score, self.backend = pattern, score, backend
         self._compiled: Dict[tuple, CompiledAttention] = {}
@@ -115,7 +124,7 @@ class PatternAttention(nn.Module):
             except MaskDSLError as e:
                 raise MaskDSLError(f"{where}: {e}") from None
             self.shape = self.attention(shape).shape     # checks the pattern against the grid
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(float(proj_drop))
         learnable = {id(v): v for t in score_terms(score) for v in vars(t).values()
@@ -130,7 +139,8 @@ class PatternAttention(nn.Module):
 
     def extra_repr(self) -> str:
         score = f", score={self.score!r}" if self.score is not None else ""
-        return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
+        kv = f", kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
+        return (f"dim={self.dim}, heads={self.heads}{kv}, pattern={self.pattern!r}, "
                 f"shape={self.shape}{score}, backend={self.backend!r}")
 
     def attention(self, shape: tuple) -> CompiledAttention:
@@ -187,9 +197,13 @@ class PatternAttention(nn.Module):
                 return _ops.refuse(x, x, x, "", error, "")
         else:
             shape = self._check_input(x)
-        B, n, H, Dh = x.shape[0], math.prod(shape), self.heads, self.head_dim
-        qkv = self.qkv(x.reshape(B, n, self.dim)).reshape(B, n, 3, H, Dh).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                   # each [B, H, N, Dh]
+        B, n, H, Dh, Hk = x.shape[0], math.prod(shape), self.heads, self.head_dim, self.kv_heads
+        qkv = self.qkv(x.reshape(B, n, self.dim))
+        if Hk == H:
+            q, k, v = qkv.reshape(B, n, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        else:                                                      # q: H heads, k and v: Hk
+            q, k, v = qkv.split([H * Dh, Hk * Dh, Hk * Dh], dim=-1)
+            q, k, v = (t.reshape(B, n, -1, Dh).transpose(1, 2) for t in (q, k, v))
         if compiling:
             prepared = _ops.module_prepare(self, shape, _ops.call_meta(q, k, v, self.scale))
             out = _ops.finish(prepared, self.score, q, k, v, self.training, where=f"{where}: ")
@@ -212,14 +226,15 @@ class _NeighborhoodAttention(PatternAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, kernel_size, stride=1, dilation=1,
                  is_causal=False, qkv_bias: bool = True, qk_scale: Optional[float] = None,
-                 proj_drop: float = 0.0, *, score: Optional[Score] = None, backend: str = "auto"):
+                 proj_drop: float = 0.0, *, score: Optional[Score] = None, backend: str = "auto",
+                 kv_heads: Optional[int] = None):
         where = type(self).__name__
         pattern = neighborhood_pattern(where, self._rank, kernel_size, stride, dilation,
                                        is_causal)
         # NATTEN: ``self.scale = qk_scale or head_dim ** -0.5``
         super().__init__(embed_dim, num_heads, pattern, None, score, qkv_bias=qkv_bias,
                          proj_bias=True, backend=backend, scale=qk_scale or None,
-                         proj_drop=proj_drop)
+                         proj_drop=proj_drop, kv_heads=kv_heads)
         self.embed_dim, self.num_heads, self.na_dim = self.dim, self.heads, self._rank
         self.kernel_size, self.stride = pattern.kernel_size, pattern.stride
         self.dilation, self.is_causal = pattern.dilation, pattern.causal

@@ -393,7 +393,9 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
 
     Args:
         q, k, v: [B, H, N, D] (v may have its own head dim), one dtype and device; computed in
-            float64 for float64 inputs and float32 otherwise, returned in the input dtype.
+            float64 for float64 inputs and float32 otherwise, returned in the input dtype. k and
+            v may have H_kv heads dividing H (grouped-query attention): query head i reads
+            key/value head i // (H // H_kv).
         p: the pattern; shape: the token grid (N = prod(shape)).
         score: score terms, or None.
         scale: logit scale, default 1/sqrt(D).
@@ -416,6 +418,8 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
         raise MaskDSLError(f"attention: score={score!r}: expected score terms or None")
     shape = check_shape(shape)
     B, H, N, D = check_qkv(q, k, v, shape)
+    if k.shape[1] != H:        # GQA: query head i reads key/value head i // (H // H_kv)
+        k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
     rows = _check_rows(rows, shape)
     check_params_device(score, q.device)
     check_tensor_params(score)

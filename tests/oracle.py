@@ -21,18 +21,20 @@ FACTOR = 8.0
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-def inputs(B, H, n, D, dtype=torch.float32, seed=0, grad=False, Dv=None):
-    """q, k, v [B, H, n, D] (v: Dv) from a seeded generator, randn * 1 (logits of order 1)."""
+def inputs(B, H, n, D, dtype=torch.float32, seed=0, grad=False, Dv=None, kv_heads=None):
+    """q, k, v [B, H, n, D] (v: Dv; k and v: ``kv_heads`` heads, GQA) from a seeded generator,
+    randn * 1 (logits of order 1)."""
     g = torch.Generator().manual_seed(seed)
     dims = (D, D, D if Dv is None else Dv)
-    return [torch.randn(B, H, n, d, generator=g, dtype=torch.float64).to(dtype)
-            .requires_grad_(grad) for d in dims]
+    heads = (H, H if kv_heads is None else kv_heads, H if kv_heads is None else kv_heads)
+    return [torch.randn(B, h, n, d, generator=g, dtype=torch.float64).to(dtype)
+            .requires_grad_(grad) for h, d in zip(heads, dims)]
 
 
-def _reference(attn, q, k, v, dtype, scale, keep):
+def _reference(attn, q, k, v, dtype, scale, keep, lse=False):
     cast = [x.detach().to(dtype).requires_grad_(x.requires_grad) for x in (q, k, v)]
     out = md.reference.attention(*cast, attn.pattern, attn.shape, score=attn.score, scale=scale,
-                                 dropout_keep=keep)
+                                 dropout_keep=keep, return_lse=lse)
     return out, cast
 
 
@@ -47,12 +49,16 @@ def magnitude(*tensors) -> float:
 
 def assert_close_by_rule(got, truth, same_dtype_ref, what: str, m: float = 1.0):
     """``got`` vs the float64 ``truth`` within FACTOR x the same-dtype reference's error.
-    NaN must sit exactly where the truth has NaN (non-finite rows, ARCHITECTURE.md)."""
+    NaN must sit exactly where the truth has NaN, and infinities exactly where it has the same
+    infinity (non-finite rows, -inf lse of rows without keys; ARCHITECTURE.md)."""
     got, truth, same = got.detach().double(), truth.detach().double(), same_dtype_ref.detach().double()
     bad = ~torch.isfinite(truth)
     assert torch.equal(bad, ~torch.isfinite(got)), (
         f"{what}: non-finite entries differ from the reference's "
         f"({int((~torch.isfinite(got)).sum())} vs {int(bad.sum())})")
+    assert torch.equal(torch.isnan(truth), torch.isnan(got)), f"{what}: NaN entries differ"
+    assert torch.equal(got[bad & ~torch.isnan(truth)], truth[bad & ~torch.isnan(truth)]), (
+        f"{what}: infinities of the wrong sign")
     ok = ~bad
     if not ok.any():
         return
@@ -63,34 +69,51 @@ def assert_close_by_rule(got, truth, same_dtype_ref, what: str, m: float = 1.0):
                        f"{same_dtype_ref.dtype} reference's {ref_err:.3g})"
 
 
-def assert_matches_reference(attn, q, k, v, grads=True, scale=None, keep=None, out=None):
+def _cotangent(x, seed):
+    """A seeded random cotangent for ``x`` in float64, zero where ``x`` is not finite."""
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return g.masked_fill(~torch.isfinite(x.detach()).to(g.device), 0)
+
+
+def assert_matches_reference(attn, q, k, v, grads=True, scale=None, keep=None, out=None,
+                             lse=False):
     """``attn(q, k, v)`` (or a given ``out``) and its gradients against the reference.
 
     grads: compare the gradients of q, k, v and of every learnable score tensor for one random
     cotangent. keep: the dropout keep mask [B, H, N, N] the backend used (reference given the
-    same draws)."""
+    same draws). lse: call with ``return_lse=True`` (``out``, when given, is the pair) and hold
+    the log-sum-exp to the reference's too, with a random cotangent on it in the gradients.
+    k and v may have fewer heads than q (GQA): the reference reads them the same way."""
     dtype = q.dtype
     params = [t for t in _score_tensors(attn.score) if t.requires_grad] if grads else []
     if out is None:
-        out = attn(q, k, v, scale=scale)
-    truth, cast64 = _reference(attn, q, k, v, torch.float64, scale, keep)
-    same, cast_same = _reference(attn, q, k, v, dtype, scale, keep) if dtype != torch.float64 \
-        else (truth, cast64)
+        out = attn(q, k, v, scale=scale, return_lse=lse)
+    truth, cast64 = _reference(attn, q, k, v, torch.float64, scale, keep, lse)
+    same, cast_same = _reference(attn, q, k, v, dtype, scale, keep, lse) \
+        if dtype != torch.float64 else (truth, cast64)
+    outs, truths, sames = (list(x) if lse else [x] for x in (out, truth, same))
     m = magnitude(q, k, v)
-    assert_close_by_rule(out, truth, same, "output", m)
-    if not grads or not out.requires_grad:
+    for name, a, b, c in zip(("output", "lse"), outs, truths, sames):
+        assert_close_by_rule(a, b, c, name, m)
+    if lse:
+        assert outs[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert outs[1].shape == outs[0].shape[:3]
+    if not grads or not outs[0].requires_grad:
         return out
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    got = torch.autograd.grad(out, [q, k, v] + params, g.to(out.dtype), allow_unused=True)
-    exp = torch.autograd.grad(truth, cast64 + params, g, allow_unused=True)
-    exp_same = (torch.autograd.grad(same, cast_same + params, g.to(dtype), allow_unused=True)
-                if same is not truth else exp)
+    cots = [_cotangent(t, 7 + i) for i, t in enumerate(truths)]
+    got = torch.autograd.grad(outs, [q, k, v] + params, [g.to(o.dtype) for g, o in zip(cots, outs)],
+                              allow_unused=True)
+    exp = torch.autograd.grad(truths, cast64 + params, cots, allow_unused=True)
+    exp_same = (torch.autograd.grad(sames, cast_same + params,
+                                    [g.to(o.dtype) for g, o in zip(cots, sames)],
+                                    allow_unused=True)
+                if sames[0] is not truths[0] else exp)
     names = ["dq", "dk", "dv"] + [f"d(score param {i})" for i in range(len(params))]
     for name, a, b, c in zip(names, got, exp, exp_same):
         if b is None:
             continue
         assert a is not None, f"{name}: no gradient reached it"
-        assert_close_by_rule(a, b, c, name, max(m, magnitude(g)))
+        assert_close_by_rule(a, b, c, name, max(m, magnitude(*cots)))
     return out
 
 

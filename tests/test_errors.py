@@ -82,7 +82,7 @@ CASES = [
     ("int dtype", lambda: md.compile(md.full(), (4, 4), 2)(T.long(), T.long(), T.long()), r"q: dtype torch.int64 is not supported; expected one of float16, bfloat16, float32, float64"),
     ("mixed dtypes", lambda: md.compile(md.full(), (4, 4), 2)(T, T.double(), T), r"q, k, v: dtypes differ \(torch.float32, torch.float64, torch.float32\)"),
     ("k shape", lambda: md.compile(md.full(), (4, 4), 2)(T, T[..., :4], T), r"k: shape \[1, 2, 16, 4\] differs from q's \[1, 2, 16, 8\]"),
-    ("v batch", lambda: md.compile(md.full(), (4, 4), 2)(T, T, torch.cat([T, T])), r"v: shape \[2, 2, 16, 8\] differs from q's \[1, 2, 16, 8\] in \[B, H, N\]"),
+    ("v batch", lambda: md.compile(md.full(), (4, 4), 2)(T, T, torch.cat([T, T])), r"v: shape \[2, 2, 16, 8\] differs from k's \[1, 2, 16, 8\] in \[B, H_kv, N\]"),
     ("scale nan", lambda: md.compile(md.full(), (4, 4), 2)(T, T, T, scale=float("nan")), r"scale=nan: expected a finite number"),
     ("keep shape", lambda: md.reference.attention(T, T, T, md.full(), (4, 4), score=md.dropout(0.1), dropout_keep=torch.ones(3, dtype=torch.bool)), r"dropout_keep: expected a bool tensor of shape \[1, 2, 16, 16\]"),
     # --- parser
