@@ -188,6 +188,26 @@ class CompiledAttention:
 
         return flex_inputs(self, layout, device)
 
+    @property
+    def lookback(self):
+        """What a KV cache of this pattern keeps (:class:`maskdsl._kvcache.Lookback`: ``tokens``,
+        ``sinks``, ``window``, ``bounded``, ``granule``), from the pattern's key reach; raises
+        MaskDSLError, naming a pair, when some query attends a key of a later decoding step."""
+        from ._kvcache import lookback_of
+
+        return lookback_of(self)
+
+    def kv_cache(self, batch: int = 1, kv_heads: Optional[int] = None, head_dim: int = 64,
+                 dtype=torch.float32, device="cpu", head_dim_v: Optional[int] = None):
+        """A :class:`maskdsl._kvcache.KVCache` for decoding this pattern: ``out =
+        cache.step(q, k, v)`` appends the next tokens (one, a chunk, or whole slabs of dim 0
+        for N-D grids) and returns attention for them at their global positions, keeping only
+        the keys a later query can attend (``attn.lookback``). ``kv_heads``: key/value heads
+        (GQA; default ``heads``)."""
+        from ._kvcache import KVCache
+
+        return KVCache(self, batch, kv_heads, head_dim, dtype, device, head_dim_v)
+
     def stats(self) -> dict:
         """Token density, block density before/after token tiling, ideal speedup, layout."""
         return self.program.stats()

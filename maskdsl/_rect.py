@@ -1,0 +1,203 @@
+"""Attention over a rectangle of the global (query, key) problem, and the pattern's key reach
+(ARCHITECTURE.md, "Sub-ranges and the KV cache").
+
+``rect_attention``: queries at global flat positions ``q_pos`` against keys at global flat
+positions ``k_pos`` (any order, -1 for an empty slot), the pattern and score terms evaluated at
+those global coordinates through the row-major program's generated ``mask_mod``/``score_mod``,
+the softmax written out (sink logits, softcap, lse), a chunk of query rows at a time so no step
+holds more than ``MAX_SCORES`` logits. Memory and work are O(queries x keys given): the caller
+hands it the keys that matter (the KV cache: sinks plus the lookback window). GQA reads each
+query head's key/value head without an expanded copy (the heads of a group are folded into the
+query rows of one matmul).
+
+``key_reach``: for every token j, the last query that attends it, and for every query i the
+last key it attends, computed from the row-major program's tile classes: a FULL tile pair
+needs no evaluation (every query of the tile sees every key of the other), a PARTIAL pair is
+evaluated token by token. O(tiles + partial pairs x tile^2), never N x N.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["rect_attention", "row_major", "key_reach", "Reach", "MAX_SCORES"]
+
+MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay under it)
+
+
+def row_major(attn):
+    """The Program of ``attn``'s pattern and score in row-major token order, positions equal to
+    flat token indices (padding after the last token), cached on the object."""
+    found = attn._states.get("row-major-plain")
+    if found is None:
+        from .codegen.layout_search import row_major as layout
+        from .codegen.program import BLOCK_SIZE, Program
+
+        found = attn._states["row-major-plain"] = Program(
+            attn.pattern, attn.score, attn.shape, attn.heads,
+            tile=layout(attn.shape, BLOCK_SIZE))
+    return found
+
+
+def _bad_rows(x) -> Optional[torch.Tensor]:
+    """bool [B, H, n]: rows of x holding a NaN or inf; None when all are finite (one sum)."""
+    if x.numel() == 0:
+        return None
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(x.sum(dtype=acc))):
+        return None
+    bad = ~torch.isfinite(x).all(-1)
+    return bad if bool(bad.any()) else None
+
+
+def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
+                   return_lse: bool = False, kv_bad=None):
+    """Attention of q [B, H, nq, D] at global positions ``q_pos`` [nq] against k, v [B, H_kv,
+    nk, D] at ``k_pos`` [nk] (int64; -1 marks an empty slot), on finite or non-finite inputs
+    (ARCHITECTURE.md, "Non-finite inputs"). ``kv_bad``: the key rows known to hold a NaN or
+    inf, bool [B, H_kv, nk], or False when all are known finite (the KV cache tracks them as
+    it stores; default None: found here).
+    Returns out [B, H, nq, Dv] (and lse [B, H, nq])."""
+    from ._isolate import poison, poison_lse, sanitize
+
+    B, H, nq, D = q.shape
+    Hk, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    g = H // Hk
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    mask_mod, score_mod = program.mods(dev)
+    q_pos, k_pos = q_pos.to(dev), k_pos.to(dev)
+    valid_k = k_pos >= 0
+    kp = torch.where(valid_k, k_pos, torch.zeros_like(k_pos))
+    bad_q = _bad_rows(q)
+    if kv_bad is None:
+        bk, bv = _bad_rows(k), _bad_rows(v)
+        kv_bad = bk if bv is None else bv if bk is None else bk | bv
+    bad_kv = kv_bad & valid_k if isinstance(kv_bad, torch.Tensor) else None
+    if bad_kv is not None and not bool(bad_kv.any()):
+        bad_kv = None
+    any_bad = bad_q is not None or bad_kv is not None
+    if any_bad:
+        bad_q = bad_q if bad_q is not None else torch.zeros(B, H, nq, dtype=torch.bool, device=dev)
+        bad_kv = bad_kv if bad_kv is not None else torch.zeros(B, Hk, nk, dtype=torch.bool,
+                                                               device=dev)
+        q, k, v = sanitize(q, bad_q), sanitize(k, bad_kv), sanitize(v, bad_kv)
+    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+    heads = torch.arange(H, device=dev).reshape(1, H, 1, 1)
+    step = max(1, MAX_SCORES // max(1, B * H * max(1, nk)))
+    outs, lses, hits = [], [], []
+    for a in range(0, nq, step):
+        b = min(nq, a + step)
+        c = b - a
+        qp = q_pos[a:b].reshape(1, 1, c, 1)
+        allowed = mask_mod(0, heads, qp, kp.reshape(1, 1, 1, nk)) & valid_k.reshape(1, 1, 1, nk)
+        allowed = allowed.expand(1, H, c, nk)
+        # GQA: the g query heads of a key/value head are one matmul's rows (no k/v copy)
+        qg = qd[:, :, a:b].reshape(B, Hk, g * c, D)
+        s = torch.matmul(qg, kd.transpose(-1, -2)).reshape(B, H, c, nk) * scale
+        if score_mod is not None:
+            s = score_mod(s, 0, heads, qp, kp.reshape(1, 1, 1, nk))
+        s = s.masked_fill(~allowed, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        sk = None
+        if sink is not None:
+            sk = sink.to(device=dev, dtype=dt).reshape(1, H, 1, 1)
+            m = torch.maximum(m, sk)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+        e = torch.exp(s - m)
+        denom = e.sum(-1, keepdim=True)
+        if sk is not None:
+            denom = denom + torch.exp(sk - m)
+        some = denom > 0
+        p = e / torch.where(some, denom, torch.ones_like(denom))
+        o = torch.matmul(p.reshape(B, Hk, g * c, nk), vd).reshape(B, H, c, Dv)
+        outs.append(o)
+        if return_lse:
+            lse = m + torch.log(torch.where(some, denom, torch.ones_like(denom)))
+            lses.append(torch.where(some, lse, torch.full_like(lse, float("-inf")))[..., 0])
+        if any_bad:
+            badk = bad_kv.repeat_interleave(g, 1) if g > 1 else bad_kv
+            hits.append((allowed & badk[:, :, None, :]).any(-1))
+    out = (torch.cat(outs, 2) if len(outs) > 1 else outs[0]) if outs else \
+        qd.new_zeros(B, H, 0, Dv)
+    lse = None
+    if return_lse:
+        lse = (torch.cat(lses, 2) if len(lses) > 1 else lses[0]) if lses else \
+            qd.new_zeros(B, H, 0)
+    out = out.to(q.dtype)
+    if any_bad and nq:
+        rows = bad_q | torch.cat(hits, 2)
+        out = poison(out, q, rows)
+        lse = poison_lse(lse, rows) if lse is not None else None
+    return (out, lse) if return_lse else out
+
+
+@dataclass(frozen=True)
+class Reach:
+    """Per token of the grid (int64 [N], max over heads): ``last_query[j]``, the last query
+    that attends key j (-1: none), and ``last_key[i]``, the last key query i attends (-1:
+    none)."""
+
+    last_query: torch.Tensor
+    last_key: torch.Tensor
+
+
+def key_reach(program) -> Reach:
+    """The pattern's reach, from the row-major program's tile classes (see the module
+    docstring). CPU tensors."""
+    import numpy as np
+
+    from .codegen.tileclasses import FULL
+
+    lay, r = program.layout, program.recipe
+    V, n, H = lay.block, program.n, program.heads
+    classes = [r.classes.distinct[0]] if r.classes.shared else \
+        [r.classes.head(h) for h in range(H)]
+    last_q = torch.full((n,), -1, dtype=torch.int64)
+    last_k = torch.full((n,), -1, dtype=torch.int64)
+    tile_last = lambda t: np.minimum(n - 1, t * V + V - 1)          # noqa: E731
+    mask_mod, _ = program.mods("cpu")
+    pairs = []
+    for ci, cls in enumerate(classes):
+        rows, cols, kind = cls.rows(), np.asarray(cls.indices), np.asarray(cls.cls)
+        full = kind == FULL
+        if full.any():
+            fr, fc = rows[full], cols[full]
+            # queries of a FULL pair's query tile reach its last key; its keys are reached by
+            # the tile's last query
+            qmax = np.full(lay.n_tiles, -1, np.int64)
+            np.maximum.at(qmax, fr, tile_last(fc))
+            kmax = np.full(lay.n_tiles, -1, np.int64)
+            np.maximum.at(kmax, fc, tile_last(fr))
+            per_tok = lambda a: torch.from_numpy(np.repeat(a, V)[:n])   # noqa: E731
+            last_k = torch.maximum(last_k, per_tok(qmax))
+            last_q = torch.maximum(last_q, per_tok(kmax))
+        part = ~full
+        pairs.append((ci, rows[part], cols[part]))
+    lanes = torch.arange(V)
+    for ci, pr, pc in pairs:
+        if not len(pr):
+            continue
+        heads = torch.arange(H).reshape(H, 1, 1, 1) if len(classes) == 1 else \
+            torch.tensor([ci]).reshape(1, 1, 1, 1)
+        Hh = heads.numel()
+        step = max(1, (1 << 24) // max(1, Hh * V * V))
+        for a in range(0, len(pr), step):
+            qt = torch.from_numpy(pr[a:a + step])
+            kt = torch.from_numpy(pc[a:a + step])
+            qpos = (qt[:, None] * V + lanes)[:, :, None]                 # [P, V, 1]
+            kpos = (kt[:, None] * V + lanes)[:, None, :]                 # [P, 1, V]
+            real = (qpos < n) & (kpos < n)
+            ok = mask_mod(0, heads, torch.minimum(qpos, torch.tensor(n - 1))[None],
+                          torch.minimum(kpos, torch.tensor(n - 1))[None])
+            ok = ok.expand(Hh, *real.shape).any(0) & real                # [P, V, V]
+            kmax = torch.where(ok, kpos.expand_as(ok), -1).amax(-1)      # per query row
+            qmax = torch.where(ok, qpos.expand_as(ok), -1).amax(-2)      # per key column
+            qi = qpos[:, :, 0].reshape(-1)
+            ki = kpos[:, 0, :].reshape(-1)
+            sel_q, sel_k = qi < n, ki < n
+            last_k.scatter_reduce_(0, qi[sel_q], kmax.reshape(-1)[sel_q], "amax")
+            last_q.scatter_reduce_(0, ki[sel_k], qmax.reshape(-1)[sel_k], "amax")
+    return Reach(last_q, last_k)
