@@ -56,7 +56,8 @@ class CompiledAttention:
             gives the tiled form the flex backend runs, with its permutation.
     """
 
-    def __init__(self, spec, choice, auto: bool, device=None):
+    def __init__(self, spec, choice, auto: bool, device=None, extent=None):
+        from ._extent import Extent
         from .codegen.backends import Spec  # noqa: F401  (the type of ``spec``)
 
         self._spec = spec
@@ -65,6 +66,8 @@ class CompiledAttention:
         self._choice = choice
         self._device = device
         self.n = math.prod(self.shape)
+        #: extra tokens and sub-ranges (``_extent.Extent``; square self-attention by default)
+        self.extent = extent if extent is not None else Extent(self.n)
         self.training = True
         self._auto = auto
         drop = next((t for t in score_terms(self.score) if isinstance(t, Dropout)), None)
@@ -96,14 +99,21 @@ class CompiledAttention:
         # cache, plan and compiled kernel is rebuilt on first use (they hold locks and devices).
         state = {"training": self.training,
                  "generator": self._generator.get_state() if self._generator is not None else None}
-        requested = "auto" if self._auto else self.backend
+        requested = "auto" if self._auto else self._requested
+        e = self.extent
+        state["extent"] = dict(extra_tokens=e.extra, extra=e.mode, q_range=e.q, kv_range=e.kv)
         return (_rebuild, (self.pattern, self.shape, self.heads, self.score, requested,
                            None if self._device is None else str(self._device), state))
 
+    @property
+    def _requested(self) -> str:
+        return self.__dict__.get("_asked", self.backend)
+
     def __repr__(self):
         score = f", score={self.score!r}" if self.score is not None else ""
+        ext = f", {self.extent.describe()}" if not self.extent.square else ""
         return (f"CompiledAttention({self.pattern!r}, shape={self.shape}, heads={self.heads}"
-                f"{score}, backend={self.backend!r})")
+                f"{score}{ext}, backend={self.backend!r})")
 
     # ------------------------------------------------------------------ backends' state
     def _state(self, name: str):
@@ -243,14 +253,23 @@ class CompiledAttention:
             from ._ops import compiled_call
 
             return compiled_call(self, q, k, v, scale, return_lse)
-        from ._isolate import nonfinite_rows, poison, poison_lse, sanitize
-
-        B, H, N, D = check_qkv(q, k, v, self.shape, self.heads)
+        B, H, N, D = check_qkv(q, k, v, self.shape, self.heads, extent=self.extent)
         scale = check_scale(scale, D)
         reference.check_params_device(self.score, q.device)
         check_tensor_params(self.score)
         if self._structural:
             self._refresh()
+        if not self.extent.square:
+            from ._extent import run_extent
+
+            return run_extent(self, q, k, v, scale, return_lse)
+        return self._square(q, k, v, scale, return_lse)
+
+    def _square(self, q, k, v, scale: float, return_lse: bool):
+        """Self-attention over the grid on checked q, k, v, with the non-finite isolation."""
+        from ._isolate import nonfinite_rows, poison, poison_lse, sanitize
+
+        H = q.shape[1]
         bad = nonfinite_rows(q, k, v)
         if bad is None:
             return self._run(q, k, v, scale, return_lse)
@@ -290,7 +309,8 @@ class CompiledAttention:
 
 
 def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
-            backend: str = "auto", device=None) -> CompiledAttention:
+            backend: str = "auto", device=None, *, extra_tokens: int = 0, extra: str = "all",
+            q_range=None, kv_range=None) -> CompiledAttention:
     """Compile a pattern (and optional score terms) for a token grid into an attention callable.
 
     Args:
@@ -302,6 +322,16 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
             ``"triton"``, ``"tiles"`` or ``"dense"``.
         device: where it will run, for ``auto``'s choice (default: CUDA if available, else
             CPU); a call on another device re-decides.
+        extra_tokens: E tokens after the grid's (keyword only; text tokens beside a video
+            grid, registers): q, k, v hold N + E tokens; every grid query attends its pattern's
+            grid keys plus every extra key, every extra query attends every key. The additive
+            score terms apply to grid x grid pairs only; softcap and sink_logit to every row.
+        extra: ``"all"`` (extra tokens are queries too) or ``"keys"`` (k and v only hold them:
+            NATTEN's additional KV; q holds N tokens).
+        q_range, kv_range: (start, end) flat ranges of the grid (keyword only): q holds the
+            global queries ``start..end`` and k, v the keys of ``kv_range``; the pattern and
+            score are evaluated at global coordinates (chunked prefill, context parallelism).
+            Merge the lse-weighted outputs of disjoint key ranges with ``md.merge``.
 
     Returns:
         a :class:`CompiledAttention`; ``attn(q, k, v)`` with q, k, v of shape [B, H, N, D].
@@ -315,23 +345,31 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
     """
     from .codegen import backends
 
+    from ._extent import check_extent, extent_backend
+
     shape = validate(p, shape, heads, score)
     heads = check_heads(heads)
+    extent = check_extent(shape, extra_tokens, extra, q_range, kv_range, score)
     if backend not in BACKENDS:
         raise MaskDSLError(
             f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}"
         )
     spec = backends.Spec(p, score, shape, heads)
+    if extent.q is not None or extent.kv is not None:
+        return extent_backend(spec, extent, backend, device)
     if backend == "auto":
         dev = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None
                else check_device(device, usable=False))
-        return CompiledAttention(spec, backends.choose(spec, dev), auto=True, device=dev)
+        return CompiledAttention(spec, backends.choose(spec, dev), auto=True, device=dev,
+                                 extent=extent)
     dev = torch.device("cuda") if backend == "triton" else torch.device("cpu")
-    return CompiledAttention(spec, backends.requested(backend, spec, dev), auto=False)
+    return CompiledAttention(spec, backends.requested(backend, spec, dev), auto=False,
+                             extent=extent)
 
 
 def _rebuild(pattern, shape, heads, score, backend, device, state):
-    attn = compile(pattern, shape, heads, score=score, backend=backend, device=device)
+    attn = compile(pattern, shape, heads, score=score, backend=backend, device=device,
+                   **state.get("extent", {}))
     attn.training = state["training"]
     if state["generator"] is not None:
         attn._generator.set_state(state["generator"])

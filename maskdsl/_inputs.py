@@ -14,9 +14,12 @@ __all__ = ["check_qkv", "check_scale", "check_device", "check_count"]
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS):
-    """Check q, k, v against the grid ``shape`` (and ``heads``); returns (B, H, N, D)."""
+def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS, extent=None):
+    """Check q, k, v against the grid ``shape`` (and ``heads``; ``extent``: the query and key
+    token counts of extra tokens or sub-ranges, ``_extent.Extent``); returns (B, H, N, D)."""
     n = math.prod(shape)
+    counts = {"q": extent.nq, "k": extent.nk, "v": extent.nk} if extent is not None else \
+        {"q": n, "k": n, "v": n}
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise MaskDSLError(f"{name}: expected a torch.Tensor [B, H, N, D], got {type(t).__name__}")
@@ -34,11 +37,16 @@ def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS):
                 f"{name}: dtype {t.dtype} is not supported; expected one of "
                 f"{', '.join(str(d).replace('torch.', '') for d in dtypes)}"
             )
-        if t.shape[2] != n:
+        want = counts[name]
+        if t.shape[2] != want:
             hint = ""
-            if t.shape[1] == n:
+            if t.shape[1] == want:
                 hint = (f"; it looks heads-last [B, N, H, D]: pass {name}.transpose(1, 2) "
                         f"(maskdsl.natten takes heads-last tensors as they are)")
+            if extent is not None and not extent.square:
+                raise MaskDSLError(
+                    f"{name}: shape {list(t.shape)} has {t.shape[2]} tokens; expected "
+                    f"[B, H, {want}, D] for shape {shape} with {extent.describe()}{hint}")
             raise MaskDSLError(
                 f"{name}: shape {list(t.shape)} has N={t.shape[2]} tokens but shape {shape} has "
                 f"{n}; expected [B, H, {n}, D]{hint}"

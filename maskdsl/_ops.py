@@ -61,7 +61,7 @@ def handle_of(attn) -> str:
     from .codegen.recipe import content_key
 
     key = (content_key(attn.pattern), content_key(attn.score), tuple(attn.shape), attn.heads,
-           "auto" if attn._auto else attn.backend,
+           "auto" if attn._auto else attn.backend, attn.extent.key(),
            None if attn._device is None else str(attn._device))
     handle = "md-" + hashlib.sha1(repr(key).encode()).hexdigest()[:20]
     if attn._generator is not None or attn._structural:
@@ -257,7 +257,7 @@ def refuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: str, messa
     try:
         if handle:
             attn = _lookup(handle)
-            check_qkv(q, k, v, attn.shape, attn.heads)
+            check_qkv(q, k, v, attn.shape, attn.heads, extent=attn.extent)
         raise MaskDSLError(message)
     except MaskDSLError as e:
         raise MaskDSLError(f"{where}{e}") from None
@@ -303,13 +303,19 @@ def _prepare_call(attn, meta: tuple) -> tuple:
     _REGISTRY.put(handle, attn)
     try:
         q, k, v = (_stand_in(*t) for t in tensors)
-        check_qkv(q, k, v, attn.shape, attn.heads)
+        check_qkv(q, k, v, attn.shape, attn.heads, extent=attn.extent)
         if not batch_ok:
             raise MaskDSLError("q, k, v: batch sizes differ")   # refuse() names the shapes
         scale = check_scale(scale, q.shape[-1])
         reference.check_params_device(attn.score, q.device)
+        ext = attn.extent
+        if ext.extra:             # the grid part runs with its lse, on the grid's tokens
+            return_lse = True
+            q, k, v = (_stand_in(*t[:5], (t[5][0], ext.n) + t[5][2:], t[6]) for t in tensors)
         with torch.set_grad_enabled(grad_mode):
-            if attn._auto:
+            if ext.q is not None or ext.kv is not None:
+                pass              # the rectangle path takes every float tensor
+            elif attn._auto:
                 if q.device != attn._device:
                     attn._device = q.device
                     attn._choice = backends.choose(attn._spec, q.device)

@@ -53,12 +53,14 @@ def _bad_rows(x) -> Optional[torch.Tensor]:
 
 
 def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
-                   return_lse: bool = False, kv_bad=None):
+                   return_lse: bool = False, kv_bad=None, cap=None):
     """Attention of q [B, H, nq, D] at global positions ``q_pos`` [nq] against k, v [B, H_kv,
     nk, D] at ``k_pos`` [nk] (int64; -1 marks an empty slot), on finite or non-finite inputs
     (ARCHITECTURE.md, "Non-finite inputs"). ``kv_bad``: the key rows known to hold a NaN or
     inf, bool [B, H_kv, nk], or False when all are known finite (the KV cache tracks them as
     it stores; default None: found here).
+    ``program=None``: every pair is allowed and no score term applies but ``cap`` (softcap
+    values [H]) and ``sink`` (the dense stripes of extra tokens; positions are then ignored).
     Returns out [B, H, nq, Dv] (and lse [B, H, nq])."""
     from ._isolate import poison, poison_lse, sanitize
 
@@ -67,8 +69,19 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
     g = H // Hk
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
-    mask_mod, score_mod = program.mods(dev)
+    if program is None:
+        mask_mod = score_mod = None
+        q_pos = torch.zeros(nq, dtype=torch.int64, device=dev)
+        k_pos = torch.zeros(nk, dtype=torch.int64, device=dev)
+    else:
+        mask_mod, score_mod = program.mods(dev)
     q_pos, k_pos = q_pos.to(dev), k_pos.to(dev)
+    if nk == 0:                 # no key at all: one empty slot (zeros out, -inf or sink lse)
+        k = torch.cat([k, k.new_zeros(B, Hk, 1, D)], 2)     # keeps the graph to k and v
+        v = torch.cat([v, v.new_zeros(B, Hk, 1, Dv)], 2)
+        k_pos = torch.full((1,), -1, dtype=torch.int64, device=dev)
+        kv_bad = False
+        nk = 1
     valid_k = k_pos >= 0
     kp = torch.where(valid_k, k_pos, torch.zeros_like(k_pos))
     bad_q = _bad_rows(q)
@@ -92,13 +105,18 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         b = min(nq, a + step)
         c = b - a
         qp = q_pos[a:b].reshape(1, 1, c, 1)
-        allowed = mask_mod(0, heads, qp, kp.reshape(1, 1, 1, nk)) & valid_k.reshape(1, 1, 1, nk)
+        allowed = valid_k.reshape(1, 1, 1, nk)
+        if mask_mod is not None:
+            allowed = mask_mod(0, heads, qp, kp.reshape(1, 1, 1, nk)) & allowed
         allowed = allowed.expand(1, H, c, nk)
         # GQA: the g query heads of a key/value head are one matmul's rows (no k/v copy)
         qg = qd[:, :, a:b].reshape(B, Hk, g * c, D)
         s = torch.matmul(qg, kd.transpose(-1, -2)).reshape(B, H, c, nk) * scale
         if score_mod is not None:
             s = score_mod(s, 0, heads, qp, kp.reshape(1, 1, 1, nk))
+        if cap is not None:
+            cp = cap.to(device=dev, dtype=dt).reshape(1, H, 1, 1)
+            s = cp * torch.tanh(s / cp)
         s = s.masked_fill(~allowed, float("-inf"))
         m = s.amax(-1, keepdim=True)
         sk = None

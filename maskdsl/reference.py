@@ -384,7 +384,8 @@ def dropout_mask(score: Optional[Score], batch: int, heads: int, n: int, device=
 
 
 def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=None,
-              dropout_keep: Optional[torch.Tensor] = None, rows=None, return_lse: bool = False):
+              dropout_keep: Optional[torch.Tensor] = None, rows=None, return_lse: bool = False,
+              extra_tokens: int = 0, extra: str = "all", q_range=None, kv_range=None):
     """Dense masked attention, the definition every backend must reproduce.
 
     ``softmax(q k^T * scale + bias, masked by p)``, then ``softcap`` (applied after the additive
@@ -407,6 +408,13 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
             softmax denominator (sink logits included, dropout not), -inf for a row with no key,
             NaN for a poisoned row; float64 for float64 inputs, float32 otherwise.
             :func:`maskdsl.merge` combines such pairs over disjoint key sets.
+        extra_tokens, extra: E tokens after the grid's (q, k, v hold N + E tokens; with
+            ``extra="keys"`` only k and v do): every grid query attends its pattern's grid
+            keys and every extra key, every extra query attends every key; the additive score
+            terms apply to grid x grid pairs only, softcap and sink_logit to every row.
+        q_range, kv_range: (start, end) flat ranges of the global grid: q holds the queries
+            ``start..end``, k and v the keys of theirs; the pattern and score are evaluated at
+            global coordinates.
 
     Returns:
         [B, H, N, Dv] (or [B, H, len(rows), Dv]) in q's dtype; differentiable in q, k, v and
@@ -417,12 +425,21 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
     if score is not None and not isinstance(score, Score):
         raise MaskDSLError(f"attention: score={score!r}: expected score terms or None")
     shape = check_shape(shape)
-    B, H, N, D = check_qkv(q, k, v, shape)
+    from ._extent import check_extent
+
+    ext = check_extent(shape, extra_tokens, extra, q_range, kv_range, score)
+    B, H, N, D = check_qkv(q, k, v, shape, extent=ext)
     if k.shape[1] != H:        # GQA: query head i reads key/value head i // (H // H_kv)
         k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
     rows = _check_rows(rows, shape)
     check_params_device(score, q.device)
     check_tensor_params(score)
+    if not ext.square:
+        if rows is not None:
+            raise MaskDSLError(f"attention: rows= with {ext.describe()}: expected one or the "
+                               f"other")
+        out, lse = _attention_extent(q, k, v, p, shape, score, check_scale(scale, D), ext)
+        return (out, lse) if return_lse else out
     if _find(score, Dropout) is not None and dropout_keep is None:
         if rows is not None:
             raise MaskDSLError("attention: rows= with a dropout term needs dropout_keep= (the "
@@ -456,6 +473,53 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
     else:
         out, lse = torch.cat([o for o, _ in parts], 2), torch.cat([x for _, x in parts], 2)
     return (out, lse) if return_lse else out
+
+
+def _attention_extent(q, k, v, p, shape, score, scale, ext):
+    """attention() with extra tokens or sub-ranges, read straight from their definition: the
+    mask and bias over the whole (queries x keys) rectangle, built from the grid's."""
+    H, dev = q.shape[1], q.device
+    N = ext.n
+    if ext.extra:
+        g = _Grid(shape, H, dev)
+        grid = torch.stack([_mask_at(p, h, g) for h in range(H)])         # [H, N, N]
+        nq, nk = ext.nq, ext.nk
+        allowed = torch.ones(H, nq, nk, dtype=torch.bool, device=dev)
+        allowed[:, :N, :N] = grid                                         # the rest: every key
+
+        def bias_fn(dt):
+            b = _bias(score, g, dt)
+            if b is None:
+                return None
+            out = torch.zeros(H, nq, nk, dtype=b.dtype, device=dev)
+            out[:, :N, :N] = b                                            # grid x grid only
+            return out
+        flat = None
+    else:
+        q0, q1 = ext.q if ext.q is not None else (0, N)
+        k0, k1 = ext.kv if ext.kv is not None else (0, N)
+        g = _Grid(shape, H, dev, rows=torch.arange(q0, q1))
+        allowed = torch.stack([_mask_at(p, h, g) for h in range(H)])[:, :, k0:k1]
+
+        def bias_fn(dt):
+            b = _bias(score, g, dt)
+            return None if b is None else b[:, :, k0:k1]
+        flat = (g.flat_q, g.flat_k[:, k0:k1])
+    _bind_all(score, g)
+    check_allocation(f"reference.attention on {q.shape[0]} x {H} x {allowed.shape[1]} x "
+                     f"{allowed.shape[2]} logits",
+                     5 * 8 * q.shape[0] * H * allowed.shape[1] * allowed.shape[2],
+                     "use a smaller batch or grid")
+    bad_q = ~torch.isfinite(q).all(-1)
+    bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
+    zero = torch.zeros((), dtype=q.dtype, device=dev)
+    q, k, v = (torch.where(bad[..., None], zero, x) for bad, x in ((bad_q, q), (bad_kv, k),
+                                                                  (bad_kv, v)))
+    out, lse = masked_attention(q, k, v, allowed, bias_fn, score, scale, flat=flat,
+                                return_lse=True)
+    poisoned = bad_q | (allowed[None] & bad_kv[:, :, None, :]).any(-1)
+    return (out.masked_fill(poisoned[..., None], float("nan")),
+            lse.masked_fill(poisoned, float("nan")))
 
 
 def _attention_rows(q, k, v, p, shape, score, scale, keep, rows, bad_q, bad_kv):

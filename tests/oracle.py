@@ -33,8 +33,10 @@ def inputs(B, H, n, D, dtype=torch.float32, seed=0, grad=False, Dv=None, kv_head
 
 def _reference(attn, q, k, v, dtype, scale, keep, lse=False):
     cast = [x.detach().to(dtype).requires_grad_(x.requires_grad) for x in (q, k, v)]
+    e = attn.extent          # extra tokens and sub-ranges: the reference reads them itself
+    kw = {} if e.square else dict(extra_tokens=e.extra, extra=e.mode, q_range=e.q, kv_range=e.kv)
     out = md.reference.attention(*cast, attn.pattern, attn.shape, score=attn.score, scale=scale,
-                                 dropout_keep=keep, return_lse=lse)
+                                 dropout_keep=keep, return_lse=lse, **kw)
     return out, cast
 
 

@@ -211,3 +211,26 @@ def test_lse_and_gqa_under_torch_compile_fullgraph_match_eager():
     torch.testing.assert_close(got, exp)
     for a, b in zip(torch.autograd.grad(got, [q, k, v]), torch.autograd.grad(exp, [q, k, v])):
         torch.testing.assert_close(a, b)
+
+
+def test_nn_modules_take_kv_heads():
+    from maskdsl.nn import NeighborhoodAttention2D, PatternAttention
+
+    torch.manual_seed(0)
+    p = md.neighborhood((3, 3))
+    layer = PatternAttention(32, 4, p, (6, 6), kv_heads=2).double()
+    assert layer.qkv.out_features == (4 + 2 * 2) * 8 and "kv_heads=2" in repr(layer)
+    x = torch.randn(2, 6, 6, 32, dtype=torch.float64)
+    qkv = layer.qkv(x.reshape(2, 36, 32))
+    q, k, v = qkv.split([32, 16, 16], -1)
+    q, k, v = (t.reshape(2, 36, -1, 8).transpose(1, 2) for t in (q, k, v))
+    ref = md.reference.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), p, (6, 6),
+                                 scale=8 ** -0.5)
+    ref = layer.proj(ref.transpose(1, 2).reshape(2, 36, 32)).reshape(x.shape)
+    torch.testing.assert_close(layer(x), ref)
+    na = NeighborhoodAttention2D(16, 4, 3, kv_heads=1)
+    assert na(torch.randn(1, 5, 5, 16)).shape == (1, 5, 5, 16)
+    with pytest.raises(md.MaskDSLError, match=r"kv_heads=3 does not divide heads=4"):
+        PatternAttention(32, 4, p, (6, 6), kv_heads=3)
+    with pytest.raises(md.MaskDSLError, match=r"kv_heads=0: expected a positive int"):
+        PatternAttention(32, 4, p, (6, 6), kv_heads=0)
