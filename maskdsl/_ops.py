@@ -402,9 +402,9 @@ def module_prepare(module, shape: tuple, meta: tuple):
 def _natten_attention(rank, metas, kernel_size, stride, dilation, is_causal, score, backend):
     from . import natten
 
-    tensors = (_stand_in(*m) for m in metas)
-    return natten._prepare(rank, *tensors, kernel_size, stride, dilation, is_causal, score,
-                           backend)
+    tensors = [_stand_in(*m) for m in metas]     # query, key, value (and the additional KV)
+    return natten._prepare(rank, *tensors[:3], kernel_size, stride, dilation, is_causal, score,
+                           backend, *tensors[3:])
 
 
 @torch.compiler.assume_constant_result

@@ -23,9 +23,14 @@ What the switch gains:
   ``md.per_head([...])`` with one value per head, e.g.
   ``na2d(q, k, v, kernel_size=md.per_head([3, 5, 7, 9]))`` for 4 heads.
 
-NATTEN's tuning arguments (``backend`` names such as ``"cutlass-fna"``, tile shapes,
-``torch_compile``, ``additional_keys``/``additional_values``, ``return_lse``) are not accepted;
-``backend`` here is a maskdsl backend (``"auto"``, ``"dense"``, ``"flex"``, ``"tiles"``).
+NATTEN's call semantics beyond the window are kept too: key and value may carry fewer heads
+than query (GQA/MQA: ``heads % heads_kv == 0``), ``additional_keys``/``additional_values``
+``[B, N_add, heads_kv, D]`` are attended by every query (the pattern's ``extra_tokens`` with
+``extra="keys"``), and ``return_lse=True`` returns ``(out, lse)`` with lse ``[B, *spatial, H]``
+(float32, natural log), all checked against NATTEN 0.21.7. NATTEN's tuning arguments
+(``backend`` names such as ``"cutlass-fna"``, tile shapes, ``torch_compile``,
+``attention_kwargs``) are not accepted; ``backend`` here is a maskdsl backend (``"auto"``,
+``"dense"``, ``"flex"``, ``"tiles"``).
 
 Compiled attention callables are cached by (rank, spatial shape, heads, pattern, score,
 backend), so calling ``na2d`` in every layer of a model compiles each configuration once.
@@ -99,9 +104,34 @@ def neighborhood_pattern(where: str, rank: int, kernel_size, stride, dilation, i
         raise MaskDSLError(f"{where}: {e}") from None
 
 
+def _check_additional(where: str, query, key, add_k, add_v) -> int:
+    """NATTEN's additional KV: both or neither, [B, N_add, heads_kv, D] (values: Dv) agreeing
+    with key and value; returns N_add (0 without)."""
+    if add_k is None and add_v is None:
+        return 0
+    if (add_k is None) != (add_v is None):
+        raise MaskDSLError(f"{where}: additional_keys and additional_values: expected both "
+                           f"tensors or both None")
+    for name, t in (("additional_keys", add_k), ("additional_values", add_v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise MaskDSLError(f"{where}: {name}: expected a 4-D tensor [B, N_add, heads_kv, D], "
+                               f"got {list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    want = [key.shape[0], add_k.shape[1], key.shape[-2], key.shape[-1]]
+    if list(add_k.shape) != want:
+        raise MaskDSLError(f"{where}: additional_keys has shape {list(add_k.shape)}; expected "
+                           f"{want} ([B, N_add, heads_kv, D] as key's)")
+    if list(add_v.shape[:3]) != want[:3]:
+        raise MaskDSLError(f"{where}: additional_values has shape {list(add_v.shape)}; expected "
+                           f"[{', '.join(map(str, want[:3]))}, Dv] (additional_keys' [B, N_add, "
+                           f"heads_kv])")
+    if add_k.shape[1] == 0:
+        raise MaskDSLError(f"{where}: additional_keys has 0 tokens; expected at least 1 or None")
+    return int(add_k.shape[1])
+
+
 def _check_tensors(where: str, rank: int, query, key, value):
-    """Checks q, k, v are heads-last [B, *spatial, H, D] of the right rank and agree;
-    returns (spatial shape, heads)."""
+    """Checks q, k, v are heads-last [B, *spatial, H, D] of the right rank and agree (key and
+    value may carry heads_kv heads dividing H: GQA); returns (spatial shape, heads)."""
     layout = f"[B, {_AXES[rank]}, H, D]"
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -116,33 +146,39 @@ def _check_tensors(where: str, rank: int, query, key, value):
         if t.dtype not in FLOATS:
             raise MaskDSLError(f"{where}: {name} has dtype {t.dtype}; expected a floating-point "
                                f"dtype ({', '.join(str(d).replace('torch.', '') for d in FLOATS)})")
-    if key.shape != query.shape:
+    hq, hk = query.shape[-2], key.shape[-2]
+    if (key.shape[:-2] != query.shape[:-2] or key.shape[-1] != query.shape[-1] or hk == 0
+            or hq % hk):
         raise MaskDSLError(f"{where}: key has shape {list(key.shape)} but query has "
-                           f"{list(query.shape)}; expected the same shape")
-    if value.shape[:-1] != query.shape[:-1]:
-        raise MaskDSLError(f"{where}: value has shape {list(value.shape)} but query has "
-                           f"{list(query.shape)}; expected the same [B, {_AXES[rank]}, H] (the "
-                           f"head dim D may differ)")
+                           f"{list(query.shape)}; expected the same shape, or heads_kv dividing "
+                           f"query's {hq} heads (GQA/MQA)")
+    if value.shape[:-1] != key.shape[:-1]:
+        raise MaskDSLError(f"{where}: value has shape {list(value.shape)} but key has "
+                           f"{list(key.shape)}; expected the same [B, {_AXES[rank]}, heads_kv] "
+                           f"(the head dim D may differ)")
     return tuple(int(s) for s in query.shape[1:-2]), int(query.shape[-2])
 
 
-def _compiled(where, pattern, shape, heads, score, backend):
+def _compiled(where, pattern, shape, heads, score, backend, extra: int = 0):
     """The cached CompiledAttention for one configuration."""
-    key = (len(shape), shape, heads, pattern, score, backend)
+    key = (len(shape), shape, heads, pattern, score, backend, extra)
     attn = _CACHE.get(key)
     if attn is not None:
         return attn
     try:
-        attn = _compile(pattern, shape, heads, score=score, backend=backend)
+        attn = _compile(pattern, shape, heads, score=score, backend=backend, extra_tokens=extra,
+                        extra="keys")
     except MaskDSLError as e:
         raise MaskDSLError(f"{where}: {e} (spatial shape {shape}, heads={heads})") from None
     return _CACHE.put(key, attn)
 
 
-def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, score, backend):
+def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, score, backend,
+             add_k=None, add_v=None):
     """The checks of a call and its (cached) CompiledAttention."""
     where = f"na{rank}d"
     shape, heads = _check_tensors(where, rank, query, key, value)
+    extra = _check_additional(where, query, key, add_k, add_v)
     if score is not None and not isinstance(score, Score):
         raise MaskDSLError(f"{where}: score={score!r}: expected score terms such as "
                            f"md.distance_decay(0.1) or None")
@@ -150,50 +186,69 @@ def _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, 
         raise MaskDSLError(f"{where}: backend={backend!r}: expected one of 'auto', 'dense', "
                            f"'flex', 'tiles'")
     pattern = neighborhood_pattern(where, rank, kernel_size, stride, dilation, is_causal)
-    return _compiled(where, pattern, shape, heads, score, backend)
+    return _compiled(where, pattern, shape, heads, score, backend, extra)
+
+
+def _bhnd(query, key, value, add_k, add_v):
+    """Heads-last [B, *spatial, H, D] (and the additional KV [B, N_add, H_kv, D]) -> q, k, v
+    [B, H, N (+ N_add), D] as ``CompiledAttention`` takes them."""
+    B = query.shape[0]
+    n = math.prod(query.shape[1:-2])
+
+    def to_bhnd(t):
+        return t.reshape(B, n, t.shape[-2], t.shape[-1]).transpose(1, 2)
+
+    q, k, v = to_bhnd(query), to_bhnd(key), to_bhnd(value)
+    if add_k is not None:
+        k = torch.cat([k, add_k.transpose(1, 2)], 2)
+        v = torch.cat([v, add_v.transpose(1, 2)], 2)
+    return q, k, v
+
+
+def _heads_last(query, res, return_lse: bool):
+    if return_lse:
+        out, lse = res
+        return (out.transpose(1, 2).reshape(*query.shape[:-1], out.shape[-1]),
+                lse.transpose(1, 2).reshape(*query.shape[:-1]))
+    return res.transpose(1, 2).reshape(*query.shape[:-1], res.shape[-1])
 
 
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
-        backend):
+        backend, add_k=None, add_v=None, return_lse=False):
     where = f"na{rank}d"
+    if not isinstance(return_lse, bool):
+        raise MaskDSLError(f"{where}: return_lse={return_lse!r}: expected True or False")
     if torch.compiler.is_compiling():
         return _na_traced(rank, query, key, value, kernel_size, stride, dilation, is_causal,
-                          scale, score, backend)
+                          scale, score, backend, add_k, add_v, return_lse)
     attn = _prepare(rank, query, key, value, kernel_size, stride, dilation, is_causal, score,
-                    backend)
-    B, n, heads = query.shape[0], math.prod(attn.shape), attn.heads
-
-    def to_bhnd(t):                        # [B, *spatial, H, D] -> [B, H, N, D]
-        return t.reshape(B, n, heads, t.shape[-1]).transpose(1, 2)
-
+                    backend, add_k, add_v)
+    q, k, v = _bhnd(query, key, value, add_k, add_v)
     try:
-        out = attn(to_bhnd(query), to_bhnd(key), to_bhnd(value), scale=scale)
+        res = attn(q, k, v, scale=scale, return_lse=return_lse)
     except MaskDSLError as e:
         raise MaskDSLError(f"{where}: {e} (query shape {list(query.shape)})") from None
-    return out.transpose(1, 2).reshape(*query.shape[:-1], out.shape[-1])
+    return _heads_last(query, res, return_lse)
 
 
 def _na_traced(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
-               backend):
+               backend, add_k=None, add_v=None, return_lse=False):
     """``_na`` while Dynamo traces it: the Python checks and the compile run once, at trace
     time, and the call is one custom op (ARCHITECTURE.md, "torch.compile")."""
     from . import _ops
 
     args = (kernel_size, stride, dilation, is_causal, score, backend)
-    metas = tuple(_ops.stand_in(t) for t in (query, key, value))
+    extra = (add_k, add_v) if add_k is not None or add_v is not None else ()
+    metas = tuple(_ops.stand_in(t) for t in (query, key, value, *extra))
     error = _ops.natten_check(rank, metas, *args)
     if error:
-        return _ops.refuse(query, key, value, "", error, "")
-    B, heads = query.shape[0], query.shape[-2]
-    n = math.prod(query.shape[1:-2])
-
-    def to_bhnd(t):
-        return t.reshape(B, n, heads, t.shape[-1]).transpose(1, 2)
-
-    q, k, v = to_bhnd(query), to_bhnd(key), to_bhnd(value)
-    prepared = _ops.natten_prepare(rank, metas, *args, _ops.call_meta(q, k, v, scale))
-    out = _ops.finish(prepared, score, q, k, v, True, where=f"na{rank}d: ")
-    return out.transpose(1, 2).reshape(*query.shape[:-1], out.shape[-1])
+        out = _ops.refuse(query, key, value, "", error, "")
+        return (out, out[..., 0].float()) if return_lse else out
+    q, k, v = _bhnd(query, key, value, add_k, add_v)
+    prepared = _ops.natten_prepare(rank, metas, *args, _ops.call_meta(q, k, v, scale, return_lse))
+    res = _ops.finish(prepared, score, q, k, v, True, where=f"na{rank}d: ",
+                      return_lse=return_lse)
+    return _heads_last(query, res, return_lse)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -210,13 +265,18 @@ _DOC = """{rank}-D neighborhood attention, a drop-in for ``natten.na{rank}d``.
         dilation: attend within the residue class ``x % dilation``.
         is_causal: a bool or a tuple of {rank} bools (per-dim causality).
         scale: logit scale, default ``D ** -0.5``.
+        additional_keys, additional_values: [B, N_add, heads_kv, D] (values: Dv) tokens every
+            query attends besides its neighborhood (NATTEN's additional KV: text tokens beside
+            a video grid), or None.
+        return_lse: also return the log-sum-exp [B, {axes}, H] (float32, natural log).
         score: maskdsl score terms (keyword only), e.g. ``md.distance_decay(0.1)``. A
             ``md.dropout`` term is always applied here (functions have no train/eval mode; the
             ``maskdsl.nn`` modules follow ``module.training``).
         backend: maskdsl backend (keyword only): ``"auto"``, ``"dense"``, ``"flex"``, ``"tiles"``.
 
     Returns:
-        [B, {axes}, H, Dv], in query's dtype.
+        [B, {axes}, H, Dv], in query's dtype (and the lse with ``return_lse``). key and value
+        may carry heads_kv heads dividing H (GQA/MQA).
 
     Raises:
         MaskDSLError: for a wrong tensor rank, q/k/v shapes that disagree, and kernel, stride,
@@ -232,24 +292,30 @@ _DOC = """{rank}-D neighborhood attention, a drop-in for ``natten.na{rank}d``.
 
 
 def na1d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size,
-         stride=1, dilation=1, is_causal=False, scale: Optional[float] = None, *,
-         score: Optional[Score] = None, backend: str = "auto") -> torch.Tensor:
+         stride=1, dilation=1, is_causal=False, scale: Optional[float] = None,
+         additional_keys: Optional[torch.Tensor] = None,
+         additional_values: Optional[torch.Tensor] = None, *, return_lse: bool = False,
+         score: Optional[Score] = None, backend: str = "auto"):
     return _na(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
-               backend)
+               backend, additional_keys, additional_values, return_lse)
 
 
 def na2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size,
-         stride=1, dilation=1, is_causal=False, scale: Optional[float] = None, *,
-         score: Optional[Score] = None, backend: str = "auto") -> torch.Tensor:
+         stride=1, dilation=1, is_causal=False, scale: Optional[float] = None,
+         additional_keys: Optional[torch.Tensor] = None,
+         additional_values: Optional[torch.Tensor] = None, *, return_lse: bool = False,
+         score: Optional[Score] = None, backend: str = "auto"):
     return _na(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
-               backend)
+               backend, additional_keys, additional_values, return_lse)
 
 
 def na3d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size,
-         stride=1, dilation=1, is_causal=False, scale: Optional[float] = None, *,
-         score: Optional[Score] = None, backend: str = "auto") -> torch.Tensor:
+         stride=1, dilation=1, is_causal=False, scale: Optional[float] = None,
+         additional_keys: Optional[torch.Tensor] = None,
+         additional_values: Optional[torch.Tensor] = None, *, return_lse: bool = False,
+         score: Optional[Score] = None, backend: str = "auto"):
     return _na(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, score,
-               backend)
+               backend, additional_keys, additional_values, return_lse)
 
 
 for _rank, _fn in ((1, na1d), (2, na2d), (3, na3d)):

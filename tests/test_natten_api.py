@@ -227,7 +227,7 @@ def _t(*shape, dtype=torch.float32):
     (mdn.na2d, (_t(1, 8, 8, 2, 8), _t(1, 8, 9, 2, 8), _t(1, 8, 8, 2, 8)), dict(kernel_size=3),
      r"na2d: key has shape \[1, 8, 9, 2, 8\] but query has \[1, 8, 8, 2, 8\]"),
     (mdn.na2d, (_t(1, 8, 8, 2, 8), _t(1, 8, 8, 2, 8), _t(1, 8, 8, 3, 8)), dict(kernel_size=3),
-     r"na2d: value has shape \[1, 8, 8, 3, 8\] .* expected the same \[B, X, Y, H\]"),
+     r"na2d: value has shape \[1, 8, 8, 3, 8\] .* expected the same \[B, X, Y, heads_kv\]"),
     (mdn.na2d, (_t(1, 8, 8, 2, 8, dtype=torch.int64),) * 3, dict(kernel_size=3),
      r"na2d: query has dtype torch.int64; expected a floating-point dtype"),
     (mdn.na2d, (_t(1, 8, 8, 2, 8),) * 3, dict(kernel_size=(3, 3, 3)),
