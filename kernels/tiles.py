@@ -351,6 +351,8 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     if T > 1 and B * H * T * K * (D + Dv) * itemsize > _GATHER_BYTES:
         return _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep, dt,
                             native, return_lse)
+    if group > 1 and Hc == 1 and sink is None and dropout_p is None and keep is None:
+        return _run_folded(program, plan, q, k, v, scale, dt, native, return_lse)
     if Hc == 1 and not grad and group == 1:
         with plan.buffer_lock:
             qb, kb, vb, (qz, kz, vz) = plan.buffers(B, H, D, Dv, dt, device, padded=not native)
@@ -407,6 +409,89 @@ def _unlayout(plan, out, N: int, dtype):
     elif out.shape[2] != N:
         out = out[:, :, :N]
     return out.to(dtype)
+
+
+class _Fold:
+    """A plan read with the ``g`` query heads of each key/value head folded into the rows of
+    one tile (GQA): tile t of kv head j holds rows (head j*g + i, query v) at i*V + v, so one
+    gather of the kv head's keys serves all g query heads (no per-head copy of k and v)."""
+
+    def __init__(self, plan, g: int, Hk: int):
+        self._plan, self.g, self.Hk = plan, g, Hk
+        self.T, self.K, self.Hc = plan.T, plan.K, 1
+        self.V = g * plan.V
+        self.q_pos = plan.q_pos.repeat(1, g, 1)                    # [T, g*V, 1]
+        self.k_pos = plan.k_pos
+        self.row_any = self._fold(plan.row_any)
+        self.every_row_has_keys = plan.every_row_has_keys
+
+    def _fold(self, a):
+        """[1 or H, t, V, X] per query head -> [1 or Hk, t, g*V, X] per kv head."""
+        if a.shape[0] == 1:
+            return a.repeat(1, 1, self.g, 1)
+        t, V, X = a.shape[1:]
+        return a.reshape(self.Hk, self.g, t, V, X).transpose(1, 2).reshape(self.Hk, t, self.V, X)
+
+    def allowed_chunk(self, t0: int = 0, t1: Optional[int] = None) -> torch.Tensor:
+        return self._fold(self._plan.allowed_chunk(t0, t1))
+
+    def float_mask(self, H: int, dtype, t0: int = 0, t1: Optional[int] = None):
+        t1 = self.T if t1 is None else t1
+        key = ("fold", self.g, H, dtype)
+        whole = (t0, t1) == (0, self.T)
+        mask = self._plan._float_masks.get(key) if whole else None
+        if mask is None:
+            t = t1 - t0
+            ok = self.allowed_chunk(t0, t1)
+            ok[..., :1] |= ~self.row_any[:, t0:t1]
+            ok = ok.expand(H, t, self.V, self.K).reshape(1, H * t, self.V, self.K)
+            if dtype == "blocked":
+                mask = ~ok
+            else:
+                mask = torch.where(ok, torch.zeros((), dtype=dtype, device=ok.device),
+                                   torch.full((), float("-inf"), dtype=dtype, device=ok.device))
+            if whole and H * self.T * self.V * self.K <= _CACHED_MASK_ELEMENTS:
+                self._plan._float_masks[key] = mask
+        return mask
+
+    def heads(self, device) -> torch.Tensor:
+        """[1, Hk, 1, g*V, 1]: the query head of each folded row."""
+        h = (torch.arange(self.Hk, device=device)[:, None] * self.g
+             + torch.arange(self.g, device=device)[None, :])
+        return h.repeat_interleave(self._plan.V, 1).reshape(1, self.Hk, 1, self.V, 1)
+
+    def unfold(self, x, B: int):
+        """[B, Hk, T * g*V, X] -> [B, H, T * V, X] (query heads back in their own slots)."""
+        T, g, V = self.T, self.g, self._plan.V
+        X = x.shape[-1]
+        return x.reshape(B, self.Hk, T, g, V, X).transpose(2, 3).reshape(B, self.Hk * g, T * V, X)
+
+
+def _run_folded(program, plan, q, k, v, scale, dt, native, return_lse):
+    """GQA with shared tile classes, no sink logit or dropout: every kv head's keys gathered
+    once and attended by its g query heads' rows folded into each tile (see ``_Fold``)."""
+    B, H, N, D = q.shape
+    Hk, Dv = k.shape[1], v.shape[-1]
+    g = H // Hk
+    T, V, K = plan.T, plan.V, plan.K
+    if native:
+        qz, kz, vz, qi, kvi = q, k, v, plan.q_index0, plan.kv_index0[0]
+    else:
+        qz, kz, vz = (_with_zero_row(x).to(dt) for x in (q, k, v))
+        qi, kvi = plan.q_index, plan.kv_index[0]
+    qt = qz.index_select(2, qi).reshape(B, Hk, g, T, V, D).transpose(2, 3).reshape(B, Hk, T, g * V, D)
+    kg, vg = kz.index_select(2, kvi), vz.index_select(2, kvi)
+    if native and plan.pad_mask is not None:
+        pad = plan.pad_mask[None, :, :, None]
+        kg, vg = kg.masked_fill(pad, 0), vg.masked_fill(pad, 0)
+    fold = _Fold(plan, g, Hk)
+    res = _attend_tiles(program, fold, qt, kg.reshape(B, Hk, T, K, D), vg.reshape(B, Hk, T, K, Dv),
+                        q, scale, None, None, None, None, dt, return_lse, heads=fold.heads(q.device))
+    if return_lse:
+        out, lse = res
+        out = _unlayout(plan, fold.unfold(out, B), N, q.dtype)
+        return out, _unlayout(plan, fold.unfold(lse[..., None], B), N, dt)[..., 0]
+    return _unlayout(plan, fold.unfold(res, B), N, q.dtype)
 
 
 class _Slice:
@@ -482,20 +567,23 @@ def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep
 
 
 def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt,
-                  return_lse=False):
+                  return_lse=False, heads=None):
     """[B, H, T * V, Dv]: attention of laid-out query tiles against their gathered keys (and
-    the lse [B, H, T * V] with ``return_lse``)."""
+    the lse [B, H, T * V] with ``return_lse``). ``heads``: the head index of each (head, row)
+    the score terms read, broadcast as [1, H, 1, V, 1] (default: head h for slot h; GQA's
+    folded tiles hold several heads' rows)."""
     from maskdsl._score import ScoreFn, Softcap, score_terms
 
     device = q.device
-    B, H, N, _ = q.shape
+    B, H = qt.shape[:2]
     Dv = vg.shape[-1]
     V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
     _, score_mod = program.mods(device)
     nonlinear = any(isinstance(t, (Softcap, ScoreFn)) for t in score_terms(program.score))
+    if heads is None:
+        heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
     bias = None
     if score_mod is not None and not nonlinear:
-        heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
         kp = plan.k_pos[:, None] if Hc > 1 else plan.k_pos[0][None, None]
         kp = kp.reshape(1, Hc, T, 1, K) if Hc > 1 else kp
         zero = torch.zeros((), dtype=dt, device=device)
@@ -506,7 +594,7 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
         out = _fused(qt, kg, vg, plan, bias, scale, B, H)
     else:
         out = _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep,
-                        B, H, dt, return_lse)
+                        B, H, dt, return_lse, heads)
     if return_lse:
         out, lse = out
         return out.reshape(B, H, T * V, Dv), lse.reshape(B, H, T * V)
@@ -533,12 +621,13 @@ def _fused(qt, kg, vg, plan, bias, scale, B, H):
 
 
 def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep, B, H, dt,
-              return_lse=False):
+              return_lse=False, heads=None):
     """The softmax written out: softcap, sink logits, dropout and the log-sum-exp (chunked over
     query tiles)."""
     device = qt.device
     T, V, K, Hc = plan.T, plan.V, plan.K, plan.Hc
-    heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
+    if heads is None:
+        heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * K))
     outs, lses = [], []
     for t0 in range(0, T, chunk):
