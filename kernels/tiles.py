@@ -590,8 +590,9 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
         # a 0-d score loses type promotion to float32 tables: cast (SDPA misreads a mask whose
         # dtype differs from q's)
         bias = score_mod(zero, 0, heads, plan.q_pos[None, None], kp).to(dt)   # [1, H, T, V, K]
-    if sink is None and dropout_p is None and not nonlinear and not return_lse:
-        out = _fused(qt, kg, vg, plan, bias, scale, B, H)
+    if sink is None and dropout_p is None and not nonlinear and (
+            not return_lse or _flash_lse_ok(qt, vg, bias)):
+        out = _fused(qt, kg, vg, plan, bias, scale, B, H, return_lse)
     else:
         out = _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep,
                         B, H, dt, return_lse, heads)
@@ -601,23 +602,74 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
     return out.reshape(B, H, T * V, Dv)
 
 
-def _fused(qt, kg, vg, plan, bias, scale, B, H):
-    """One fused SDPA call over all query tiles: [B, H*T, V, D] x [B, H*T, K, D]."""
+def _flash_lse_ok(qt, vg, bias) -> bool:
+    """Whether the fused path can return the lse: torch's CPU flash kernel returns it (for
+    equal q and v head dims, and a score bias that needs no gradient)."""
+    return (qt.device.type == "cpu" and qt.shape[-1] == vg.shape[-1]
+            and (bias is None or not bias.requires_grad))
+
+
+class _FlashLSE(torch.autograd.Function):
+    """torch's CPU flash attention with its log-sum-exp as a differentiable output. Since
+    d lse / d s_ij = p_ij, the lse's gradient enters the flash backward as ``delta - dlse``:
+    one more head-dim column, zero in q, k and v, holding -dlse in the output and 1 in its
+    gradient, so that ``delta = rowsum(dO * O)`` comes out shifted by exactly -dlse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        col = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:-1], 1), fill)], -1)  # noqa: E731
+        o1 = torch.cat([out, -dlse[..., None].to(out.dtype)], -1)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            col(dout.contiguous(), 1.0), col(q, 0.0), col(k, 0.0), col(v, 0.0), o1, lse, 0.0,
+            False, attn_mask=mask, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+
+
+def _fused(qt, kg, vg, plan, bias, scale, B, H, return_lse=False):
+    """One fused SDPA call over all query tiles: [B, H*T, V, D] x [B, H*T, K, D] (and the lse
+    [B, H, T, V] through torch's CPU flash kernel with ``return_lse``)."""
     import torch.nn.functional as F
 
     T, V, MV = plan.T, plan.V, plan.K
-    if bias is None:
+    if bias is None and plan.row_any.shape[0] == 1:
+        # the same token mask for every head: batch [B * H] against one [1, T, V, K] mask
+        # (broadcast, built once and kept; H x smaller than a per-head copy)
+        mask = plan.float_mask(1, qt.dtype)
+        lead = (B * H, T)
+    elif bias is None:
         mask = plan.float_mask(H, qt.dtype)
+        lead = (B, H * T)
     else:
         bias = bias.expand(1, H, T, V, MV).reshape(1, H * T, V, MV)
         mask = bias.masked_fill(plan.float_mask(H, "blocked"), float("-inf"))
-    out = F.scaled_dot_product_attention(
-        qt.reshape(B, H * T, V, qt.shape[-1]), kg.reshape(B, H * T, MV, kg.shape[-1]),
-        vg.reshape(B, H * T, MV, vg.shape[-1]), attn_mask=mask, scale=scale)
+        lead = (B, H * T)
+    args = (qt.reshape(*lead, V, qt.shape[-1]), kg.reshape(*lead, MV, kg.shape[-1]),
+            vg.reshape(*lead, MV, vg.shape[-1]))
+    if return_lse:
+        out, lse = _FlashLSE.apply(*args, mask.detach(), scale)
+        lse = lse.reshape(B, H, T, V)
+    else:
+        out = F.scaled_dot_product_attention(*args, attn_mask=mask, scale=scale)
+    out = out.reshape(B, H * T, V, out.shape[-1])
     if plan.every_row_has_keys:
-        return out
+        return (out, lse) if return_lse else out
     row_any = plan.row_any.expand(H, T, V, 1).reshape(1, H * T, V, 1)
-    return torch.where(row_any, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    out = torch.where(row_any, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if return_lse:
+        lse = torch.where(row_any.reshape(1, H, T, V), lse,
+                          torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+        return out, lse
+    return out
 
 
 def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep, B, H, dt,
