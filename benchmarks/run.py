@@ -1,7 +1,7 @@
 """maskdsl benchmarks: one command, one table, one results file.
 
     python benchmarks/run.py                 # everything that runs on this device
-    python benchmarks/run.py --only build    # sections: build, scale, tiling, attention, tiles, triton, compile
+    python benchmarks/run.py --only build    # sections: build, scale, cli, tiling, attention, tiles, beyond, triton, compile
     python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
     python benchmarks/run.py --only triton --case "2-D 256x256 window 80x80"   # one case by name
 
@@ -27,6 +27,10 @@ Sections:
   tiles      the tiles backend, forward and forward+backward, vs NATTEN (CPU: its eager Flex
              path), SDPA with a materialised mask, dense SDPA and the ideal; peak memory of the
              3-D case in a fresh process.
+  beyond     beyond square self-attention: KV-cache decode per token at 8192 and 131072
+             tokens of context (held tokens; vs SDPA over the whole cache), GQA on tiles with
+             H/H_kv = 8 vs the same call with k/v repeated (time, peak RSS of fresh processes),
+             77 extra tokens beside a 3-D 16x32x32 grid vs the grid alone plus dense stripes.
   compile    a small model (2 x [LayerNorm + NeighborhoodAttention2D + MLP]) under
              torch.compile(fullgraph=True) vs eager on CPU: the first call (the compile, caches
              off) and steady forward / forward+backward; not in the default list (minutes of
@@ -563,6 +567,131 @@ def section_triton(reps: int, quick: bool, rows: list):
 
 # ---------------------------------------------------------------------------------- compile
 
+def _child_peak(code: str) -> float:
+    """Peak RSS (MB) of a fresh process running ``code`` (maskdsl importable)."""
+    full = PEAK_RSS + ("import sys, torch; sys.path.insert(0, %r)\nimport maskdsl as md\n"
+                       % os.path.join(HERE, "..")) + code + "\nprint(peak_mb())\n"
+    out = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def section_beyond(reps: int, rows: list):
+    """Beyond square self-attention: decode with a KV cache, GQA without copies, extra
+    tokens beside a video grid (the targets of ARCHITECTURE.md, "Extra tokens" and "Sub-ranges
+    and the KV cache")."""
+    import torch.nn.functional as F
+
+    print("\n== KV cache decode (CPU, fp32, H=8, H_kv=2, D=64): causal() & (window(4096) | "
+          "sink(4)), one token per step ==")
+    print(f"{'context':>8} {'held':>6} {'slots':>6} {'lookback':>9} {'ours/token':>11} "
+          f"{'sdpa over the whole cache':>26} {'ours/sdpa':>9}")
+    p = md.causal() & (md.window(4096) | md.sink(4))
+    per_token = {}
+    for n in (8192, 131072):
+        name = f"decode at {n} tokens of context"
+        if not wanted(name):
+            continue
+        attn = md.compile(p, (n,), 8)
+        t0 = time.perf_counter()
+        lb = attn.lookback
+        t_lookback = time.perf_counter() - t0
+        g = torch.Generator().manual_seed(0)
+        ctx = n - 64
+        k = torch.randn(1, 2, ctx, 64, generator=g)
+        v = torch.randn(1, 2, ctx, 64, generator=g)
+        cache = attn.kv_cache(1, 2, 64)
+        cache.append(k, v)
+        q1, k1, v1 = torch.randn(1, 8, 1, 64), torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64)
+        # the peer: SDPA of the new query over the whole cache (what a plain KV cache does),
+        # with the pattern's row as a bool mask and k/v expanded to 8 heads (SDPA's enable_gqa)
+        kf, vf = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+        pos = torch.arange(ctx + 1)
+        row = ((pos >= ctx - 4096) | (pos < 4))[None, None, None, :]
+        with torch.no_grad():
+            steps = max(8, 4 * reps)
+            t_ours = timeit(lambda: cache.step(q1, k1, v1), steps, warmup=2)
+            t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q1, kf, vf, attn_mask=row,
+                                                                   enable_gqa=True), steps)
+        per_token[n] = t_ours
+        print(f"{n:8d} {cache.held:6d} {cache.capacity:6d} {t_lookback:8.2f}s "
+              f"{t_ours * 1e3:9.3f}ms {t_sdpa * 1e3:24.3f}ms {t_ours / t_sdpa:8.2f}x")
+        rows.append({"section": "beyond", "case": name, "held_tokens": cache.held,
+                     "slots": cache.capacity, "lookback": str(lb),
+                     "lookback_seconds": t_lookback, "ours_per_token_seconds": t_ours,
+                     "sdpa_full_cache_per_token_seconds": t_sdpa, "ours_over_sdpa": t_ours / t_sdpa})
+    if len(per_token) == 2:
+        ratio = per_token[131072] / per_token[8192]
+        print(f"decode per token at 131072 / at 8192: {ratio:.2f}x (target <= 1.5x)")
+        rows.append({"section": "beyond", "case": "decode 131072 / 8192", "ratio": ratio})
+
+    print("\n== GQA on tiles (CPU, fp32, H=8, H_kv=1, D=64): k/v of 1 head vs the same call "
+          "with k/v repeated to 8 heads (the repeat included) ==")
+    print(f"{'case':36} {'gqa fwd':>9} {'rep fwd':>9} {'gqa/rep':>8} | {'gqa f+b':>9} "
+          f"{'rep f+b':>9} {'gqa/rep':>8} | {'gqa MB':>7} {'rep MB':>7}")
+    for name, spec, shape in [("2-D 64x64 neighborhood((13, 13))", "neighborhood((13, 13))", (64, 64)),
+                              ("1-D 32768 causal() & window(1024)", "causal() & window(1024)", (32768,))]:
+        if not wanted(name):
+            continue
+        n = math.prod(shape)
+        attn = md.compile(md.parse(spec), shape, 8, backend="tiles")
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 8, n, 64, generator=g)
+        k, v = torch.randn(1, 1, n, 64, generator=g), torch.randn(1, 1, n, 64, generator=g)
+
+        def rep(q, k, v):
+            return attn(q, k.repeat_interleave(8, 1), v.repeat_interleave(8, 1))
+
+        with torch.no_grad():
+            t_g = timeit(lambda: attn(q, k, v), reps)
+            t_r = timeit(lambda: rep(q, k, v), reps)
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        t_gb = timeit(lambda: attn(qg, kg, vg).sum().backward(), max(1, reps // 2))
+        t_rb = timeit(lambda: rep(qg, kg, vg).sum().backward(), max(1, reps // 2))
+        setup = ("n = 1\nfor s in %r: n *= s\nattn = md.compile(md.parse(%r), %r, 8, backend='tiles')\n"
+                 "q = torch.randn(1, 8, n, 64, requires_grad=True)\n"
+                 "k, v = (torch.randn(1, 1, n, 64, requires_grad=True) for _ in range(2))\n"
+                 % (tuple(shape), spec, tuple(shape)))
+        mb_g = _child_peak(setup + "attn(q, k, v).sum().backward()")
+        mb_r = _child_peak(setup + "attn(q, k.repeat_interleave(8, 1), v.repeat_interleave(8, 1))"
+                                   ".sum().backward()")
+        print(f"{name:36} {t_g * 1e3:7.1f}ms {t_r * 1e3:7.1f}ms {t_g / t_r:7.2f}x | "
+              f"{t_gb * 1e3:7.1f}ms {t_rb * 1e3:7.1f}ms {t_gb / t_rb:7.2f}x | {mb_g:7.0f} {mb_r:7.0f}")
+        rows.append({"section": "beyond", "case": f"gqa {name}", "gqa_fwd_seconds": t_g,
+                     "repeated_fwd_seconds": t_r, "gqa_over_repeated_fwd": t_g / t_r,
+                     "gqa_fwd_bwd_seconds": t_gb, "repeated_fwd_bwd_seconds": t_rb,
+                     "gqa_over_repeated_fwd_bwd": t_gb / t_rb,
+                     "gqa_peak_rss_mb_fwd_bwd": mb_g, "repeated_peak_rss_mb_fwd_bwd": mb_r})
+
+    print("\n== extra tokens (CPU, fp32, H=4, D=64): 3-D 16x32x32 neighborhood((3, 7, 7)) + 77 "
+          "text tokens vs the grid alone + dense 77-token stripes ==")
+    name = "3-D 16x32x32 neighborhood((3, 7, 7)) + 77 extra tokens"
+    if wanted(name):
+        shape, E, H = (16, 32, 32), 77, 4
+        N = math.prod(shape)
+        pat = md.neighborhood((3, 7, 7))
+        ext = md.compile(pat, shape, H, backend="tiles", extra_tokens=E)
+        grid = md.compile(pat, shape, H, backend="tiles")
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, H, N + E, 64, generator=g) for _ in range(3))
+        qg, kg, vg = (x[:, :, :N].contiguous() for x in (q, k, v))
+
+        def parts():
+            grid(qg, kg, vg)
+            F.scaled_dot_product_attention(qg, k[:, :, N:], v[:, :, N:])    # grid x text
+            F.scaled_dot_product_attention(q[:, :, N:], k, v)                 # text x all
+
+        with torch.no_grad():
+            t_ext = timeit(lambda: ext(q, k, v), reps)
+            t_grid = timeit(lambda: grid(qg, kg, vg), reps)
+            t_parts = timeit(parts, reps)
+        print(f"extra tokens {t_ext * 1e3:.1f} ms | grid alone {t_grid * 1e3:.1f} ms | grid + "
+              f"dense stripes {t_parts * 1e3:.1f} ms | ours / (grid + stripes) "
+              f"{t_ext / t_parts:.2f}x (target <= 1.2x)")
+        rows.append({"section": "beyond", "case": name, "extra_fwd_seconds": t_ext,
+                     "grid_fwd_seconds": t_grid, "grid_plus_stripes_seconds": t_parts,
+                     "ours_over_grid_plus_stripes": t_ext / t_parts})
+
+
 def section_compile(reps: int, rows: list):
     """maskdsl under torch.compile(fullgraph=True): compile time and steady speed vs eager."""
     import torch._dynamo
@@ -633,7 +762,7 @@ def section_compile(reps: int, rows: list):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="build,scale,cli,tiling,attention,tiles,triton")
+    ap.add_argument("--only", default="build,scale,cli,tiling,attention,tiles,beyond,triton")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -665,6 +794,8 @@ def main():
         section_tiles(reps, args.quick, rows)
     if "triton" in only:
         section_triton(reps, args.quick, rows)
+    if "beyond" in only:
+        section_beyond(reps, rows)
     if "compile" in only:
         section_compile(reps, rows)
     os.makedirs(args.out, exist_ok=True)

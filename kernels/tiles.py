@@ -440,6 +440,11 @@ class _Fold:
         key = ("fold", self.g, H, dtype)
         whole = (t0, t1) == (0, self.T)
         mask = self._plan._float_masks.get(key) if whole else None
+        if mask is None and whole and H == 1 and self._plan.row_any.shape[0] == 1:
+            # one mask for every head: the unfolded plan's, repeated for the g folded heads
+            mask = self._plan.float_mask(1, dtype).repeat(1, 1, self.g, 1)
+            if self.T * self.V * self.K <= _CACHED_MASK_ELEMENTS:
+                self._plan._float_masks[key] = mask
         if mask is None:
             t = t1 - t0
             ok = self.allowed_chunk(t0, t1)
@@ -500,6 +505,7 @@ class _Slice:
     def __init__(self, plan, t0: int, t1: int):
         self._plan, self._t0, self._t1 = plan, t0, t1
         self.T, self.V, self.K, self.Hc = t1 - t0, plan.V, plan.K, plan.Hc
+        self._float_masks = {}            # (read by _Fold; a slice keeps no mask of its own)
         self.row_any = plan.row_any[:, t0:t1]
         self.every_row_has_keys = plan.every_row_has_keys
         self.q_pos, self.k_pos = plan.q_pos[t0:t1], plan.k_pos[:, t0:t1]
@@ -527,7 +533,11 @@ def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep
         qi, kvi = plan.q_index, plan.kv_index
     qi, kvi = qi.reshape(T, V), kvi.reshape(Hc, T, K)
     pad = plan.pad_mask.reshape(Hc, T, K) if native and plan.pad_mask is not None else None
-    hh = torch.arange(H, device=q.device)[:, None] // (H // k.shape[1])      # GQA: kv head of h
+    Hk = k.shape[1]
+    g = H // Hk
+    hh = torch.arange(H, device=q.device)[:, None] // g                      # GQA: kv head of h
+    # GQA with shared classes and no sink or dropout: fold the query heads into the tiles
+    fold = g > 1 and Hc == 1 and sink is None and dropout_p is None and keep is None
     step = plan.chunk(B, H, D)
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v) + score_tensors(program.score)
@@ -541,6 +551,26 @@ def _run_chunked(program, plan, q, k, v, scale, sink, dropout_p, generator, keep
         t = t1 - t0
         qt = qz.index_select(2, qi[t0:t1].reshape(-1)).reshape(B, H, t, V, D)
         idx = kvi[:, t0:t1].reshape(Hc, t * K)
+        if fold:
+            kg, vg = kz.index_select(2, idx[0]), vz.index_select(2, idx[0])
+            if pad is not None:
+                m = pad[:, t0:t1].reshape(1, t * K)[None, :, :, None]
+                kg, vg = kg.masked_fill(m, 0), vg.masked_fill(m, 0)
+            view = _Fold(_Slice(plan, t0, t1), g, Hk)
+            o = _attend_tiles(program, view,
+                              qt.reshape(B, Hk, g, t, V, D).transpose(2, 3).reshape(B, Hk, t, g * V, D),
+                              kg.reshape(B, Hk, t, K, D), vg.reshape(B, Hk, t, K, Dv), q, scale,
+                              None, None, None, None, dt, return_lse, heads=view.heads(q.device))
+            if return_lse:
+                o, lse = o
+                lses.append(view.unfold(lse[..., None], B)[..., 0])
+            o = view.unfold(o, B)
+            if whole is None:
+                outs.append(o)
+            else:
+                whole[:, :, t0 * V:t1 * V] = o
+            del qt, kg, vg, o
+            continue
         if Hc == 1 and k.shape[1] == H:
             kg, vg = kz.index_select(2, idx[0]), vz.index_select(2, idx[0])
         else:

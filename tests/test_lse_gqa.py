@@ -56,15 +56,16 @@ def test_tiles_lse_and_gqa_on_small_grids_with_every_primitive(case, data):
     assert_matches_reference(attn, q, k, v, lse=True)
 
 
-def test_tiles_lse_on_the_chunked_path(monkeypatch):
+@pytest.mark.parametrize("score", [md.sink_logit(md.per_head([0.0, 1.0, -1.0, 2.0])), None,
+                                   md.alibi()], ids=["sink: per-head gather", "folded", "folded+bias"])
+def test_tiles_lse_on_the_chunked_path(monkeypatch, score):
     """Grids whose gathered k/v exceed the gather budget run a chunk of query tiles at a time;
-    the lse chunks must line up with the output's."""
+    the lse chunks must line up with the output's (GQA folded into the tiles, or per head)."""
     from maskdsl.kernels import tiles
 
     monkeypatch.setattr(tiles, "_GATHER_BYTES", 1 << 12)
     p = md.neighborhood((5, 7), dilation=(1, 2)) & md.causal(dims=(0,)) | md.sink(3)
-    attn = md.compile(p, (20, 30), 4, score=md.sink_logit(md.per_head([0.0, 1.0, -1.0, 2.0])),
-                      backend="tiles")
+    attn = md.compile(p, (20, 30), 4, score=score, backend="tiles")
     q, k, v = inputs(1, 4, 600, 8, grad=True, kv_heads=2)
     assert_matches_reference(attn, q, k, v, lse=True)
     with torch.no_grad():
