@@ -156,8 +156,18 @@ class CompiledAttention:
         """The Program the tiles backend runs (its tile size chosen per pattern)."""
         return self._state("tiles")
 
+    def _square_only(self, what: str):
+        """The public artefacts describe the square grid problem: refuse them for extra tokens
+        and sub-ranges rather than hand out a grid-sized mask that does not fit the call."""
+        if not self.extent.square:
+            raise MaskDSLError(
+                f"{what}: this attention has {self.extent.describe()}, and {what} describes the "
+                f"square {self.n}-token grid problem only; compile the same pattern without them "
+                f"for the grid's artefacts")
+
     def _row_major(self):
         """The Program in the user's row-major token order (the public artefacts' program)."""
+        self._square_only("mask_mod, score_mod, source and block_mask()")
         if self._structural:
             self._refresh()
         if "row-major" not in self._states:
@@ -196,6 +206,7 @@ class CompiledAttention:
         ``to_layout(x)`` / ``from_layout(out)`` to move tensors in and out of it."""
         from ._interop import flex_inputs
 
+        self._square_only("flex_inputs()")
         return flex_inputs(self, layout, device)
 
     @property
@@ -224,6 +235,7 @@ class CompiledAttention:
 
     def mask(self, device="cpu") -> torch.Tensor:
         """The bool [H, N, N] mask (built once per device by the reference)."""
+        self._square_only("mask()")
         device = check_device(device)
         if device not in self._masks:
             self._masks[device] = outside_inference_mode(reference.mask)(

@@ -183,7 +183,6 @@ def _run_extra(attn, q, k, v, scale):
     import torch
 
     from ._merge import merge
-    from ._rect import rect_attention
     from ._score import score_extras
 
     ext, H = attn.extent, attn.heads
@@ -197,12 +196,40 @@ def _run_extra(attn, q, k, v, scale):
                            f"tokens' through its log-sum-exp: {e}") from None
     cap = _softcap(attn.score, H, q.device)
     sink, _ = score_extras(attn.score, H, q.device, False)
-    stripe = rect_attention(None, qg, ke, ve, None, None, scale, cap=cap, return_lse=True)
+    stripe = _dense(qg, ke, ve, scale, cap, None)
     out, lse = merge([grid, stripe])
     if ext.mode == "all":
-        ox, lx = rect_attention(None, q[:, :, N:], k, v, None, None, scale, cap=cap, sink=sink,
-                                return_lse=True)
+        ox, lx = _dense(q[:, :, N:], k, v, scale, cap, sink)
         out, lse = torch.cat([out, ox.to(out.dtype)], 2), torch.cat([lse, lx.to(lse.dtype)], 2)
+    return out, lse
+
+
+def _dense(q, k, v, scale, cap, sink):
+    """(out, lse) of q against every key of k, v (a dense stripe): torch's CPU flash kernel
+    with its differentiable lse when it can (no softcap, equal head dims, finite inputs; the g
+    query heads of a kv head folded into its rows; a sink logit merged in as a part with no
+    value), else the rectangle path, which also isolates non-finite rows."""
+    import torch
+
+    from ._merge import merge
+    from ._rect import _bad_rows, rect_attention
+
+    B, H, nq, D = q.shape
+    Hk, nk = k.shape[1], k.shape[2]
+    fast = (cap is None and q.device.type == "cpu" and D == v.shape[-1] and nq and nk
+            and q.dtype in (torch.float32, torch.float64)
+            and all(_bad_rows(x) is None for x in (q, k, v)))
+    if not fast:
+        return rect_attention(None, q, k, v, None, None, scale, cap=cap, sink=sink,
+                              return_lse=True)
+    from .kernels.tiles import _FlashLSE
+
+    g = H // Hk
+    out, lse = _FlashLSE.apply(q.reshape(B, Hk, g * nq, D), k, v, None, scale)
+    out, lse = out.reshape(B, H, nq, D), lse.reshape(B, H, nq)
+    if sink is not None:
+        s = sink.to(device=q.device, dtype=lse.dtype).reshape(1, H, 1).expand(B, H, nq)
+        out, lse = merge([(out, lse), (torch.zeros_like(out), s)])
     return out, lse
 
 

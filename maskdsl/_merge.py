@@ -58,21 +58,30 @@ def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Ten
             raise MaskDSLError(f"merge: parts[{i}]: expected floating tensors, got {out.dtype} "
                                f"and {lse.dtype}")
     lse_dt = torch.promote_types(torch.float32, parts[0][1].dtype)
-    lses = torch.stack([lse.to(lse_dt) for _, lse in parts])            # [P, B, H, N]
-    outs = torch.stack([out for out, _ in parts])                        # [P, B, H, N, D]
+    lses = [lse.to(lse_dt) for _, lse in parts]                          # each [B, H, N]
     # log-sum-exp over the parts, written out so that rows with no key anywhere (every l_i =
     # -inf) give -inf with zero gradients (torch.logsumexp's backward is NaN there), and a NaN
-    # part (a poisoned row) stays NaN
-    m = lses.detach().amax(0)
+    # part (a poisoned row) stays NaN. Part by part (no stacked copy of the outputs: a merge
+    # costs one multiply-add per part over out)
+    m = lses[0].detach()
+    for x in lses[1:]:
+        m = torch.maximum(m, x.detach())
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(lses - m[None])                                        # 0 for empty parts
-    s = e.sum(0)
+    e = [torch.exp(x - m) for x in lses]                                 # 0 for empty parts
+    s = e[0]
+    for x in e[1:]:
+        s = s + x
     some = s > 0
-    total = torch.where(some, m + torch.log(torch.where(some, s, torch.ones_like(s))),
-                        torch.full_like(s, float("-inf")))
-    nan = torch.isnan(lses).any(0)
-    total = torch.where(nan, torch.full_like(total, float("nan")), total)
-    w = e / torch.where(some, s, torch.ones_like(s))[None]              # exp(l_i - l)
-    out = (w[..., None].to(outs.dtype) * outs).sum(0)
-    out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
+    safe = torch.where(some, s, torch.ones_like(s))
+    total = torch.where(some, m + torch.log(safe), torch.full_like(s, float("-inf")))
+    nan = torch.isnan(lses[0])
+    for x in lses[1:]:
+        nan = nan | torch.isnan(x)
+    out = None
+    for (o, _), w in zip(parts, e):
+        w = (w / safe)[..., None].to(o.dtype)                           # exp(l_i - l)
+        out = o * w if out is None else torch.addcmul(out, o, w)
+    if bool(nan.any()):
+        total = torch.where(nan, torch.full_like(total, float("nan")), total)
+        out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
     return out, total

@@ -34,6 +34,16 @@ EXPECTED = {
         "step  60  loss",
         "OK: train_cpu learned the task and matches the reference",
     ],
+    "llm_decode.py": [
+        "lookback: keeps 132 of 1024 tokens: 4 sink(s) and the last 128",
+        "the cache held at most 132 tokens",
+        "OK: llm_decode matches the reference",
+    ],
+    "mmdit_video_text.py": [
+        "natten.na3d with additional_keys/values vs the video rows",
+        "md.merge(video part, text part) vs the video rows",
+        "OK: mmdit_video_text matches the reference",
+    ],
 }
 
 

@@ -256,3 +256,12 @@ def test_extent_survives_pickling_and_torch_compile():
     ins = [q, k, v, qs, ks, vs]
     for a, b in zip(torch.autograd.grad(got, ins), torch.autograd.grad(exp, ins)):
         torch.testing.assert_close(a, b)
+
+
+def test_grid_artefacts_are_refused_beyond_the_square_problem():
+    for kw in (dict(extra_tokens=3), dict(q_range=(0, 8), kv_range=(0, 16))):
+        attn = md.compile(md.window(2), (16,), 1, **kw)
+        for get in (lambda a: a.mask_mod, lambda a: a.block_mask(), lambda a: a.source,
+                    lambda a: a.flex_inputs(), lambda a: a.mask()):
+            with pytest.raises(md.MaskDSLError, match=r"describes the square 16-token grid"):
+                get(attn)
