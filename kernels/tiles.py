@@ -39,6 +39,20 @@ _CACHED_MASK_ELEMENTS = 1 << 25  # SDPA masks kept whole up to this size (128 MB
 _GATHER_BYTES = 256 << 20        # gathered k/v beyond this: attend a chunk of query tiles at a time
 
 
+def _sdpa_mask(view, H: int, dtype, t0: int, t1: int) -> torch.Tensor:
+    """SDPA's mask [1, H*t, V, K] for query tiles t0:t1 of a plan (or a folded view of one):
+    additive 0 / -inf in ``dtype``, or the bool disallowed entries for ``"blocked"``; rows with
+    no key get one dummy key (their output is zeroed afterwards)."""
+    t = t1 - t0
+    ok = view.allowed_chunk(t0, t1)
+    ok[..., :1] |= ~view.row_any[:, t0:t1]
+    ok = ok.expand(H, t, view.V, view.K).reshape(1, H * t, view.V, view.K)
+    if dtype == "blocked":
+        return ~ok
+    return torch.where(ok, torch.zeros((), dtype=dtype, device=ok.device),
+                       torch.full((), float("-inf"), dtype=dtype, device=ok.device))
+
+
 class TilePlan:
     """Per-program, per-device gather indices and token masks (built once, then reused)."""
 
@@ -199,15 +213,7 @@ class TilePlan:
         key = (H, dtype)
         mask = self._float_masks.get(key) if whole else None
         if mask is None:
-            t = t1 - t0
-            ok = self.allowed_chunk(t0, t1)
-            ok[..., :1] |= ~self.row_any[:, t0:t1]
-            ok = ok.expand(H, t, self.V, self.K).reshape(1, H * t, self.V, self.K)
-            if dtype == "blocked":
-                mask = ~ok
-            else:
-                mask = torch.where(ok, torch.zeros((), dtype=dtype, device=ok.device),
-                                   torch.full((), float("-inf"), dtype=dtype, device=ok.device))
+            mask = _sdpa_mask(self, H, dtype, t0, t1)
             if whole and H * self.T * self.V * self.K <= _CACHED_MASK_ELEMENTS:
                 self._float_masks[key] = mask
         return mask
@@ -446,15 +452,7 @@ class _Fold:
             if self.T * self.V * self.K <= _CACHED_MASK_ELEMENTS:
                 self._plan._float_masks[key] = mask
         if mask is None:
-            t = t1 - t0
-            ok = self.allowed_chunk(t0, t1)
-            ok[..., :1] |= ~self.row_any[:, t0:t1]
-            ok = ok.expand(H, t, self.V, self.K).reshape(1, H * t, self.V, self.K)
-            if dtype == "blocked":
-                mask = ~ok
-            else:
-                mask = torch.where(ok, torch.zeros((), dtype=dtype, device=ok.device),
-                                   torch.full((), float("-inf"), dtype=dtype, device=ok.device))
+            mask = _sdpa_mask(self, H, dtype, t0, t1)
             if whole and H * self.T * self.V * self.K <= _CACHED_MASK_ELEMENTS:
                 self._plan._float_masks[key] = mask
         return mask
