@@ -145,7 +145,9 @@ def extent_backend(spec, extent: Extent, backend: str, device):
     if backend == "dense":
         from .codegen.backends import requested
 
-        choice = requested("dense", spec, torch_device("cpu"))
+        import torch
+
+        choice = requested("dense", spec, torch.device("cpu"))
     else:
         choice = Choice("tiles", "tiles: a sub-range runs on the rectangle path: each chunk of "
                                  "query tiles against the key tiles its tile classes list, "
@@ -153,12 +155,6 @@ def extent_backend(spec, extent: Extent, backend: str, device):
     attn = CompiledAttention(spec, choice, auto=False, extent=extent)
     attn._asked = backend
     return attn
-
-
-def torch_device(name):
-    import torch
-
-    return torch.device(name)
 
 
 def run_extent(attn, q, k, v, scale: float, return_lse: bool):
