@@ -232,37 +232,15 @@ def _dense(q, k, v, scale, cap, sink):
 def _run_range(attn, q, k, v, scale):
     """Sub-range queries against sub-range keys: per chunk of query tiles of the row-major
     program, the key tiles its classes list (every head's), cut to ``kv_range``."""
-    import numpy as np
     import torch
 
-    from ._rect import rect_attention, row_major
+    from ._rect import row_major, tiled_rect
     from ._score import score_extras
 
-    ext, H = attn.extent, attn.heads
+    ext = attn.extent
     N = ext.n
-    prog = row_major(attn)
-    r = prog.recipe
-    classes = [r.classes.distinct[0]] if r.classes.shared else \
-        [r.classes.head(h) for h in range(H)]
-    V = prog.layout.block
     q0, q1 = ext.q if ext.q is not None else (0, N)
     k0, k1 = ext.kv if ext.kv is not None else (0, N)
-    sink, _ = score_extras(attn.score, H, q.device, False)
-    step = max(1, 2048 // V)
-    lanes = np.arange(V)
-    outs, lses = [], []
-    for a in range(q0 // V, -(-q1 // V), step):
-        b = min(-(-q1 // V), a + step)
-        tiles = np.unique(np.concatenate(
-            [np.asarray(c.indices[c.indptr[a]:c.indptr[b]]) for c in classes]))
-        tok = (tiles[:, None] * V + lanes).reshape(-1)
-        tok = tok[(tok >= k0) & (tok < k1)]
-        keys = torch.from_numpy(tok).to(q.device)
-        local = keys - k0
-        r0, r1 = max(q0, a * V), min(q1, b * V)
-        o, lse = rect_attention(prog, q[:, :, r0 - q0:r1 - q0], k.index_select(2, local),
-                                v.index_select(2, local), torch.arange(r0, r1, device=q.device),
-                                keys, scale, sink=sink, return_lse=True)
-        outs.append(o)
-        lses.append(lse)
-    return torch.cat(outs, 2), torch.cat(lses, 2)
+    sink, _ = score_extras(attn.score, attn.heads, q.device, False)
+    return tiled_rect(row_major(attn), q, k, v, torch.arange(q0, q1), torch.arange(k0, k1),
+                      scale, sink=sink)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["rect_attention", "row_major", "key_reach", "Reach", "MAX_SCORES"]
+__all__ = ["rect_attention", "tiled_rect", "row_major", "key_reach", "Reach", "MAX_SCORES"]
 
 MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay under it)
 
@@ -53,7 +53,7 @@ def _bad_rows(x) -> Optional[torch.Tensor]:
 
 
 def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
-                   return_lse: bool = False, kv_bad=None, cap=None):
+                   return_lse: bool = False, kv_bad=None, cap=None, head_ids=None):
     """Attention of q [B, H, nq, D] at global positions ``q_pos`` [nq] against k, v [B, H_kv,
     nk, D] at ``k_pos`` [nk] (int64; -1 marks an empty slot), on finite or non-finite inputs
     (ARCHITECTURE.md, "Non-finite inputs"). ``kv_bad``: the key rows known to hold a NaN or
@@ -61,6 +61,9 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
     it stores; default None: found here).
     ``program=None``: every pair is allowed and no score term applies but ``cap`` (softcap
     values [H]) and ``sink`` (the dense stripes of extra tokens; positions are then ignored).
+    ``head_ids``: int64 [H], the program's head index of each of q's heads (default 0..H-1;
+    context parallelism's Ulysses strategy runs a slice of the heads): per-head patterns and
+    score terms are evaluated at those heads; ``sink`` and ``cap`` are given for q's heads.
     Returns out [B, H, nq, Dv] (and lse [B, H, nq])."""
     from ._isolate import poison, poison_lse, sanitize
 
@@ -98,7 +101,8 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
                                                                device=dev)
         q, k, v = sanitize(q, bad_q), sanitize(k, bad_kv), sanitize(v, bad_kv)
     qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
-    heads = torch.arange(H, device=dev).reshape(1, H, 1, 1)
+    heads = (torch.arange(H, device=dev) if head_ids is None else
+             head_ids.to(device=dev, dtype=torch.int64)).reshape(1, H, 1, 1)
     step = max(1, MAX_SCORES // max(1, B * H * max(1, nk)))
     outs, lses, hits = [], [], []
     for a in range(0, nq, step):
@@ -150,6 +154,66 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         out = poison(out, q, rows)
         lse = poison_lse(lse, rows) if lse is not None else None
     return (out, lse) if return_lse else out
+
+
+def _runs(pos: torch.Tensor):
+    """(buffer offset, first, end) of each run of consecutive positions in ascending ``pos``."""
+    if pos.numel() == 0:
+        return []
+    cut = torch.nonzero(pos[1:] != pos[:-1] + 1).reshape(-1) + 1
+    starts = [0] + cut.tolist()
+    ends = cut.tolist() + [pos.numel()]
+    p = pos.tolist() if pos.numel() < 4096 else None
+    first = (lambda i: p[i]) if p is not None else (lambda i: int(pos[i]))   # noqa: E731
+    return [(a, first(a), first(a) + (b - a)) for a, b in zip(starts, ends)]
+
+
+def tiled_rect(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None, head_ids=None,
+               rows: int = 2048):
+    """(out, lse) of queries at ascending global grid positions ``q_pos`` [nq] against a key
+    buffer k, v [B, H_kv, nk, *] whose rows sit at global positions ``k_pos`` [nk] (any order;
+    positions outside the grid are skipped): per run of consecutive query positions, per chunk
+    of ``rows`` query rows, ``rect_attention`` over the buffer's keys in the key tiles the
+    row-major tile classes list for the chunk's query tiles (of the heads in ``head_ids``).
+    A key the pattern attends but the buffer lacks is not seen: the caller hands in every key
+    its queries need (sub-ranges: the range; context parallelism: its plan's halo)."""
+    import numpy as np
+
+    n, V = program.n, program.layout.block
+    r = program.recipe
+    hs = range(program.heads) if head_ids is None else head_ids.tolist()
+    classes = [r.classes.distinct[0]] if r.classes.shared else \
+        list({id(c): c for c in (r.classes.head(h) for h in hs)}.values())
+    dev = q.device
+    kp = k_pos.cpu()
+    grid = (kp >= 0) & (kp < n)
+    slot = torch.full((n,), -1, dtype=torch.int64)
+    slot[kp[grid]] = torch.nonzero(grid).reshape(-1)
+    lanes = np.arange(V)
+    step = max(1, rows // V)
+    outs, lses = [], []
+    for off, p0, p1 in _runs(q_pos.cpu()):
+        for a in range(p0 // V, -(-p1 // V), step):
+            b = min(-(-p1 // V), a + step)
+            tiles = np.unique(np.concatenate(
+                [np.asarray(c.indices[c.indptr[a]:c.indptr[b]]) for c in classes]))
+            tok = (tiles[:, None] * V + lanes).reshape(-1)
+            tok = torch.from_numpy(tok[tok < n])
+            loc = slot[tok]
+            keep = loc >= 0
+            loc, keys = loc[keep].to(dev), tok[keep].to(dev)
+            r0, r1 = max(p0, a * V), min(p1, b * V)
+            o, lse = rect_attention(program, q[:, :, off + r0 - p0:off + r1 - p0],
+                                    k.index_select(2, loc), v.index_select(2, loc),
+                                    torch.arange(r0, r1, device=dev), keys, scale, sink=sink,
+                                    return_lse=True, head_ids=head_ids)
+            outs.append(o)
+            lses.append(lse)
+    if not outs:
+        B, H = q.shape[:2]
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(B, H, 0, v.shape[-1]), q.new_zeros(B, H, 0, dtype=dt)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 @dataclass(frozen=True)
