@@ -20,6 +20,7 @@ from ._pattern import (Pattern, block, causal, document, empty, full, heads,  # 
 from ._score import (Score, alibi, distance_decay, dropout, relative_bias,  # noqa: F401
                      score_fn, sink_logit, softcap)
 from ._values import per_head  # noqa: F401
+from .distributed import context_parallel, shard, unshard
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,8 @@ __all__ = [
     *_DSL_NAMES,
     # compiling and checking
     "compile", "CompiledAttention", "parse", "reference", "MaskDSLError", "merge",
+    # context parallelism (maskdsl.distributed)
+    "context_parallel", "shard", "unshard",
     "Pattern", "Score",
     # drop-in modules (imported on first use)
     "nn", "natten",

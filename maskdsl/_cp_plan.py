@@ -239,12 +239,14 @@ def bytes_of(strategy: str, lay: Layout, *, heads: int, kv_heads: int, batch: in
                 move(s, r, counts[s] * kv_row)
     elif strategy == "ulysses":
         hq, hk = heads // W, kv_heads // W
-        qkv_row = batch * (hq * head_dim + hk * (head_dim + head_dim_v)) * isz
+        q_row = batch * hq * head_dim * isz
+        kv_part = batch * hk * (head_dim + head_dim_v) * isz
         back_row = batch * hq * (head_dim_v * isz + (lsz if return_lse else 0))
         for s in range(W):
+            nq = counts[s] if extra_mode == "all" else lay.grid_count(s)
             for r in range(W):
-                move(s, r, counts[s] * qkv_row)      # sequence -> heads
-                move(r, s, counts[s] * back_row)     # the output back: heads -> sequence
+                move(s, r, nq * q_row + counts[s] * kv_part)     # sequence -> heads
+                move(r, s, nq * back_row)                        # the output back
     elif strategy == "halo":
         for s in range(W):
             for r in range(W):

@@ -1,0 +1,171 @@
+"""The multi-process half of tests/test_distributed.py: ``run(rank, world, port, out)`` runs
+every case of ``cases(world)`` under ``torch.multiprocessing.spawn`` with gloo over 127.0.0.1,
+each strategy that can run, and compares this rank's share with the single-process reference
+(``md.reference.attention`` on the whole tensors, every rank builds them from one seed).
+Rank 0 writes one JSON record per (case, strategy, balance) to ``out``; the test functions read
+them (one spawn per world size keeps CI to a few seconds per world size).
+
+Gradients: q, k, v pass through ``cp.shard`` (this rank's part of the gradient, zeros elsewhere)
+and the output through ``cp.unshard``, the loss is the same on every rank; after an all-reduce
+(sum) the gradients of q, k, v and of learnable score tables equal the single-process ones
+(ARCHITECTURE.md, "Context parallelism").
+"""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import maskdsl as md
+from maskdsl import distributed as mdd
+
+TOL = 1e-9
+
+
+def cases(world):
+    """(name, dict) of every case; tensors float64, small."""
+    g = torch.Generator().manual_seed(7)
+    table = (torch.randn(2, 2 * 9 - 1, 2 * 8 - 1, generator=g, dtype=torch.float64) * 0.5)
+    sinkl = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    out = [
+        ("window-1d-sinks-gqa", dict(p=md.causal() & md.window(9) | md.sink(3), shape=(41,),
+                                     H=2, Hk=1, lse=True)),
+        ("nbhd-2d-dil-stride-causal", dict(
+            p=md.neighborhood((3, 5), stride=(1, 2), dilation=(2, 1), causal=(True, False)),
+            shape=(13, 10), H=2)),
+        ("nbhd-3d-dilation", dict(p=md.neighborhood((3, 3, 3), dilation=(1, 2, 1)),
+                                  shape=(7, 6, 5), H=2, lse=True)),
+        ("block-shift", dict(p=md.block((4, 4), shift=(2, 2)), shape=(10, 8), H=2)),
+        ("radial", dict(p=md.radial(decay=1.0, min_window=4, sink_frames=1), shape=(8, 12),
+                        H=2)),
+        ("per-head", dict(p=md.heads([md.neighborhood((3, 3)),
+                                      md.neighborhood((5, 3), dilation=(1, 2))]),
+                          shape=(11, 7), H=2)),
+        ("score-terms", dict(p=md.neighborhood((3, 3)), shape=(9, 8), H=2,
+                             learn=dict(table=table, sink=sinkl),
+                             score=lambda t: (md.relative_bias(t["table"])
+                                              + md.distance_decay(md.per_head([0.1, 0.3]))
+                                              + md.softcap(4.0) + md.sink_logit(t["sink"])))),
+        ("extra-all-gqa", dict(p=md.neighborhood((3, 3)), shape=(8, 6), H=2, Hk=1, E=5,
+                               mode="all", lse=True,
+                               score=lambda t: md.softcap(6.0) + md.sink_logit(md.per_head([0.2, 0.1])))),
+        ("extra-keys", dict(p=md.window(4), shape=(30,), H=2, E=4, mode="keys")),
+        ("causal-balanced", dict(p=md.causal(), shape=(32,), H=4, Hk=2,
+                                 balances=(None, "head-tail"))),
+        ("heads-8-kv-4", dict(p=md.neighborhood((3, 3), causal=(True, False)), shape=(9, 5),
+                              H=8, Hk=4)),
+        ("heads-6-kv-3", dict(p=md.causal() & md.window(5), shape=(25,), H=6, Hk=3)),
+        ("nonfinite", dict(p=md.window(3), shape=(29,), H=2, nan=(0, 1, 17), grads=False)),
+    ]
+    return out
+
+
+def _tensors(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, D = 2, 4
+    N = 1
+    for s in c["shape"]:
+        N *= s
+    E = c.get("E", 0)
+    nq = N + (E if c.get("mode", "all") == "all" else 0)
+    H, Hk = c["H"], c.get("Hk", c["H"])
+    q = torch.randn(B, H, nq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hk, N + E, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hk, N + E, D + 1, generator=g, dtype=torch.float64)
+    if "nan" in c:
+        b, h, i = c["nan"]
+        k[b, h, i, 0] = float("nan")
+    go = torch.randn(B, H, nq, D + 1, generator=g, dtype=torch.float64)
+    return q, k, v, go
+
+
+def _err(a, b):
+    if a.shape != b.shape:
+        return float("inf")
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return float("inf")
+    ok = ~torch.isnan(a)
+    return float((a[ok] - b[ok]).abs().max().detach()) if ok.any() else 0.0
+
+
+def _one(c, world, rank, strategy, balance):
+    learn = {k: v.clone().requires_grad_(True) for k, v in c.get("learn", {}).items()}
+    score = c["score"](learn) if "score" in c else None
+    E, mode = c.get("E", 0), c.get("mode", "all")
+    attn = md.compile(c["p"], shape=c["shape"], heads=c["H"], score=score, backend="tiles",
+                      extra_tokens=E, extra=mode)
+    q, k, v, go = _tensors(c)
+    grads = c.get("grads", True)
+    for t in (q, k, v):
+        t.requires_grad_(grads)
+    lse = c.get("lse", False)
+    ref = md.reference.attention(q, k, v, c["p"], c["shape"], score=score, extra_tokens=E,
+                                 extra=mode, return_lse=lse)
+    rec = {"case": c["name"], "strategy": strategy, "balance": balance}
+    try:
+        cp = mdd.context_parallel(attn, strategy=strategy, balance=balance, kv_heads=k.shape[1],
+                                  head_dim=4, head_dim_v=5, batch=2, dtype=torch.float64)
+    except md.MaskDSLError as e:
+        rec["refused"] = str(e)
+        return rec
+    rec["chosen"], rec["reason"] = cp.strategy, cp.reason
+    got = cp(cp.shard(q), cp.shard(k), cp.shard(v), return_lse=lse)
+    out = cp.unshard(got[0] if lse else got)
+    rec["local_rows"] = int((got[0] if lse else got).shape[2])
+    errs = {"out": _err(out, ref[0] if lse else ref)}
+    if lse:
+        errs["lse"] = _err(cp.unshard(got[1].unsqueeze(-1)).squeeze(-1), ref[1])
+    traffic = [None] * world
+    dist.all_gather_object(traffic, cp.traffic)
+    plan = cp.plan(return_lse=lse)
+    rec["plan"] = plan
+    rec["traffic"] = traffic
+    if grads:
+        ins = [q, k, v] + list(learn.values())
+        mine = torch.autograd.grad((out * go).sum(), ins)
+        ref_g = torch.autograd.grad(((ref[0] if lse else ref) * go).sum(), ins)
+        for name, a, b in zip(["q", "k", "v"] + list(learn), mine, ref_g):
+            a = a.clone()
+            dist.all_reduce(a)
+            errs["d" + name] = _err(a, b)
+    rec["errors"] = errs
+    return rec
+
+
+def run(rank, world, port, out):
+    import faulthandler
+
+    faulthandler.dump_traceback_later(240, exit=True)     # a hang fails the test, not CI
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    records = []
+    try:
+        for name, c in cases(world):
+            c = dict(c, name=name)
+            for strategy in ("halo", "ulysses", "allgather", "auto"):
+                for balance in c.get("balances", (None,)):
+                    try:
+                        records.append(_one(c, world, rank, strategy, balance))
+                    except Exception:              # recorded, the test reports it
+                        records.append({"case": name, "strategy": strategy, "balance": balance,
+                                        "crash": traceback.format_exc()})
+        # the head-tail layout of every case that can hold it, halo only
+        for name, c in cases(world):
+            if "balances" in c or c["shape"][0] < 2 * world:
+                continue
+            c = dict(c, name=name)
+            try:
+                records.append(_one(c, world, rank, "halo", "head-tail"))
+            except Exception:
+                records.append({"case": name, "strategy": "halo", "balance": "head-tail",
+                                "crash": traceback.format_exc()})
+    finally:
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(records, f)
+        dist.destroy_process_group()

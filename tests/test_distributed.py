@@ -1,0 +1,263 @@
+"""Context parallelism (ARCHITECTURE.md, "Context parallelism").
+
+Two halves: the plan checked in this process (the split, the exact halo against the reference
+mask, the byte counts, every refusal, on a one-rank gloo group), and the strategies run for real
+in 2, 3 and 4 gloo processes (tests/cp_worker.py), each against the single-process reference.
+"""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import maskdsl as md
+from maskdsl import _cp_plan as P
+from maskdsl import distributed as mdd
+from maskdsl._rect import row_major
+
+import cp_worker
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- the split
+
+def test_slabs_are_as_even_as_possible_along_dim_0():
+    lay = P.layout((10, 3), 4)
+    rows = [[(a // 3, b // 3) for a, b in lay.parts[r]] for r in range(4)]
+    assert rows == [[(0, 3)], [(3, 6)], [(6, 8)], [(8, 10)]]
+    assert [lay.count(r) for r in range(4)] == [9, 9, 6, 6]
+    assert torch.equal(torch.cat([lay.positions(r) for r in range(4)]), torch.arange(30))
+
+
+def test_head_tail_gives_rank_r_slabs_r_and_2w_minus_1_minus_r():
+    lay = P.layout((8,), 2, balance="head-tail")
+    assert lay.parts == (((0, 2), (6, 8)), ((2, 4), (4, 6)))
+    assert lay.extra_owner == 0                      # owns the last grid token
+
+
+def test_extra_tokens_follow_the_last_grid_token():
+    lay = P.layout((6,), 3, extra=4)
+    assert lay.extra_owner == 2 and lay.count(2) == 6 and lay.grid_count(2) == 2
+    assert lay.positions(2).tolist() == [4, 5, 6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(shape=(3, 8), world=4), "grid dim 0 has 3 rows"),
+    (dict(shape=(5,), world=3, balance="head-tail"), "needs at least 6 rows"),
+    (dict(shape=(8,), world=2, balance="zigzag"), "balance='zigzag'"),
+])
+def test_a_split_that_cannot_be_made_is_refused(kw, words):
+    with pytest.raises(md.MaskDSLError, match=words):
+        P.layout(kw["shape"], kw["world"], balance=kw.get("balance"))
+
+
+# ---------------------------------------------------------------------- the halo is exact
+
+PATTERNS = [
+    ("window-sinks", md.causal() & md.window(5) | md.sink(2), (23,), 1),
+    ("nbhd-2d", md.neighborhood((3, 5), stride=(1, 2), dilation=(2, 1),
+                                causal=(True, False)), (9, 10), 1),
+    ("nbhd-3d", md.neighborhood((3, 3, 3), dilation=(1, 2, 1)), (6, 6, 5), 1),
+    ("block-shift", md.block((4, 4), shift=(2, 2)), (10, 8), 1),
+    ("radial", md.radial(decay=1.0, min_window=4, sink_frames=1), (8, 12), 1),
+    ("per-head", md.heads([md.window(2), md.causal() & md.window(7)]), (31,), 2),
+    ("document", md.document(torch.tensor([0] * 7 + [1] * 9 + [2] * 6)), (22,), 1),
+    ("power", md.power(2), (40,), 1),
+]
+
+
+@pytest.mark.parametrize("name, p, shape, heads", PATTERNS, ids=[x[0] for x in PATTERNS])
+@pytest.mark.parametrize("world, balance", [(2, None), (3, None), (2, "head-tail")])
+def test_need_is_exactly_the_keys_other_ranks_own_that_a_rank_attends(name, p, shape, heads,
+                                                                    world, balance):
+    attn = md.compile(p, shape=shape, heads=heads, backend="tiles")
+    lay = P.layout(shape, world, balance=balance)
+    got = P.need(row_major(attn), lay)
+    mask = md.reference.mask(p, shape, heads).any(0)             # [N, N]
+    owner = torch.from_numpy(lay.owner())
+    for r in range(world):
+        want = mask[owner == r].any(0) & (owner != r)
+        assert torch.equal(got[r] & (owner != r), want), (name, r)
+
+
+def test_the_halo_plan_lists_rows_by_owner_and_sends_extra_tokens_once():
+    attn = md.compile(md.window(2), shape=(12,), heads=1, backend="tiles", extra_tokens=3)
+    lay = P.layout((12,), 3, extra=3)
+    hp = P.halo_plan(row_major(attn), lay)
+    assert hp.positions[0][1].tolist() == [2, 3] and hp.positions[1][0].tolist() == [4, 5]
+    assert hp.positions[2][0].tolist() == [12, 13, 14]          # only the extra tokens
+    assert hp.positions[2][1].tolist() == [8, 9, 12, 13, 14]
+    assert hp.rows[2][1].tolist() == [0, 1, 4, 5, 6]             # rows of rank 2's buffer
+
+
+def test_a_pattern_past_the_budget_has_no_halo_plan():
+    attn = md.compile(md.document(torch.arange(64) % 3), shape=(64,), heads=1,
+                      backend="tiles")
+    assert P.need(row_major(attn), P.layout((64,), 2), budget=10) is None
+
+
+def test_bytes_of_counts_every_message():
+    lay = P.layout((8, 4), 2)
+    kw = dict(heads=4, kv_heads=2, batch=3, head_dim=8, head_dim_v=8, dtype=torch.bfloat16)
+    ag = P.bytes_of("allgather", lay, **kw)
+    assert ag == {"sent": [16 * 3 * 2 * 16 * 2] * 2, "received": [16 * 3 * 2 * 16 * 2] * 2}
+    ul = P.bytes_of("ulysses", lay, **kw)
+    row = 3 * (2 * 8 + 1 * 16) * 2 + 3 * 2 * 8 * 2               # q, kv in; out back
+    assert ul["sent"] == [16 * row] * 2
+
+
+# ---------------------------------------------------------------------- one rank, in process
+
+@pytest.fixture(scope="module")
+def one_rank():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0,
+                            world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_context_parallel_needs_an_initialised_group():
+    if dist.is_initialized():
+        pytest.skip("a group is initialised in this process")
+    with pytest.raises(md.MaskDSLError, match="init_process_group"):
+        md.context_parallel(md.compile(md.window(2), shape=(8,)))
+
+
+def test_one_rank_is_the_whole_attention(one_rank):
+    attn = md.compile(md.neighborhood((3, 3)), shape=(6, 5), heads=2, backend="tiles")
+    q, k, v = (torch.randn(1, 2, 30, 4, dtype=torch.float64) for _ in range(3))
+    for s in ("halo", "allgather", "ulysses"):
+        cp = md.context_parallel(attn, strategy=s)
+        out = cp.unshard(cp(cp.shard(q), cp.shard(k), cp.shard(v)))
+        torch.testing.assert_close(out, md.reference.attention(q, k, v, attn.pattern, (6, 5)))
+        assert cp.traffic == {"sent": 0, "received": 0}
+
+
+def test_shard_and_unshard_take_activations_too(one_rank):
+    x = torch.randn(2, 6, 5, 3, requires_grad=True)
+    y = md.shard(x, shape=(6, 5))
+    assert torch.equal(md.unshard(y, shape=(6, 5)), x)
+    t = torch.randn(2, 3, 30, 4)
+    assert torch.equal(md.unshard(md.shard(t, shape=(6, 5)), shape=(6, 5)), t)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda a: md.context_parallel(a, strategy="ring"), "strategy='ring'"),
+    (lambda a: md.context_parallel(md.compile(md.window(2), shape=(8,), q_range=(0, 4))),
+     "q_range"),
+    (lambda a: md.context_parallel(md.compile(md.window(2), shape=(8,),
+                                              score=md.dropout(0.1))), "dropout"),
+    (lambda a: md.context_parallel(a, group="world"), "group='world'"),
+    (lambda a: md.context_parallel(a, kv_heads=3), "kv_heads=3"),
+    (lambda a: md.context_parallel(a, head_dim=0), "head_dim=0"),
+    (lambda a: md.context_parallel("attn"), "attn: expected a CompiledAttention"),
+    (lambda a: md.context_parallel(a)(torch.randn(1, 2, 7, 4), torch.randn(1, 2, 8, 4),
+                                      torch.randn(1, 2, 8, 4)), r"q: shape \[1, 2, 7, 4\]"),
+    (lambda a: md.context_parallel(a)(torch.randn(1, 3, 8, 4), torch.randn(1, 2, 8, 4),
+                                      torch.randn(1, 2, 8, 4)), "heads=2"),
+    (lambda a: md.shard(torch.randn(2, 5), shape=(8,)), r"x: shape \[2, 5\]"),
+    (lambda a: md.unshard(torch.randn(1, 1, 8, 2)), "pass shape="),
+])
+def test_bad_requests_raise_maskdsl_errors(one_rank, make, words):
+    attn = md.compile(md.window(2), shape=(8,), heads=2, backend="tiles")
+    with pytest.raises(md.MaskDSLError, match=words):
+        make(attn)
+
+
+def test_without_bounded_reach_auto_falls_back_to_allgather(one_rank, monkeypatch):
+    # one rank owns every key, so no budget is ever passed here: stand in for a plan past it
+    # (test_a_pattern_past_the_budget_has_no_halo_plan checks the budget itself)
+    monkeypatch.setattr(P, "halo_plan", lambda *a, **k: None)
+    attn = md.compile(md.document(torch.arange(40) % 4), shape=(40,), heads=2,
+                      backend="tiles")
+    cp = md.context_parallel(attn)
+    assert "halo" not in cp.plan() and "no bounded reach" in cp.reason
+    with pytest.raises(md.MaskDSLError, match="no bounded reach"):
+        md.context_parallel(attn, strategy="halo")
+
+
+def test_an_in_place_change_of_document_ids_replans_the_halo(one_rank):
+    ids = torch.zeros(16, dtype=torch.int64)
+    attn = md.compile(md.document(ids), shape=(16,), heads=1, backend="tiles")
+    cp = md.context_parallel(attn, strategy="halo")
+    first = cp._halo_plan()
+    ids[8:] = 1
+    assert cp._halo_plan() is not first
+
+
+# ---------------------------------------------------------------------- 2, 3, 4 processes
+
+@pytest.fixture(scope="module", params=[2, 3, 4])
+def spawned(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"cp{world}") / "records.json"
+    mp.spawn(cp_worker.run, args=(world, _port(), str(out)), nprocs=world)
+    return world, json.loads(out.read_text())
+
+
+def _expected_refusal(rec, world):
+    c = dict(cp_worker.cases(world))[rec["case"]]
+    H, Hk = c["H"], c.get("Hk", c["H"])
+    return rec["strategy"] == "ulysses" and (H % world or Hk % world)
+
+
+@pytest.mark.xdist_group("context-parallel")
+def test_every_strategy_equals_the_single_process_run(spawned):
+    world, records = spawned
+    ran = set()
+    for rec in records:
+        assert "crash" not in rec, rec.get("crash")
+        if "refused" in rec:
+            assert _expected_refusal(rec, world), rec
+            assert "divisible by the world size" in rec["refused"]
+            continue
+        assert not _expected_refusal(rec, world), rec
+        for what, e in rec["errors"].items():
+            assert e <= cp_worker.TOL, (rec["case"], rec["strategy"], rec["balance"], what, e)
+        ran.add((rec["case"], rec["chosen"]))
+    names = {n for n, _ in cp_worker.cases(world)}
+    assert {c for c, s in ran if s == "halo"} == names
+    assert {c for c, s in ran if s == "allgather"} == names
+    assert any(s == "ulysses" for _, s in ran)
+
+
+@pytest.mark.xdist_group("context-parallel")
+def test_the_bytes_moved_are_the_plans(spawned):
+    world, records = spawned
+    for rec in records:
+        if "errors" not in rec:
+            continue
+        plan = rec["plan"][rec["chosen"]]
+        assert [t["sent"] for t in rec["traffic"]] == plan["sent"], rec["case"]
+        assert [t["received"] for t in rec["traffic"]] == plan["received"], rec["case"]
+
+
+@pytest.mark.xdist_group("context-parallel")
+def test_auto_picks_the_fewest_bytes(spawned):
+    world, records = spawned
+    for rec in records:
+        if rec["strategy"] != "auto" or "errors" not in rec:
+            continue
+        total = {k: sum(v["sent"]) for k, v in rec["plan"].items()}
+        assert total[rec["chosen"]] == min(total.values()), rec["case"]
+        assert rec["reason"].startswith(rec["chosen"] + ": the fewest bytes")
+
+
+@pytest.mark.xdist_group("context-parallel")
+def test_the_halo_of_a_local_pattern_moves_less_than_allgather(spawned):
+    world, records = spawned
+    for rec in records:
+        if rec["strategy"] == "halo" and rec["case"].startswith("nbhd") and "errors" in rec:
+            halo, ag = (sum(rec["plan"][s]["received"]) for s in ("halo", "allgather"))
+            assert halo < ag, (rec["case"], halo, ag)
