@@ -52,6 +52,36 @@ def _bad_rows(x) -> Optional[torch.Tensor]:
     return bad if bool(bad.any()) else None
 
 
+def _flash_chunk(q, k, v, allowed, scale: float, sink):
+    """(out, lse) of q [B, H, c, D] against k, v [B, H, nk, D] where ``allowed`` [1, 1 or H,
+    c, nk]: torch's CPU flash kernel with an additive -inf mask (``kernels.tiles._FlashLSE``,
+    differentiable lse). A row with no key gets a stand-in key (finite gradients) and then
+    zeros and -inf; a sink logit joins the denominator through the lse."""
+    from .kernels.tiles import _FlashLSE
+
+    nk = k.shape[2]
+    some = allowed.any(-1, keepdim=True)
+    empty = not bool(some.all())
+    if empty:
+        first = torch.zeros(nk, dtype=torch.bool, device=q.device)
+        first[0] = True
+        allowed = allowed | (~some & first)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~allowed, float("-inf"))
+    out, lse = _FlashLSE.apply(q.contiguous(), k, v, mask, scale)
+    if empty:
+        out = torch.where(some, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        lse = torch.where(some[..., 0], lse,
+                          torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
+    if sink is not None:
+        B, H, c = lse.shape
+        sk = sink.to(device=q.device, dtype=lse.dtype).reshape(1, H, 1).expand(B, H, c)
+        both = torch.logaddexp(lse, sk)
+        out = out * torch.exp(lse - both)[..., None].to(out.dtype)
+        lse = both
+    return out, lse
+
+
 def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
                    return_lse: bool = False, kv_bad=None, cap=None, head_ids=None):
     """Attention of q [B, H, nq, D] at global positions ``q_pos`` [nq] against k, v [B, H_kv,
@@ -104,6 +134,13 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
     heads = (torch.arange(H, device=dev) if head_ids is None else
              head_ids.to(device=dev, dtype=torch.int64)).reshape(1, H, 1, 1)
     step = max(1, MAX_SCORES // max(1, B * H * max(1, nk)))
+    # torch's CPU flash kernel with a float mask (and its differentiable lse) when no score
+    # term but a sink logit applies and the inputs are finite: one fused pass per chunk
+    fast = (dev.type == "cpu" and program is not None and score_mod is None and cap is None
+            and not any_bad and D == Dv and q.dtype in (torch.float32, torch.float64))
+    if fast:
+        kf = kd.repeat_interleave(g, 1) if g > 1 else kd
+        vf = vd.repeat_interleave(g, 1) if g > 1 else vd
     outs, lses, hits = [], [], []
     for a in range(0, nq, step):
         b = min(nq, a + step)
@@ -112,6 +149,11 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         allowed = valid_k.reshape(1, 1, 1, nk)
         if mask_mod is not None:
             allowed = mask_mod(0, heads, qp, kp.reshape(1, 1, 1, nk)) & allowed
+        if fast:
+            o, lse = _flash_chunk(qd[:, :, a:b], kf, vf, allowed, scale, sink)
+            outs.append(o)
+            lses.append(lse)
+            continue
         allowed = allowed.expand(1, H, c, nk)
         # GQA: the g query heads of a key/value head are one matmul's rows (no k/v copy)
         qg = qd[:, :, a:b].reshape(B, Hk, g * c, D)

@@ -39,6 +39,12 @@ EXPECTED = {
         "the cache held at most 132 tokens",
         "OK: llm_decode matches the reference",
     ],
+    "context_parallel.py": [
+        "strategy: halo: the fewest bytes",
+        "rank 1: output [1, 4, 576, 16]",
+        "plan allgather",
+        "OK: context_parallel matches the single-process run",
+    ],
     "mmdit_video_text.py": [
         "natten.na3d with additional_keys/values vs the video rows",
         "md.merge(video part, text part) vs the video rows",
