@@ -73,6 +73,9 @@ class _Comm:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.sent = self.received = 0
+        # NCCL's first batch_isend_irecv in a group must involve every rank; a rank with
+        # nothing to exchange skips it, so one barrier (a collective) sets the group up first
+        self._ready = dist.get_backend(group) != "nccl"
 
     def _peer(self, r: int) -> int:
         return dist.get_global_rank(self.group, r)
@@ -96,6 +99,9 @@ class _Comm:
                 ops.append(dist.P2POp(dist.irecv, b, self._peer(peer), self.group))
                 if count:
                     self.received += b.numel() * b.element_size()
+        if not self._ready:
+            dist.barrier(group=self.group)
+            self._ready = True
         if ops:
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
@@ -350,7 +356,11 @@ class ContextParallel:
         if self._halo is None or self._halo[0] != key:
             from ._rect import row_major
 
-            self._halo = (key, P.halo_plan(row_major(attn), self.layout))
+            from ._caching import outside_inference_mode
+
+            # built outside inference mode: the cached index tensors serve training calls too
+            self._halo = (key, outside_inference_mode(P.halo_plan)(row_major(attn),
+                                                                   self.layout))
         return self._halo[1]
 
     def _refusals(self, kv_heads):

@@ -112,7 +112,12 @@ def _one(c, world, rank, strategy, balance):
         rec["refused"] = str(e)
         return rec
     rec["chosen"], rec["reason"] = cp.strategy, cp.reason
+    with torch.inference_mode():        # the plan built here must serve the training call
+        first = cp(cp.shard(q), cp.shard(k), cp.shard(v), return_lse=lse)
     got = cp(cp.shard(q), cp.shard(k), cp.shard(v), return_lse=lse)
+    rec["inference_mode_equal"] = all(
+        torch.equal(a.nan_to_num(), b.detach().nan_to_num())
+        for a, b in zip(first if lse else [first], got if lse else [got]))
     out = cp.unshard(got[0] if lse else got)
     rec["local_rows"] = int((got[0] if lse else got).shape[2])
     errs = {"out": _err(out, ref[0] if lse else ref)}

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 
 import maskdsl as md
 from maskdsl import _cp_plan as P
-from maskdsl import distributed as mdd
 from maskdsl._rect import row_major
 
 import cp_worker
@@ -142,6 +141,17 @@ def test_one_rank_is_the_whole_attention(one_rank):
         assert cp.traffic == {"sent": 0, "received": 0}
 
 
+def test_a_one_dimensional_device_mesh_is_a_group(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("cp",))
+    attn = md.compile(md.window(2), shape=(8,), heads=2, backend="tiles")
+    cp = md.context_parallel(attn, group=mesh)
+    assert cp.world == 1 and cp.rank == 0
+    with pytest.raises(md.MaskDSLError, match="2-D DeviceMesh"):
+        md.context_parallel(attn, group=init_device_mesh("cpu", (1, 1)))
+
+
 def test_shard_and_unshard_take_activations_too(one_rank):
     x = torch.randn(2, 6, 5, 3, requires_grad=True)
     y = md.shard(x, shape=(6, 5))
@@ -230,6 +240,12 @@ def test_every_strategy_equals_the_single_process_run(spawned):
     assert {c for c, s in ran if s == "halo"} == names
     assert {c for c, s in ran if s == "allgather"} == names
     assert any(s == "ulysses" for _, s in ran)
+
+
+@pytest.mark.xdist_group("context-parallel")
+def test_a_call_in_inference_mode_first_changes_nothing(spawned):
+    world, records = spawned
+    assert all(rec["inference_mode_equal"] for rec in records if "errors" in rec)
 
 
 @pytest.mark.xdist_group("context-parallel")
