@@ -15,8 +15,8 @@ import torch
 
 from ._errors import MaskDSLError
 
-__all__ = ["Layout", "layout", "need", "HaloPlan", "halo_plan", "bytes_of", "STRATEGIES",
-           "BALANCES"]
+__all__ = ["Layout", "layout", "need", "work", "HaloPlan", "halo_plan", "bytes_of",
+           "STRATEGIES", "BALANCES"]
 
 STRATEGIES = ("halo", "ulysses", "allgather")
 HALO_BUDGET = 1 << 30      # token pairs the halo plan may evaluate (PARTIAL cross-rank pairs)
@@ -107,6 +107,7 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
     to be sent what it owns). None when that would evaluate more than ``budget`` token pairs
     (a pattern without bounded reach, such as ``document`` with arbitrary ids: all-gather is
     then the plan)."""
+    from ._rect import pair_masks
     from .codegen.tileclasses import FULL
 
     W, n, H = lay.world, lay.n, program.heads
@@ -127,7 +128,6 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
     need_t = np.zeros((W, T), bool)                # whole key tiles needed (FULL pairs)
     out = torch.zeros(W, n, dtype=torch.bool)
     mask_mod, _ = program.mods("cpu")
-    lanes = torch.arange(V)
     work = []
     for cls in classes:
         rows, cols, kind = cls.rows(), np.asarray(cls.indices), np.asarray(cls.cls)
@@ -147,20 +147,9 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
         pr, pc = rows[part], cols[part]
         if not len(pr):
             continue
-        heads = torch.arange(H).reshape(H, 1, 1, 1) if len(classes) == 1 else \
-            torch.tensor([ci]).reshape(1, 1, 1, 1)
-        Hh = heads.numel()
-        step = max(1, (1 << 24) // max(1, Hh * V * V))
-        for a in range(0, len(pr), step):
-            qt = torch.from_numpy(pr[a:a + step])
-            kt = torch.from_numpy(pc[a:a + step])
-            qpos = (qt[:, None] * V + lanes)[:, :, None]                 # [P, V, 1]
-            kpos = (kt[:, None] * V + lanes)[:, None, :]                 # [P, 1, V]
-            real = (qpos < n) & (kpos < n)
-            ok = mask_mod(0, heads, torch.minimum(qpos, torch.tensor(n - 1))[None],
-                          torch.minimum(kpos, torch.tensor(n - 1))[None])
-            ok = ok.expand(Hh, *real.shape).any(0) & real                # [P, V, V]
-            qown = torch.from_numpy(tile_owner[pr[a:a + step]])          # [P, V]
+        for a, qpos, kpos, ok in pair_masks(program, mask_mod, pr, pc,
+                                            None if len(classes) == 1 else ci):
+            qown = torch.from_numpy(tile_owner[pr[a:a + len(ok)]])       # [P, V]
             ki = kpos[:, 0, :]                                           # [P, V]
             for w in range(W):
                 hit = (ok & (qown == w)[:, :, None]).any(1)              # [P, V] key columns
@@ -168,6 +157,26 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
     if need_t.any():
         tok = torch.from_numpy(np.repeat(need_t, V, axis=1)[:, :n])
         out |= tok
+    return out
+
+
+def work(program, lay: Layout) -> list:
+    """Each rank's share of the attention work, in non-empty (query tile, key tile) pairs over
+    all heads, a query tile's pairs split by the rows each rank owns (the unit every backend
+    computes in). A causal pattern without a window loads the last slab most."""
+    V, n, H = program.layout.block, lay.n, program.heads
+    r = program.recipe
+    per_tile = np.zeros(-(-n // V))
+    if r.classes.shared:
+        per_tile += np.diff(np.asarray(r.classes.distinct[0].indptr)) * H
+    else:
+        for h in range(H):
+            per_tile += np.diff(np.asarray(r.classes.head(h).indptr))
+    owner = lay.owner()[:n]
+    out = []
+    for w in range(lay.world):
+        rows = np.bincount(np.nonzero(owner == w)[0] // V, minlength=len(per_tile))
+        out.append(float((rows / V * per_tile).sum()))
     return out
 
 

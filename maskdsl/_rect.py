@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["rect_attention", "tiled_rect", "row_major", "key_reach", "Reach", "MAX_SCORES"]
+__all__ = ["rect_attention", "tiled_rect", "row_major", "key_reach", "pair_masks", "Reach",
+           "MAX_SCORES"]
 
 MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay under it)
 
@@ -268,6 +269,28 @@ class Reach:
     last_key: torch.Tensor
 
 
+def pair_masks(program, mask_mod, pr, pc, head=None):
+    """For tile pairs (query tile ``pr[i]``, key tile ``pc[i]``) of the row-major program, in
+    chunks of at most 2^24 evaluations: (first pair index, qpos [P, V, 1], kpos [P, 1, V], ok
+    [P, V, V]), ok = the pattern allows the pair on some head (``head``: that head only), False
+    past the last token. Shared by ``key_reach`` and context parallelism's halo plan."""
+    V, n, H = program.layout.block, program.n, program.heads
+    heads = torch.arange(H).reshape(H, 1, 1, 1) if head is None else \
+        torch.tensor([head]).reshape(1, 1, 1, 1)
+    Hh = heads.numel()
+    lanes = torch.arange(V)
+    last = torch.tensor(n - 1)
+    step = max(1, (1 << 24) // max(1, Hh * V * V))
+    for a in range(0, len(pr), step):
+        qt = torch.from_numpy(pr[a:a + step])
+        kt = torch.from_numpy(pc[a:a + step])
+        qpos = (qt[:, None] * V + lanes)[:, :, None]                 # [P, V, 1]
+        kpos = (kt[:, None] * V + lanes)[:, None, :]                 # [P, 1, V]
+        real = (qpos < n) & (kpos < n)
+        ok = mask_mod(0, heads, torch.minimum(qpos, last)[None], torch.minimum(kpos, last)[None])
+        yield a, qpos, kpos, ok.expand(Hh, *real.shape).any(0) & real
+
+
 def key_reach(program) -> Reach:
     """The pattern's reach, from the row-major program's tile classes (see the module
     docstring). CPU tensors."""
@@ -300,23 +323,9 @@ def key_reach(program) -> Reach:
             last_q = torch.maximum(last_q, per_tok(kmax))
         part = ~full
         pairs.append((ci, rows[part], cols[part]))
-    lanes = torch.arange(V)
     for ci, pr, pc in pairs:
-        if not len(pr):
-            continue
-        heads = torch.arange(H).reshape(H, 1, 1, 1) if len(classes) == 1 else \
-            torch.tensor([ci]).reshape(1, 1, 1, 1)
-        Hh = heads.numel()
-        step = max(1, (1 << 24) // max(1, Hh * V * V))
-        for a in range(0, len(pr), step):
-            qt = torch.from_numpy(pr[a:a + step])
-            kt = torch.from_numpy(pc[a:a + step])
-            qpos = (qt[:, None] * V + lanes)[:, :, None]                 # [P, V, 1]
-            kpos = (kt[:, None] * V + lanes)[:, None, :]                 # [P, 1, V]
-            real = (qpos < n) & (kpos < n)
-            ok = mask_mod(0, heads, torch.minimum(qpos, torch.tensor(n - 1))[None],
-                          torch.minimum(kpos, torch.tensor(n - 1))[None])
-            ok = ok.expand(Hh, *real.shape).any(0) & real                # [P, V, V]
+        for _, qpos, kpos, ok in pair_masks(program, mask_mod, pr, pc,
+                                            None if len(classes) == 1 else ci):
             kmax = torch.where(ok, kpos.expand_as(ok), -1).amax(-1)      # per query row
             qmax = torch.where(ok, qpos.expand_as(ok), -1).amax(-2)      # per key column
             qi = qpos[:, :, 0].reshape(-1)

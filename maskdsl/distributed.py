@@ -243,8 +243,10 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm, lay, dim, unit):
         r, W = comm.rank, comm.world
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(W)]
-        dist.all_gather(sizes, torch.tensor([x.shape[dim]], dtype=torch.int64), group=comm.group)
+        # the slabs' lengths (a rank's may hold the extra tokens or not), on x's device (NCCL)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(W)]
+        dist.all_gather(sizes, torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device),
+                        group=comm.group)
         sizes = [int(s) for s in sizes]
         top = max(sizes)
         pad = list(x.shape)
@@ -352,11 +354,12 @@ class ContextParallel:
         attn = self.attn
         if attn._structural:
             attn._refresh()
-        key = tuple(v if isinstance(v, int) else id(v) for v in attn._versions)
-        if self._halo is None or self._halo[0] != key:
-            from ._rect import row_major
-
+        # attn replaces its list of structure versions when a document's ids change in place
+        # (content compared, ARCHITECTURE.md "Caches"); holding the list keeps it comparable
+        key = attn._versions
+        if self._halo is None or self._halo[0] is not key:
             from ._caching import outside_inference_mode
+            from ._rect import row_major
 
             # built outside inference mode: the cached index tensors serve training calls too
             self._halo = (key, outside_inference_mode(P.halo_plan)(row_major(attn),
@@ -413,12 +416,32 @@ class ContextParallel:
             if self._asked in refused:
                 raise MaskDSLError(f"strategy={self._asked!r}: {refused[self._asked]}")
             return self._asked, (f"{self._asked}: asked for; one forward moves {said} in all "
-                                 f"ranks" + (f" ({no})" if no else ""))
+                                 f"ranks" + (f" ({no})" if no else "") + self._balance_hint())
         order = ("allgather", "ulysses", "halo")          # ties go to the simpler exchange
         best = min(total, key=lambda k: (total[k], order.index(k)))
         return best, (f"{best}: the fewest bytes for this pattern, shape {self.attn.shape} and "
                       f"world size {self.world} (one forward, all ranks: {said})"
-                      + (f"; {no}" if no else ""))
+                      + (f"; {no}" if no else "") + self._balance_hint())
+
+    def _balance_hint(self) -> str:
+        """A note when the slabs' work is uneven and head-tail balancing would even it (a
+        causal pattern without a window), and balancing is off."""
+        if self.balance is not None or self.world == 1:
+            return ""
+        from ._rect import row_major
+
+        try:
+            other = P.layout(self.attn.shape, self.world, self.layout.extra, "head-tail")
+        except MaskDSLError:
+            return ""
+        prog = row_major(self.attn)
+        load, even = P.work(prog, self.layout), P.work(prog, other)
+        mean = sum(load) / len(load)
+        if mean == 0 or max(load) <= 1.25 * mean or max(even) >= 0.8 * max(load):
+            return ""
+        share = ", ".join(f"{x / mean:.2f}" for x in load)
+        return (f"; the slabs' work is uneven (per rank, relative to the mean: {share}): "
+                f"balance='head-tail' evens it")
 
     # ------------------------------------------------------------------ layout helpers
     def shard(self, x):

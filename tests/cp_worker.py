@@ -53,7 +53,7 @@ def cases(world):
                                mode="all", lse=True,
                                score=lambda t: md.softcap(6.0) + md.sink_logit(md.per_head([0.2, 0.1])))),
         ("extra-keys", dict(p=md.window(4), shape=(30,), H=2, E=4, mode="keys")),
-        ("causal-balanced", dict(p=md.causal(), shape=(32,), H=4, Hk=2,
+        ("causal-balanced", dict(p=md.causal(), shape=(512,), H=4, Hk=2,
                                  balances=(None, "head-tail"))),
         ("heads-8-kv-4", dict(p=md.neighborhood((3, 3), causal=(True, False)), shape=(9, 5),
                               H=8, Hk=4)),

@@ -104,6 +104,15 @@ def test_a_pattern_past_the_budget_has_no_halo_plan():
     assert P.need(row_major(attn), P.layout((64,), 2), budget=10) is None
 
 
+def test_work_is_even_under_head_tail_for_a_causal_pattern():
+    attn = md.compile(md.causal(), shape=(1024,), heads=2, backend="tiles")
+    prog = row_major(attn)
+    plain = P.work(prog, P.layout((1024,), 2))
+    assert plain[1] > 2 * plain[0]
+    even = P.work(prog, P.layout((1024,), 2, balance="head-tail"))
+    assert abs(even[0] - even[1]) <= 0.1 * even[0] and sum(even) == sum(plain)
+
+
 def test_bytes_of_counts_every_message():
     lay = P.layout((8, 4), 2)
     kw = dict(heads=4, kv_heads=2, batch=3, head_dim=8, head_dim_v=8, dtype=torch.bfloat16)
@@ -268,6 +277,17 @@ def test_auto_picks_the_fewest_bytes(spawned):
         total = {k: sum(v["sent"]) for k, v in rec["plan"].items()}
         assert total[rec["chosen"]] == min(total.values()), rec["case"]
         assert rec["reason"].startswith(rec["chosen"] + ": the fewest bytes")
+
+
+@pytest.mark.xdist_group("context-parallel")
+def test_the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
+    world, records = spawned
+    for rec in records:
+        if "reason" not in rec:
+            continue
+        want = rec["case"] == "causal-balanced" and rec["balance"] is None
+        assert ("balance='head-tail' evens it" in rec["reason"]) == want, (rec["case"],
+                                                                          rec["reason"])
 
 
 @pytest.mark.xdist_group("context-parallel")
