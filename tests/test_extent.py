@@ -173,6 +173,23 @@ def test_sub_ranges_match_the_reference(case, backend, data):
     assert_matches_reference(attn, q, k, v, lse=True)
 
 
+@pytest.mark.parametrize("score", [None, md.sink_logit(md.per_head([0.5, -1.0, 0.2, 2.0]))])
+def test_the_flash_rectangle_keeps_empty_rows_empty_with_gqa(score):
+    """The rectangle path's CPU flash branch (no score term but a sink logit): queries whose
+    keys all lie outside kv_range get zeros and -inf (or the sink alone), gradients finite."""
+    shape, H = (64,), 4
+    p = md.causal() & md.window(3)
+    attn = md.compile(p, shape, H, score=score, backend="tiles", q_range=(0, 40),
+                      kv_range=(20, 64))
+    q, k, v = _qkv(2, H, 40, 44, kv_heads=2, seed=5)
+    out, lse = attn(q, k, v, return_lse=True)
+    assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20]))   # rows 0..19: no key
+    empty = torch.full_like(lse[:, :, :20], float("-inf")) if score is None else \
+        torch.tensor([0.5, -1.0, 0.2, 2.0], dtype=lse.dtype).reshape(1, H, 1).expand(2, H, 20)
+    assert torch.equal(lse[:, :, :20], empty)
+    assert_matches_reference(attn, q, k, v, lse=True)
+
+
 def test_the_references_sub_range_is_the_global_problem_cut():
     """Written here: the full reference over the whole grid with keys outside kv_range masked
     out by a mask_fn, rows q_range."""
