@@ -134,8 +134,10 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
         # pairs within one rank's own tokens need nothing sent
         local = single[rows] & single[cols] & (first[rows] == first[cols])
         work.append((rows, cols, kind, local))
+    from .codegen.recipe import varies_per_head
+
     evaluated = sum(int(((k != FULL) & ~lo).sum()) for _, _, k, lo in work) * V * V * \
-        (H if len(classes) == 1 else 1)
+        (H if len(classes) == 1 and varies_per_head(program.pattern) else 1)
     if evaluated > budget:
         return None
     for ci, (rows, cols, kind, local) in enumerate(work):
@@ -147,13 +149,21 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
         pr, pc = rows[part], cols[part]
         if not len(pr):
             continue
-        for a, qpos, kpos, ok in pair_masks(program, mask_mod, pr, pc,
-                                            None if len(classes) == 1 else ci):
-            qown = torch.from_numpy(tile_owner[pr[a:a + len(ok)]])       # [P, V]
+        for a, _, kpos, ok in pair_masks(program, mask_mod, pr, pc,
+                                         None if len(classes) == 1 else ci):
+            qt = pr[a:a + len(ok)]
             ki = kpos[:, 0, :]                                           # [P, V]
-            for w in range(W):
-                hit = (ok & (qown == w)[:, :, None]).any(1)              # [P, V] key columns
-                out[w, ki[hit]] = True
+            one = torch.from_numpy(single[qt])
+            if bool(one.any()):          # a query tile of one rank: any row, that rank
+                hit = ok[one].any(1)                                     # [P1, V] key columns
+                w_of = torch.from_numpy(first[qt])[one][:, None].expand_as(hit)
+                out[w_of[hit], ki[one][hit]] = True
+            if not bool(one.all()):      # a tile across a slab boundary: row by row
+                qown = torch.from_numpy(tile_owner[qt])[~one]            # [P2, V]
+                okm, kim = ok[~one], ki[~one]
+                for w in range(W):
+                    hit = (okm & (qown == w)[:, :, None]).any(1)
+                    out[w, kim[hit]] = True
     if need_t.any():
         tok = torch.from_numpy(np.repeat(need_t, V, axis=1)[:, :n])
         out |= tok

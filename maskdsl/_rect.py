@@ -273,8 +273,13 @@ def pair_masks(program, mask_mod, pr, pc, head=None):
     """For tile pairs (query tile ``pr[i]``, key tile ``pc[i]``) of the row-major program, in
     chunks of at most 2^24 evaluations: (first pair index, qpos [P, V, 1], kpos [P, 1, V], ok
     [P, V, V]), ok = the pattern allows the pair on some head (``head``: that head only), False
-    past the last token. Shared by ``key_reach`` and context parallelism's halo plan."""
+    past the last token. A pattern whose heads all mask alike is evaluated on head 0 only.
+    Shared by ``key_reach`` and context parallelism's halo plan."""
+    from .codegen.recipe import varies_per_head
+
     V, n, H = program.layout.block, program.n, program.heads
+    if head is None and not varies_per_head(program.pattern):
+        head = 0
     heads = torch.arange(H).reshape(H, 1, 1, 1) if head is None else \
         torch.tensor([head]).reshape(1, 1, 1, 1)
     Hh = heads.numel()
