@@ -52,6 +52,10 @@ def cases(world):
         ("extra-all-gqa", dict(p=md.neighborhood((3, 3)), shape=(8, 6), H=2, Hk=1, E=5,
                                mode="all", lse=True,
                                score=lambda t: md.softcap(6.0) + md.sink_logit(md.per_head([0.2, 0.1])))),
+        ("extra-all-4-heads", dict(p=md.causal() & md.window(3), shape=(20,), H=4, E=3,
+                                   mode="all", lse=True,
+                                   score=lambda t: md.softcap(5.0) + md.sink_logit(
+                                       md.per_head([0.2, -0.3, 0.0, 0.5])))),
         ("extra-keys", dict(p=md.window(4), shape=(30,), H=2, E=4, mode="keys")),
         ("causal-balanced", dict(p=md.causal(), shape=(512,), H=4, Hk=2,
                                  balances=(None, "head-tail"))),

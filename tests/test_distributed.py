@@ -150,6 +150,16 @@ def test_one_rank_is_the_whole_attention(one_rank):
         assert cp.traffic == {"sent": 0, "received": 0}
 
 
+def test_shard_without_shape_is_a_1d_grid_and_plan_takes_other_sizes(one_rank):
+    x = torch.randn(1, 2, 10, 3)
+    assert torch.equal(md.shard(x), x)            # one rank: the whole 1-D grid of 10 tokens
+    attn = md.compile(md.window(2), shape=(8,), heads=2, backend="tiles")
+    cp = md.context_parallel(attn, strategy="allgather")
+    assert cp.plan(batch=4, dtype=torch.float32) == {s: {"sent": [0], "received": [0]}
+                                                      for s in ("halo", "ulysses", "allgather")}
+    assert "strategy='allgather'" in repr(cp)
+
+
 def test_a_one_dimensional_device_mesh_is_a_group(one_rank):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -187,6 +197,12 @@ def test_shard_and_unshard_take_activations_too(one_rank):
                                       torch.randn(1, 2, 8, 4)), "heads=2"),
     (lambda a: md.shard(torch.randn(2, 5), shape=(8,)), r"x: shape \[2, 5\]"),
     (lambda a: md.unshard(torch.randn(1, 1, 8, 2)), "pass shape="),
+    (lambda a: md.shard([1, 2], shape=(8,)), "x: expected a torch.Tensor"),
+    (lambda a: md.shard(torch.randn(1, 1, 8, 2), extra_tokens=-1), "extra_tokens=-1"),
+    (lambda a: md.shard(torch.randn(8, 2)), "shape=None: x must be"),
+    (lambda a: md.context_parallel(a, dtype=torch.int64), "dtype=torch.int64"),
+    (lambda a: md.context_parallel(a)(*(torch.randn(1, 2, 8, 4),) * 3, return_lse="yes"),
+     "return_lse='yes'"),
 ])
 def test_bad_requests_raise_maskdsl_errors(one_rank, make, words):
     attn = md.compile(md.window(2), shape=(8,), heads=2, backend="tiles")
@@ -217,10 +233,8 @@ def test_an_in_place_change_of_document_ids_replans_the_halo(one_rank):
 
 # ---------------------------------------------------------------------- 2, 3, 4 processes
 
-@pytest.fixture(scope="module", params=[2, 3, 4])
-def spawned(request, tmp_path_factory):
-    world = request.param
-    out = tmp_path_factory.mktemp(f"cp{world}") / "records.json"
+def _spawn(world, tmp_path):
+    out = tmp_path / "records.json"
     mp.spawn(cp_worker.run, args=(world, _port(), str(out)), nprocs=world)
     return world, json.loads(out.read_text())
 
@@ -231,8 +245,7 @@ def _expected_refusal(rec, world):
     return rec["strategy"] == "ulysses" and (H % world or Hk % world)
 
 
-@pytest.mark.xdist_group("context-parallel")
-def test_every_strategy_equals_the_single_process_run(spawned):
+def _every_strategy_equals_the_single_process_run(spawned):
     world, records = spawned
     ran = set()
     for rec in records:
@@ -251,14 +264,12 @@ def test_every_strategy_equals_the_single_process_run(spawned):
     assert any(s == "ulysses" for _, s in ran)
 
 
-@pytest.mark.xdist_group("context-parallel")
-def test_a_call_in_inference_mode_first_changes_nothing(spawned):
+def _a_call_in_inference_mode_first_changes_nothing(spawned):
     world, records = spawned
     assert all(rec["inference_mode_equal"] for rec in records if "errors" in rec)
 
 
-@pytest.mark.xdist_group("context-parallel")
-def test_the_bytes_moved_are_the_plans(spawned):
+def _the_bytes_moved_are_the_plans(spawned):
     world, records = spawned
     for rec in records:
         if "errors" not in rec:
@@ -268,8 +279,7 @@ def test_the_bytes_moved_are_the_plans(spawned):
         assert [t["received"] for t in rec["traffic"]] == plan["received"], rec["case"]
 
 
-@pytest.mark.xdist_group("context-parallel")
-def test_auto_picks_the_fewest_bytes(spawned):
+def _auto_picks_the_fewest_bytes(spawned):
     world, records = spawned
     for rec in records:
         if rec["strategy"] != "auto" or "errors" not in rec:
@@ -279,8 +289,7 @@ def test_auto_picks_the_fewest_bytes(spawned):
         assert rec["reason"].startswith(rec["chosen"] + ": the fewest bytes")
 
 
-@pytest.mark.xdist_group("context-parallel")
-def test_the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
+def _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
     world, records = spawned
     for rec in records:
         if "reason" not in rec:
@@ -290,10 +299,21 @@ def test_the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
                                                                           rec["reason"])
 
 
-@pytest.mark.xdist_group("context-parallel")
-def test_the_halo_of_a_local_pattern_moves_less_than_allgather(spawned):
+def _the_halo_of_a_local_pattern_moves_less_than_allgather(spawned):
     world, records = spawned
     for rec in records:
         if rec["strategy"] == "halo" and rec["case"].startswith("nbhd") and "errors" in rec:
             halo, ag = (sum(rec["plan"][s]["received"]) for s in ("halo", "allgather"))
             assert halo < ag, (rec["case"], halo, ag)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_context_parallel_in_processes(world, tmp_path):
+    """One spawn per world size (a few seconds), every check on its records."""
+    spawned = _spawn(world, tmp_path)
+    _every_strategy_equals_the_single_process_run(spawned)
+    _a_call_in_inference_mode_first_changes_nothing(spawned)
+    _the_bytes_moved_are_the_plans(spawned)
+    _auto_picks_the_fewest_bytes(spawned)
+    _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned)
+    _the_halo_of_a_local_pattern_moves_less_than_allgather(spawned)
