@@ -596,6 +596,37 @@ class ContextParallel:
                                      [], dev, (q, k, v), token)
         return out, lse, token
 
+    def _whole_sequence(self, hq: int):
+        """Ulysses' local attention as a compiled attention of ``hq`` heads over the whole
+        sequence (the backend the device runs: tiles on CPU, flex/triton on CUDA), when no
+        head differs from another (no per-head values, heads([...]), mask_fn, per-head or
+        tensor score parameters, score_fn); None otherwise (the rectangle path, at each
+        head's own parameters)."""
+        found = self.__dict__.get("_whole")
+        if found is not None and found[0] == hq:
+            return found[1]
+        from ._compile import compile as md_compile
+        from ._score import ScoreFn, score_terms
+        from ._values import PerHead, _is_tensor
+        from .codegen.recipe import varies_per_head
+
+        a = self.attn
+        uniform = not varies_per_head(a.pattern)
+        for t in score_terms(a.score):
+            vals = [v for v in vars(t).values()]
+            vals += [x for v in vals if isinstance(v, tuple) for x in v]
+            if isinstance(t, ScoreFn) or any(isinstance(v, PerHead) or _is_tensor(v)
+                                             for v in vals):
+                uniform = False
+        sub = None
+        if uniform:
+            e = a.extent
+            sub = md_compile(a.pattern, a.shape, hq, score=a.score,
+                             backend="auto" if a._auto else a._requested,
+                             device=a._device, extra_tokens=e.extra, extra=e.mode)
+        self._whole = (hq, sub)
+        return sub
+
     def _run_ulysses(self, q, k, v, scale, return_lse):
         from ._extent import _dense
 
@@ -633,15 +664,29 @@ class ContextParallel:
         Q = torch.cat(qs, 2).index_select(2, order.to(dev))
         KV = torch.cat(kvs, 2)
         K, V = KV[..., :D], KV[..., D:]
-        heads = torch.arange(r * hq, (r + 1) * hq)
-        sink, cap = self._extras(dev, heads)
-        n = lay.n
-        out, lse = self._grid(Q[:, :, :n], qpos[order][:n], K, V, kpos, scale, sink, cap, heads)
-        if Q.shape[2] > n:
-            ox, lx = _dense(Q[:, :, n:], K, V, scale, cap, sink)
-            out, lse = torch.cat([out, ox.to(out.dtype)], 2), torch.cat([lse, lx.to(lse.dtype)], 2)
+        out = lse = None
+        sub = self._whole_sequence(hq)
+        if sub is not None:       # every head alike: the compiled attention on hq heads
+            korder = torch.argsort(kpos).to(dev)
+            try:
+                got_ = sub(Q, K.index_select(2, korder), V.index_select(2, korder), scale=scale,
+                           return_lse=return_lse)
+                out, lse = got_ if return_lse else (got_, None)
+            except MaskDSLError:  # e.g. flex on CPU has no lse: the rectangle path below
+                out = lse = None
+        if out is None:
+            heads = torch.arange(r * hq, (r + 1) * hq)
+            sink, cap = self._extras(dev, heads)
+            n = lay.n
+            out, lse = self._grid(Q[:, :, :n], qpos[order][:n], K, V, kpos, scale, sink, cap,
+                                  heads)
+            if Q.shape[2] > n:
+                ox, lx = _dense(Q[:, :, n:], K, V, scale, cap, sink)
+                out = torch.cat([out, ox.to(out.dtype)], 2)
+                lse = torch.cat([lse, lx.to(lse.dtype)], 2)
         back = torch.argsort(order).to(dev)            # global order -> buffer order
-        out, lse = out.index_select(2, back), lse.index_select(2, back)
+        out = out.index_select(2, back)
+        lse = lse.index_select(2, back) if return_lse else None
         starts = [0]
         for m in nq_of:
             starts.append(starts[-1] + m)
@@ -663,7 +708,8 @@ class ContextParallel:
         for s in range(W):
             if s == r:
                 outs.append(out[:, :, starts[r]:starts[r + 1]])
-                lses.append(lse[:, :, starts[r]:starts[r + 1]])
+                if return_lse:
+                    lses.append(lse[:, :, starts[r]:starts[r + 1]])
             else:
                 outs.append(got[i])
                 if return_lse:

@@ -124,6 +124,7 @@ def _one(c, world, rank, strategy, balance):
         for a, b in zip(first if lse else [first], got if lse else [got]))
     out = cp.unshard(got[0] if lse else got)
     rec["local_rows"] = int((got[0] if lse else got).shape[2])
+    rec["whole_sequence"] = cp.__dict__.get("_whole", (0, None))[1] is not None
     errs = {"out": _err(out, ref[0] if lse else ref)}
     if lse:
         errs["lse"] = _err(cp.unshard(got[1].unsqueeze(-1)).squeeze(-1), ref[1])

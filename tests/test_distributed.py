@@ -258,6 +258,11 @@ def _every_strategy_equals_the_single_process_run(spawned):
         for what, e in rec["errors"].items():
             assert e <= cp_worker.TOL, (rec["case"], rec["strategy"], rec["balance"], what, e)
         ran.add((rec["case"], rec["chosen"]))
+    # Ulysses runs a compiled attention on its heads when every head is alike, else the
+    # rectangle path at each head's parameters: both ran
+    uly = {rec["case"]: rec["whole_sequence"] for rec in records
+           if rec.get("chosen") == "ulysses"}
+    assert uly.get("heads-8-kv-4", True) and not uly.get("extra-all-4-heads", False), uly
     names = {n for n, _ in cp_worker.cases(world)}
     assert {c for c, s in ran if s == "halo"} == names
     assert {c for c, s in ran if s == "allgather"} == names
