@@ -13,8 +13,9 @@ Cases (the issue's): 3-D 16x64x64 ``neighborhood((3, 7, 7))`` and 1-D 131,072 to
 * The run check spawns 2, 3 and 4 gloo processes on this CPU (127.0.0.1), calls ``cp(q, k, v)``
   once per strategy with 4 heads, head dim 8, float32 (smaller, to fit 2 cores) and compares
   the bytes each rank moved (``cp.traffic``) with ``cp.plan()`` for those sizes, and the
-  output with the single-process tiles call on rank 0's slab. Wall times are on shared CPU
-  cores (all ranks on 2 cores): they show the check ran, not a speed.
+  output with the single-process tiles call on rank 0's slab. Wall times are one cold call
+  (plans and, for Ulysses, the compiled attention built inside it) on shared CPU cores (all
+  ranks on 2 cores): they show the check ran, not a speed.
 
 Results: benchmarks/results/<device>-<date>-context-parallel.{json,txt}.
 """
