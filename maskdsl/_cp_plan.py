@@ -107,14 +107,12 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
     to be sent what it owns). None when that would evaluate more than ``budget`` token pairs
     (a pattern without bounded reach, such as ``document`` with arbitrary ids: all-gather is
     then the plan)."""
-    from ._rect import pair_masks
+    from ._rect import head_classes, pair_masks
     from .codegen.tileclasses import FULL
 
     W, n, H = lay.world, lay.n, program.heads
     V = program.layout.block
-    r = program.recipe
-    classes = [r.classes.distinct[0]] if r.classes.shared else \
-        [r.classes.head(h) for h in range(H)]
+    classes = head_classes(program)
     owner = lay.owner()[:n]
     T = -(-n // V)
     pad = np.full(T * V, -1, np.int64)
@@ -176,12 +174,10 @@ def work(program, lay: Layout) -> list:
     computes in). A causal pattern without a window loads the last slab most."""
     V, n, H = program.layout.block, lay.n, program.heads
     r = program.recipe
-    per_tile = np.zeros(-(-n // V))
     if r.classes.shared:
-        per_tile += np.diff(np.asarray(r.classes.distinct[0].indptr)) * H
+        per_tile = np.diff(np.asarray(r.classes.distinct[0].indptr)) * H
     else:
-        for h in range(H):
-            per_tile += np.diff(np.asarray(r.classes.head(h).indptr))
+        per_tile = sum(np.diff(np.asarray(r.classes.head(h).indptr)) for h in range(H))
     owner = lay.owner()[:n]
     out = []
     for w in range(lay.world):

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["rect_attention", "tiled_rect", "row_major", "key_reach", "pair_masks", "Reach",
-           "MAX_SCORES"]
+__all__ = ["rect_attention", "tiled_rect", "row_major", "key_reach", "pair_masks",
+           "head_classes", "Reach", "MAX_SCORES"]
 
 MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay under it)
 
@@ -53,6 +53,15 @@ def _bad_rows(x) -> Optional[torch.Tensor]:
     return bad if bool(bad.any()) else None
 
 
+def head_classes(program, heads=None) -> list:
+    """The row-major program's tile classes: one when every head shares them, else those of
+    each head of ``heads`` (default: all, list index = head)."""
+    r = program.recipe
+    if r.classes.shared:
+        return [r.classes.distinct[0]]
+    return [r.classes.head(h) for h in (range(program.heads) if heads is None else heads)]
+
+
 def _flash_chunk(q, k, v, allowed, scale: float, sink):
     """(out, lse) of q [B, H, c, D] against k, v [B, H, nk, D] where ``allowed`` [1, 1 or H,
     c, nk]: torch's CPU flash kernel with an additive -inf mask (``kernels.tiles._FlashLSE``,
@@ -74,12 +83,12 @@ def _flash_chunk(q, k, v, allowed, scale: float, sink):
         out = torch.where(some, out, torch.zeros((), dtype=out.dtype, device=out.device))
         lse = torch.where(some[..., 0], lse,
                           torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
-    if sink is not None:
+    if sink is not None:            # a part with no value, as _extent._dense merges it
+        from ._merge import merge
+
         B, H, c = lse.shape
         sk = sink.to(device=q.device, dtype=lse.dtype).reshape(1, H, 1).expand(B, H, c)
-        both = torch.logaddexp(lse, sk)
-        out = out * torch.exp(lse - both)[..., None].to(out.dtype)
-        lse = both
+        out, lse = merge([(out, lse), (torch.zeros_like(out), sk)])
     return out, lse
 
 
@@ -223,10 +232,7 @@ def tiled_rect(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None, head_
     import numpy as np
 
     n, V = program.n, program.layout.block
-    r = program.recipe
-    hs = range(program.heads) if head_ids is None else head_ids.tolist()
-    classes = [r.classes.distinct[0]] if r.classes.shared else \
-        list({id(c): c for c in (r.classes.head(h) for h in hs)}.values())
+    classes = head_classes(program, None if head_ids is None else head_ids.tolist())
     dev = q.device
     kp = k_pos.cpu()
     grid = (kp >= 0) & (kp < n)
@@ -303,10 +309,9 @@ def key_reach(program) -> Reach:
 
     from .codegen.tileclasses import FULL
 
-    lay, r = program.layout, program.recipe
-    V, n, H = lay.block, program.n, program.heads
-    classes = [r.classes.distinct[0]] if r.classes.shared else \
-        [r.classes.head(h) for h in range(H)]
+    lay = program.layout
+    V, n = lay.block, program.n
+    classes = head_classes(program)
     last_q = torch.full((n,), -1, dtype=torch.int64)
     last_k = torch.full((n,), -1, dtype=torch.int64)
     tile_last = lambda t: np.minimum(n - 1, t * V + V - 1)          # noqa: E731

@@ -518,9 +518,6 @@ class ContextParallel:
             out, lse = merge([(out, lse), stripe])
         return out, lse
 
-    def _positions(self, r):
-        return self.layout.positions(r)
-
     def _run_allgather(self, q, k, v, scale, return_lse):
         from ._extent import _dense
 
@@ -533,10 +530,10 @@ class ContextParallel:
         blocks = got[:r] + [kv] + got[r:]
         KV = torch.cat(blocks, 2)
         K, V = KV[..., :D], KV[..., D:]
-        kpos = torch.cat([self._positions(s) for s in range(W)])
+        kpos = torch.cat([self.layout.positions(s) for s in range(W)])
         sink, cap = self._extras(q.device)
         gc = lay.grid_count(r)
-        pos = self._positions(r)
+        pos = self.layout.positions(r)
         out, lse = self._grid(q[:, :, :gc], pos[:gc], K, V, kpos, scale, sink, cap)
         if q.shape[2] > gc:                      # the extra queries (their owner): every key
             ox, lx = _dense(q[:, :, gc:], K, V, scale, cap, sink)
@@ -570,7 +567,7 @@ class ContextParallel:
         halo = got[:nh]
         K = torch.cat([k] + [g[..., :D] for g in halo], 2)
         V = torch.cat([v] + [g[..., D:] for g in halo], 2)
-        pos = self._positions(r)
+        pos = self.layout.positions(r)
         kpos = torch.cat([pos] + [hp.positions[s][r] for s in range(W)
                                   if s != r and hp.count(s, r)])
         sink, cap = self._extras(dev)
@@ -657,7 +654,7 @@ class ContextParallel:
                 qs.append(got[i])
                 kvs.append(got[i + 1])
                 i += 2
-        pos = [self._positions(s) for s in range(W)]
+        pos = [self.layout.positions(s) for s in range(W)]
         qpos = torch.cat([p[:m] for p, m in zip(pos, nq_of)])
         kpos = torch.cat(pos)
         order = torch.argsort(qpos)
