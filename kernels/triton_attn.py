@@ -158,6 +158,11 @@ def _check_inputs(q, k, v):
         raise MaskDSLError(
             "backend='triton': bfloat16 under TRITON_INTERPRET=1 (Triton's CPU interpreter "
             "computes bf16 tl.dot wrongly); use float16/float32 there, or run on CUDA")
+    H, Hkv = q.shape[1], k.shape[1]
+    if v.shape[1] != Hkv or Hkv < 1 or H % Hkv:
+        raise MaskDSLError(
+            f"backend='triton': key/value heads {Hkv}/{v.shape[1]} for {H} query heads: "
+            f"expected k and v with the same number of heads, dividing {H} (GQA)")
     D, Dv = q.shape[-1], v.shape[-1]
     for name, d in (("q/k head dim", D), ("v head dim", Dv)):
         if not 16 <= d <= 256:
@@ -224,7 +229,9 @@ def launch_options(dtype, head_dim: int) -> dict:
 
 
 def _common_args(plan, q, k, v):
-    return (*q.stride(), *k.stride(), *v.stride())
+    """Strides of q, k, v and KVG, the query heads per key/value head (GQA: query head h
+    reads kv head h // KVG; 1 without GQA)."""
+    return (*q.stride(), *k.stride(), *v.stride(), q.shape[1] // k.shape[1])
 
 
 def _launch_fwd(plan, consts, sc, q, k, v, relb, sinkl, scale, seed):
@@ -260,6 +267,7 @@ def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, see
     if dlse is not None:
         delta = delta - dlse.float()
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    # dk, dv per query head (GQA: summed over each kv head's group below)
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
     relb_grad = relb is not None and needs[3]
@@ -319,13 +327,18 @@ def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, see
     # each query row's share, summed over batch and rows in a fixed order: [3, H]
     per_head = gpar.view(3, B, H, N).sum((1, 3)) if any(param_grad) else None
     dparams = [per_head[i] if param_grad[i] else None for i in range(3)]
+    Hkv = k.shape[1]
+    if Hkv != H:    # GQA: a kv head's gradient is the sum over its query heads (fp32 sum)
+        dk, dv = (g.view(B, Hkv, H // Hkv, N, g.shape[-1]).sum(2, dtype=torch.float32)
+                  .to(g.dtype) for g in (dk, dv))
     return (dq, dk, dv, drelb, dsink, *dparams)
 
 
 def run_triton(plan: TritonPlan, q, k, v, scale: float, *, score=None, sink=None,
                dropout_p=None, seed: int = 0):
     """([B, H, N, D] attention, its natural-log lse [B, H, N] float32) through the Triton
-    kernels (autograd: q, k, v, the relative_bias table, sink logits, learnable rate / slopes /
+    kernels (k, v: H or, for GQA, H_kv heads dividing H, read in place; autograd: q, k, v,
+    the relative_bias table, sink logits, learnable rate / slopes /
     cap, through both outputs). An empty row's lse reads 0 here: ``run`` marks it -inf.
     ``score``: the caller's score terms, whose tensors are read now. ``dropout_p``: per-head
     probabilities (None: no dropout)."""
@@ -460,12 +473,6 @@ def run(state, q, k, v, call) -> torch.Tensor:
     # one seed per call from the compiled callable's generator: reproducible, advancing
     seed = (int(torch.randint(0, 2**31 - 1, (), generator=call.generator))
             if call.dropout_p is not None else 0)
-    H = q.shape[1]
-    if k.shape[1] != H:
-        # GQA: the kernels index one key/value head per query head, so k and v are expanded to
-        # H heads here (a copy; autograd sums their gradients back). In-kernel kv-head indexing
-        # is left for a GPU session (ARCHITECTURE.md, "GQA").
-        k, v = (x.repeat_interleave(H // k.shape[1], dim=1) for x in (k, v))
     out, lse = run_triton(plan, q, k, v, call.scale, score=spec.score, sink=call.sink,
                           dropout_p=call.dropout_p, seed=seed)
     if not call.return_lse:

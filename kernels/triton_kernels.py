@@ -19,7 +19,7 @@ Read it top to bottom like Triton's fused-attention tutorial:
    and sum at the sink's logit; ``dropout`` draws a Philox keep bit per (batch, head, query, key)
    from one seed, so forward and backward drop the same entries.
 3. ``_attn_bwd_dq``: the forward's walk again, recomputing probabilities from the saved
-   log-sum-exp; accumulates dq (and, with atomics, the relative-bias table gradient).
+   log-sum-exp; accumulates dq (and each row's share of learnable rates, slopes and caps).
 4. ``_attn_bwd_dkdv``: one program per key tile. Both ends of a query's key range are
    non-decreasing in the query coordinate, so the queries that see a key tile form a box found
    by binary search per dim; the program walks it and accumulates dk, dv: no atomics, so dk, dv
@@ -32,6 +32,10 @@ Read it top to bottom like Triton's fused-attention tutorial:
 
 ``sink_logit``'s gradient, ``-sum_q p_sink(q) * rowsum(dO * O)(q)``, is a torch reduction of
 saved quantities. No kernel uses atomics, so every gradient is deterministic.
+
+GQA: K and V may carry ``H / KVG`` heads; query head ``h`` reads key/value head ``h // KVG``
+in every kernel (no copy of k, v). ``_attn_bwd_dkdv*`` still write dk, dv per query head; the
+host sums each group's ``KVG`` rows.
 
 On CPU this runs only under ``TRITON_INTERPRET=1`` (tests, small shapes). The host side (plan,
 autograd, launches) is ``triton_attn``; tools that are not kernels (``keep_mask``,
@@ -288,7 +292,7 @@ def _fwd_tile(acc, m_i, l_i, q, K_, V_, kbase, vbase, skn, skd, svn, svd, offs_d
 
 @triton.jit
 def _attn_fwd(Q, K_, V_, O, LSE, P, NS, RATE, SLOPE, CAP, SINKL, DROPP, RELB,
-              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, KVG,
               sob, soh, son, sod, H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed,
               relb_hs, R0, R1, R2,
               TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
@@ -311,8 +315,8 @@ def _attn_fwd(Q, K_, V_, O, LSE, P, NS, RATE, SLOPE, CAP, SINKL, DROPP, RELB,
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    kbase = b.to(tl.int64) * skb + (h // KVG).to(tl.int64) * skh
+    vbase = b.to(tl.int64) * svb + (h // KVG).to(tl.int64) * svh
     q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=qvalid[:, None] & (offs_d[None, :] < D), other=0.0)
     # running max and sum in base 2; a sink logit starts them (it joins the denominator)
@@ -419,7 +423,7 @@ def _bwd_probs(q, k, do, v, lse, delta, scale, allowed, qx0, qx1, qx2, qf, kx0, 
 
 @triton.jit
 def _attn_bwd_dq(Q, K_, V_, DO, DQ, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB, GPAR, gstride,
-                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, KVG,
                  H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed, relb_hs, R0, R1, R2,
                  TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
                  TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr,
@@ -442,8 +446,8 @@ def _attn_bwd_dq(Q, K_, V_, DO, DQ, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, 
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    kbase = b.to(tl.int64) * skb + (h // KVG).to(tl.int64) * skh
+    vbase = b.to(tl.int64) * svb + (h // KVG).to(tl.int64) * svh
     qmask = qvalid[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + qbase + qf[:, None] * sqn + offs_d[None, :] * sqd, mask=qmask, other=0.0)
     dobase = bh.to(tl.int64) * N * DV
@@ -560,7 +564,7 @@ def _kv_grads_step(dk, dv, k, v, Q, DO, LSE, DELTA, qbase, sqn, sqd, offs_d, off
 
 @triton.jit
 def _attn_bwd_dkdv(Q, K_, V_, DO, DK, DV_, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB,
-                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, KVG,
                    H, N, S0, S1, S2, NT1, NT2, D, DV, scale, seed, relb_hs, R0, R1, R2,
                    TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
                    TN0: tl.constexpr, TN1: tl.constexpr, TN2: tl.constexpr,
@@ -600,8 +604,8 @@ def _attn_bwd_dkdv(Q, K_, V_, DO, DK, DV_, LSE, DELTA, P, NS, RATE, SLOPE, CAP, 
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    kbase = b.to(tl.int64) * skb + (h // KVG).to(tl.int64) * skh
+    vbase = b.to(tl.int64) * svb + (h // KVG).to(tl.int64) * svh
     kmask = kvalid[:, None] & (offs_d[None, :] < D)
     vmask = kvalid[:, None] & (offs_dv[None, :] < DV)
     k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
@@ -631,7 +635,7 @@ def _attn_bwd_dkdv(Q, K_, V_, DO, DK, DV_, LSE, DELTA, P, NS, RATE, SLOPE, CAP, 
 
 @triton.jit
 def _attn_bwd_dkdv_sink(Q, K_, V_, DO, DK, DV_, LSE, DELTA, NS, RATE, SLOPE, CAP, DROPP, RELB,
-                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, KVG,
                         H, N, S1, S2, D, DV, scale, seed, relb_hs, R0, R1, R2,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BD: tl.constexpr, BDV: tl.constexpr, IEEE: tl.constexpr,
@@ -651,8 +655,8 @@ def _attn_bwd_dkdv_sink(Q, K_, V_, DO, DK, DV_, LSE, DELTA, NS, RATE, SLOPE, CAP
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    kbase = b.to(tl.int64) * skb + (h // KVG).to(tl.int64) * skh
+    vbase = b.to(tl.int64) * svb + (h // KVG).to(tl.int64) * svh
     kmask = kvalid[:, None] & (offs_d[None, :] < D)
     vmask = kvalid[:, None] & (offs_dv[None, :] < DV)
     k = tl.load(K_ + kbase + kf[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
@@ -715,7 +719,7 @@ def _offsets_of_entry(a, omin, omax, d, R):
 
 @triton.jit
 def _attn_bwd_relb(Q, K_, V_, DO, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RELB, PART,
-                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, KVG,
                    H, N, S0, S1, S2, NT1, NT2, NTILES, NPAR, D, DV, scale, seed, relb_hs,
                    R0, R1, R2, T,
                    TM0: tl.constexpr, TM1: tl.constexpr, TM2: tl.constexpr,
@@ -737,8 +741,8 @@ def _attn_bwd_relb(Q, K_, V_, DO, LSE, DELTA, P, NS, RATE, SLOPE, CAP, DROPP, RE
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     qbase = b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    kbase = b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    vbase = b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    kbase = b.to(tl.int64) * skb + (h // KVG).to(tl.int64) * skh
+    vbase = b.to(tl.int64) * svb + (h // KVG).to(tl.int64) * svh
     row = PART + (bh.to(tl.int64) * NPAR + pid) * T
     big = NO_KEY
     for tile in range(pid, NTILES, NPAR):

@@ -318,7 +318,7 @@ def test_dropout_matches_the_reference_given_the_backends_keep_mask(backend):
     attn = md.compile(p, shape, H, score=s, backend=backend)
     gen = torch.Generator().manual_seed(3)                    # the term's seed: call 1's draws
     keep = _keep_of(backend, attn, B, H, 42, gen)
-    q, k, v = inputs(B, H, 42, 16, grad=True)
+    q, k, v = inputs(B, H, 42, 16, grad=True, kv_heads=1)     # GQA: both heads read kv head 0
     assert_matches_reference(attn, q, k, v, keep=keep)
     rate = keep.float().mean((0, 2, 3))                       # of all pairs; allowed pairs only:
     allowed = md.reference.mask(p, shape, H)[None].expand(B, H, 42, 42)

@@ -118,6 +118,34 @@ def test_triton_lse_and_gqa_match_the_reference(p, shape, H, kv, score):
     assert_matches_reference(attn, q, k, v, lse=True)
 
 
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_triton_gqa_reads_k_and_v_in_place_in_every_kernel(monkeypatch):
+    """GQA on the Triton kernels without repeating k and v: every launch gets the caller's
+    H_kv-head tensors (same storage), and the forward, dq, dk/dv (box and sink keys) and the
+    relative_bias table kernels all read kv head h // (H / H_kv): per-head patterns and tables,
+    a learnable slope, lse, against the reference."""
+    from maskdsl.kernels import triton_attn
+
+    seen = []
+    for name in ("_launch_fwd", "_launch_bwd"):
+        real = getattr(triton_attn, name)
+
+        def spy(plan, consts, sc, q, k, v, *rest, _real=real):
+            seen.append((k.data_ptr(), v.data_ptr(), k.shape[1], v.shape[1]))
+            return _real(plan, consts, sc, q, k, v, *rest)
+        monkeypatch.setattr(triton_attn, name, spy)
+    H, kv, shape = 4, 2, (4, 10)
+    p = md.heads([md.neighborhood((3, 3)), md.neighborhood((3, 5), dilation=(1, 2)),
+                  md.neighborhood((3, 3)) & md.causal(dims=(0,)), md.window((1, 2))]) | md.sink(2)
+    table = torch.randn(H, 5, 5, requires_grad=True)            # per head, radius (2, 2)
+    slope = torch.tensor(0.05, requires_grad=True)
+    attn = md.compile(p, shape, H, score=md.relative_bias(table) + md.alibi(slope),
+                      backend="triton")
+    q, k, v = inputs(1, H, 40, 16, grad=True, kv_heads=kv)
+    assert_matches_reference(attn, q, k, v, lse=True)
+    assert len(seen) == 2 and all(s == (k.data_ptr(), v.data_ptr(), kv, kv) for s in seen)
+
+
 def test_lse_of_rows_without_keys_is_minus_inf_with_zero_gradients():
     p = md.window(2) & ~md.block(4) & md.causal()          # two rows of each block see none
     for backend in ("dense", "tiles"):
