@@ -145,6 +145,36 @@ def _one(c, world, rank, strategy, balance):
     return rec
 
 
+def _parallel_branches(world):
+    """Two context-parallel attentions on the same sharded q, k, v, in parallel branches of one
+    graph (halo beside all-gather; one branch behind a few more ops), one backward: autograd
+    must run their exchanges' backwards in one order on every rank (it orders ready nodes by
+    creation, and every rank creates them alike), and the gradients equal the single-process
+    ones."""
+    c = dict(p=md.causal() & md.window(9) | md.sink(3), shape=(41,), H=2, Hk=1)
+    p2 = md.neighborhood(7, dilation=2)
+    q, k, v, go = _tensors(c, seed=3)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    a = mdd.context_parallel(md.compile(c["p"], (41,), 2, backend="tiles"), strategy="halo")
+    b = mdd.context_parallel(md.compile(p2, (41,), 2, backend="tiles"), strategy="allgather")
+    qs, ks, vs = a.shard(q), a.shard(k), a.shard(v)
+    ya = a.unshard(a(qs, ks, vs))
+    yb = b.unshard(b(qs * 0.5, ks, vs).tanh() * 2.0)
+    loss = (ya * go).sum() + (yb * go.flip(-2)).sum()
+    ra = md.reference.attention(q, k, v, c["p"], (41,))
+    rb = md.reference.attention(q * 0.5, k, v, p2, (41,)).tanh() * 2.0
+    ref = (ra * go).sum() + (rb * go.flip(-2)).sum()
+    errs = {"loss": abs(float(loss.detach()) - float(ref.detach()))}
+    for name, g, r in zip("qkv", torch.autograd.grad(loss, [q, k, v]),
+                          torch.autograd.grad(ref, [q, k, v])):
+        g = g.clone()
+        dist.all_reduce(g)
+        errs["d" + name] = _err(g, r)
+    return {"case": "parallel-branches", "strategies": [a.strategy, b.strategy],
+            "branch_errors": errs}
+
+
 def run(rank, world, port, out):
     import faulthandler
 
@@ -174,6 +204,10 @@ def run(rank, world, port, out):
             except Exception:
                 records.append({"case": name, "strategy": "halo", "balance": "head-tail",
                                 "crash": traceback.format_exc()})
+        try:
+            records.append(_parallel_branches(world))
+        except Exception:
+            records.append({"case": "parallel-branches", "crash": traceback.format_exc()})
     finally:
         if rank == 0:
             with open(out, "w") as f:

@@ -236,7 +236,9 @@ def test_an_in_place_change_of_document_ids_replans_the_halo(one_rank):
 def _spawn(world, tmp_path):
     out = tmp_path / "records.json"
     mp.spawn(cp_worker.run, args=(world, _port(), str(out)), nprocs=world)
-    return world, json.loads(out.read_text())
+    records = json.loads(out.read_text())
+    branches = [r for r in records if r["case"] == "parallel-branches"]
+    return world, [r for r in records if r["case"] != "parallel-branches"], branches
 
 
 def _expected_refusal(rec, world):
@@ -246,7 +248,7 @@ def _expected_refusal(rec, world):
 
 
 def _every_strategy_equals_the_single_process_run(spawned):
-    world, records = spawned
+    world, records, _ = spawned
     ran = set()
     for rec in records:
         assert "crash" not in rec, rec.get("crash")
@@ -270,12 +272,12 @@ def _every_strategy_equals_the_single_process_run(spawned):
 
 
 def _a_call_in_inference_mode_first_changes_nothing(spawned):
-    world, records = spawned
+    world, records, _ = spawned
     assert all(rec["inference_mode_equal"] for rec in records if "errors" in rec)
 
 
 def _the_bytes_moved_are_the_plans(spawned):
-    world, records = spawned
+    world, records, _ = spawned
     for rec in records:
         if "errors" not in rec:
             continue
@@ -285,7 +287,7 @@ def _the_bytes_moved_are_the_plans(spawned):
 
 
 def _auto_picks_the_fewest_bytes(spawned):
-    world, records = spawned
+    world, records, _ = spawned
     for rec in records:
         if rec["strategy"] != "auto" or "errors" not in rec:
             continue
@@ -295,7 +297,7 @@ def _auto_picks_the_fewest_bytes(spawned):
 
 
 def _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
-    world, records = spawned
+    world, records, _ = spawned
     for rec in records:
         if "reason" not in rec:
             continue
@@ -305,11 +307,23 @@ def _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
 
 
 def _the_halo_of_a_local_pattern_moves_less_than_allgather(spawned):
-    world, records = spawned
+    world, records, _ = spawned
     for rec in records:
         if rec["strategy"] == "halo" and rec["case"].startswith("nbhd") and "errors" in rec:
             halo, ag = (sum(rec["plan"][s]["received"]) for s in ("halo", "allgather"))
             assert halo < ag, (rec["case"], halo, ag)
+
+
+def _parallel_branches_backpropagate_in_one_order(spawned):
+    """Two cp attentions in parallel branches of one graph, one backward: no hang (the
+    worker's faulthandler would end it) and the single-process gradients."""
+    _, _, branches = spawned
+    assert len(branches) == 1, "the parallel-branches record is missing"
+    assert "crash" not in branches[0], branches[0]["crash"]
+    assert branches[0]["strategies"] == ["halo", "allgather"]
+    errs = branches[0]["branch_errors"]
+    assert set(errs) == {"loss", "dq", "dk", "dv"}
+    assert all(e <= cp_worker.TOL for e in errs.values()), errs
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -322,3 +336,4 @@ def test_context_parallel_in_processes(world, tmp_path):
     _auto_picks_the_fewest_bytes(spawned)
     _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned)
     _the_halo_of_a_local_pattern_moves_less_than_allgather(spawned)
+    _parallel_branches_backpropagate_in_one_order(spawned)
