@@ -22,7 +22,10 @@
 # puts its mutated copy in $WORK/mutants/, first on sys.path, ahead of the editable finder.
 #
 # Environment: MASKDSL_MUTATION_DIR (staging dir), MASKDSL_MUTATION_EXAMPLES (Hypothesis
-# examples per property, default 10), MASKDSL_MUTATION_CHILDREN (parallel mutants, default 1).
+# examples per property, default 10), MASKDSL_MUTATION_CHILDREN (parallel mutants, default 1),
+# MASKDSL_MUTATION_ONLY (files to mutate instead of [tool.mutmut] only_mutate, space-separated,
+# installed paths like maskdsl/_cp_plan.py) with MASKDSL_MUTATION_TESTS (the pytest arguments
+# selecting their tests, shell-quoted; use a separate MASKDSL_MUTATION_DIR per target).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,6 +41,24 @@ PYTHONPATH="$WORK/plugins"
 [ "${1:-run}" != run ] && [ -d "$WORK/mutants" ] && PYTHONPATH="$WORK/mutants:$PYTHONPATH"
 export PYTHONPATH
 
+# Point the staged [tool.mutmut] at MASKDSL_MUTATION_ONLY and MASKDSL_MUTATION_TESTS.
+retarget() {
+    python - "$1" <<'EOF'
+import json, os, re, shlex, sys
+path = sys.argv[1]
+text = open(path).read()
+only = os.environ["MASKDSL_MUTATION_ONLY"].split()
+tests = shlex.split(os.environ.get("MASKDSL_MUTATION_TESTS", ""))
+if not tests:
+    raise SystemExit("mutation.sh: MASKDSL_MUTATION_ONLY needs MASKDSL_MUTATION_TESTS")
+for key, value in (("only_mutate", only), ("pytest_add_cli_args_test_selection", tests)):
+    text, n = re.subn(rf"(?ms)^{key} = \[.*?^\]", lambda m: f"{key} = {json.dumps(value)}", text)
+    if n != 1:
+        raise SystemExit(f"mutation.sh: no {key} in [tool.mutmut]")
+open(path, "w").write(text)
+EOF
+}
+
 stage() {
     mkdir -p "$WORK"
     # Sources are copied with their mtimes (cp -p): mutmut regenerates a file's mutants only
@@ -51,6 +72,7 @@ stage() {
     mkdir -p "$WORK/plugins"
     cp -p "$ROOT/benchmarks/mutation_plugin.py" "$WORK/plugins/"
     cp -p "$ROOT/pyproject.toml" "$WORK/pyproject.toml"
+    if [ -n "${MASKDSL_MUTATION_ONLY:-}" ]; then retarget "$WORK/pyproject.toml"; fi
     find "$WORK/maskdsl" "$WORK/tests" -name __pycache__ -prune -exec rm -rf {} +
 }
 

@@ -160,9 +160,11 @@ def test_check_sample_covers_first_last_corners_and_tile_edges():
     assert _check_rows(attn, 4096, 0).tolist() == list(range(2000))   # small N: every row
 
 
-@pytest.mark.parametrize("backend", ["dense", "tiles", "auto"])
+@pytest.mark.parametrize("backend", ["dense", "tiles", "auto", "triton"])
 def test_check_with_dropout_uses_the_backends_own_keep_mask(backend):
     """It used to report MISMATCH on correct runs (a reference with another keep mask)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     r = run("check", "neighborhood((3, 3))", "--shape", "12x12", "--heads", "2", "--quiet",
             "--score", "dropout(per_head([0.2, 0.5]), seed=4) + alibi()", "--backend", backend)
     assert r.returncode == 0, r.stdout + r.stderr
