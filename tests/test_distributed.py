@@ -47,11 +47,34 @@ def test_extra_tokens_follow_the_last_grid_token():
     lay = P.layout((6,), 3, extra=4)
     assert lay.extra_owner == 2 and lay.count(2) == 6 and lay.grid_count(2) == 2
     assert lay.positions(2).tolist() == [4, 5, 6, 7, 8, 9]
+    assert [lay.positions(r).tolist() for r in (0, 1)] == [[0, 1], [2, 3]]   # no extra there
+
+
+@pytest.mark.parametrize("shape, world, balance, extra", [
+    ((4,), 4, None, 0),                  # one row per rank: the fewest rows that split
+    ((8, 3), 4, "head-tail", 2),         # 2W slabs of one row each
+    ((13, 2), 3, "head-tail", 5),
+])
+def test_owner_positions_and_local_index_agree(shape, world, balance, extra):
+    lay = P.layout(shape, world, extra=extra, balance=balance)
+    assert lay.balance == balance
+    owner, local = lay.owner(), lay.local_index()
+    n = lay.n + extra
+    seen = torch.zeros(n, dtype=torch.long)
+    for r in range(world):
+        pos = lay.positions(r)
+        assert pos.dtype == torch.int64 and len(pos) == lay.count(r)
+        assert (owner[pos.numpy()] == r).all()
+        assert local[pos.numpy()].tolist() == list(range(lay.count(r)))   # slabs in order
+        seen[pos] += 1
+    assert (seen == 1).all()
 
 
 @pytest.mark.parametrize("kw, words", [
     (dict(shape=(3, 8), world=4), "grid dim 0 has 3 rows"),
-    (dict(shape=(5,), world=3, balance="head-tail"), "needs at least 6 rows"),
+    (dict(shape=(5,), world=3, balance="head-tail"),
+     r"world size 3 with balance='head-tail' \(6 slabs\) needs at least 6 rows"),
+    (dict(shape=(3,), world=4), r"over world size 4 needs at least 4 rows"),
     (dict(shape=(8,), world=2, balance="zigzag"), "balance='zigzag'"),
 ])
 def test_a_split_that_cannot_be_made_is_refused(kw, words):
@@ -71,6 +94,13 @@ PATTERNS = [
     ("per-head", md.heads([md.window(2), md.causal() & md.window(7)]), (31,), 2),
     ("document", md.document(torch.tensor([0] * 7 + [1] * 9 + [2] * 6)), (22,), 1),
     ("power", md.power(2), (40,), 1),
+    # many 128-token tiles: FULL pairs across slabs, tiles inside one slab and across a boundary
+    ("window-tiles", md.causal() & md.window(300), (1000,), 1),
+    ("block-sinks-tiles", md.block(256) | md.sink(3), (1024,), 1),
+    ("nbhd-2d-tiles", md.neighborhood((17, 17)), (40, 40), 2),
+    # head 0's pairs are all FULL (no token to evaluate), head 1's are not
+    ("per-head-tiles", md.heads([md.block(128), md.window(200)]), (700,), 2),
+    ("one-token-last-tile", md.block(256) | md.sink(2), (1025,), 1),
 ]
 
 
@@ -98,6 +128,35 @@ def test_the_halo_plan_lists_rows_by_owner_and_sends_extra_tokens_once():
     assert hp.rows[2][1].tolist() == [0, 1, 4, 5, 6]             # rows of rank 2's buffer
 
 
+@pytest.mark.parametrize("p, shape, heads", [
+    (md.neighborhood(md.per_head([5, 7])), (512,), 2),     # heads differ, tile classes shared
+    (md.causal() & md.window(40), (600,), 3),               # heads alike: one head evaluated
+    (md.heads([md.window(9), md.causal() & md.window(200)]), (640,), 2),   # classes per head
+])
+def test_the_budget_counts_exactly_the_token_pairs_the_halo_need_evaluates(p, shape, heads,
+                                                                          monkeypatch):
+    """need(budget=b) plans iff b >= the pairs its mask_mod evaluates (counted by a spy)."""
+    prog = row_major(md.compile(p, shape=shape, heads=heads, backend="tiles"))
+    lay = P.layout(shape, 3)
+    real = prog.mods
+    count = [0]
+
+    def mods(device, flex=False):
+        mask_mod, score_mod = real(device, flex)
+
+        def spy(b, h, q, k):
+            out = mask_mod(b, h, q, k)
+            count[0] += out.numel()
+            return out
+        return spy, score_mod
+    monkeypatch.setattr(prog, "mods", mods)
+    want = P.need(prog, lay)
+    evaluated = count[0]
+    assert evaluated > 0
+    assert torch.equal(P.need(prog, lay, budget=evaluated), want)
+    assert P.need(prog, lay, budget=evaluated - 1) is None
+
+
 def test_a_pattern_past_the_budget_has_no_halo_plan():
     attn = md.compile(md.document(torch.arange(64) % 3), shape=(64,), heads=1,
                       backend="tiles")
@@ -113,6 +172,32 @@ def test_work_is_even_under_head_tail_for_a_causal_pattern():
     assert abs(even[0] - even[1]) <= 0.1 * even[0] and sum(even) == sum(plain)
 
 
+@pytest.mark.parametrize("p, H, shared", [
+    (md.heads([md.causal() & md.window(100), md.block(256), md.window(3)]), 3, False),
+    (md.causal() & md.window(100), 2, True),
+])
+def test_work_counts_each_heads_non_empty_tile_pairs_by_the_rows_a_rank_owns(p, H, shared):
+    """work == sum over heads and query tiles of the non-empty key tiles (from the reference
+    mask) times the share of the tile's rows the rank owns; per-head and shared tile classes."""
+    shape = (900,)
+    prog = row_major(md.compile(p, shape=shape, heads=H, backend="tiles"))
+    assert prog.recipe.classes.shared == shared
+    V, n = prog.layout.block, 900
+    T = -(-n // V)
+    mask = torch.zeros(H, T * V, T * V, dtype=torch.bool)
+    mask[:, :n, :n] = md.reference.mask(p, shape, H)
+    per_tile = mask.reshape(H, T, V, T, V).any(4).any(2).sum((0, 2)).double()     # [T]
+    for world, balance in ((2, None), (3, None), (2, "head-tail")):
+        lay = P.layout(shape, world, balance=balance)
+        owner = torch.from_numpy(lay.owner()[:n])
+        want = []
+        for r in range(world):
+            rows = torch.zeros(T * V)
+            rows[:n] = (owner == r).double()
+            want.append(float((rows.reshape(T, V).sum(1) / V * per_tile).sum()))
+        assert P.work(prog, lay) == pytest.approx(want, rel=1e-12), (world, balance)
+
+
 def test_bytes_of_counts_every_message():
     lay = P.layout((8, 4), 2)
     kw = dict(heads=4, kv_heads=2, batch=3, head_dim=8, head_dim_v=8, dtype=torch.bfloat16)
@@ -121,6 +206,15 @@ def test_bytes_of_counts_every_message():
     ul = P.bytes_of("ulysses", lay, **kw)
     row = 3 * (2 * 8 + 1 * 16) * 2 + 3 * 2 * 8 * 2               # q, kv in; out back
     assert ul["sent"] == [16 * row] * 2
+    # lse comes back beside the output: float32 (4 bytes) per row and head, float64 for
+    # float64 inputs
+    for dtype, lsz in ((torch.bfloat16, 4), (torch.float16, 4), (torch.float64, 8)):
+        kw_d = dict(kw, dtype=dtype)
+        plain = P.bytes_of("ulysses", lay, **kw_d)["sent"]
+        with_lse = P.bytes_of("ulysses", lay, return_lse=True, **kw_d)["sent"]
+        assert [a - b for a, b in zip(with_lse, plain)] == [16 * 3 * 2 * lsz] * 2, dtype
+    with pytest.raises(md.MaskDSLError, match=r"strategy='ring': expected one of"):
+        P.bytes_of("ring", lay, **kw)
 
 
 # ---------------------------------------------------------------------- one rank, in process
