@@ -10,6 +10,11 @@
 #   benchmarks/mutation.sh results|show NAME|tests-for-mutant NAME|browse   any other mutmut command
 #   benchmarks/mutation.sh stage                  only refresh the staging copy
 #   benchmarks/mutation.sh clean                  forget every result (removes the staging dir)
+#   benchmarks/mutation.sh retest FILE PYTEST-ARGS...   run each mutant named in FILE (one per
+#                                                 line) against PYTEST-ARGS in mutants/, one
+#                                                 pytest per mutant, "NAME killed|survived";
+#                                                 for tests whose code runs in spawned processes,
+#                                                 which mutmut's per-test map cannot see
 #
 # Why a staging copy: the repository keeps codegen/ and kernels/ at the top level and installs
 # them as maskdsl.codegen / maskdsl.kernels (package-dir), and the venv's editable finder maps
@@ -167,6 +172,15 @@ case "$cmd" in
     clean)   rm -rf "$WORK" ;;
     summary) summary ;;
     estimate|print-time-estimates) estimate ;;
+    retest)  [ $# -ge 2 ] || { echo "mutation.sh retest FILE PYTEST-ARGS..." >&2; exit 2; }
+             names=$(cat "$1"); shift; cd "$WORK/mutants"
+             export PYTHONPATH="$WORK/mutants:$WORK/plugins"
+             python -m pytest -x -q -p no:cacheprovider -p no:xdist "$@" >/dev/null 2>&1 \
+                 || { echo "mutation.sh retest: the unmutated code fails these tests" >&2; exit 1; }
+             for m in $names; do
+                 if MUTANT_UNDER_TEST=$m python -m pytest -x -q -p no:cacheprovider -p no:xdist \
+                        "$@" >/dev/null 2>&1; then echo "$m survived"; else echo "$m killed"; fi
+             done ;;
     run)     stage; repair_stats; cd "$WORK"; exec mutmut run --max-children "$CHILDREN" "$@" ;;
     *)       cd "$WORK"; exec mutmut "$cmd" "$@" ;;
 esac
