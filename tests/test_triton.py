@@ -176,6 +176,11 @@ def test_no_mask_metadata_beyond_per_head_parameters():
     (~md.sink(3), r"cannot express ~sink\(3\)"),
     (md.window(2) | md.causal(), r"a union of two non-sink patterns"),
     (md.neighborhood(3) & md.neighborhood(5), r"two neighborhoods AND-ed on the same dim"),
+    # inside an &, only the part the kernel cannot run is named
+    ((md.window(2) | md.causal()) & md.block(4), r"cannot express a union of two non-sink"),
+    (~md.window(3) & md.block(4), r"cannot express ~window\(3\); it runs"),
+    (md.document(torch.zeros(30, dtype=torch.long)) & md.window(3),
+     r"cannot express document\(<tensor \[30\]>\); it runs"),
 ])
 def test_patterns_the_kernel_cannot_run_name_the_node(bad, match):
     with pytest.raises(md.MaskDSLError, match=match):
