@@ -28,6 +28,11 @@ CASES = [
     ("per_head nested", lambda: md.per_head([md.per_head([1])]), r"per_head lists cannot be nested"),
     ("per_head lengths", lambda: md.neighborhood(md.per_head([3, 5]), dilation=md.per_head([1, 1, 2])), r"per_head lists must all have the same length; kernel_size has 2, dilation has 3"),
     ("per_head bad value", lambda: md.window(md.per_head([4, -1])), r"left\[head 1\]=-1 is out of range: expected an int in \[0, 2\*\*31 - 1\]"),
+    ("per_head tuple str", lambda: md.per_head([(3, "a")]), r"per_head: values\[0\]=\(3, 'a'\): expected a number or a tuple of numbers"),
+    ("per_head not per-dim", lambda: md.softcap(md.per_head([(1.0, 2.0)])), r"softcap: cap=per_head\(\[\(1.0, 2.0\)\]\): per_head values must be numbers, got \(1.0, 2.0\)"),
+    ("seed per head", lambda: md.dropout(0.1, seed=md.per_head([1, 2])), r"dropout: seed=per_head\(\[1, 2\]\): this parameter cannot vary per head"),
+    ("tuple not per-dim", lambda: md.sink((1, 2)), r"sink: n=\(1, 2\): expected a single value, an int in \[0, 2\*\*31 - 1\]"),
+    ("window fraction", lambda: md.window(3.5), r"window: left=3.5: expected an int in \[0, 2\*\*31 - 1\]"),
     ("window negative", lambda: md.window(-1), r"window: left=-1 is out of range: expected an int in \[0, 2\*\*31 - 1\]"),
     ("block 0", lambda: md.block(0), r"block: size=0 is out of range: expected an int in \[1, 2\*\*31 - 1\]"),
     ("sink negative", lambda: md.sink(-2), r"sink: n=-2 is out of range: expected an int in \[0, 2\*\*31 - 1\]"),
@@ -107,6 +112,16 @@ def test_table_rows_are_distinct():
 def test_bad_input_raises_with_its_message(what, fn, message):
     with pytest.raises(md.MaskDSLError, match=message):
         fn()
+
+
+def test_near_misses_are_normalised_not_refused():
+    """What is unambiguous is accepted in its normal form: an integral float for an int, an
+    int or a list for dims, a list inside per_head, an existing per_head list."""
+    assert md.window(3.0) == md.window(3)
+    assert md.causal(dims=0) == md.causal(dims=[0]) == md.causal(dims=(0,))
+    assert md.per_head([[3, 3], [5, 5]]) == md.per_head([(3, 3), (5, 5)])
+    ph = md.per_head([1, 2])
+    assert md.per_head(ph) is ph
 
 
 def test_error_is_a_value_error():
