@@ -158,11 +158,6 @@ def _check_inputs(q, k, v):
         raise MaskDSLError(
             "backend='triton': bfloat16 under TRITON_INTERPRET=1 (Triton's CPU interpreter "
             "computes bf16 tl.dot wrongly); use float16/float32 there, or run on CUDA")
-    H, Hkv = q.shape[1], k.shape[1]
-    if v.shape[1] != Hkv or Hkv < 1 or H % Hkv:
-        raise MaskDSLError(
-            f"backend='triton': key/value heads {Hkv}/{v.shape[1]} for {H} query heads: "
-            f"expected k and v with the same number of heads, dividing {H} (GQA)")
     D, Dv = q.shape[-1], v.shape[-1]
     for name, d in (("q/k head dim", D), ("v head dim", Dv)):
         if not 16 <= d <= 256:
