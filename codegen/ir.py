@@ -37,6 +37,7 @@ from typing import Any, Dict, Optional, Tuple
 import sympy as sp
 from sympy.logic.boolalg import BooleanFunction
 
+from .._node import SameForEveryHead
 from .._pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn, Neighborhood,
                         Not, Or, Pattern, Power, Radial, Sink, Window)
 from .._score import Alibi, DistanceDecay, RelativeBias, Softcap
@@ -395,8 +396,9 @@ class LowerCtx:
     """What a lowering rule needs: the grid, the head count, the head lowered for (None: every
     head, per-head values as table lookups), the tables, and a counter for unique names."""
 
-    def __init__(self, shape: tuple, heads: int, head: Optional[int]):
+    def __init__(self, shape: tuple, heads: int, head: Optional[int], checked: bool = False):
         self.shape, self.heads, self.head = tuple(shape), heads, head
+        self.checked = checked
         self.tables = Tables(head)
         self._n = 0
 
@@ -405,15 +407,26 @@ class LowerCtx:
         self._n += 1
         return tag
 
-    def bound(self, node) -> list:
-        return node.bind(self.shape, self.heads)
+    def bound(self, node):
+        """The node's bound parameters, indexed by head (``Node.bind``). Lowering one head of a
+        pattern whose every head was bound already (``checked``: the recipe lowers the table
+        form first) binds only that head (``Node.bind_head``, O(1) per node), so lowering each
+        of H heads costs O(H) in all, not O(H^2)."""
+        if self.head is None or not self.checked:
+            return node.bind(self.shape, self.heads)
+        return {self.head: node.bind_head(self.shape, self.heads, self.head)}
 
-    def one(self, b: list) -> dict:
+    def one(self, b) -> dict:
         """The bound parameters of the head lowered for (head 0 when lowering for all heads:
         the leaf's numbers are then the same on every head, or looked up from tables)."""
         return b[self.head if self.head is not None else 0]
 
-    def param(self, b: list, tag: str, key: str, dim=None, most=None):
+    def param(self, b, tag: str, key: str, dim=None, most=None):
+        if self.head is not None:
+            v = b[self.head][key] if dim is None else b[self.head][key][dim]
+            return sp.sympify(v if most is None else min(v, most))
+        if isinstance(b, SameForEveryHead):    # every head alike: one value, no O(H) loop
+            b = b[:1]
         vals = [x[key] if dim is None else x[key][dim] for x in b]
         if most is not None:   # beyond ``most`` the value means the same: keep numbers small
             vals = [min(v, most) for v in vals]
@@ -507,7 +520,8 @@ def _power(p, ctx):
 def _radial(p, ctx):
     b, tag, t = ctx.bound(p), ctx.tag(p), ctx.tables
     frames, per_frame = ctx.shape[0], math.prod(ctx.shape[1:])
-    bands = [_radial_band(x, frames, per_frame) for x in b]
+    bands = ({ctx.head: _radial_band(b[ctx.head], frames, per_frame)} if ctx.head is not None
+             else [_radial_band(x, frames, per_frame) for x in b])
     if ctx.head is not None or all(x == bands[0] for x in bands):
         band = t.table(f"{tag}_band", bands[ctx.head if ctx.head is not None else 0])
         lookup = lambda dist: band[dist]
@@ -541,17 +555,40 @@ def _not(p, ctx):
 
 @lower_node.register(And)
 def _and(p, ctx):
-    return simplify(AndN((lower_node(p.a, ctx), lower_node(p.b, ctx))), ctx.shape)
+    return _and_chain([lower_node(x, ctx) for x in p.parts], ctx.shape)
 
 
 @lower_node.register(Or)
 def _or(p, ctx):
-    return simplify(OrN((lower_node(p.a, ctx), lower_node(p.b, ctx))), ctx.shape)
+    # one pass over the chain's parts: the same IR as simplifying (a | b) | c pairwise
+    return simplify(OrN(tuple(lower_node(x, ctx) for x in p.parts)), ctx.shape)
+
+
+def _and_chain(kids: list, shape: tuple):
+    """``simplify`` of the left-associative chain ``((k0 & k1) & k2) & ...`` in one pass over
+    its parts (O(parts), not O(parts^2)), with the result of simplifying it pair by pair: each
+    separable member is merged into the Sep so far (and tightened) in order."""
+    if len(kids) == 2:
+        return simplify(AndN(tuple(kids)), shape)
+    sep, rest = None, []
+    for c in kids:
+        for x in (c.children if isinstance(c, AndN) else (c,)):
+            if isinstance(x, Const):
+                if not x.value:
+                    return Const(False)
+            elif isinstance(x, Sep):
+                sep = x if sep is None else simplify(AndN((sep, x)), shape)
+            else:
+                rest.append(x)
+    flat = ([sep] if sep is not None else []) + rest
+    if not flat:
+        return Const(True)
+    return flat[0] if len(flat) == 1 else AndN(tuple(flat))
 
 
 @lower_node.register(Heads)
 def _heads(p, ctx):
-    p.bind(ctx.shape, ctx.heads)
+    ctx.bound(p)                                   # len(patterns) == heads
     if ctx.head is not None:
         return lower_node(p.patterns[ctx.head], ctx)
     kids = tuple(lower_node(x, ctx) for x in p.patterns)
@@ -575,11 +612,13 @@ def _radial_band(p: dict, frames: int, per_frame: int) -> list:
     return out
 
 
-def lower_pattern(p: Pattern, shape: tuple, heads: int, head: Optional[int] = None):
+def lower_pattern(p: Pattern, shape: tuple, heads: int, head: Optional[int] = None,
+                  checked: bool = False):
     """Lower a pattern to IR. ``head=None``: per-head values as table lookups (for printing);
     ``head=h``: everything specialised to head h (for the tile classes and the kernels).
-    Returns (ir, tables)."""
-    ctx = LowerCtx(shape, heads, head)
+    ``checked``: every head of ``p`` was bound already (by a table-form lowering), so only
+    head ``h``'s parameters are bound (O(1) per node instead of O(heads)). Returns (ir, tables)."""
+    ctx = LowerCtx(shape, heads, head, checked)
     return lower_node(p, ctx), ctx.tables
 
 

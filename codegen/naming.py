@@ -63,12 +63,12 @@ def _(p):
 
 @pattern_name.register(And)
 def _(p):
-    return f"{pattern_name(p.a)}__and__{pattern_name(p.b)}"
+    return "__and__".join(pattern_name(x) for x in p.parts)
 
 
 @pattern_name.register(Or)
 def _(p):
-    return f"{pattern_name(p.a)}__or__{pattern_name(p.b)}"
+    return "__or__".join(pattern_name(x) for x in p.parts)
 
 
 @pattern_name.register(Not)

@@ -130,6 +130,8 @@ class TorchPrinter(StrPrinter):
     def _fold(self, fn: str, clamp: str, args) -> str:
         nums = [a for a in args if a.is_number]
         rest = [self._print(a) for a in args if not a.is_number]
+        if not rest:   # only numbers (a Min/Max left unevaluated under sp.evaluate(False))
+            return self._print(min(nums) if fn == "minimum" else max(nums))
         out = rest[0]
         for r in rest[1:]:
             out = f"torch.{fn}({out}, {r})"
@@ -201,10 +203,10 @@ class TorchPrinter(StrPrinter):
         return self._rel(e, "!=")
 
     def _print_And(self, e):
-        return "(" + " & ".join(self._print(a) for a in e.args) + ")"
+        return _chain(" & ", [self._print(a) for a in e.args])
 
     def _print_Or(self, e):
-        return "(" + " | ".join(self._print(a) for a in e.args) + ")"
+        return _chain(" | ", [self._print(a) for a in e.args])
 
     def _print_Not(self, e):
         return f"(~{self._print(e.args[0])})"
@@ -245,6 +247,18 @@ def _balanced(text: str) -> bool:
         if depth < 0:
             return False
     return depth == 0
+
+
+CHAIN = 32   # operands of one & or | per parenthesised group in generated source
+
+
+def _chain(op: str, texts: List[str]) -> str:
+    """``(a op b op ...)``; a long chain (a union of thousands of patterns, a mask of thousands
+    of heads) in nested groups of ``CHAIN``: Python's compiler recurses once per operand of a
+    flat chain and refuses a few thousand. ``&`` and ``|`` are associative: the same value."""
+    while len(texts) > CHAIN:
+        texts = ["(" + op.join(texts[i:i + CHAIN]) + ")" for i in range(0, len(texts), CHAIN)]
+    return "(" + op.join(texts) + ")"
 
 
 def identifier(text: str, limit: int = 96) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from .recipe import BLOCK_SIZE, Recipe, recipe
-from .source import mask_source, mods, score_code
+from .source import mask_source, mods, score_code, score_mod
 
 __all__ = ["Program", "program", "BLOCK_SIZE"]
 
@@ -61,6 +61,10 @@ class Program:
     def mods(self, device, flex: bool = False) -> tuple:
         """(mask_mod, score_mod) on ``device`` in this program's token layout."""
         return mods(self.recipe, self.score, device, flex)
+
+    def score_mod(self, device, flex: bool = False):
+        """The score_mod alone (None without additive score terms): no mask_mod is built."""
+        return score_mod(self.recipe, self.score, device, flex)
 
     def block_mask(self, device="cpu", compute_q_blocks: bool = True):
         """The torch BlockMask in this program's token layout (see ``codegen.flex``)."""

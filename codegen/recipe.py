@@ -167,6 +167,19 @@ def _private(p: Pattern) -> Pattern:
     return type(p)(*new)
 
 
+class HashedKey(tuple):
+    """A content key that hashes once: the key of a pattern with many heads is a large nested
+    tuple, and the caches keyed by (recipe key, head, ...) look it up once per head."""
+
+    def __new__(cls, items):
+        self = super().__new__(cls, items)
+        self._hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self):
+        return self._hash
+
+
 _CACHE = LRU(CACHE_SIZE)
 
 
@@ -175,7 +188,7 @@ def recipe(pattern: Pattern, shape: tuple, heads: int, block: int = BLOCK_SIZE,
     """The (cached) recipe of a pattern on a grid: IR, layout, tile classes."""
     shape = tuple(shape)
     tile_key = tile.key if isinstance(tile, Layout) else tile
-    key = (content_key(pattern), shape, heads, block, tile_key)
+    key = HashedKey((content_key(pattern), shape, heads, block, tile_key))
     found = _CACHE.get(key)
     if found is not None:
         return found
@@ -190,7 +203,7 @@ def _build(key, pattern, shape, heads, block, tile) -> Recipe:
     ir, tables = lower_pattern(p, shape, heads)
     varies = varies_per_head(p)
     if varies:
-        irs = [lower_pattern(p, shape, heads, head=h) for h in range(heads)]
+        irs = [lower_pattern(p, shape, heads, head=h, checked=True) for h in range(heads)]
     else:  # every head lowers to the same IR
         irs = [(ir, tables)] * heads
     layout, classes, tried = choose_layout(irs, shape, block, tile)

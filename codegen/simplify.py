@@ -46,15 +46,22 @@ def _complements(a, b) -> bool:
 
 def _lattice(p, make, absorbing, neutral) -> Pattern:
     """``&`` (absorbing empty, neutral full) and ``|`` (absorbing full, neutral empty) are duals:
-    an absorbing operand or a complementary pair absorbs, a neutral operand or a repeat drops."""
-    a, b = simplify(p.a), simplify(p.b)
-    if isinstance(a, absorbing) or isinstance(b, absorbing) or _complements(a, b):
-        return absorbing()
-    if isinstance(a, neutral) or a == b:
-        return b
-    if isinstance(b, neutral):
-        return a
-    return p if (a is p.a and b is p.b) else make(a, b)
+    an absorbing operand or a complementary pair absorbs, a neutral operand or a repeat drops.
+    A chain ``a & b & c`` is ``(a & b) & c``: the rules apply pair by pair from the left, in one
+    pass over its parts (a chain of thousands of patterns is not walked recursively)."""
+    a = simplify(p.parts[0])
+    for x in p.parts[1:]:
+        b = simplify(x)
+        if isinstance(a, absorbing) or isinstance(b, absorbing) or _complements(a, b):
+            return absorbing()
+        if isinstance(a, neutral) or a == b:
+            a = b
+        elif not isinstance(b, neutral):
+            a = make(a, b)
+    if type(a) is type(p) and len(a.parts) == len(p.parts) and all(
+            x is y for x, y in zip(a.parts, p.parts)):
+        return p
+    return a
 
 
 @simplify.register(And)

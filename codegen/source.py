@@ -28,7 +28,8 @@ from .ir import K, KF, Q, QF, Tables, lower_score, predicate
 from .printer_torch import emit_function, exec_source, identifier
 from .recipe import Recipe, content_key
 
-__all__ = ["mask_source", "score_code", "ScoreCode", "mods", "decoded", "head_mask_mod"]
+__all__ = ["mask_source", "score_code", "ScoreCode", "mods", "score_mod", "decoded",
+           "head_mask_mod"]
 
 _MASK_SOURCES = LRU(256)
 _SCORE_CODES = LRU(256)
@@ -160,12 +161,20 @@ def mods(r: Recipe, score, device, flex: bool = False) -> tuple:
         with torch.inference_mode(False):
             mask = _build(_factory(mask_source(r)), _static_tables(r.tables, r.key, device, flex))
         mask = _MASK_MODS.put(key, mask)
+    return mask, score_mod(r, score, device, flex)
+
+
+def score_mod(r: Recipe, score, device, flex: bool = False):
+    """The score_mod alone (or None), without building the mask_mod: the tiles backend masks
+    head by head (``head_mask_mod``), and a table-form mask_mod of many distinct heads is
+    O(heads) source."""
+    device = torch.device(device)
     code = score_code(r, score)
     if code is None:
-        return mask, None
+        return None
     static = _static_tables(code.tables, (r.key, content_key(score)), device, flex)
     tabs = dict(static, **_call_tensors(code.tables, score, device, flex))
-    return mask, _build(_factory(code.source), tabs)
+    return _build(_factory(code.source), tabs)
 
 
 _HEAD_MODS = LRU(1024)

@@ -606,7 +606,7 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
     B, H = qt.shape[:2]
     Dv = vg.shape[-1]
     V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
-    _, score_mod = program.mods(device)
+    score_mod = program.score_mod(device)
     nonlinear = any(isinstance(t, (Softcap, ScoreFn)) for t in score_terms(program.score))
     if heads is None:
         heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)

@@ -3,8 +3,10 @@ structural equality (tensors compare by identity) and per-head binding."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
+from collections.abc import Sequence
 from typing import ClassVar, Dict, List
 
 from ._errors import MaskDSLError
@@ -28,10 +30,41 @@ dsl(per_head)
 
 
 def walk(node):
-    """Every node of a tree, parents first (one walk for every pass: ``Node.children``)."""
-    yield node
-    for child in node.children():
-        yield from walk(child)
+    """Every node of a tree, parents first, children left to right (one walk for every pass:
+    ``Node.children``). Iterative: a wide ``heads([...])`` or ``&``/``|`` of thousands of
+    patterns costs no Python stack."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(reversed(n.children()))
+
+
+class SameForEveryHead(Sequence):
+    """What ``Node.bind`` returns for a node whose heads all bind alike: a read-only sequence of
+    ``heads`` times the same dict, in O(1) memory (a pattern of many heads, ``heads([...])``,
+    binds each of its leaves for every head without an O(heads) list per leaf)."""
+
+    __slots__ = ("one", "heads")
+
+    def __init__(self, one: dict, heads: int):
+        self.one, self.heads = one, heads
+
+    def __len__(self) -> int:
+        return self.heads
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.one] * len(range(*i.indices(self.heads)))
+        if not -self.heads <= i < self.heads:
+            raise IndexError(f"head {i} out of range for {self.heads} heads")
+        return self.one
+
+    def __iter__(self):
+        return itertools.repeat(self.one, self.heads)
+
+    def __repr__(self) -> str:
+        return f"SameForEveryHead({self.one!r}, heads={self.heads})"
 
 
 def _key_of(v):
@@ -115,24 +148,45 @@ class Node:
         """Resolve this node's parameters for every head of a grid ``shape``.
 
         Returns one dict per head with every per_head value resolved and every per-dim
-        value broadcast to ``len(shape)`` entries. Raises MaskDSLError for a per_head list
-        whose length is not ``heads`` and for parameters the shape cannot hold.
+        value broadcast to ``len(shape)`` entries: a list, or for a node without per_head
+        values a ``SameForEveryHead`` sequence (one dict, resolved once, for every head; the
+        dicts are read-only). Raises MaskDSLError for a per_head list whose length is not
+        ``heads`` and for parameters the shape cannot hold.
         """
+        varies = self._check_head_counts(heads)
+        shape = tuple(shape)
+        if not varies:     # every head alike: resolved once, O(1) time and memory per node
+            return SameForEveryHead(self._bind_one(shape, heads, 0, False), heads)
+        return [self._bind_one(shape, heads, h, True) for h in range(heads)]
+
+    def bind_head(self, shape: tuple, heads: int, h: int) -> dict:
+        """``bind(shape, heads)[h]`` with only head ``h``'s shape checks, in O(1) per node: for
+        passes that run once per head (lowering each head of ``heads([...])``) after the whole
+        node has been bound once (``bind``), so every head's errors were raised already."""
+        varies = self._check_head_counts(heads)
+        return self._bind_one(tuple(shape), heads, h, varies)
+
+    def _check_head_counts(self, heads: int) -> bool:
+        """MaskDSLError for a per_head list whose length is not ``heads``; whether any field
+        has per_head values."""
+        varies = False
         for name in self._checks:
             v = getattr(self, name)
             for c in head_counts(v):
+                varies = True
                 if c != heads:
                     raise MaskDSLError(
                         f"{self._name}: {name}={fmt_value(v)} has {c} values but heads={heads}; "
                         f"give one value per head"
                     )
-        varies = any(head_counts(getattr(self, n)) for n in self._checks)
-        out = []
-        for h in range(heads):
+        return varies
+
+    def _bind_one(self, shape: tuple, heads: int, h: int, varies: bool) -> dict:
+        if varies:
             p = {f.name: at_head(getattr(self, f.name), h) for f in dataclasses.fields(self)}
-            where = f" (head {h})" if varies else ""
-            out.append(self._bind_head(p, tuple(shape), heads, where))
-        return out
+        else:
+            p = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return self._bind_head(p, shape, heads, f" (head {h})" if varies else "")
 
     def _bind_head(self, p: dict, shape: tuple, heads: int, where: str) -> dict:
         return p

@@ -52,7 +52,9 @@ def parse(text: str):
     except SyntaxError as e:
         col = f" at column {e.offset}" if e.offset else ""
         raise MaskDSLError(f"parse: invalid syntax{col} in {_clip(text)!r}: {e.msg}") from None
-    except (ValueError, RecursionError, MemoryError, OverflowError) as e:
+    except RecursionError:
+        return _parse_long(text)
+    except (ValueError, MemoryError, OverflowError) as e:
         raise MaskDSLError(f"parse: cannot read {_clip(text)!r}: {type(e).__name__}") from None
     try:
         out = _Reader(text).read(tree.body, 0)
@@ -64,6 +66,47 @@ def parse(text: str):
             f"neighborhood(7) or softcap(30.0)"
         )
     return out
+
+
+def _parse_long(text: str):
+    """A spec too long for Python's own parser (which recurses once per operand: a union of
+    a few thousand patterns): split at the operators outside any brackets, ``|`` (the loosest)
+    first, then ``&``, parse each operand, and combine them left to right, as Python would."""
+    import io
+    import operator
+    import tokenize
+
+    starts, total = [0], 0
+    for line in text.splitlines(keepends=True):
+        total += len(line)
+        starts.append(total)
+    for op, combine in (("|", operator.or_), ("&", operator.and_)):
+        cuts, depth = [], 0
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+                if tok.type != tokenize.OP:
+                    continue
+                if tok.string in "([{":
+                    depth += 1
+                elif tok.string in ")]}":
+                    depth -= 1
+                elif tok.string == op and depth == 0:
+                    cuts.append(starts[tok.start[0] - 1] + tok.start[1])
+        except (tokenize.TokenError, SyntaxError):
+            break
+        if cuts:
+            pieces = [text[a + 1:b] for a, b in zip([-1] + cuts, cuts + [len(text)])]
+            out = parse(pieces[0])
+            for piece in pieces[1:]:
+                b = parse(piece)
+                for x in (out, b):
+                    if not isinstance(x, Node):
+                        raise MaskDSLError(f"parse: {op} combines patterns or scores, got "
+                                           f"{_describe(x)} ({_clip(text)!r})")
+                out = combine(out, b)
+            return out
+    raise MaskDSLError(f"parse: spec nests too deeply; expected at most {MAX_DEPTH} levels "
+                       f"({_clip(text)!r})")
 
 
 def _takes_code(fn) -> bool:
@@ -111,6 +154,19 @@ class _Reader:
         where = f"column {node.col_offset + 1} of " if hasattr(node, "col_offset") else ""
         raise MaskDSLError(f"parse: {what} ({where}{_clip(self.text)!r})")
 
+    def _operator(self, node) -> str:
+        op = {ast.BitAnd: "&", ast.BitOr: "|", ast.Add: "+"}.get(type(node.op))
+        if op is None:
+            self.fail(node, f"the operator {type(node.op).__name__} is not allowed; expected "
+                            f"& | ~ (patterns) or + (scores)")
+        return op
+
+    def _combine(self, node, op: str, a, b):
+        if not isinstance(a, Node) or not isinstance(b, Node):
+            bad = a if not isinstance(a, Node) else b
+            self.fail(node, f"{op} combines patterns or scores, got {_describe(bad)}")
+        return a & b if op == "&" else a | b if op == "|" else a + b
+
     def _refuse_code(self, node, name: str):
         self.fail(node, f"{name}() takes a Python function and code is never parsed from text; "
                         f"build it in Python (md.{name}(fn, name=...)) and combine it with "
@@ -142,16 +198,17 @@ class _Reader:
                                 f"to numbers, got {_describe(v)}")
             self.fail(node, "'not' is not allowed (use ~)")
         if isinstance(node, ast.BinOp):
-            ops = {ast.BitAnd: "&", ast.BitOr: "|", ast.Add: "+"}
-            op = ops.get(type(node.op))
-            if op is None:
-                self.fail(node, f"the operator {type(node.op).__name__} is not allowed; expected "
-                                f"& | ~ (patterns) or + (scores)")
-            a, b = self.read(node.left, d), self.read(node.right, d)
-            if not isinstance(a, Node) or not isinstance(b, Node):
-                bad = a if not isinstance(a, Node) else b
-                self.fail(node, f"{op} combines patterns or scores, got {_describe(bad)}")
-            return a & b if op == "&" else a | b if op == "|" else a + b
+            # a chain of one operator, a | b | c | ... (Python: ((a | b) | c) | ...), is one
+            # level however long: its left spine is read in a loop, left to right
+            op = self._operator(node)
+            spine = [node]
+            while (isinstance(spine[-1].left, ast.BinOp)
+                   and type(spine[-1].left.op) is type(node.op)):
+                spine.append(spine[-1].left)
+            a = self.read(spine[-1].left, d)
+            for n in reversed(spine):
+                a = self._combine(n, op, a, self.read(n.right, d))
+            return a
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name):
                 self.fail(node, "only DSL constructors can be called, e.g. neighborhood(7)")

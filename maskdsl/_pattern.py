@@ -455,34 +455,87 @@ def check_key_range_result(node, r, P: int) -> None:
 
 # ----------------------------------------------------------------------------- algebra
 
-@dataclass(frozen=True, eq=False, repr=False)
-class _Binary(Pattern):
-    a: Pattern
-    b: Pattern
+MAX_NESTING = 60    # & | ~ heads inside one another (every pass recurses; the parser reads 64 levels)
 
-    def _check(self):
-        _as_pattern(self.a, self._name), _as_pattern(self.b, self._name)
+
+def _nesting(p) -> int:
+    """How many operators (``&``/``|`` chains, ``~``, ``heads``) nest above p's deepest leaf."""
+    return getattr(p, "_nest", 0)
+
+
+def _nest_to(node: Pattern, depth: int) -> None:
+    """Record ``node``'s nesting depth; MaskDSLError beyond ``MAX_NESTING`` (a chain of one
+    operator, ``a | b | c | ...``, is one level however long: combine thousands of patterns
+    that way, e.g. ``functools.reduce(operator.or_, patterns)``)."""
+    if depth > MAX_NESTING:
+        raise MaskDSLError(
+            f"{node._name}: the pattern nests {depth} levels deep (&, | and ~ inside one another, "
+            f"or heads([...])); expected at most {MAX_NESTING} levels. A chain of one operator "
+            f"is one level however long: combine many patterns as a | b | c | ... "
+            f"(functools.reduce(operator.or_, patterns)), not as a | (b | (c | ...))")
+    object.__setattr__(node, "_nest", depth)
+
+
+@dataclass(frozen=True, eq=False, repr=False, init=False)
+class _Chain(Pattern):
+    """``a & b & c ...`` (or ``|``): the left-associative chain ``(a & b) & c`` stored flat in
+    ``parts``, so a union of thousands of patterns is one node, not thousands of nested ones.
+    ``And(a, b, c)`` is ``(a & b) & c``; a right operand of the same operator stays one part
+    (``a & (b & c)`` keeps its parentheses: structure and repr are those of the binary tree)."""
+
+    parts: Tuple[Pattern, ...]
+
+    def __init__(self, *parts):
+        if len(parts) < 2:
+            raise MaskDSLError(f"{self._name} combines at least two patterns, got {len(parts)}")
+        first, rest = parts[0], parts[1:]
+        for x in (first,) + rest:
+            _as_pattern(x, self._name)
+        if type(first) is type(self):   # (a & b) & c: one chain
+            flat, depth = first.parts + rest, first._nest
+        else:
+            flat, depth = parts, 1 + _nesting(first)
+        for x in rest:
+            depth = max(depth, 1 + _nesting(x))
+        object.__setattr__(self, "parts", tuple(flat))
+        _nest_to(self, depth)
+        self.__post_init__()
+
+    @property
+    def a(self) -> Pattern:
+        """The left operand of the binary form ``a & b`` (the chain without its last part)."""
+        return self.parts[0] if len(self.parts) == 2 else type(self)(*self.parts[:-1])
+
+    @property
+    def b(self) -> Pattern:
+        """The right operand of the binary form ``a & b`` (the last part)."""
+        return self.parts[-1]
 
     def children(self) -> tuple:
-        return (self.a, self.b)
+        return self.parts
 
     def __repr__(self):
-        left, right = repr(self.a), repr(self.b)
-        if self.a._prec < self._prec:
-            left = f"({left})"
-        if self.b._prec <= self._prec:  # left-associative: a & (b & c) keeps its parentheses
-            right = f"({right})"
-        return f"{left} {self._name} {right}"
+        texts = []
+        for i, x in enumerate(self.parts):
+            text = repr(x)
+            # left-associative: a & (b & c) keeps its parentheses
+            if x._prec < self._prec or (i > 0 and x._prec == self._prec):
+                text = f"({text})"
+            texts.append(text)
+        return f" {self._name} ".join(texts)
+
+    def __reduce__(self):
+        return (type(self), self.parts)
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class And(_Binary):
+@dataclass(frozen=True, eq=False, repr=False, init=False)
+class And(_Chain):
     _name: ClassVar[str] = "&"
     _prec: ClassVar[int] = 2
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class Or(_Binary):
+@dataclass(frozen=True, eq=False, repr=False, init=False)
+class Or(_Chain):
     _name: ClassVar[str] = "|"
     _prec: ClassVar[int] = 1
 
@@ -495,6 +548,7 @@ class Not(Pattern):
 
     def _check(self):
         _as_pattern(self.a, "~")
+        _nest_to(self, 1 + _nesting(self.a))
 
     def children(self) -> tuple:
         return (self.a,)
@@ -525,6 +579,7 @@ class Heads(Pattern):
             if not isinstance(x, Pattern):
                 raise MaskDSLError(f"heads: patterns[{i}]={x!r}: expected a pattern")
         object.__setattr__(self, "patterns", ps)
+        _nest_to(self, 1 + max(_nesting(x) for x in ps))
 
     def children(self) -> tuple:
         return self.patterns

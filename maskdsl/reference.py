@@ -211,12 +211,18 @@ def _empty(p, h, g):
 
 @_mask.register(And)
 def _and(p, h, g):
-    return _mask(p.a, h, g) & _mask(p.b, h, g)
+    out = _mask(p.parts[0], h, g)
+    for x in p.parts[1:]:         # a & b & c: the chain's parts, left to right
+        out = out & _mask(x, h, g)
+    return out
 
 
 @_mask.register(Or)
 def _or(p, h, g):
-    return _mask(p.a, h, g) | _mask(p.b, h, g)
+    out = _mask(p.parts[0], h, g)
+    for x in p.parts[1:]:
+        out = out | _mask(x, h, g)
+    return out
 
 
 @_mask.register(Not)
