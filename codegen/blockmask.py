@@ -323,6 +323,7 @@ def _(f, ts):
         return TileClasses.from_row_chunks(
             T, T, lambda a, b: np.where(real[a:b, None] & real[None, :], UNDECIDED, EMPTY
                                         ).astype(np.int8))
+    check_key_range(f)
     lo, hi = fn_key_range(f)
     big = np.iinfo(np.int64).max
     tok = ts.tokens
@@ -342,7 +343,8 @@ def _(f, ts):
 
 def fn_key_range(f: FnFlat):
     """``key_range`` on every flat query index: (lo, hi) int64 numpy arrays [n], clipped to
-    [0, n]; MaskDSLError naming key_range when it fails or returns something else."""
+    [0, n]; MaskDSLError naming key_range when it fails, returns something else or gives
+    lo > hi for some query."""
     from .._pattern import check_key_range_result
 
     n = f.n
@@ -356,10 +358,56 @@ def fn_key_range(f: FnFlat):
             raise MaskDSLError(f"{f.node!r}: key_range raised {type(e).__name__}: {e} when "
                                f"called with the int64 tensor of all {n} flat query indices"
                                ) from None
-        check_key_range_result(f.node, r, n)
-    lo, hi = (np.broadcast_to(np.asarray(torch.as_tensor(x).cpu(), dtype=np.int64), (n,))
-              for x in r)
-    return np.clip(lo, 0, n), np.clip(hi, 0, n)
+        lo, hi = check_key_range_result(f.node, r, q)
+    return np.clip(lo.cpu().numpy(), 0, n), np.clip(hi.cpu().numpy(), 0, n)
+
+
+KEY_RANGE_EXACT_PAIRS = 1 << 24   # grids up to 4096 tokens: every pair outside key_range checked
+KEY_RANGE_SAMPLE = 1 << 16        # beyond: the keys next to each range + this many random pairs
+_KEY_RANGE_CHECKED = LRU(1024)    # (fn, key_range, head, n) already checked
+
+
+def check_key_range(f: FnFlat) -> None:
+    """Hold ``key_range`` to its promise on the pairs the tile classes skip (ARCHITECTURE.md,
+    "Semantics", mask_fn): tile pairs outside every query's range are EMPTY and ``fn`` is never
+    called on them, so a range narrower than ``fn``'s keys would drop keys without a word.
+    Up to ``KEY_RANGE_EXACT_PAIRS`` token pairs (n * n) ``fn`` is evaluated on every pair, in
+    row chunks; beyond, on the key just below and just above every query's range (where an
+    off-by-one lives) and on ``KEY_RANGE_SAMPLE`` pairs drawn with a fixed seed. A pair that
+    ``fn`` allows outside the range raises MaskDSLError naming it (``_CheckedFn``). Checked once
+    per function, range function, head and grid size."""
+    from .recipe import function_key
+
+    key = (function_key(f.fn), function_key(f.key_range), f.head, f.n)
+    if _KEY_RANGE_CHECKED.get(key) is not None:
+        return
+    n = f.n
+    check = _CheckedFn(f)
+    lo, hi = (torch.from_numpy(np.ascontiguousarray(x)) for x in fn_key_range(f))
+    check._range = (lo, hi)
+    h = 0 if f.head is None else f.head
+    zero = torch.zeros((), dtype=torch.int64)
+    head = torch.full((), h, dtype=torch.int64)
+    if n * n <= KEY_RANGE_EXACT_PAIRS:
+        k = torch.arange(n, dtype=torch.int64)[None, :]
+        rows = max(1, PAIR_CHUNK // max(1, n))
+        for a in range(0, n, rows):
+            q = torch.arange(a, min(n, a + rows), dtype=torch.int64)[:, None]
+            check(zero + q * 0, head + q * 0, q, k)
+    else:
+        g = torch.Generator().manual_seed(0)
+        qs = torch.arange(n, dtype=torch.int64)
+        rq = torch.randint(0, n, (KEY_RANGE_SAMPLE,), generator=g, dtype=torch.int64)
+        rk = torch.randint(0, n, (KEY_RANGE_SAMPLE,), generator=g, dtype=torch.int64)
+        below, above = lo > 0, hi < n
+        q = torch.cat([qs[below], qs[above], rq])
+        k = torch.cat([lo[below] - 1, hi[above], rk])
+        out = (k < lo[q]) | (k >= hi[q])                 # only the skipped pairs
+        q, k = q[out], k[out]
+        for a in range(0, q.numel(), PAIR_CHUNK):
+            qq, kk = q[a:a + PAIR_CHUNK], k[a:a + PAIR_CHUNK]
+            check(zero + qq * 0, head + qq * 0, qq, kk)
+    _KEY_RANGE_CHECKED.put(key, True)
 
 
 class _CheckedFn:

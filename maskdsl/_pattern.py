@@ -370,7 +370,10 @@ class MaskFn(Pattern):
     ``key_range``: optional ``key_range(q_idx) -> (lo, hi)``, per query a superset half-open
     interval ``[lo, hi)`` of the flat keys ``fn`` may allow; the tile classifier then evaluates
     ``fn`` only on tile pairs that meet it. Without it every tile pair is evaluated (O(N^2) work,
-    bounded memory, refused beyond ``codegen.blockmask.MASK_FN_MAX_PAIRS`` token pairs).
+    bounded memory, refused beyond ``codegen.blockmask.MASK_FN_MAX_PAIRS`` token pairs). A
+    range with lo > hi is an error; one narrower than ``fn``'s keys is found on the skipped pairs
+    exactly up to 4096 tokens, by the keys next to each range and a seeded sample beyond
+    (``codegen.blockmask.check_key_range``; ARCHITECTURE.md, "Semantics").
 
     Equality and cache keys are by the function object (``fn`` and ``key_range`` identity, and
     ``name``): two different functions never share a compiled structure. ``fn`` must be pure:
@@ -412,15 +415,17 @@ class MaskFn(Pattern):
 
         idx = probe_indices(shape)
         P = len(idx)
+        # one query fewer than keys: a mask returned transposed ([kv, q]) cannot pass
+        qi = idx[: max(1, P - 1)]
         zero = torch.zeros((), dtype=torch.int64)
-        where = (f"when called with b=0, h=0 and int64 tensors q_idx [{P}, 1], kv_idx [1, {P}] "
-                 f"(fn must be broadcast-safe)")
-        out = call_user(self, "fn", self.fn, (zero, zero, idx[:, None], idx[None, :]), where)
-        check_mask_result(self, out, (P, P), where)
+        where = (f"when called with b=0, h=0 and int64 tensors q_idx [{len(qi)}, 1], kv_idx "
+                 f"[1, {P}] (fn must be broadcast-safe)")
+        out = call_user(self, "fn", self.fn, (zero, zero, qi[:, None], idx[None, :]), where)
+        check_mask_result(self, out, (len(qi), P), where)
         if self.key_range is not None:
             r = call_user(self, "key_range", self.key_range, (idx,),
                           f"when called with an int64 tensor q_idx [{P}]")
-            check_key_range_result(self, r, P)
+            check_key_range_result(self, r, idx)
 
 
 def check_mask_result(node, out, shape: tuple, where: str) -> None:
@@ -437,9 +442,13 @@ def check_mask_result(node, out, shape: tuple, where: str) -> None:
             f"broadcastable to {list(shape)} (the broadcast of q_idx and kv_idx)")
 
 
-def check_key_range_result(node, r, P: int) -> None:
+def check_key_range_result(node, r, q) -> tuple:
+    """``key_range(q)``'s result for the int64 query indices ``q`` [P]: (lo, hi), ints or
+    integer tensors broadcastable to q, with lo <= hi for every query (lo == hi: no key).
+    Returns them as int64 tensors [P] on q's device; MaskDSLError naming key_range otherwise."""
     import torch
 
+    P = q.numel()
     ok = isinstance(r, (tuple, list)) and len(r) == 2
     for x in (r if ok else ()):
         if isinstance(x, torch.Tensor):
@@ -451,6 +460,15 @@ def check_key_range_result(node, r, P: int) -> None:
         raise MaskDSLError(
             f"{node!r}: key_range returned {_clip_repr(r, 60)} for an int64 tensor q_idx [{P}]; "
             f"expected (lo, hi): ints or integer tensors broadcastable to q_idx")
+    lo, hi = (torch.as_tensor(x).to(device=q.device, dtype=torch.int64).expand(P) for x in r)
+    bad = lo > hi
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise MaskDSLError(
+            f"{node!r}: key_range gives lo={int(lo[i])} > hi={int(hi[i])} for query "
+            f"{int(q[i])}; expected lo <= hi: a half-open interval [lo, hi) of flat keys "
+            f"(lo == hi for a query that sees no key)")
+    return lo, hi
 
 
 # ----------------------------------------------------------------------------- algebra

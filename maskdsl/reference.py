@@ -23,9 +23,9 @@ import torch
 from ._errors import MaskDSLError
 from ._inputs import check_count, check_device, check_qkv, check_scale
 from ._memory import check_allocation, guard, guarded
-from ._node import check_heads, check_shape
+from ._node import call_user, check_heads, check_shape
 from ._pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn, Neighborhood,
-                       Not, Or, Pattern, Power, Radial, Sink, Window)
+                       Not, Or, Pattern, Power, Radial, Sink, Window, check_key_range_result)
 from ._score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, ScoreFn, SinkLogit, Softcap,
                      check_tensor_params, geometric_slopes, score_terms)
 from ._values import _is_tensor
@@ -173,7 +173,8 @@ def _mask_fn(p, h, g):
     g.bound(p, h)                                   # binds and probes fn on a few tokens
     zero = torch.zeros((), dtype=torch.int64, device=g.device)
     head = torch.full((), h, dtype=torch.int64, device=g.device)
-    out = p.fn(zero, head, g.flat_q, g.flat_k)
+    out = call_user(p, "fn", p.fn, (zero, head, g.flat_q, g.flat_k),
+                    f"on the flat index grids (head {h})")
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
         got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
         raise MaskDSLError(f"{p!r}: fn returned {got} on the flat index grids (head {h}); "
@@ -185,9 +186,9 @@ def _mask_fn(p, h, g):
                            f"(head {h}); expected a bool tensor broadcastable to "
                            f"[{g.nq}, {g.n}]") from None
     if p.key_range is not None:
-        lo, hi = p.key_range(g.flat_q[:, 0])
-        lo = torch.as_tensor(lo, device=g.device).expand(g.nq)[:, None]
-        hi = torch.as_tensor(hi, device=g.device).expand(g.nq)[:, None]
+        r = call_user(p, "key_range", p.key_range, (g.flat_q[:, 0],),
+                      f"with the int64 tensor of flat query indices [{g.nq}]")
+        lo, hi = (x[:, None] for x in check_key_range_result(p, r, g.flat_q[:, 0]))
         outside = allowed & ((g.flat_k < lo) | (g.flat_k >= hi))
         if bool(outside.any()):
             i, j = (int(x) for x in torch.nonzero(outside)[0])

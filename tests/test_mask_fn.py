@@ -350,7 +350,9 @@ def test_bad_fields_name_themselves():
     (lambda b, h, q, kv: (q >= kv).long(), r"fn returned a torch.int64 tensor .*expected a bool"),
     (lambda b, h, q, kv: True, r"fn returned bool True .*expected a bool tensor"),
     (lambda b, h, q, kv: torch.ones(3, 4, 5, dtype=torch.bool), r"fn returned shape \[3, 4, 5\]"),
-    (lambda b, h, q, kv: (q >= kv).reshape(-1), r"fn returned shape \[25\]"),
+    (lambda b, h, q, kv: (q >= kv).reshape(-1), r"fn returned shape \[20\]"),
+    # a mask returned transposed ([kv, q]): the first call has one query fewer than keys
+    (lambda b, h, q, kv: (q >= kv).mT, r"fn returned shape \[5, 4\] .*broadcastable to \[4, 5\]"),
     (lambda b, h, q, kv: q.item() >= 0, r"fn raised RuntimeError: .*broadcast-safe"),
 ])
 def test_bad_results_are_refused_when_first_evaluated(fn, match):
@@ -376,6 +378,74 @@ def test_bad_key_ranges_are_refused():
         md.reference.mask(narrow, (64,))
     with pytest.raises(md.MaskDSLError, match=r"key_range is not a superset of fn's keys"):
         Program(narrow, None, (64,), 1, block=16)
+
+
+def _sink_after_512(b, h, q, k):          # a local band, plus the first 128 keys from query 512 on
+    return ((k <= q) & (k >= q - 3)) | ((q >= 512) & (k < 128))
+
+
+@pytest.mark.parametrize("backend", ["tiles", "auto", "flex", "dense"])
+def test_a_too_narrow_key_range_is_an_error_on_every_backend(backend):
+    """Issue 21, finding 1: tile pairs outside every query tile's hull were marked EMPTY and
+    never evaluated, so a range that leaves out the far keys dropped them without a word (error
+    1.5 against the reference). The skipped pairs are now checked (exactly at 1024 tokens)."""
+    p = md.mask_fn(_sink_after_512, name="fn",
+                   key_range=lambda q: (torch.clamp(q - 3, min=0), q + 1))
+    q = k = v = torch.randn(1, 1, 1024, 8)
+    with pytest.raises(md.MaskDSLError, match=r"mask_fn\(name='fn', key_range=<lambda>\): "
+                       r"key_range is not a superset of fn's keys: fn allows query 512 -> key 0 "
+                       r"(\(head 0\) )?but key_range gives \[509, 513\); widen key_range"):
+        md.compile(p, (1024,), 1, backend=backend)(q, k, v)
+
+
+@pytest.mark.parametrize("backend", ["tiles", "dense"])
+def test_key_range_with_lo_above_hi_is_an_error(backend):
+    """Issue 21, finding 1: lo > hi gave all-zero outputs and no error."""
+    p = md.mask_fn(causal_mask, name="inverted", key_range=lambda q: (q + 1, q * 0))
+    q = k = v = torch.randn(1, 1, 64, 8)
+    with pytest.raises(md.MaskDSLError, match=r"mask_fn\(name='inverted', key_range=<lambda>\): "
+                       r"key_range gives lo=1 > hi=0 for query 0; expected lo <= hi"):
+        md.compile(p, (64,), 1, backend=backend)(q, k, v)
+
+
+def test_beyond_exact_checking_the_keys_next_to_each_range_are_checked(monkeypatch):
+    """Past KEY_RANGE_EXACT_PAIRS the check evaluates fn on the key just outside each query's
+    range (where an off-by-one lives) and a seeded sample: a range one key short at one query
+    only is found; a range that is right passes, and fn is evaluated on O(n) pairs, not n^2."""
+    from maskdsl.codegen import blockmask
+
+    monkeypatch.setattr(blockmask, "KEY_RANGE_EXACT_PAIRS", 64 * 64)
+    n = 256                                        # 65,536 pairs > the lowered exact budget
+
+    def band(b, h, q, k):
+        return (k <= q) & (k >= q - 3)
+    calls = []
+
+    def counted(b, h, q, k):
+        calls.append(int(torch.broadcast_shapes(q.shape, k.shape).numel()))
+        return band(b, h, q, k)
+    ok = md.mask_fn(counted, name="ok", key_range=lambda q: (torch.clamp(q - 3, min=0), q + 1))
+    leaf = blockmask_leaf(ok, n)              # builds the Program: probe, check, refinement
+    calls.clear()
+    blockmask._KEY_RANGE_CHECKED.clear()
+    blockmask.check_key_range(leaf)
+    assert 0 < sum(calls) <= 2 * n + blockmask.KEY_RANGE_SAMPLE
+    calls.clear()
+    blockmask.check_key_range(leaf)           # once per function, range, head and grid size
+    assert calls == []
+    short_at_100 = md.mask_fn(band, name="short", key_range=lambda q: (
+        torch.clamp(q - 3, min=0) + (q == 100).long(), q + 1))
+    with pytest.raises(md.MaskDSLError, match=r"fn allows query 100 -> key 97 but key_range "
+                                              r"gives \[98, 101\)"):
+        md.compile(short_at_100, (n,), 1, backend="tiles")(*torch.randn(3, 1, 1, n, 8))
+
+
+def blockmask_leaf(p, n):
+    """The FnFlat IR leaf of a mask_fn pattern on an n-token grid (head 0)."""
+    from maskdsl.codegen.blockmask import _fn_leaves
+
+    prog = Program(p, None, (n,), 1, block=16)
+    return _fn_leaves(prog.recipe.irs[0][0])[0]
 
 
 def test_quadratic_classification_is_refused_without_key_range():
