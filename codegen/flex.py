@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from .._caching import LRU, outside_inference_mode
+from .._errors import MaskDSLError
 from .._memory import check_allocation, guard
-from .._score import Dropout, SinkLogit, score_terms
+from .._score import Dropout, ScoreFn, SinkLogit, score_terms
 from .program import Program
 from .tileclasses import FULL, PARTIAL, TileClasses
 
@@ -149,7 +150,21 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True,
     kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if return_lse:
         kw.update(_lse_request())
-    out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **kw)
+    users = _user_functions(program)
+    try:
+        out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, **kw)
+    except MaskDSLError:
+        raise
+    except Exception as e:
+        if not users:
+            raise
+        # the user's functions run inside torch.compile's trace: what fails there is theirs
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise MaskDSLError(
+            f"backend='flex': {', '.join(map(repr, users))} could not run under torch.compile "
+            f"(flex traces mask_mod/score_mod): {type(e).__name__}: {first}; make the "
+            f"function traceable (no Python control flow on tensor values, no in-place "
+            f"writes) or pick backend='tiles'") from None
     lse = None
     if return_lse:
         out, aux = out
@@ -158,6 +173,15 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True,
         out = out.index_select(2, scatter)
         lse = lse.index_select(2, scatter) if lse is not None else None
     return (out, lse) if return_lse else out
+
+
+def _user_functions(program) -> list:
+    """The user-written ``mask_fn`` / ``score_fn`` nodes a program calls."""
+    from .._node import walk
+    from .._pattern import MaskFn
+
+    return ([n for n in walk(program.pattern) if isinstance(n, MaskFn)]
+            + [t for t in score_terms(program.score) if isinstance(t, ScoreFn)])
 
 
 def _lse_request() -> dict:
@@ -195,6 +219,13 @@ def call_refusal(spec, q, k, v, return_lse: bool = False) -> Optional[str]:
     if q.dtype not in FLEX_DTYPES:
         names = "/".join(str(d).replace("torch.", "") for d in FLEX_DTYPES)
         return f"flex does not support {q.dtype}; pass {names} inputs or pick backend='tiles'"
+    if q.device.type == "cpu":
+        for term in score_terms(spec.score):
+            if isinstance(term, ScoreFn) and term.ignores_score(spec.shape):
+                return (f"{term!r} does not use the score it is given, and torch's "
+                        f"compiled CPU flex_attention gets some such score_mods wrong (a "
+                        f"constant, one of the head only: a torch bug, eager flex is right); "
+                        f"pick backend='tiles'")
     if return_lse and q.device.type == "cpu":
         return ("flex cannot return the log-sum-exp on CPU (torch's compiled CPU flex kernel "
                 "has no lse output); pick backend='tiles'")

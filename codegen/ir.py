@@ -100,6 +100,7 @@ class Tables:
         # name -> (term index, field, flatten): where a score tensor is read from at call time
         self.slots: Dict[str, tuple] = {}
         self.fns: Dict[str, object] = {}      # name -> a user's Python function (mask_fn)
+        self.fn_nodes: Dict[str, object] = {}  # name -> its DSL node (messages)
 
     def lookup(self, name: str, values: list):
         if self.head is not None:
@@ -125,11 +126,13 @@ class Tables:
             self.slots[name] = slot
         return sp.IndexedBase(name)
 
-    def function(self, name: str, fn) -> sp.Symbol:
-        """A captured Python function (a user's ``mask_fn``), passed to the generated code like
-        a table; the symbol names it in :class:`CallMask`."""
+    def function(self, name: str, fn, node=None) -> sp.Symbol:
+        """A captured Python function (a user's ``mask_fn`` or ``score_fn``), passed to the
+        generated code like a table; the symbol names it in :class:`CallMask`. ``node``: the DSL
+        node it came from (for messages: ``fn_nodes``)."""
         name = self._fresh(name)
         self.fns[name] = fn
+        self.fn_nodes[name] = node
         return sp.Symbol(name)
 
     def _fresh(self, name: str) -> str:
@@ -542,7 +545,7 @@ def _radial(p, ctx):
 def _mask_fn(p, ctx):
     ctx.bound(p)                                   # binds and probes fn (MaskFn.probe)
     tag = ctx.tag(p)
-    name = ctx.tables.function(f"{tag}_fn", p.fn)
+    name = ctx.tables.function(f"{tag}_fn", p.fn, p)
     head = H if ctx.head is None else sp.Integer(ctx.head)
     return FnFlat(CallMask(name, head, QF, KF), label=tag, node=p, fn=p.fn,
                   key_range=p.key_range, head=ctx.head, n=math.prod(ctx.shape))
@@ -802,7 +805,7 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
         if isinstance(term, Softcap):
             cap = ctx.value("cap")
         elif isinstance(term, ScoreFn):      # after every additive term, in the order written
-            fns.append(t.function(f"{ctx.tag}_fn", term.fn))
+            fns.append(t.function(f"{ctx.tag}_fn", term.fn, term))
         else:
             expr = lower_term(term, ctx, expr)
     for name in fns:

@@ -227,10 +227,13 @@ class TorchPrinter(StrPrinter):
         return f"{name}({zero}, {hs}, {qs}, {ks})"
 
     def _print_CallScore(self, e):
-        # a user's score_fn on flat indices, b zero (scores never vary per batch)
+        # a user's score_fn on flat indices, b zero (scores never vary per batch); its result
+        # in the dtype the score is computed in (``score``, the mod's argument), as the
+        # reference casts it: a float64 capture or a half result is never a dtype error
         name, score, h, q, k = e.args
         qs, ks = self._print(q), self._print(k)
-        return f"{name}({self._print(score)}, ({qs} * 0), {self._print(h)}, {qs}, {ks})"
+        return (f"{name}({self._print(score)}, ({qs} * 0), {self._print(h)}, {qs}, {ks})"
+                f".to(score.dtype)")
 
     def _print_IsPow2(self, e):
         x = self._wrap(e.args[0])

@@ -23,6 +23,7 @@ import sympy as sp
 import torch
 
 from .._caching import LRU, outside_inference_mode
+from .._errors import MaskDSLError
 from .._score import Dropout, SinkLogit, score_terms
 from .ir import K, KF, Q, QF, Tables, lower_score, predicate
 from .printer_torch import emit_function, exec_source, identifier
@@ -123,9 +124,34 @@ def _static_tables(tables: Tables, key, device, flex: bool) -> dict:
         for name, t in tables.tensors.items():
             if name not in tables.slots:
                 out[name] = t.to(device)
-        out.update(tables.fns)        # users' mask functions are passed as they are
+        # users' functions: as they are for flex (torch.compile traces them); elsewhere an
+        # exception from the user's code becomes one MaskDSLError naming the function
+        out.update(tables.fns if flex else
+                   {name: _UserCall(fn, tables.fn_nodes.get(name)) for name, fn in tables.fns.items()})
         out = _STATIC.put((key, device, flex), out)
     return out
+
+
+class _UserCall:
+    """A user's ``mask_fn``/``score_fn`` as the generated code of the PyTorch backends calls it
+    at run time: what it raises becomes a MaskDSLError naming it (ARCHITECTURE.md, "Bad
+    input"); the compile-time probe has already checked what it returns."""
+
+    __slots__ = ("fn", "node")
+
+    def __init__(self, fn, node):
+        self.fn, self.node = fn, node
+
+    def __call__(self, *args):
+        try:
+            return self.fn(*args)
+        except MaskDSLError:
+            raise
+        except Exception as e:   # the user's code: any error becomes one line naming it
+            shapes = ", ".join(str(list(a.shape)) if isinstance(a, torch.Tensor) else repr(a)
+                               for a in args)
+            raise MaskDSLError(f"{self.node!r}: fn raised {type(e).__name__}: {e} when called "
+                               f"with ({shapes}) at run time") from None
 
 
 def _call_tensors(tables: Tables, score, device, flex: bool) -> Dict[str, torch.Tensor]:

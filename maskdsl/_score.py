@@ -6,6 +6,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
+from ._caching import LRU
 from ._errors import MaskDSLError
 from ._node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
 from ._values import Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape, fmt_value
@@ -247,9 +248,7 @@ class ScoreFn(Score):
         self.probe(tuple(shape))
         return out
 
-    def probe(self, shape: tuple) -> None:
-        """Call ``fn`` once on a few tokens and check what it returns (a MaskDSLError naming the
-        term at compile time, not a failure deep in a backend)."""
+    def _call(self, score, shape: tuple):
         import torch
 
         idx = probe_indices(shape)
@@ -257,14 +256,52 @@ class ScoreFn(Score):
         zero = torch.zeros((), dtype=torch.int64)
         where = (f"when called with score float32 [{P}, {P}], b=0, h=0 and int64 tensors q_idx "
                  f"[{P}, 1], kv_idx [1, {P}] (fn must be broadcast-safe)")
-        out = call_user(self, "fn", self.fn, (torch.zeros(P, P), zero, zero, idx[:, None],
-                                              idx[None, :]), where)
+        return call_user(self, "fn", self.fn, (score, zero, zero, idx[:, None], idx[None, :]),
+                         where), where
+
+    def probe(self, shape: tuple) -> None:
+        """Call ``fn`` once on a few tokens and check what it returns (a MaskDSLError naming the
+        term at compile time, not a failure deep in a backend): a floating tensor (every
+        backend casts it to the dtype the score is computed in, as the reference does),
+        broadcastable to the score, with the score argument left as it was (flex refuses a
+        score_mod that writes its input)."""
+        import torch
+
+        P = len(probe_indices(shape))
+        score = torch.randn(P, P, generator=torch.Generator().manual_seed(0))
+        before = score.clone()
+        out, where = self._call(score, shape)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
             raise MaskDSLError(f"{self!r}: fn returned {got} {where}; expected a floating tensor")
         if not broadcasts_to(out, (P, P)):
             raise MaskDSLError(f"{self!r}: fn returned shape {list(out.shape)} {where}; expected "
                                f"a tensor broadcastable to the score's shape {[P, P]}")
+        if not torch.equal(score, before):
+            raise MaskDSLError(f"{self!r}: fn changed its score argument in place {where}; "
+                               f"expected a new tensor (e.g. score * 0.5, not score.mul_(0.5))")
+
+    def ignores_score(self, shape: tuple) -> bool:
+        """Whether ``fn``'s result is the same for two different scores (it replaces the score
+        rather than modifying it: a constant, a bias of the indices, the head)."""
+        import torch
+
+        from .codegen.recipe import function_key
+
+        key = (function_key(self.fn), tuple(shape))
+        found = _IGNORES.get(key)
+        if found is not None:
+            return found
+        P = len(probe_indices(shape))
+        a = torch.randn(P, P, generator=torch.Generator().manual_seed(1))
+        out_a, _ = self._call(a, shape)
+        out_b, _ = self._call(a * 2 + 1, shape)
+        same = bool(torch.equal(torch.broadcast_to(out_a, (P, P)), torch.broadcast_to(out_b, (P, P))))
+        _IGNORES.put(key, same)
+        return same
+
+
+_IGNORES = LRU(1024)          # (score_fn's function, shape) -> ignores_score(shape)
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -575,8 +575,18 @@ def _score_fns(score, logits, flat):
             qf, kf = flat
             zero = torch.zeros((), dtype=torch.int64, device=logits.device)
             h = torch.arange(H, device=logits.device).reshape(1, H, 1, 1)
-            logits = term.fn(logits, zero, h, qf.to(logits.device)[None, None],
-                             kf.to(logits.device)[None, None]).to(logits.dtype).expand(logits.shape)
+            args = (logits, zero, h, qf.to(logits.device)[None, None],
+                    kf.to(logits.device)[None, None])
+            try:                     # with autograd: fn may hold learnable tensors
+                out = term.fn(*args)
+            except MaskDSLError:
+                raise
+            except Exception as e:   # the user's code: any error becomes one line naming it
+                raise MaskDSLError(
+                    f"{term!r}: fn raised {type(e).__name__}: {e} when called with score "
+                    f"{list(logits.shape)}, q_idx {list(args[3].shape)}, kv_idx "
+                    f"{list(args[4].shape)} (the reference)") from None
+            logits = out.to(logits.dtype).expand(logits.shape)
     return logits
 
 
