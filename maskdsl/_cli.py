@@ -392,14 +392,32 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:
         # the reader went away (``maskdsl show ... | head``): stop quietly, like cat does
-        import os
-
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _drop_stdout()
         return 141
+    except OSError as e:
+        # the machine, not the spec: stdout cannot be written (``> /dev/full``, a full disk) or
+        # a file cannot be used; one line, no traceback
+        if e.filename is None:
+            _drop_stdout()
+            print(f"maskdsl: error: cannot write the output: {e.strerror or e}", file=sys.stderr)
+        else:
+            print(f"maskdsl: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("maskdsl: interrupted", file=sys.stderr)
         return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of what could not be
+    written raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):     # no file descriptor (stdout replaced, e.g. in tests)
+        pass
 
 
 if __name__ == "__main__":

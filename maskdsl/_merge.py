@@ -57,8 +57,23 @@ def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Ten
         if not lse.is_floating_point() or not out.is_floating_point():
             raise MaskDSLError(f"merge: parts[{i}]: expected floating tensors, got {out.dtype} "
                                f"and {lse.dtype}")
-    lse_dt = torch.promote_types(torch.float32, parts[0][1].dtype)
+        if out.dtype != parts[0][0].dtype:
+            raise MaskDSLError(f"merge: parts[{i}]: out is {out.dtype}, parts[0]'s out "
+                               f"{parts[0][0].dtype}; expected every part's out in one dtype")
+    meta = parts[0][0].device.type == "meta"             # shapes only: no value can be read
+    lse_dt = torch.float32
+    for _, lse in parts:                                 # every part's lse dtype counts
+        lse_dt = torch.promote_types(lse_dt, lse.dtype)
     lses = [lse.to(lse_dt) for _, lse in parts]                          # each [B, H, N]
+    if not meta:
+        # an lse is finite, -inf (no key) or NaN (a poisoned row); +inf is no attention's
+        inf = torch.stack([torch.isposinf(x).any() for x in lses])
+        if bool(inf.any()):
+            i = int(torch.nonzero(inf)[0])
+            raise MaskDSLError(
+                f"merge: parts[{i}]: lse holds +inf; expected finite values, -inf for a row "
+                f"with no key or NaN for a poisoned row (the natural log of a softmax "
+                f"denominator, as attn(..., return_lse=True) returns it)")
     # log-sum-exp over the parts, written out so that rows with no key anywhere (every l_i =
     # -inf) give -inf with zero gradients (torch.logsumexp's backward is NaN there), and a NaN
     # part (a poisoned row) stays NaN. Part by part (no stacked copy of the outputs: a merge
@@ -78,10 +93,13 @@ def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Ten
     for x in lses[1:]:
         nan = nan | torch.isnan(x)
     out = None
-    for (o, _), w in zip(parts, e):
+    for (o, lse), w in zip(parts, e):
+        # a part with no key weighs nothing, whatever its output holds (0 * NaN is NaN)
+        o = torch.where(torch.isneginf(lse)[..., None], torch.zeros((), dtype=o.dtype,
+                                                                     device=o.device), o)
         w = (w / safe)[..., None].to(o.dtype)                           # exp(l_i - l)
         out = o * w if out is None else torch.addcmul(out, o, w)
-    if bool(nan.any()):
+    if meta or bool(nan.any()):
         total = torch.where(nan, torch.full_like(total, float("nan")), total)
         out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
     return out, total

@@ -41,11 +41,13 @@ def _matplotlib():
 
 
 def _checked_path(path: str) -> str:
-    """The file that will be written: ``.png`` appended when there is no extension; an
+    """The file that will be written, exactly as named: a name without an extension (the
+    format would be a guess, and the file written another than the one asked for), an
     unsupported extension or a missing folder is refused before anything is drawn."""
     ext = os.path.splitext(path)[1]
     if not ext:
-        path, ext = path + ".png", ".png"
+        raise MaskDSLError(f"--png={path!r}: no file extension; expected a name ending in one "
+                           f"of {', '.join(FORMATS)} (e.g. {path + '.png'!r})")
     if ext.lower() not in FORMATS:
         raise MaskDSLError(f"--png={path!r}: unsupported extension {ext!r}; expected one of "
                            f"{', '.join(FORMATS)}")

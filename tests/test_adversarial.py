@@ -7,12 +7,12 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 import maskdsl as md
+from limited import run_limited
 from oracle import assert_matches_reference, inputs, triton_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,15 +294,9 @@ def test_pickle_and_deepcopy_after_a_call():
 # ----------------------------------------------------------------------------- resource bombs
 
 def _run_limited(code: str, limit_gb: float = 3.0, timeout: float = 120):
-    """Run ``code`` in a fresh interpreter under RLIMIT_AS; returns (rc, stdout, stderr)."""
-    prelude = textwrap.dedent(f"""
-        import resource, sys
-        resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)}, {int(limit_gb * 2**30)}))
-        import maskdsl as md
-    """)
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tests"))
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    """Run ``code`` in a fresh interpreter with ``limit_gb`` of address space left after the
+    imports (tests/limited.py); returns the CompletedProcess."""
+    return run_limited(code, limit_gb, timeout)
 
 
 BOMBS = [
@@ -362,3 +356,148 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("maskdsl: error: "), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- issue 21:
+# the surfaces added since the first probe. Findings whose tests need their module's machinery
+# live beside it, each test named after what it pins:
+#   1 key_range too narrow / inverted    here and tests/test_mask_fn.py
+#   2 Ulysses with geometric ALiBi        tests/test_distributed.py (case "alibi-geometric")
+#   3, 9 the KV cache (extra keys, sub-ranges, ids changed in place, score tensors, memory,
+#        the ring shrinking) and the cache-equals-attn property: tests/test_kvcache.py
+#   4, 6 unshard's layout, ranks that disagree: tests/test_distributed.py, tests/cp_worker.py
+#   5 score_fn on CPU flex, dtype, in-place: here
+#   7 sizes changing under torch.compile(fullgraph=True): tests/test_torch_compile.py
+#   8 many distinct heads, unions of thousands of patterns: tests/test_many_heads.py
+#   10 merge, user functions that raise, the CLI's stdout and --png: here, tests/test_cli.py,
+#      tests/test_pictures.py
+#   11 tolerances: tests/oracle.py (the truth differentiates float64 copies of parameters)
+
+def _sink_after_512(b, h, q, k):
+    return ((k <= q) & (k >= q - 3)) | ((q >= 512) & (k < 128))
+
+
+@pytest.mark.parametrize("backend", ["tiles", "auto", "dense"])
+def test_mask_fn_key_range_too_narrow_or_inverted_is_refused(backend):
+    q = k = v = torch.randn(1, 1, 1024, 8)
+    narrow = md.mask_fn(_sink_after_512, name="fn",
+                        key_range=lambda q: (torch.clamp(q - 3, min=0), q + 1))
+    with pytest.raises(md.MaskDSLError, match=r"key_range is not a superset of fn's keys: fn "
+                                              r"allows query 512 -> key 0"):
+        md.compile(narrow, (1024,), 1, backend=backend)(q, k, v)
+    inverted = md.mask_fn(_sink_after_512, name="fn", key_range=lambda q: (q + 1, q * 0))
+    with pytest.raises(md.MaskDSLError, match=r"key_range gives lo=1 > hi=0 for query 0"):
+        md.compile(inverted, (1024,), 1, backend=backend)(q, k, v)
+
+
+SCORE_FNS = [   # fn, and what happens: "refused" at compile time, "flex-cpu" (flex on CPU
+    # refuses it, every other backend computes it), "exact" (every backend computes it)
+    (lambda s, b, h, q, k: s.mul_(0.5), "refused"),             # writes its argument
+    (lambda s, b, h, q, k: torch.zeros_like(s), "flex-cpu"),    # ignores the score
+    (lambda s, b, h, q, k: s * 0 + 1.5, "flex-cpu"),            # a constant
+    (lambda s, b, h, q, k: h * 0.3 + 0.0 * q, "flex-cpu"),      # the head only
+    (lambda s, b, h, q, k: s.double() * 0.5, "exact"),          # another dtype: cast back
+    (lambda s, b, h, q, k: s.half() * 0.5, 5e-3),               # rounded by fn itself: held
+    (lambda s, b, h, q, k: (s * 0.5).to(torch.bfloat16), 5e-2), # to ~10 roundings of its dtype
+]
+
+
+@pytest.mark.parametrize("fn,what", SCORE_FNS)
+def test_score_fn_flex_cpu_bug_and_dtype_are_guarded(fn, what):
+    """Issue 21, finding 5: compiled CPU flex got score_mods that ignore the score or change its
+    dtype wrong (errors 1.6-3.7, a torch bug), and tiles crashed with a raw dtype error. Every
+    backend now casts fn's result to the score's dtype (as the reference does); a function that
+    ignores the score is refused by flex on CPU (auto runs tiles); an in-place write to the
+    score is refused at compile time for every backend."""
+    s = md.score_fn(fn, name="f")
+    if what == "refused":
+        for backend in ("tiles", "flex", "dense"):
+            with pytest.raises(md.MaskDSLError, match=r"score_fn\(name='f'\): fn changed its "
+                                                      r"score argument in place"):
+                md.compile(md.causal(), (64,), 2, score=s, backend=backend)
+        return
+    q, k, v = inputs(1, 2, 64, 8, grad=what == "exact")
+    flex = md.compile(md.causal(), (64,), 2, score=s, backend="flex")
+    with torch.no_grad():
+        if what == "flex-cpu":
+            with pytest.raises(md.MaskDSLError, match=r"backend='flex': score_fn\(name='f'\) does "
+                               r"not use the score it is given, and torch's compiled CPU "
+                               r"flex_attention gets some"):
+                flex(q, k, v)
+        elif what == "exact":
+            assert_matches_reference(flex, q, k, v, grads=False)
+        else:
+            want = md.reference.attention(q, k, v, md.causal(), (64,), score=s)
+            torch.testing.assert_close(flex(q, k, v), want, atol=what, rtol=what)
+    for backend in ("tiles", "dense"):
+        attn = md.compile(md.causal(), (64,), 2, score=s, backend=backend)
+        if isinstance(what, float):
+            want = md.reference.attention(q, k, v, md.causal(), (64,), score=s)
+            torch.testing.assert_close(attn(q, k, v), want, atol=what, rtol=what)
+        else:       # a score that ignores the score leaves q without a gradient
+            assert_matches_reference(attn, q, k, v, grads=what == "exact")
+
+
+def _raises_on_big(kind):
+    def mask(b, h, q, k):
+        if q.numel() > 64:
+            raise ValueError("boom")
+        return k <= q
+
+    def score(s, b, h, q, k):
+        if s.numel() > 64:
+            raise ValueError("boom")
+        return s * 0.5
+    return mask if kind == "mask" else score
+
+
+@pytest.mark.parametrize("backend", ["dense", "tiles"])
+@pytest.mark.parametrize("kind", ["mask", "score"])
+def test_user_functions_that_raise_later_become_maskdsl_error(backend, kind):
+    """Issue 21, finding 10: a mask_fn/score_fn that passes the compile-time probe but raises on
+    a later call raised the user's exception raw (dense, the reference, tiles)."""
+    fn = _raises_on_big(kind)
+    p = md.mask_fn(fn, name="m") if kind == "mask" else md.causal()
+    s = md.score_fn(fn, name="s") if kind == "score" else None
+    what = r"mask_fn\(name='m'\)" if kind == "mask" else r"score_fn\(name='s'\)"
+    q = k = v = torch.randn(1, 1, 256, 8)
+    with pytest.raises(md.MaskDSLError, match=what + r": fn raised ValueError: boom"):
+        md.compile(p, (256,), 1, score=s, backend=backend)(q, k, v)
+    with pytest.raises(md.MaskDSLError, match=what + r": fn raised ValueError: boom"):
+        md.reference.attention(q, k, v, p, (256,), score=s)
+
+
+def test_flex_wraps_what_torch_compile_cannot_trace_in_a_user_function():
+    def data_dependent(s, b, h, q, k):
+        if bool((q > 1000).any()):
+            raise ValueError("never")
+        return s * 0.5
+    attn = md.compile(md.causal(), (256,), 1, score=md.score_fn(data_dependent, name="dd"),
+                      backend="flex")
+    q = k = v = torch.randn(1, 1, 256, 8)
+    with torch.no_grad(), pytest.raises(md.MaskDSLError, match=r"backend='flex': score_fn\(name="
+                                        r"'dd'\) could not run under torch.compile"):
+        attn(q, k, v)
+
+
+def test_merge_empty_parts_weigh_nothing_even_when_their_output_is_nan():
+    """Issue 21, finding 10: a part with lse = -inf and a NaN output poisoned the row; +inf gave
+    NaN; only the first part's lse dtype counted; meta tensors raised a raw error."""
+    g = torch.Generator().manual_seed(0)
+    o1, l1 = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, generator=g)
+    nan_out = torch.full((1, 2, 5, 4), float("nan"))
+    empty = torch.full((1, 2, 5), float("-inf"))
+    out, lse = md.merge([(o1, l1), (nan_out, empty)])
+    assert torch.equal(out, o1) and torch.equal(lse, l1)
+    with pytest.raises(md.MaskDSLError, match=r"merge: parts\[1\]: lse holds \+inf; expected "
+                                              r"finite values, -inf for a row with no key or NaN"):
+        md.merge([(o1, l1), (o1, torch.full((1, 2, 5), float("inf")))])
+    out, lse = md.merge([(o1, l1), (o1, l1.double())])
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(out, o1)
+    torch.testing.assert_close(lse, l1.double() + torch.log(torch.tensor(2.0, dtype=torch.float64)))
+    with pytest.raises(md.MaskDSLError, match=r"merge: parts\[1\]: out is torch.float64, "
+                                              r"parts\[0\]'s out torch.float32"):
+        md.merge([(o1, l1), (o1.double(), l1)])
+    out, lse = md.merge([(o1.to("meta"), l1.to("meta")), (o1.to("meta"), l1.to("meta"))])
+    assert out.device.type == "meta" and out.shape == o1.shape and lse.shape == l1.shape

@@ -1,4 +1,5 @@
 """The command line through subprocess: exit codes, output, one-line errors."""
+import os
 import subprocess
 import sys
 
@@ -134,6 +135,16 @@ def test_broken_pipe_ends_quietly():
                        shell=True, capture_output=True, text=True, timeout=120)
     assert r.stdout.count("\n") == 1
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_an_unwritable_stdout_is_one_line_and_exit_2():
+    """Issue 21, finding 10: ``show ... > /dev/full`` printed a traceback and exited 1."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "maskdsl", "show", "window(2)", "--shape", "16"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr == "maskdsl: error: cannot write the output: No space left on device\n"
 
 
 def test_check_samples_rows_of_a_large_grid_and_says_so():

@@ -236,13 +236,15 @@ def texts(fig) -> list:
     return [t for t in out if t]
 
 
-def test_png_without_extension_writes_and_reports_file_png(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def test_png_without_extension_is_refused_not_renamed(tmp_path, capsys):
+    """Issue 21, finding 10: ``--png name`` wrote ``name.png``, another file than the one asked
+    for; now one line naming --png and exit 2, nothing written."""
     target = tmp_path / "mask"
-    assert main(["show", "window(2)", "--shape", "8", "--png", str(target)]) == 0
-    out = capsys.readouterr().out
-    assert f"wrote {target}.png\n" in out
-    assert (tmp_path / "mask.png").stat().st_size > 0 and not target.exists()
+    assert main(["show", "window(2)", "--shape", "8", "--png", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"maskdsl: error: --png={str(target)!r}: no file extension; expected a name "
+                   f"ending in one of .png, .svg, .pdf (e.g. {str(target) + '.png'!r})\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_png_3d_has_one_panel_per_frame_and_marks_the_query(tmp_path, monkeypatch):
