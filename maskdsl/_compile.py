@@ -80,6 +80,7 @@ class CompiledAttention:
         self._structural = [n.ids for n in walk(self.pattern)
                             if isinstance(n, Document) and isinstance(n.ids, torch.Tensor)]
         self._versions = self._structure_versions()
+        self._generation = 0            # + 1 at each change (a KV cache compares it per step)
 
     # ------------------------------------------------------------------ what was chosen
     @property
@@ -142,6 +143,7 @@ class CompiledAttention:
         if not same:
             self._versions = now
             self._states, self._masks = {}, {}
+            self._generation += 1
 
     # ------------------------------------------------------------------ generated artefacts
     @property
@@ -212,8 +214,9 @@ class CompiledAttention:
     @property
     def lookback(self):
         """What a KV cache of this pattern keeps (:class:`maskdsl._kvcache.Lookback`: ``tokens``,
-        ``sinks``, ``window``, ``bounded``, ``granule``), from the pattern's key reach; raises
-        MaskDSLError, naming a pair, when some query attends a key of a later decoding step."""
+        ``sinks``, ``window``, ``bounded``, ``granule``), from the pattern's key reach (document
+        ids changed in place are read anew); raises MaskDSLError, naming a pair, when some
+        query attends a key of a later decoding step."""
         from ._kvcache import lookback_of
 
         return lookback_of(self)
@@ -224,7 +227,11 @@ class CompiledAttention:
         cache.step(q, k, v)`` appends the next tokens (one, a chunk, or whole slabs of dim 0
         for N-D grids) and returns attention for them at their global positions, keeping only
         the keys a later query can attend (``attn.lookback``). ``kv_heads``: key/value heads
-        (GQA; default ``heads``)."""
+        (GQA; default ``heads``). A step equals ``attn(q, k, v)``'s rows: the same argument
+        checks, the document ids and score tensors as they are now, the extra keys of
+        ``extra_tokens=E, extra="keys"`` (given once with ``cache.set_extra(k, v)``).
+        ``extra="all"`` and ``q_range``/``kv_range`` are refused (ARCHITECTURE.md, "Sub-ranges
+        and the KV cache"), as are buffers beyond the memory budget."""
         from ._kvcache import KVCache
 
         return KVCache(self, batch, kv_heads, head_dim, dtype, device, head_dim_v)
@@ -266,9 +273,7 @@ class CompiledAttention:
 
             return compiled_call(self, q, k, v, scale, return_lse)
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads, extent=self.extent)
-        scale = check_scale(scale, D)
-        reference.check_params_device(self.score, q.device)
-        check_tensor_params(self.score)
+        scale = check_call(self.score, q.device, scale, D, return_lse)
         if self._structural:
             self._refresh()
         if not self.extent.square:
@@ -318,6 +323,19 @@ class CompiledAttention:
         sink, drop_p = score_extras(self.score, self.heads, q.device, self.training)
         call = backends.Call(scale, sink, drop_p, self._generator, return_lse)
         return backends.get(name).run(self._state(name), q, k, v, call)
+
+
+def check_call(score, device, scale, head_dim: int, return_lse) -> float:
+    """The checks every call on a compiled attention runs on its arguments before any work
+    (``attn(q, k, v)`` and the KV cache's ``cache.step``): ``return_lse`` a bool, the scale,
+    the score's tensors on q's device and in range as they are now (tensors are read at call
+    time). Returns the scale (default 1/sqrt(head_dim))."""
+    if not isinstance(return_lse, bool):
+        raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
+    scale = check_scale(scale, head_dim)
+    reference.check_params_device(score, device)
+    check_tensor_params(score)
+    return scale
 
 
 def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,

@@ -20,6 +20,13 @@ the sinks and the ring, the new queries a sub-chunk at a time with only the keys
 (O(chunk x (sinks + window)) per step, never O(context)). It runs in PyTorch on the cache's
 device, whatever backend ``attn`` runs; stored keys and values are detached (a cache is for
 inference).
+
+A step gives the rows ``attn(q, k, v)`` gives, or a MaskDSLError: the same argument checks
+(``_compile.check_call``), document ids changed in place read anew (refused, naming the pair,
+when a later query needs a key already dropped), the extra keys of ``extra="keys"`` merged in
+through the lse; ``extra="all"`` and sub-ranges are refused by ``attn.kv_cache``. Buffers are
+checked against the memory budget before they are allocated (``_memory``), and the ring shrinks
+back after a long step.
 """
 from __future__ import annotations
 
@@ -30,7 +37,8 @@ from typing import Optional
 import torch
 
 from ._errors import MaskDSLError
-from ._inputs import FLOATS, check_count, check_device, check_scale
+from ._inputs import FLOATS, check_count, check_device
+from ._memory import check_allocation, guarded
 
 __all__ = ["Lookback", "lookback_of", "KVCache"]
 
@@ -77,13 +85,16 @@ def _coords(i: int, shape: tuple) -> tuple:
 
 
 def lookback_of(attn) -> Lookback:
-    """The cache layout of ``attn`` (computed once, from the pattern's reach)."""
+    """The cache layout of ``attn`` (computed once per structure, from the pattern's reach;
+    document ids changed in place since are read anew)."""
+    if attn._structural:
+        attn._refresh()
     found = attn._states.get("lookback")
     if found is not None:
         return found
     from ._rect import key_reach, row_major
 
-    reach = key_reach(row_major(attn))
+    reach = attn._states["reach"] = key_reach(row_major(attn))
     n, shape = attn.n, attn.shape
     idx = torch.arange(n)
     candidates = [1] if len(shape) == 1 or math.prod(shape[1:]) == 1 else \
@@ -125,21 +136,55 @@ def lookback_of(attn) -> Lookback:
     return found
 
 
+def _first_query(attn, j: int, t: int, last: int) -> int:
+    """The first query at or after ``t`` (and at most ``last``, which does) that attends key
+    ``j`` on some head: the pair a refusal names."""
+    from ._rect import row_major
+
+    mask_mod, _ = row_major(attn).mods("cpu")
+    heads = torch.arange(attn.heads).reshape(-1, 1, 1, 1)
+    key = torch.tensor(j).reshape(1, 1, 1, 1)
+    step = max(1, (1 << 22) // attn.heads)
+    for a in range(t, last + 1, step):
+        qs = torch.arange(a, min(last + 1, a + step)).reshape(1, 1, -1, 1)
+        hit = torch.nonzero(mask_mod(0, heads, qs, key).expand(attn.heads, 1, -1, 1)
+                            .any(0).reshape(-1))
+        if hit.numel():
+            return a + int(hit[0])
+    return last
+
+
+_HINT = ("use a smaller batch, fewer kv_heads (grouped-query attention), a smaller dtype, or "
+         "smaller steps (a step holds sinks + window + up to 2048 of its tokens)")
+
+
 class KVCache:
     """Keys and values of the tokens seen so far that a later query can still attend (see the
     module docstring). Made by ``attn.kv_cache(...)``.
 
     Attributes:
         position: tokens seen (the next step's first global position).
-        lookback: the :class:`Lookback` (what is kept).
+        lookback: the :class:`Lookback` (what is kept; read anew when document ids change).
         held: tokens held now (at most ``lookback.tokens`` between steps).
-        capacity: key/value slots allocated (sinks + ring; grows with the largest step).
+        capacity: key/value slots allocated: sinks + ring, the ring ``window`` + the step's
+            tokens (up to a sub-chunk of 2048), shrunk back when later steps are smaller.
     """
 
     def __init__(self, attn, batch: int, kv_heads: Optional[int], head_dim: int, dtype,
                  device, head_dim_v: Optional[int] = None):
-        from ._score import Dropout, score_terms
-
+        ext = attn.extent
+        if ext.q is not None or ext.kv is not None:
+            raise MaskDSLError(
+                f"kv_cache: this attention has {ext.describe()}; a KV cache decodes the whole "
+                f"grid from position 0 (its steps are the ranges): compile the same pattern "
+                f"without q_range/kv_range and step through the tokens in order")
+        if ext.extra and ext.mode == "all":
+            raise MaskDSLError(
+                f"kv_cache: extra_tokens={ext.extra} with extra='all': the extra tokens' "
+                f"queries attend every grid key, which a cache that drops keys cannot serve; "
+                f"decode the grid with md.compile(..., extra_tokens={ext.extra}, "
+                f"extra='keys').kv_cache(...) (the grid queries' outputs are the same, the "
+                f"extra keys given by cache.set_extra) and run the extra queries with attn()")
         self.batch = check_count("kv_cache: batch", batch, 1)
         kv_heads = attn.heads if kv_heads is None else check_count("kv_cache: kv_heads",
                                                                    kv_heads, 1)
@@ -154,16 +199,29 @@ class KVCache:
             raise MaskDSLError(f"kv_cache: dtype={dtype!r}: expected one of "
                                f"{', '.join(str(d).replace('torch.', '') for d in FLOATS)}")
         self.dtype, self.device = dtype, check_device(device, "kv_cache: device")
-        if attn.training and any(isinstance(t, Dropout) for t in score_terms(attn.score)):
-            raise MaskDSLError("kv_cache: the score has a dropout term and attn.training is True; "
-                               "decoding does not drop attention: set attn.training = False")
+        if self.device.type == "meta":
+            raise MaskDSLError(f"kv_cache: device={device!r}: a cache stores real keys and "
+                               f"values; expected a device with storage such as 'cpu' or 'cuda'")
         self.attn = attn
+        self._no_dropout("kv_cache")
         self.lookback = lookback_of(attn)
-        self._program = None
+        self._generation = attn._generation          # the structure the lookback was read from
+        lb = self.lookback
+        if lb.bounded:                    # what every step needs: sinks, window, one granule
+            self._check_bytes(lb.tokens + lb.granule)
         self.reset()
 
+    def _no_dropout(self, where: str):
+        from ._score import Dropout, score_terms
+
+        if self.attn.training and any(isinstance(t, Dropout)
+                                      for t in score_terms(self.attn.score)):
+            raise MaskDSLError(f"{where}: the score has a dropout term and attn.training is "
+                               f"True; decoding does not drop attention: set attn.training = "
+                               f"False")
+
     def reset(self):
-        """Forget every token (the next step starts at position 0)."""
+        """Forget every token and the extra keys (the next step starts at position 0)."""
         self.position = 0
         # one buffer: ``_scap`` sink slots (tokens 0 .. sinks, slot = position), then ``_ring``
         # slots for the last tokens (slot = _scap + (position - sinks) % _ring); ``_pos`` holds
@@ -171,6 +229,7 @@ class KVCache:
         self._k = self._v = self._bad = None
         self._pos = torch.empty(0, dtype=torch.int64, device=self.device)
         self._scap = self._ring = 0
+        self._extra = None
 
     @property
     def held(self) -> int:
@@ -187,33 +246,64 @@ class KVCache:
                 f"{self.lookback})")
 
     # ------------------------------------------------------------------ storage
+    def _slot_bytes(self) -> int:
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return self.batch * self.kv_heads * (self.head_dim + self.head_dim_v) * item + 8
+
+    def _what(self, slots: int) -> str:
+        return (f"kv_cache: key/value buffers of {slots} tokens x batch {self.batch} x "
+                f"{self.kv_heads} kv heads x head dims {self.head_dim} + {self.head_dim_v} "
+                f"({str(self.dtype).replace('torch.', '')})")
+
+    def _check_bytes(self, slots: int):
+        """MaskDSLError before allocating ``slots`` key/value slots that cannot fit (host memory
+        is checked for a CPU cache; an accelerator's out-of-memory error is caught by
+        ``_realloc``'s guard)."""
+        if self.device.type == "cpu":
+            check_allocation(self._what(slots), slots * self._slot_bytes(), _HINT)
+
     def _slots(self, pos: torch.Tensor) -> torch.Tensor:
         S = self.lookback.sinks
         ring = self._scap + (pos - S) % max(1, self._ring)
         return torch.where(pos < S, pos, ring)
 
-    def _ensure(self, sinks_needed: int, ring_needed: int):
-        """Grow the buffer to hold ``sinks_needed`` sink slots and ``ring_needed`` ring slots,
-        keeping every stored token at its new slot."""
+    def _ensure(self, sinks_needed: int, ring_needed: int, keep_from: int):
+        """Make room for ``sinks_needed`` sink slots and ``ring_needed`` ring slots (0: leave the
+        ring as it is). The ring grows to what is needed and shrinks back to it when it holds
+        much more (after a long prefill); a re-placement keeps the sinks and the tokens at
+        positions >= ``keep_from`` (all a step from ``keep_from + window`` on can attend)."""
         lb = self.lookback
         scap, ring = self._scap, self._ring
         if sinks_needed > scap:      # bounded patterns: all sinks at once; unbounded: doubling
             scap = lb.sinks if lb.bounded else min(lb.sinks, max(sinks_needed, 2 * scap, 64))
-        ring = max(ring, ring_needed)
-        if (scap, ring) == (self._scap, self._ring):
-            return
-        old_k, old_v, old_pos = self._k, self._v, self._pos
+        if ring_needed > ring or (ring_needed and ring - ring_needed > max(64, ring_needed // 8)):
+            ring = ring_needed
+        if (scap, ring) != (self._scap, self._ring):
+            self._realloc(scap, ring, keep_from)
+
+    def _realloc(self, scap: int, ring: int, keep_from: int):
+        """New buffers of ``scap`` sink and ``ring`` ring slots (checked against the memory
+        budget first: on refusal nothing changes), holding the stored sinks and the stored
+        tokens at positions >= ``keep_from`` (at most ``ring`` of them)."""
         total = scap + ring
-        self._k = torch.zeros(self.batch, self.kv_heads, total, self.head_dim, dtype=self.dtype,
-                              device=self.device)
-        self._v = torch.zeros(self.batch, self.kv_heads, total, self.head_dim_v,
-                              dtype=self.dtype, device=self.device)
-        self._pos = torch.full((total,), -1, dtype=torch.int64, device=self.device)
+        self._check_bytes(total)
+        with guarded(self._what(total), _HINT):
+            k = torch.zeros(self.batch, self.kv_heads, total, self.head_dim, dtype=self.dtype,
+                            device=self.device)
+            v = torch.zeros(self.batch, self.kv_heads, total, self.head_dim_v,
+                            dtype=self.dtype, device=self.device)
+            pos = torch.full((total,), -1, dtype=torch.int64, device=self.device)
+        old_k, old_v, old_pos = self._k, self._v, self._pos
+        self._k, self._v, self._pos = k, v, pos
         self._scap, self._ring = scap, ring
         self._bad = None                       # recomputed for the re-placed tokens
         if old_k is not None:
-            keep = torch.nonzero(old_pos >= 0).reshape(-1)
-            self._put(old_k.index_select(2, keep), old_v.index_select(2, keep), old_pos[keep])
+            lb = self.lookback
+            keep = torch.nonzero((old_pos >= 0) & ((old_pos < lb.sinks)
+                                                   | (old_pos >= keep_from))).reshape(-1)
+            if keep.numel():
+                self._put(old_k.index_select(2, keep), old_v.index_select(2, keep),
+                          old_pos[keep])
 
     def _put(self, k, v, pos):
         """Store tokens at ``pos``; their non-finite rows are remembered per slot (``_bad``),
@@ -235,45 +325,122 @@ class KVCache:
         lb = self.lookback
         c = k.shape[2]
         n_sink = max(0, min(c, lb.sinks - p0))
-        self._ensure(p0 + n_sink if n_sink else 0, (lb.window + room) if c > n_sink else 0)
+        self._ensure(p0 + n_sink if n_sink else 0, (lb.window + room) if c > n_sink else 0,
+                     p0 - lb.window)
         self._put(k, v, torch.arange(p0, p0 + c, device=self.device))
 
-    # ------------------------------------------------------------------ the step
-    def _check(self, q, k, v):
-        H = self.attn.heads
-        for name, t, heads, d in (("q", q, H, self.head_dim), ("k", k, self.kv_heads, self.head_dim),
-                                  ("v", v, self.kv_heads, self.head_dim_v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise MaskDSLError(f"cache.step: {name}: expected a 4-D tensor [B, H, c, D], got "
-                                   f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            want = [self.batch, heads, q.shape[2], d]
-            if list(t.shape) != want:
-                raise MaskDSLError(f"cache.step: {name}: shape {list(t.shape)}; expected {want} "
-                                   f"(batch, {'heads' if name == 'q' else 'kv_heads'}, new "
-                                   f"tokens, head dim of the cache)")
-            if t.dtype != self.dtype or t.device != self.device:
-                raise MaskDSLError(f"cache.step: {name}: {t.dtype} on {t.device}; the cache holds "
-                                   f"{self.dtype} on {self.device}")
-        c, lb = q.shape[2], self.lookback
+    # ------------------------------------------------------------------ the structure now
+    def _sync(self, where: str):
+        """Serve the pattern as it is now: when document ids changed in place since the last
+        step (``attn._refresh``, the version counters ``attn()`` reads), read the lookback
+        anew and re-place what is held; a MaskDSLError, naming a pair, when a query from here
+        on attends a key this cache already dropped (or the new pattern cannot be decoded)."""
+        attn = self.attn
+        if not attn._structural:
+            return
+        attn._refresh()
+        if attn._generation == self._generation:
+            return
+        t, old = self.position, self.lookback
+        why = (f"{where}: the pattern's structure (document ids) changed in place after {t} "
+               f"tokens")
+        try:
+            new = lookback_of(attn)
+        except MaskDSLError as e:
+            raise MaskDSLError(f"{why}, and {e}") from None
+        if t % new.granule:
+            raise MaskDSLError(
+                f"{why}: the new pattern decodes whole slabs of dim 0 ({new.granule} tokens "
+                f"each), and {t} is not a slab boundary; call cache.reset() and step again from "
+                f"position 0")
+        if t:
+            from ._rect import key_reach, row_major
+
+            reach = attn._states.get("reach") or key_reach(row_major(attn))
+            last_query = reach.last_query[:t]
+            held = torch.zeros(t, dtype=torch.bool)
+            pos = self._pos.cpu()
+            held[pos[(pos >= 0) & (pos < t)]] = True
+            missing = torch.nonzero((last_query >= t) & ~held).reshape(-1)
+            if missing.numel():
+                j = int(missing[0])
+                i = _first_query(attn, j, t, int(last_query[j]))
+                raise MaskDSLError(
+                    f"{why}: query {i} {_coords(i, attn.shape)} now attends key {j} "
+                    f"{_coords(j, attn.shape)}, which this cache no longer holds (under the old "
+                    f"ids it {str(old).replace('keeps', 'kept', 1)}); call cache.reset() and "
+                    f"step again from position 0")
+        self.lookback = new
+        if self._k is not None:
+            scap = 0 if not min(t, new.sinks) else new.sinks if new.bounded else \
+                min(new.sinks, max(t, 64))
+            self._realloc(scap, new.window if t > new.sinks else 0, t - new.window)
+        self._generation = attn._generation
+
+    # ------------------------------------------------------------------ checks
+    def _tensor(self, where: str, name: str, t, heads: int, c: Optional[int], d: int):
+        """Check ``t`` is [batch, heads, c, d] (c None: any) in the cache's dtype and device;
+        returns its token count."""
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise MaskDSLError(f"{where}: {name}: expected a 4-D tensor [B, H, c, D], got "
+                               f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        want = [self.batch, heads, t.shape[2] if c is None else c, d]
+        if list(t.shape) != want:
+            what = "extra tokens" if where.endswith("set_extra") else "new tokens"
+            raise MaskDSLError(f"{where}: {name}: shape {list(t.shape)}; expected {want} "
+                               f"(batch, {'heads' if name == 'q' else 'kv_heads'}, {what}, head "
+                               f"dim of the cache)")
+        if t.dtype != self.dtype or t.device != self.device:
+            raise MaskDSLError(f"{where}: {name}: {t.dtype} on {t.device}; the cache holds "
+                               f"{self.dtype} on {self.device}")
+        return t.shape[2]
+
+    def _check(self, where: str, q, k, v) -> int:
+        """Check q (None: ``append``), k, v of the next tokens; returns their count."""
+        c = None
+        if q is not None:
+            c = self._tensor(where, "q", q, self.attn.heads, None, self.head_dim)
+        c = self._tensor(where, "k", k, self.kv_heads, c, self.head_dim)
+        self._tensor(where, "v", v, self.kv_heads, c, self.head_dim_v)
         if c == 0:
-            raise MaskDSLError("cache.step: q, k, v hold 0 new tokens; expected at least 1")
+            raise MaskDSLError(f"{where}: {'q, ' if q is not None else ''}k, v hold 0 new "
+                               f"tokens; expected at least 1")
+        return c
+
+    def _check_count(self, where: str, c: int):
+        lb = self.lookback
         if self.position + c > lb.n:
-            raise MaskDSLError(f"cache.step: {c} new tokens at position {self.position} pass the "
+            raise MaskDSLError(f"{where}: {c} new tokens at position {self.position} pass the "
                                f"grid's {lb.n} tokens {tuple(self.attn.shape)}")
         if c % lb.granule:
             raise MaskDSLError(
-                f"cache.step: {c} new tokens: expected whole slabs of dim 0 ({lb.granule} "
+                f"{where}: {c} new tokens: expected whole slabs of dim 0 ({lb.granule} "
                 f"tokens each), since queries of {self.attn.pattern!r} attend later tokens "
                 f"of their own slab")
-        return c
+
+    # ------------------------------------------------------------------ the API
+    def set_extra(self, k, v):
+        """The E extra tokens' keys and values [B, kv_heads, E, D] of an attention compiled
+        with ``extra_tokens=E, extra="keys"`` (the last E tokens of ``attn``'s k and v:
+        registers, a text prompt beside a video grid): every query of every later step
+        attends them beside its pattern's keys, as ``attn(q, k, v)`` does. Set them before the
+        first step; setting them again replaces them for the steps that follow."""
+        E = self.attn.extent.extra
+        if not E:
+            raise MaskDSLError("cache.set_extra: this attention has no extra tokens (compiled "
+                               "with extra_tokens=0); its queries attend the grid's keys only")
+        self._tensor("cache.set_extra", "k", k, self.kv_heads, E, self.head_dim)
+        self._tensor("cache.set_extra", "v", v, self.kv_heads, E, self.head_dim_v)
+        self._extra = (k.detach(), v.detach())
 
     def append(self, k, v):
         """Store k, v [B, kv_heads, c, D] of the next c tokens without attending (a prompt
         whose outputs were computed elsewhere, e.g. by ``attn(q, k, v)`` on the prompt's grid
         rows); only what later queries can reach is kept, so appending a long prompt costs
         O(sinks + window)."""
-        q = k.new_empty(k.shape[0], self.attn.heads, k.shape[2], self.head_dim)
-        c = self._check(q, k, v)
+        c = self._check("cache.append", None, k, v)
+        self._sync("cache.append")
+        self._check_count("cache.append", c)
         lb, t = self.lookback, self.position
         k, v = k.detach(), v.detach()
         n_sink = max(0, min(c, lb.sinks - t))
@@ -287,44 +454,66 @@ class KVCache:
     def step(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False):
         """Append k, v [B, kv_heads, c, D] of the next c tokens and return the attention output
         [B, heads, c, Dv] of their queries q [B, heads, c, D] at global positions
-        ``position .. position + c`` (and lse [B, heads, c] with ``return_lse``)."""
+        ``position .. position + c`` (and lse [B, heads, c] with ``return_lse``), as
+        ``attn(q, k, v)`` gives those rows: the same argument checks (``_compile.check_call``:
+        scale, return_lse, the score's tensors as they are now), the document ids as they
+        are now, the extra keys of ``set_extra``."""
+        from ._compile import check_call
+        from ._extent import _dense, _softcap
+        from ._merge import merge
         from ._rect import rect_attention, row_major
         from ._score import score_extras
 
-        c = self._check(q, k, v)
-        scale = check_scale(scale, self.head_dim)
+        c = self._check("cache.step", q, k, v)
+        attn = self.attn
+        scale = check_call(attn.score, q.device, scale, self.head_dim, return_lse)
+        self._no_dropout("cache.step")
+        E = attn.extent.extra
+        if E and self._extra is None:
+            raise MaskDSLError(
+                f"cache.step: this attention has {attn.extent.describe()}: every query also "
+                f"attends the {E} extra keys; give them first with cache.set_extra(k, v) (the "
+                f"last {E} tokens of attn's k and v)")
+        self._sync("cache.step")
+        self._check_count("cache.step", c)
         lb, t = self.lookback, self.position
-        self._store(k.detach(), v.detach(), t, c)
-        self.position = t + c
-        if self._program is None:
-            self._program = row_major(self.attn)
-        sink, _ = score_extras(self.attn.score, self.attn.heads, q.device, False)
+        program = row_major(attn)
+        sink, _ = score_extras(attn.score, attn.heads, q.device, False)
+        cap = _softcap(attn.score, attn.heads, q.device) if E else None
         g = lb.granule
         sub = g * max(1, 2048 // g)                   # query rows per sub-chunk
         dev = self.device
         outs, lses = [], []
-        for a in range(0, c, sub):
-            b = min(c, a + sub)
-            lo = (t + a) // g * g - lb.window        # the earliest non-sink key they can reach
-            hi = -(-(t + b) // g) * g
-            pos = self._pos
-            reach = (pos >= 0) & ((pos < lb.sinks) | ((pos >= lo) & (pos < hi)))
-            sel = torch.nonzero(reach).reshape(-1)
-            bad = self._bad
-            if 2 * sel.numel() < pos.numel():        # a few of many slots: gather them
-                kk, vv, kpos = self._k.index_select(2, sel), self._v.index_select(2, sel), pos[sel]
-                bad = bad.index_select(2, sel) if bad is not None else None
-            else:                                    # most slots: mask the others, no copy
-                kk, vv, kpos = self._k, self._v, torch.where(reach, pos, -1)
-            res = rect_attention(self._program, q[:, :, a:b], kk, vv,
-                                 torch.arange(t + a, t + b, device=dev), kpos,
-                                 scale, sink=sink, return_lse=return_lse,
-                                 kv_bad=bad if bad is not None else False)
-            if return_lse:
-                outs.append(res[0])
-                lses.append(res[1])
-            else:
-                outs.append(res)
+        with guarded(f"cache.step of {c} tokens", _HINT):
+            for a in range(0, c, sub):
+                b = min(c, a + sub)
+                # store a sub-chunk at a time: the ring holds window + sub slots at most
+                self._store(k[:, :, a:b].detach(), v[:, :, a:b].detach(), t + a, min(c, sub))
+                lo = (t + a) // g * g - lb.window        # the earliest non-sink key they reach
+                hi = -(-(t + b) // g) * g
+                pos = self._pos
+                reach = (pos >= 0) & ((pos < lb.sinks) | ((pos >= lo) & (pos < hi)))
+                sel = torch.nonzero(reach).reshape(-1)
+                bad = self._bad
+                if 2 * sel.numel() < pos.numel():        # a few of many slots: gather them
+                    kk, vv, kpos = (self._k.index_select(2, sel), self._v.index_select(2, sel),
+                                    pos[sel])
+                    bad = bad.index_select(2, sel) if bad is not None else None
+                else:                                    # most slots: mask the others, no copy
+                    kk, vv, kpos = self._k, self._v, torch.where(reach, pos, -1)
+                qa = q[:, :, a:b]
+                res = rect_attention(program, qa, kk, vv, torch.arange(t + a, t + b, device=dev),
+                                     kpos, scale, sink=sink, return_lse=return_lse or bool(E),
+                                     kv_bad=bad if bad is not None else False)
+                if E:          # the extra keys: a dense stripe merged through the lse, as attn()
+                    res = merge([res, _dense(qa, *self._extra, scale, cap, None)])
+                    res = res if return_lse else res[0]
+                if return_lse:
+                    outs.append(res[0])
+                    lses.append(res[1])
+                else:
+                    outs.append(res)
+        self.position = t + c
         out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
         if return_lse:
             return out, torch.cat(lses, 2) if len(lses) > 1 else lses[0]

@@ -1,19 +1,23 @@
 """The KV cache with analytic lookback (ARCHITECTURE.md, "Sub-ranges and the KV cache"):
 stepping through a grid in random chunk sizes equals the full computation row by row (outputs
 and lse, against the reference), the cache keeps what ``attn.lookback`` says and no more, and
-patterns that cannot be decoded are refused with a pair that shows why.
+patterns that cannot be decoded are refused with a pair that shows why. Issue 21: extra keys are
+served (``cache.set_extra``), extra queries and sub-ranges refused by name, document ids changed
+in place read at the next step (or refused, naming the dropped key), learnable score tensors
+checked as ``attn()`` checks them, allocations checked against the memory budget and the ring
+shrunk back after a long prefill.
 """
 import math
 import random
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 import maskdsl as md
 from maskdsl._rect import key_reach, row_major
-from oracle import assert_close_by_rule, inputs
-from strategies import cases, patterns, shapes
+from oracle import assert_close_by_rule, inputs, magnitude
+from strategies import cases, patterns, relative_table, shapes
 
 
 def _run(attn, q, k, v, chunks, append_first=0):
@@ -225,3 +229,395 @@ def test_lookback_is_refused_or_keeps_enough_for_any_pattern(case):
         kept[:min(lb.sinks, t)] = True
         kept[max(0, t - lb.window):] = True
         assert not (needed & ~kept).any(), (t, lb)
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything md.compile accepts is served exactly by the cache or refused by name (issue 21:
+# extra tokens, sub-ranges, document ids changed in place, learnable score tensors, allocations).
+
+def _stepped(cache, q, k, v, chunks, t=0):
+    """(out, lse) of stepping ``cache`` through q, k, v in ``chunks`` from position t."""
+    outs, lses = [], []
+    for c in chunks:
+        o, lse = cache.step(q[:, :, t:t + c], k[:, :, t:t + c], v[:, :, t:t + c],
+                            return_lse=True)
+        outs.append(o)
+        lses.append(lse)
+        t += c
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _assert_exact(got, want, what):
+    got, want = got.detach(), want.detach()
+    assert_close_by_rule(got, want, want, what, m=magnitude(want))
+
+
+@pytest.mark.parametrize("score", [None, md.softcap(3.0) + md.sink_logit(0.5) + md.alibi()])
+def test_extra_keys_are_attended_by_every_step(score):
+    """``extra_tokens=E, extra="keys"`` (NATTEN's additional KV, registers, MM-DiT text keys):
+    the E extra keys are given once with ``cache.set_extra`` and every step's queries attend
+    them beside their window, as ``attn(q, k, v)`` does (it ignored them: error 0.71)."""
+    p, E = md.causal() & md.window(3), 4
+    attn = md.compile(p, (16,), 2, score=score, extra_tokens=E, extra="keys")
+    q = inputs(1, 2, 16, 8, dtype=torch.float64, seed=1)[0]
+    _, k, v = inputs(1, 2, 16 + E, 8, dtype=torch.float64, seed=2, kv_heads=1)
+    cache = attn.kv_cache(1, 1, 8, torch.float64)
+    with pytest.raises(md.MaskDSLError, match=r"extra_tokens=4.*cache.set_extra\(k, v\)"):
+        cache.step(q[:, :, :1], k[:, :, :1], v[:, :, :1])
+    cache.set_extra(k[:, :, 16:], v[:, :, 16:])
+    out, lse = _stepped(cache, q, k, v, [1, 3, 5, 7])
+    ref, ref_lse = md.reference.attention(q, k, v, p, (16,), score=score, extra_tokens=E,
+                                          extra="keys", return_lse=True)
+    _assert_exact(out, ref, "stepped output")
+    _assert_exact(lse, ref_lse, "stepped lse")
+    _assert_exact(out, attn(q, k, v), "stepped output vs attn()")
+
+
+def test_extra_keys_of_the_wrong_shape_or_on_an_attention_without_them_are_refused():
+    attn = md.compile(md.causal() & md.window(3), (16,), 2, extra_tokens=4, extra="keys")
+    cache = attn.kv_cache(1, 2, 8)
+    with pytest.raises(md.MaskDSLError, match=r"cache.set_extra: k: shape \[1, 2, 3, 8\]; "
+                                              r"expected \[1, 2, 4, 8\]"):
+        cache.set_extra(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))
+    plain = md.compile(md.causal() & md.window(3), (16,), 2).kv_cache(1, 2, 8)
+    with pytest.raises(md.MaskDSLError, match=r"cache.set_extra: this attention has no extra "
+                                              r"tokens"):
+        plain.set_extra(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+
+
+def test_extra_queries_and_sub_ranges_are_refused_by_name():
+    """``extra="all"`` (extra queries attend every grid key) and ``q_range``/``kv_range`` (a
+    cache decodes the whole grid from position 0) are refused, saying what to do instead; the
+    cache used to step without them (wrong answers)."""
+    p = md.causal() & md.window(3)
+    with pytest.raises(md.MaskDSLError, match=r"kv_cache: extra_tokens=4 with extra='all'.*"
+                                              r"extra='keys'"):
+        md.compile(p, (16,), 2, extra_tokens=4).kv_cache(1, 2, 8)
+    for kw, name in [(dict(q_range=(8, 16)), r"q_range=\(8, 16\)"),
+                     (dict(kv_range=(0, 8)), r"kv_range=\(0, 8\)"),
+                     (dict(q_range=(0, 16), kv_range=(0, 16)), r"q_range=\(0, 16\), kv_range")]:
+        with pytest.raises(md.MaskDSLError, match=r"kv_cache: this attention has " + name
+                                                  + r".*decodes the whole grid"):
+            md.compile(p, (16,), 2, **kw).kv_cache(1, 2, 8)
+
+
+def test_document_ids_changed_in_place_are_served_at_the_next_step():
+    """``ids[:] = 0`` after 8 tokens: the next steps serve the new ids (the cache kept every key
+    the new pattern needs), as ``attn()`` does; it served the old ids (error 0.92)."""
+    ids = torch.tensor([0] * 8 + [1] * 8)
+    p = md.document(ids) & md.causal()
+    attn = md.compile(p, (16,), 1)
+    q, k, v = inputs(1, 1, 16, 8, dtype=torch.float64, seed=3)
+    cache = attn.kv_cache(1, 1, 8, torch.float64)
+    before, _ = _stepped(cache, q, k, v, [8])
+    ids[:] = 0
+    after, lse = _stepped(cache, q, k, v, [3, 5], t=8)
+    ref, ref_lse = md.reference.attention(q, k, v, md.document(ids) & md.causal(), (16,),
+                                          return_lse=True)
+    _assert_exact(after, ref[:, :, 8:], "output after the ids changed")
+    _assert_exact(lse, ref_lse[:, :, 8:], "lse after the ids changed")
+    assert attn.lookback.window == 0 and not attn.lookback.bounded        # the new ids' lookback
+    assert cache.lookback == attn.lookback
+
+
+def test_document_ids_that_need_dropped_keys_are_refused():
+    """Short documents keep the last 3 keys; ``ids[:] = 0`` makes query 12 attend key 0, which
+    the cache dropped: a MaskDSLError naming the pair, not a wrong answer. Setting the ids back
+    serves again; ``reset()`` starts over with the new ids."""
+    ids = torch.arange(16) // 4
+    attn = md.compile(md.document(ids) & md.causal(), (16,), 1)
+    assert (attn.lookback.sinks, attn.lookback.window) == (0, 3)
+    q, k, v = inputs(1, 1, 16, 8, dtype=torch.float64, seed=4)
+    cache = attn.kv_cache(1, 1, 8, torch.float64)
+    _stepped(cache, q, k, v, [1] * 12)
+    ids[:] = 0
+    with pytest.raises(md.MaskDSLError, match=r"document ids\) changed in place after 12 tokens: "
+                                              r"query 12 \(12,\) now attends key 0 \(0,\), which "
+                                              r"this cache no longer holds.*cache.reset\(\)"):
+        cache.step(q[:, :, 12:13], k[:, :, 12:13], v[:, :, 12:13])
+    assert cache.position == 12
+    ids[:] = torch.arange(16) // 4
+    out, _ = _stepped(cache, q, k, v, [4], t=12)
+    p = md.document(torch.arange(16) // 4) & md.causal()
+    _assert_exact(out, md.reference.attention(q, k, v, p, (16,))[:, :, 12:], "ids set back")
+    ids[:] = 0
+    cache.reset()
+    out, _ = _stepped(cache, q, k, v, [16])
+    _assert_exact(out, md.reference.attention(q, k, v, md.causal(), (16,)), "after reset()")
+
+
+def test_learnable_score_tensors_are_checked_as_attn_checks_them():
+    """One validation path: a learnable softcap set to 0 or a sink logit set to inf raises the
+    same MaskDSLError from ``step`` as from ``attn()`` (step gave a finite wrong output, and a
+    non-finite one); a value changed in range is read at the next step."""
+    p = md.causal() & md.window(3)
+    q, k, v = inputs(1, 2, 16, 8, dtype=torch.float64, seed=5)
+    cap = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    sink = torch.tensor([0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    attn = md.compile(p, (16,), 2, score=md.softcap(cap) + md.sink_logit(sink))
+    cache = attn.kv_cache(1, 2, 8, torch.float64)
+    _stepped(cache, q, k, v, [5])
+    for t, value, message in [(cap, 0.0, r"softcap: cap=0.0 \(a tensor value\) is out of range"),
+                              (sink, float("inf"), r"sink_logit: values\[0\]=inf \(a tensor "
+                                                   r"value\) is out of range")]:
+        old = t.detach().clone()
+        with torch.no_grad():
+            t.fill_(value)
+        with pytest.raises(md.MaskDSLError, match=message):
+            attn(q, k, v)
+        with pytest.raises(md.MaskDSLError, match=message):
+            cache.step(q[:, :, 5:6], k[:, :, 5:6], v[:, :, 5:6])
+        with torch.no_grad():
+            t.copy_(old)
+    with torch.no_grad():
+        cap.fill_(1.5)
+        sink.mul_(2)
+    out, _ = _stepped(cache, q, k, v, [11], t=5)
+    ref = md.reference.attention(q, k, v, p, (16,), score=md.softcap(1.5) + md.sink_logit(
+        sink.detach()))
+    _assert_exact(out, ref[:, :, 5:], "after the learnable values changed")
+
+
+def test_meta_device_none_keys_and_a_non_bool_return_lse_are_refused():
+    attn = md.compile(md.causal() & md.window(3), (16,), 2)
+    with pytest.raises(md.MaskDSLError, match=r"kv_cache: device='meta'.*expected a device "
+                                              r"with storage"):
+        attn.kv_cache(1, 2, 8, device="meta")
+    cache = attn.kv_cache(1, 2, 8)
+    with pytest.raises(md.MaskDSLError, match=r"cache.append: k: expected a 4-D tensor "
+                                              r"\[B, H, c, D\], got NoneType"):
+        cache.append(None, None)
+    with pytest.raises(md.MaskDSLError, match=r"cache.append: v: expected a 4-D tensor"):
+        cache.append(torch.randn(1, 2, 3, 8), None)
+    x, kv = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(md.MaskDSLError, match=r"return_lse='yes': expected True or False"):
+        cache.step(x, kv, kv, return_lse="yes")
+    assert cache.position == 0
+
+
+def test_the_ring_shrinks_back_after_a_long_prefill():
+    """A long prefill step no longer leaves its size in slots: the step stores its tokens a
+    sub-chunk at a time (sinks + window + 2048 at most) and the next decode step brings the
+    capacity back to sinks + window + 1 (a 4096-token prefill left 4164 slots)."""
+    p = md.causal() & (md.window(64) | md.sink(4))
+    attn = md.compile(p, (4200,), 2)
+    q, k, v = inputs(1, 2, 4200, 8, dtype=torch.float64, seed=6, kv_heads=1)
+    cache = attn.kv_cache(1, 1, 8, torch.float64)
+    out, _ = _stepped(cache, q, k, v, [4096])
+    assert cache.capacity <= 4 + 64 + 2048
+    outs = [out]
+    for t in range(4096, 4100):
+        outs.append(_stepped(cache, q, k, v, [1], t=t)[0])
+        assert cache.capacity == 4 + 64 + 1
+    rows = torch.arange(4000, 4100)          # the prefill's last rows and the decoded ones
+    ref = md.reference.attention(q, k, v, p, (4200,), rows=rows)
+    _assert_exact(torch.cat(outs, 2)[:, :, 4000:], ref, "prefill and decode")
+
+
+def test_buffers_beyond_the_memory_budget_are_refused(monkeypatch):
+    """The cache's buffers are checked before they are allocated: at ``kv_cache()`` for the
+    sinks + window + one step it always needs, and when a step grows the ring."""
+    import maskdsl._memory as memory
+
+    attn = md.compile(md.causal() & md.window(1000), (5000,), 2)
+    cache = attn.kv_cache(1, 2, 64)
+    cache.step(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+    monkeypatch.setattr(memory, "budget", lambda: 300_000)
+    with pytest.raises(md.MaskDSLError, match=r"kv_cache: key/value buffers of 1002 tokens .* "
+                                              r"would need about 1009\.8 KB, more than the "
+                                              r"293\.0 KB this process can allocate; .*smaller "
+                                              r"steps"):
+        cache.step(torch.randn(1, 2, 2, 64), torch.randn(1, 2, 2, 64), torch.randn(1, 2, 2, 64))
+    assert cache.position == 1
+    with pytest.raises(md.MaskDSLError, match=r"kv_cache: key/value buffers of 1001 tokens"):
+        attn.kv_cache(1, 2, 64)
+
+
+def test_a_cache_too_big_for_the_address_space_is_refused_in_a_subprocess():
+    """Finding 9's repro scaled down: ``causal() & window(2**14)`` on 2**15 tokens, 32 heads,
+    D = 1024 (4.3 GB of keys and values) with 3 GB of address space left: a MaskDSLError, not a raw
+    allocator error (tests/test_adversarial.py's resource bombs run the same way)."""
+    from limited import run_limited
+
+    r = run_limited("""
+        attn = md.compile(md.causal() & md.window(2 ** 14), (2 ** 15,), 32)
+        try:
+            cache = attn.kv_cache(1, 32, 1024)
+            x = torch.zeros(1, 32, 1, 1024)
+            cache.step(x, x, x)
+            print("NO ERROR")
+        except md.MaskDSLError as e:
+            print("MaskDSLError:", e)
+    """, limit_gb=3.0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "MaskDSLError: kv_cache: key/value buffers of 16385 tokens" in r.stdout, r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The property: everything md.compile accepts, stepped in random chunks, equals attn(...) and
+# the reference, or is refused by name.
+
+def _doc_ids(draw, n: int) -> list:
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, n - 1)), max_size=4)))
+    return [sum(c <= i for c in cuts) for i in range(n)]
+
+
+@st.composite
+def cache_requests(draw):
+    """A decodable pattern (a causal factor, maybe a document whose ids are a tensor the test
+    changes in place), GQA, score terms with learnable tensors, and an extent: square, extra
+    keys (served), extra queries or sub-ranges (refused by name)."""
+    shape = draw(shapes(max_tokens=80))
+    H = draw(st.sampled_from([1, 2, 4]))
+    n = math.prod(shape)
+    causal = md.causal() if len(shape) == 1 or draw(st.booleans()) else md.causal(dims=(0,))
+    base = causal & draw(patterns(shape, H, max_leaves=2))
+    ids = torch.tensor(_doc_ids(draw, n)) if draw(st.integers(0, 2)) else None
+    terms = draw(st.lists(st.sampled_from(["softcap", "sink", "alibi", "decay", "table"]),
+                          max_size=3, unique=True))
+    score = []
+    for t in terms:
+        if t == "softcap":
+            score.append(md.softcap(torch.tensor(draw(st.sampled_from([0.5, 3.0])),
+                                                 dtype=torch.float64, requires_grad=True)))
+        elif t == "sink":
+            score.append(md.sink_logit(torch.linspace(-1.0, 1.0, H, dtype=torch.float64)
+                                       .requires_grad_(True)))
+        elif t == "alibi":
+            score.append(md.alibi())
+        elif t == "decay":
+            score.append(md.distance_decay(0.3))
+        else:
+            score.append(md.relative_bias(relative_table(shape, H, requires_grad=True,
+                                                         radius=2)))
+    extent = draw(st.sampled_from(["square"] * 7 + ["keys"] * 3 + ["all", "q_range",
+                                                                 "kv_range"]))
+    kw = {}
+    if extent in ("keys", "all"):
+        kw = dict(extra_tokens=draw(st.integers(1, 3)), extra=extent)
+    elif extent != "square":
+        a = draw(st.integers(0, n - 1))
+        kw = {extent: (a, draw(st.integers(a + 1, n)))}
+    return shape, H, base, ids, sum(score, 0) or None, kw
+
+
+def _pattern(base, ids):
+    return base if ids is None else base & md.document(ids)
+
+
+def _kept(lb, t: int) -> torch.Tensor:
+    """bool [t]: the keys before t a cache with lookback ``lb`` is sure to hold."""
+    kept = torch.zeros(t, dtype=torch.bool)
+    kept[:min(lb.sinks, t)] = True
+    kept[max(0, t - lb.window):] = True
+    return kept
+
+
+@settings(max_examples=40, deadline=None)
+@given(cache_requests(), st.data())
+def test_a_cache_stepped_in_random_chunks_equals_attn_or_is_refused_by_name(request, data):
+    """Issue 21, deliverable 2: whatever md.compile accepts, a cache stepped in random chunks
+    (a prompt maybe appended first) gives attn()'s rows and the reference's, outputs and lse.
+    At one step boundary the document ids change in place (to one document or others), a
+    learnable score tensor changes in range, or is set out of range (0 for a softcap, inf
+    otherwise: the step must raise attn()'s own MaskDSLError, or give attn()'s rows when attn()
+    accepts it). A refusal after new ids must name a pair (i, j) the new mask attends with j
+    dropped by the cache, and only when the keys the old lookback is sure to keep did not
+    suffice. extra="all" and q_range/kv_range must be refused by name at kv_cache()."""
+    shape, H, base, ids, score, kw = request
+    p = _pattern(base, ids)
+    attn = md.compile(p, shape, H, score=score, **kw)
+    n, E = attn.n, kw.get("extra_tokens", 0)
+    kv = data.draw(st.sampled_from([d for d in (1, 2, 4) if H % d == 0]))
+    if kw and kw.get("extra") != "keys":
+        what = (r"extra_tokens=\d+ with extra='all'" if E else
+                r"this attention has (q_range|kv_range)=.*decodes the whole grid")
+        with pytest.raises(md.MaskDSLError, match=r"kv_cache: " + what):
+            attn.kv_cache(1, kv, 8, torch.float64)
+        event("refused by name: " + ("extra='all'" if E else "a sub-range"))
+        return
+    q = inputs(1, H, n, 8, dtype=torch.float64, seed=n)[0]
+    _, k, v = inputs(1, H, n + E, 8, dtype=torch.float64, seed=n + 1, Dv=6, kv_heads=kv)
+    cache = attn.kv_cache(1, kv, 8, torch.float64, head_dim_v=6)
+    if E:
+        cache.set_extra(k[:, :, n:], v[:, :, n:])
+    ref_kw = dict(extra_tokens=E, extra="keys") if E else {}
+
+    def truth(pattern):
+        """(reference out, lse, attn() out) on the whole grid, with the tensors as they are."""
+        r, lse = md.reference.attention(q, k, v, pattern, shape, score=score, return_lse=True,
+                                        **ref_kw)
+        return r, lse, attn(q, k, v)
+
+    lb = cache.lookback
+    g = lb.granule
+    rng = random.Random(data.draw(st.integers(0, 2 ** 16)))
+    t = g * rng.randrange(0, n // g) if data.draw(st.booleans()) else 0
+    if t:
+        cache.append(k[:, :, :t], v[:, :, :t])
+    change = data.draw(st.sampled_from(["none", "ids", "ids", "values", "bad value"]))
+    at = g * data.draw(st.integers(t // g, max(t // g, n // g - 1)))    # where it happens
+    frozen = _pattern(base, ids.clone()) if ids is not None else p
+    want = truth(frozen)
+    while t < n:
+        if t == at and change != "none":
+            if change == "ids" and ids is not None:     # one document, or others
+                ids[:] = 0 if data.draw(st.booleans()) else torch.tensor(_doc_ids(data.draw, n))
+            held = [(term, x) for term in md._score.score_terms(score)
+                    for x in vars(term).values() if isinstance(x, torch.Tensor)]
+            tensors = [x for _, x in held]
+            if change == "bad value" and tensors:       # both calls refuse alike, or agree
+                term, x = held[0]
+                old = x.detach().clone()
+                with torch.no_grad():
+                    x.fill_(0.0 if isinstance(term, md._score.Softcap) else float("inf"))
+                try:
+                    by_attn = attn(q, k, v)
+                except md.MaskDSLError as e:
+                    with pytest.raises(md.MaskDSLError) as by_step:
+                        cache.step(q[:, :, t:t + g], k[:, :, t:t + g], v[:, :, t:t + g])
+                    assert str(by_step.value) == str(e)
+                    event("an out-of-range tensor value refused alike")
+                else:      # accepted: the step's rows are attn()'s, non-finite ones included
+                    o = cache.step(q[:, :, t:t + g], k[:, :, t:t + g], v[:, :, t:t + g])
+                    _assert_exact(o, by_attn[:, :, t:t + g], "a step vs attn() on the value")
+                    event("an extreme tensor value accepted alike")
+                    return
+                with torch.no_grad():
+                    x.copy_(old)
+            elif change == "values" and tensors:          # in range: read at the next step
+                with torch.no_grad():
+                    tensors[-1].mul_(0.5)
+            want = truth(p)
+            M = md.reference.mask(p, shape, H).any(0)
+            needed = M[t:, :t].any(0) if t else torch.zeros(0, dtype=torch.bool)
+            try:
+                o, lse = cache.step(q[:, :, t:t + g], k[:, :, t:t + g], v[:, :, t:t + g],
+                                    return_lse=True)
+            except md.MaskDSLError as e:
+                import re
+
+                found = re.search(r"query (\d+) .* now attends key (\d+) .*no longer holds",
+                                  str(e))
+                assert found, e
+                i, j = map(int, found.groups())
+                assert i >= t > j and M[i, j] and j not in cache._pos.tolist(), (i, j, t)
+                assert (needed & ~_kept(lb, t)).any(), "refused though the keys were kept"
+                event("new ids need dropped keys: refused with the pair")
+                return
+            lb = cache.lookback
+            assert lb == attn.lookback
+            event(f"served after a change of {change}" + (" (extra keys)" if E else ""))
+        else:
+            c = min(n - t, g * rng.choice([1, 1, 2, 3, 7]))
+            if t < at < t + c:
+                c = at - t
+            o, lse = cache.step(q[:, :, t:t + c], k[:, :, t:t + c], v[:, :, t:t + c],
+                                return_lse=True)
+        c = o.shape[2]
+        ref, ref_lse, by_attn = want
+        _assert_exact(o, ref[:, :, t:t + c], f"rows {t}..{t + c}")
+        _assert_exact(lse, ref_lse[:, :, t:t + c], f"lse of rows {t}..{t + c}")
+        _assert_exact(o, by_attn[:, :, t:t + c], f"rows {t}..{t + c} vs attn()")
+        t += c
+        assert cache.position == t and cache.held <= cache.lookback.tokens
