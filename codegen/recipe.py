@@ -139,9 +139,17 @@ def function_key(fn) -> tuple:
         return ("fn", serial)
 
 
-def varies_per_head(p) -> bool:
+def varies_per_head(p, score=None) -> bool:
     """Whether any head of ``p`` differs from the others (per_head values or heads([...]), or a
-    mask_fn, which is called with the head and may use it)."""
+    mask_fn, which is called with the head and may use it); with ``score``, also whether its
+    terms do or depend on the head count (``_score.score_varies_per_head``: per_head or tensor
+    values, alibi's geometric slopes, score_fn). No pattern parameter is derived from the head
+    count. The one test for "every head alike" (tile classes, halo, Ulysses' rebinding)."""
+    if score is not None:
+        from .._score import score_varies_per_head
+
+        if score_varies_per_head(score):
+            return True
     for node in walk(p):
         if isinstance(node, (Heads, MaskFn)):
             return True

@@ -15,7 +15,8 @@ __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
     "ScoreSum", "ScoreFn", "distance_decay", "alibi", "relative_bias", "softcap", "sink_logit",
     "dropout", "score_fn",
-    "score_terms", "per_head_tensor", "check_tensor_params", "score_extras", "without",
+    "score_terms", "score_varies_per_head", "per_head_tensor", "check_tensor_params",
+    "score_extras", "without",
 ]
 
 METRICS = ("euclidean", "manhattan", "chebyshev")
@@ -57,6 +58,18 @@ class Score(Node):
     def __invert__(self):
         self._refuse("~")
 
+    def varies_per_head(self) -> bool:
+        """Whether this term may give one head other values than another, or other values
+        when bound to another head count (see :func:`score_varies_per_head`): a per_head or
+        tensor parameter. Terms with parameters derived from the head count override it."""
+        from ._values import PerHead
+
+        for v in vars(self).values():
+            for x in (v if isinstance(v, tuple) else (v,)):
+                if isinstance(x, PerHead) or _is_tensor(x):
+                    return True
+        return False
+
     def _bind_head(self, p, shape, heads, where):
         for name, check in self._checks.items():
             v = p.get(name)
@@ -66,6 +79,16 @@ class Score(Node):
                     f"or [{heads}] (one value per head)"
                 )
         return p
+
+
+def score_varies_per_head(score) -> bool:
+    """Whether any head of ``score`` may differ from another, or change when the score is
+    bound to another head count (Ulysses rebinds it to H/W heads): the one place that decides
+    it for score terms (``codegen.recipe.varies_per_head(pattern, score)`` adds the pattern).
+    Per-head: a ``per_head`` value; a tensor parameter (it may hold one value per head, and is
+    read at call time); a parameter derived from the head count (``alibi()``'s geometric
+    slopes ``2 ** (-8 (h + 1) / H)``); a ``score_fn`` (called with the head)."""
+    return any(t.varies_per_head() for t in score_terms(score))
 
 
 def score_terms(s) -> tuple:
@@ -123,6 +146,11 @@ class Alibi(Score):
                 )
             return
         super().__post_init__()
+
+    def varies_per_head(self) -> bool:
+        # geometric slopes are derived from the head count: head h of H heads gets
+        # 2 ** (-8 (h + 1) / H), so no two heads share one and another H changes them all
+        return isinstance(self.slopes, str) or super().varies_per_head()
 
 
 def geometric_slopes(heads: int) -> list:
@@ -220,6 +248,9 @@ class Dropout(Score):
     }
 
 
+_IGNORES = LRU(1024)          # (score_fn's function, shape) -> ignores_score(shape)
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class ScoreFn(Score):
     """A user-written score_mod as a score term: ``fn(score, b, h, q_idx, kv_idx) -> tensor``,
@@ -242,6 +273,9 @@ class ScoreFn(Score):
 
     def __repr__(self):
         return f"score_fn(name={self.name!r})"
+
+    def varies_per_head(self) -> bool:
+        return True          # fn is called with the head and may use it
 
     def bind(self, shape, heads):
         out = super().bind(shape, heads)
@@ -299,9 +333,6 @@ class ScoreFn(Score):
         same = bool(torch.equal(torch.broadcast_to(out_a, (P, P)), torch.broadcast_to(out_b, (P, P))))
         _IGNORES.put(key, same)
         return same
-
-
-_IGNORES = LRU(1024)          # (score_fn's function, shape) -> ignores_score(shape)
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -16,6 +16,10 @@ through every exchange. Three strategies, all on torch.distributed's P2P operati
 size (``cp.plan()``, computed analytically; ``cp.reason`` says why). The local attention is the
 rectangle path over the key tiles the tile classes list (``_rect.tiled_rect``), any device.
 
+Agreement: every call (``cp(q, k, v)``, ``md.unshard``) starts with one small all_gather of
+its metadata (``_agree``) before any other message, so ranks that disagree, or a rank whose
+own checks refuse the call, make every rank raise the same MaskDSLError (no hang, no abort).
+
 Gradients: ``cp``'s inputs get exact gradients (the halo's come back from the ranks that used
 them). Replicated things get this rank's part of the gradient, as under DDP or FSDP: learnable
 score-term tables and a tensor passed through ``md.shard`` (zeros outside this rank's slab);
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
+import zlib
 from typing import Optional
 
 import torch
@@ -161,13 +167,127 @@ class _Tie(torch.autograd.Function):
         return g, torch.zeros(0, device=ctx.device)
 
 
+# ---------------------------------------------------------------------- agreement
+
+# ARCHITECTURE.md, "Context parallelism", "Agreement": before any other message of a call, the
+# ranks all-gather one int64 row each (the call, whether this rank refused it, and the fields
+# that must be equal), so a rank that disagrees or refuses makes every rank raise one
+# MaskDSLError instead of an abort, a half-filled buffer or a hang.
+_ROW = 32                                        # int64 values per rank, the same for every call
+_CALLS = {1: "a context-parallel call cp(q, k, v)", 2: "md.unshard"}
+_MESSAGE_BYTES = 4000                            # a refusal's message, utf-8, cut there
+_DTYPES = tuple(sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str))
+
+
+def _group_device(group) -> torch.device:
+    """The device a collective of ``group`` takes tensors on: the current CUDA device for
+    NCCL, the CPU otherwise (gloo, mpi, or a group with a CPU backend beside NCCL)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "cpu:" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _field(label: str, value, same: bool = True, choices=None, digest: bool = False):
+    """(label, int64 code, decode(code) -> str, same) of one agreed value: an int or bool, a
+    float (its bits), a torch.dtype, one of ``choices``, or a crc32 (``digest``: shown in
+    hex)."""
+    if digest:
+        return label, int(value), lambda c: f"{c:08x}", same
+    if choices is not None:
+        code = choices.index(value) if value in choices else -1
+        return label, code, lambda c: repr(choices[c]) if 0 <= c < len(choices) else "?", same
+    if isinstance(value, torch.dtype):
+        return label, _DTYPES.index(value), lambda c: str(_DTYPES[c]), same
+    if isinstance(value, bool):
+        return label, int(value), lambda c: str(bool(c)), same
+    if isinstance(value, float):
+        return (label, struct.unpack("<q", struct.pack("<d", value))[0],
+                lambda c: repr(struct.unpack("<d", struct.pack("<q", c))[0]), same)
+    return label, int(value), str, same
+
+
+def _agree(group, call: int, fields, failure, what: str):
+    """The ranks' rows of one call (``fields``: ``_field`` tuples, this rank's values), agreed
+    in one all_gather on the group's device before any other message: the same MaskDSLError on
+    every rank when the ranks are in different calls, when a rank refused the call (``failure``:
+    the exception its own checks raised; its message goes to every rank in a second all_gather,
+    only then), or when a field with ``same`` differs (naming the field and every rank's value).
+    Returns every rank's codes ([rank][index of field]; the callers read the fields that may
+    differ). One rank: no collective; its own failure is raised as it is."""
+    W = dist.get_world_size(group)
+    if W == 1:
+        if failure is not None:
+            raise failure
+        return [[c for _, c, _, _ in fields]]
+    msg = b""
+    if failure is not None:
+        text = str(failure) if isinstance(failure, MaskDSLError) else \
+            f"{type(failure).__name__}: {failure}"
+        msg = text.encode("utf-8", "replace")[:_MESSAGE_BYTES]
+        fields = []
+    row = [call, int(failure is not None), len(msg), len(fields)] + [c for _, c, _, _ in fields]
+    assert len(row) <= _ROW, row
+    device = _group_device(group)
+    mine = torch.tensor(row + [0] * (_ROW - len(row)), dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(W)]
+    dist.all_gather(every, mine, group=group)
+    rows = torch.stack(every).cpu().tolist()
+    # every decision below is made from ``rows``, the same on every rank: all raise or none
+    calls = [r[0] for r in rows]
+    if len(set(calls)) > 1:
+        said = ", ".join(f"rank {s}: {_CALLS.get(c, f'an unknown call ({c})')}"
+                         for s, c in enumerate(calls))
+        raise MaskDSLError(f"context parallelism: the ranks of the group are in different "
+                           f"calls ({said}); every rank must make the same context-parallel "
+                           f"calls in the same order") from failure
+    refused = [s for s in range(W) if rows[s][1]]
+    if refused:
+        longest = max(rows[s][2] for s in refused)
+        texts = [""] * W
+        if longest:
+            buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+            if msg:
+                buf[:len(msg)] = torch.tensor(list(msg), dtype=torch.uint8)
+            got = [torch.empty_like(buf) for _ in range(W)]
+            dist.all_gather(got, buf, group=group)
+            texts = [bytes(g.cpu()[:rows[s][2]].tolist()).decode("utf-8", "replace")
+                     for s, g in enumerate(got)]
+        by_text = {}
+        for s in refused:
+            by_text.setdefault(texts[s], []).append(s)
+        said = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} of {W} "
+                         f"refused the call: {t}" for t, rs in by_text.items())
+        raise MaskDSLError(f"{what}: {said} (every rank of the group raises this "
+                           f"error)") from failure
+    bad = []
+    for i, (label, _, decode, same) in enumerate(fields):
+        vals = [r[4 + i] for r in rows]
+        if same and len(set(vals)) > 1:
+            bad.append(f"{label} (" + ", ".join(f"rank {s}: {decode(v)}"
+                                                for s, v in enumerate(vals)) + ")")
+    if bad:
+        raise MaskDSLError(f"{what}: the ranks disagree on " + "; on ".join(bad) +
+                           "; every rank must make the same call (only its slab of the tokens "
+                           "differs)")
+    return [r[4:4 + len(fields)] for r in rows]
+
+
 # ---------------------------------------------------------------------- shard / unshard
 
-def _where(x, lay: P.Layout, rank: int, local: bool):
-    """(dim, unit, with_extra) of x: [B, H, N(+E), D] (tokens on dim 2, unit 1) or
-    [B, *shape, C] activations (grid dim 0 on dim 1, unit prod(shape[1:]) tokens)."""
+LAYOUTS = ("bhnd", "grid")
+
+
+def _where(x, lay: P.Layout, rank: int, local: bool, layout=None):
+    """(dim, unit, with_extra, layout) of x: ``layout="bhnd"``, [B, H, N(+E), D] (tokens on
+    dim 2, unit 1), or ``"grid"``, [B, *shape, C] activations (grid dim 0 on dim 1, unit
+    prod(shape[1:]) tokens). ``layout=None``: the one x fits; x fitting both (a 2-D grid whose
+    slab is one row: [B, 1, Y, C] is also [B, H=1, N=Y, D]) is refused, naming ``layout``."""
     if not isinstance(x, torch.Tensor):
         raise MaskDSLError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if layout is not None and layout not in LAYOUTS:
+        raise MaskDSLError(f"layout={layout!r}: expected None (the layout x fits), 'bhnd' "
+                           f"([B, H, N(+E), D]) or 'grid' ([B, *shape, C] activations)")
     shape, n, E = lay.shape, lay.n, lay.extra
     per_row = math.prod(shape[1:])
     if local:
@@ -176,16 +296,29 @@ def _where(x, lay: P.Layout, rank: int, local: bool):
     else:
         counts = {n: False, n + E: True}
         rows = shape[0]
-    if x.dim() == 4 and x.shape[2] in counts:
-        return 2, 1, counts[x.shape[2]]
-    if x.dim() == len(shape) + 2 and x.shape[1] == rows and tuple(x.shape[2:-1]) == shape[1:]:
-        return 1, per_row, False
+    bhnd = x.dim() == 4 and x.shape[2] in counts
+    grid = x.dim() == len(shape) + 2 and x.shape[1] == rows and tuple(x.shape[2:-1]) == shape[1:]
     which = "this rank's slab" if local else "the whole grid"
-    raise MaskDSLError(
-        f"x: shape {list(x.shape)}: expected [B, H, N, D] with N in {sorted(counts)} (tokens of "
-        f"{which}{', with or without the extra tokens' if E else ''}) or [B, {rows}, "
-        f"{', '.join(map(str, shape[1:]))}{', ' if len(shape) > 1 else ''}C] activations for "
-        f"shape {shape}")
+    ns = f"N = {next(iter(counts))}" if len(counts) == 1 else f"N in {sorted(counts)}"
+    want_bhnd = (f"[B, H, N, D] with {ns} (tokens of {which}"
+                 f"{', with or without the extra tokens' if E else ''})")
+    want_grid = (f"[B, {rows}, {', '.join(map(str, shape[1:]))}{', ' if len(shape) > 1 else ''}"
+                 f"C] activations for shape {shape} ({which})")
+    if layout is None and bhnd and grid:
+        raise MaskDSLError(
+            f"x: shape {list(x.shape)} fits both layouts ({want_bhnd}, and {want_grid}); pass "
+            f"layout='bhnd' or layout='grid'")
+    if layout == "bhnd" or (layout is None and bhnd):
+        if bhnd:
+            return 2, 1, counts[x.shape[2]], "bhnd"
+        if layout == "bhnd":
+            raise MaskDSLError(f"x: shape {list(x.shape)} with layout='bhnd': expected "
+                               f"{want_bhnd}")
+    if grid:
+        return 1, per_row, False, "grid"
+    if layout == "grid":
+        raise MaskDSLError(f"x: shape {list(x.shape)} with layout='grid': expected {want_grid}")
+    raise MaskDSLError(f"x: shape {list(x.shape)}: expected {want_bhnd} or {want_grid}")
 
 
 def _pieces(lay, r, unit, with_extra):
@@ -210,13 +343,13 @@ class _Shard(torch.autograd.Function):
         return out, None, None
 
 
-def _layout_for(x, group, shape, extra_tokens, balance, local):
+def _layout_for(x, group, shape, extra_tokens, balance, local, layout):
     group, rank, world = _resolve(group)
     E = extra_tokens
     if isinstance(E, bool) or not isinstance(E, numbers.Integral) or E < 0:
         raise MaskDSLError(f"extra_tokens={E!r}: expected an int >= 0")
     if shape is None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or layout == "grid":
             raise MaskDSLError("shape=None: x must be [B, H, N, D] (a 1-D grid of N tokens); "
                                "pass shape= for other grids and for [B, *shape, C] activations")
         if local:
@@ -228,26 +361,25 @@ def _layout_for(x, group, shape, extra_tokens, balance, local):
     return group, rank, P.layout(shape, world, int(E), balance)
 
 
-def shard(x, group=None, *, shape=None, extra_tokens: int = 0, balance=None):
-    """This rank's slab of ``x``: [B, H, N(+E), D] (tokens of a grid of ``shape``, extra tokens
-    after them) or [B, *shape, C] activations, split along grid dim 0 as
-    ``md.context_parallel`` splits it (``balance="head-tail"``: two slabs per rank).
+def shard(x, group=None, *, shape=None, extra_tokens: int = 0, balance=None, layout=None):
+    """This rank's slab of ``x``: ``layout="bhnd"``, [B, H, N(+E), D] (tokens of a grid of
+    ``shape``, extra tokens after them), or ``layout="grid"``, [B, *shape, C] activations;
+    split along grid dim 0 as ``md.context_parallel`` splits it (``balance="head-tail"``: two
+    slabs per rank). ``layout=None``: the one x fits (a shape fitting both is refused).
     Differentiable; the gradient is this rank's slab of the whole one (zeros elsewhere):
-    all-reduce (sum) over the group for the whole. ``cp.shard(x)`` passes cp's layout."""
-    group, rank, lay = _layout_for(x, group, shape, extra_tokens, balance, False)
-    dim, unit, with_extra = _where(x, lay, rank, False)
+    all-reduce (sum) over the group for the whole. ``cp.shard(x)`` passes cp's split. Local:
+    no message."""
+    group, rank, lay = _layout_for(x, group, shape, extra_tokens, balance, False, layout)
+    dim, unit, with_extra, _ = _where(x, lay, rank, False, layout)
     return _Shard.apply(x, _pieces(lay, rank, unit, with_extra), dim)
 
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, comm, lay, dim, unit):
+    def forward(ctx, x, comm, lay, dim, unit, sizes):
         r, W = comm.rank, comm.world
-        # the slabs' lengths (a rank's may hold the extra tokens or not), on x's device (NCCL)
-        sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(W)]
-        dist.all_gather(sizes, torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device),
-                        group=comm.group)
-        sizes = [int(s) for s in sizes]
+        # sizes: every rank's slab length along dim (agreed; a rank may hold the extra tokens
+        # or not); the other dims and the dtype are agreed equal
         top = max(sizes)
         pad = list(x.shape)
         pad[dim] = top - x.shape[dim]
@@ -271,16 +403,38 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return torch.cat([g.narrow(ctx.dim, a, m) for a, m in ctx.mine], ctx.dim), \
-            None, None, None, None
+            None, None, None, None, None
 
 
-def unshard(x, group=None, *, shape=None, extra_tokens: int = 0, balance=None):
-    """The whole tensor from every rank's slab (the inverse of :func:`shard`), on every rank;
-    differentiable (the gradient is this rank's slab of the incoming one). ``cp.unshard(x)``
-    passes cp's layout."""
-    group, rank, lay = _layout_for(x, group, shape, extra_tokens, balance, True)
-    dim, unit, _ = _where(x, lay, rank, True)
-    return _Unshard.apply(x, _Comm(group), lay, dim, unit)
+_MAX_DIMS = 6                    # x of unshard: [B, H, N, D] or [B, *shape (1 to 3 dims), C]
+
+
+def unshard(x, group=None, *, shape=None, extra_tokens: int = 0, balance=None, layout=None):
+    """The whole tensor from every rank's slab (the inverse of :func:`shard`; ``layout`` as
+    there), on every rank; differentiable (the gradient is this rank's slab of the incoming
+    one). ``cp.unshard(x)`` passes cp's split. The ranks first agree on the call (one small
+    all_gather, which also carries the slabs' lengths): a rank whose x does not fit, or ranks
+    whose x, shape, layout or dtype differ, raise one MaskDSLError on every rank."""
+    group, rank, _ = _resolve(group)
+    failure, fields = None, []
+    try:
+        _, _, lay = _layout_for(x, group, shape, extra_tokens, balance, True, layout)
+        dim, unit, _, form = _where(x, lay, rank, True, layout)
+        dims = list(x.shape) + [-1] * (_MAX_DIMS - x.dim())   # _where: x.dim() <= 5
+        dims[dim] = 0                                        # the slab's length: below
+        gshape = list(lay.shape) + [0] * (3 - len(lay.shape))
+        fields = ([_field("layout", form, choices=LAYOUTS), _field("x.dim()", x.dim())]
+                  + [_field(f"x.shape[{i}]", d) for i, d in enumerate(dims)]
+                  + [_field("x.dtype", x.dtype)]
+                  + [_field(f"shape[{i}]", d) for i, d in enumerate(gshape)]
+                  + [_field("extra_tokens", lay.extra), _field("balance", lay.balance,
+                                                                   choices=P.BALANCES),
+                     _field("the slab's length", x.shape[dim], same=False)])
+    except Exception as e:                 # agreed below: every rank raises, none waits
+        failure = e
+    rows = _agree(group, 2, fields, failure, "md.unshard")
+    sizes = [int(r[-1]) for r in rows]
+    return _Unshard.apply(x, _Comm(group), lay, dim, unit, sizes)
 
 
 # ---------------------------------------------------------------------- context parallel
@@ -345,6 +499,11 @@ class ContextParallel:
                           _count("head_dim_v", head_dim_v), dtype=dtype)
         self._asked = strategy
         self._halo = None                  # (structure versions, HaloPlan or None)
+        self._halo_crc = None              # (HaloPlan, crc32 of its message sizes)
+        # what every rank must have compiled alike (agreed at each call; reprs show a tensor
+        # by its shape, so this is the same on every rank for the same spec)
+        self._spec = zlib.crc32(repr((repr(attn.pattern), attn.shape, attn.heads,
+                                      repr(attn.score), ext.extra, ext.mode)).encode())
         self.traffic = {"sent": 0, "received": 0}
         self.strategy, self.reason = self._choose(**self._hint, return_lse=False)
         self._chosen_for = (dict(self._hint), False)
@@ -444,15 +603,17 @@ class ContextParallel:
                 f"balance='head-tail' evens it")
 
     # ------------------------------------------------------------------ layout helpers
-    def shard(self, x):
-        """This rank's slab of x ([B, H, N(+E), D] or [B, *shape, C]); see :func:`shard`."""
+    def shard(self, x, *, layout=None):
+        """This rank's slab of x (``layout="bhnd"``: [B, H, N(+E), D]; ``"grid"``: [B, *shape,
+        C]; None: the one x fits); see :func:`shard`."""
         return shard(x, self.group, shape=self.attn.shape, extra_tokens=self.layout.extra,
-                     balance=self.balance)
+                     balance=self.balance, layout=layout)
 
-    def unshard(self, x):
-        """The whole tensor from every rank's slab; see :func:`unshard`."""
+    def unshard(self, x, *, layout=None):
+        """The whole tensor from every rank's slab (``layout`` as in :meth:`shard`); see
+        :func:`unshard`."""
         return unshard(x, self.group, shape=self.attn.shape, extra_tokens=self.layout.extra,
-                       balance=self.balance)
+                       balance=self.balance, layout=layout)
 
     def __repr__(self):
         return (f"ContextParallel({self.attn!r}, world={self.world}, strategy="
@@ -463,6 +624,26 @@ class ContextParallel:
     def __call__(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False):
         """This rank's output [B, H, n_local, Dv] (and lse [B, H, n_local]) for its slab of q,
         k, v (k, v may carry H_kv heads dividing H)."""
+        # this rank's checks, then the agreement (one all_gather, ARCHITECTURE.md "Context
+        # parallelism", "Agreement") before any message: a rank that refuses the call or
+        # disagrees with another makes every rank raise the same MaskDSLError
+        failure, fields = None, []
+        try:
+            scale, fields = self._check_call(q, k, v, scale, return_lse)
+        except Exception as e:
+            failure = e
+        _agree(self.group, 1, fields, failure, "context parallelism")
+        self._comm.sent = self._comm.received = 0
+        run = {"halo": self._run_halo, "allgather": self._run_allgather,
+               "ulysses": self._run_ulysses}[self.strategy]
+        out, lse, token = run(q, k, v, scale, return_lse)
+        out = _Tie.apply(out, token)
+        self.traffic = {"sent": self._comm.sent, "received": self._comm.received}
+        return (out, lse) if return_lse else out
+
+    def _check_call(self, q, k, v, scale, return_lse):
+        """(scale, the agreement's fields) of a call, after this rank's own checks; plans the
+        strategy for the call's sizes (the same on every rank once the sizes agree)."""
         from ._inputs import check_qkv, check_scale
         from ._score import check_tensor_params
         from . import reference
@@ -478,16 +659,35 @@ class ContextParallel:
         check_tensor_params(self.attn.score)
         hint = dict(batch=B, kv_heads=k.shape[1], head_dim=D, head_dim_v=v.shape[-1],
                     dtype=q.dtype)
-        if (hint, return_lse) != self._chosen_for:       # the same on every rank
+        if (hint, return_lse) != self._chosen_for:
             self.strategy, self.reason = self._choose(**hint, return_lse=return_lse)
             self._hint, self._chosen_for = hint, (hint, return_lse)
-        self._comm.sent = self._comm.received = 0
-        run = {"halo": self._run_halo, "allgather": self._run_allgather,
-               "ulysses": self._run_ulysses}[self.strategy]
-        out, lse, token = run(q, k, v, scale, return_lse)
-        out = _Tie.apply(out, token)
-        self.traffic = {"sent": self._comm.sent, "received": self._comm.received}
-        return (out, lse) if return_lse else out
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        halo = self._halo_digest() if self.strategy == "halo" else 0
+        return scale, [
+            _field("batch (q.shape[0])", B), _field("heads (q.shape[1])", H),
+            _field("kv heads (k.shape[1])", k.shape[1]), _field("head dim (q.shape[3])", D),
+            _field("value head dim (v.shape[3])", v.shape[3]), _field("dtype", q.dtype),
+            _field("scale", scale), _field("return_lse", return_lse),
+            _field("autograd (grad mode on and q, k or v requiring grad)", grad),
+            _field("strategy", self.strategy, choices=P.STRATEGIES),
+            _field("balance", self.balance, choices=P.BALANCES),
+            _field("extra tokens", lay.extra), _field("extra", self.extra_mode,
+                                                      choices=("all", "keys")),
+            _field("the compiled attention (a digest of its pattern, shape, heads and score)",
+                   self._spec, digest=True),
+            _field("the halo plan (a digest of its message sizes)", halo, digest=True),
+        ]
+
+    def _halo_digest(self) -> int:
+        """A crc32 of the halo plan's message sizes (document ids changed on one rank only
+        give another plan there)."""
+        hp = self._halo_plan()
+        if self._halo_crc is None or self._halo_crc[0] is not hp:
+            W = self.world
+            sizes = ",".join(str(hp.count(s, r)) for s in range(W) for r in range(W))
+            self._halo_crc = (hp, zlib.crc32(sizes.encode()))
+        return self._halo_crc[1]
 
     # the local attention -------------------------------------------------
     def _extras(self, device, heads=None):
@@ -596,27 +796,19 @@ class ContextParallel:
     def _whole_sequence(self, hq: int):
         """Ulysses' local attention as a compiled attention of ``hq`` heads over the whole
         sequence (the backend the device runs: tiles on CPU, flex/triton on CUDA), when no
-        head differs from another (no per-head values, heads([...]), mask_fn, per-head or
-        tensor score parameters, score_fn); None otherwise (the rectangle path, at each
-        head's own parameters)."""
+        head differs from another and nothing depends on the head count
+        (``varies_per_head(pattern, score)``: not per-head values, heads([...]), mask_fn,
+        tensor score parameters, alibi's geometric slopes or score_fn); None otherwise (the
+        rectangle path, at each head's own parameters)."""
         found = self.__dict__.get("_whole")
         if found is not None and found[0] == hq:
             return found[1]
         from ._compile import compile as md_compile
-        from ._score import ScoreFn, score_terms
-        from ._values import PerHead, _is_tensor
         from .codegen.recipe import varies_per_head
 
         a = self.attn
-        uniform = not varies_per_head(a.pattern)
-        for t in score_terms(a.score):
-            vals = [v for v in vars(t).values()]
-            vals += [x for v in vals if isinstance(v, tuple) for x in v]
-            if isinstance(t, ScoreFn) or any(isinstance(v, PerHead) or _is_tensor(v)
-                                             for v in vals):
-                uniform = False
         sub = None
-        if uniform:
+        if not varies_per_head(a.pattern, a.score):
             e = a.extent
             sub = md_compile(a.pattern, a.shape, hq, score=a.score,
                              backend="auto" if a._auto else a._requested,

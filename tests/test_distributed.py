@@ -7,6 +7,7 @@ in 2, 3 and 4 gloo processes (tests/cp_worker.py), each against the single-proce
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -217,6 +218,32 @@ def test_bytes_of_counts_every_message():
         P.bytes_of("ring", lay, **kw)
 
 
+# ---------------------------------------------------------------------- per-head scores
+
+@pytest.mark.parametrize("score, varies", [
+    (None, False),
+    (md.alibi(), True),                     # geometric slopes come from the head count
+    (md.alibi(0.5), False),
+    (md.alibi(md.per_head([0.5, 0.25])), True),
+    (md.softcap(5.0) + md.alibi(), True),
+    (md.softcap(5.0) + md.distance_decay(0.1) + md.sink_logit(0.3), False),
+    (md.distance_decay(md.per_head([0.1, 0.2])), True),
+    (md.distance_decay(0.1, dims=(0,)), False),
+    (md.sink_logit(torch.zeros(2)), True),  # a tensor is read at call time, per head or not
+    (md.relative_bias(torch.zeros(3)), True),
+    (md.score_fn(lambda s, b, h, q, k: s), True),    # called with the head
+])
+def test_one_test_decides_whether_a_score_differs_per_head(score, varies):
+    """``varies_per_head(pattern, score)`` is the one place that decides whether every head is
+    alike (Ulysses rebinds the attention to H / W heads only then; issue 21, finding 2)."""
+    from maskdsl._score import score_varies_per_head
+    from maskdsl.codegen.recipe import varies_per_head
+
+    assert score_varies_per_head(score) is varies
+    assert varies_per_head(md.causal(), score) is varies
+    assert varies_per_head(md.heads([md.causal(), md.window(2)]), score) is True
+
+
 # ---------------------------------------------------------------------- one rank, in process
 
 @pytest.fixture(scope="module")
@@ -275,7 +302,34 @@ def test_shard_and_unshard_take_activations_too(one_rank):
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+def test_shard_and_unshard_take_the_layout_by_name(one_rank):
+    """A [B, 1, Y, C] slab of a 2-D grid is also [B, H=1, N=Y, D]: layout= says which (issue
+    21, finding 4); layout=None takes the one x fits and refuses x fitting both."""
+    x = torch.randn(2, 1, 8, 5)
+    for layout in ("grid", "bhnd"):
+        y = md.shard(x, shape=(1, 8), layout=layout)
+        assert torch.equal(y, x) and torch.equal(md.unshard(y, shape=(1, 8), layout=layout), x)
+    a = torch.randn(2, 3, 4, 5)                                  # [B, *shape, C], unambiguous
+    assert torch.equal(md.unshard(md.shard(a, shape=(3, 4)), shape=(3, 4), layout="grid"), a)
+    cp = md.context_parallel(md.compile(md.window(2), shape=(3, 4), heads=2, backend="tiles"))
+    assert torch.equal(cp.unshard(cp.shard(a, layout="grid"), layout="grid"), a)
+
+
 @pytest.mark.parametrize("make, words", [
+    (lambda a: md.shard(torch.randn(2, 1, 8, 5), shape=(1, 8)),
+     r"x: shape \[2, 1, 8, 5\] fits both layouts \(\[B, H, N, D\] with N = 8 .* and \[B, 1, 8, C\] "
+     r"activations for shape \(1, 8\) .*\); pass layout='bhnd' or layout='grid'"),
+    (lambda a: md.unshard(torch.randn(2, 1, 8, 5), shape=(1, 8)), "fits both layouts"),
+    (lambda a: md.shard(torch.randn(2, 4, 8), shape=(4,), layout="rows"),
+     r"layout='rows': expected None \(the layout x fits\), 'bhnd' \(\[B, H, N\(\+E\), D\]\) or "
+     r"'grid'"),
+    (lambda a: md.shard(torch.randn(2, 3, 4, 5), shape=(3, 4), layout="bhnd"),
+     r"x: shape \[2, 3, 4, 5\] with layout='bhnd': expected \[B, H, N, D\] with N = 12"),
+    (lambda a: md.shard(torch.randn(2, 3, 12, 5), shape=(3, 4), layout="grid"),
+     r"x: shape \[2, 3, 12, 5\] with layout='grid': expected \[B, 3, 4, C\] activations"),
+    (lambda a: md.shard(torch.randn(2, 3, 12, 5), layout="grid"), "shape=None: x must be"),
+    (lambda a: md.context_parallel(a).shard(torch.randn(2, 8, 3), layout="bhnd"),
+     r"x: shape \[2, 8, 3\] with layout='bhnd'"),
     (lambda a: md.context_parallel(a, strategy="ring"), "strategy='ring'"),
     (lambda a: md.context_parallel(md.compile(md.window(2), shape=(8,), q_range=(0, 4))),
      "q_range"),
@@ -332,7 +386,9 @@ def _spawn(world, tmp_path):
     mp.spawn(cp_worker.run, args=(world, _port(), str(out)), nprocs=world)
     records = json.loads(out.read_text())
     branches = [r for r in records if r["case"] == "parallel-branches"]
-    return world, [r for r in records if r["case"] != "parallel-branches"], branches
+    agree = [r for r in records if r["case"].startswith("agree:")]
+    return world, [r for r in records if r["case"] != "parallel-branches"
+                   and not r["case"].startswith("agree:")], branches, agree
 
 
 def _expected_refusal(rec, world):
@@ -342,7 +398,7 @@ def _expected_refusal(rec, world):
 
 
 def _every_strategy_equals_the_single_process_run(spawned):
-    world, records, _ = spawned
+    world, records, *_ = spawned
     ran = set()
     for rec in records:
         assert "crash" not in rec, rec.get("crash")
@@ -359,6 +415,8 @@ def _every_strategy_equals_the_single_process_run(spawned):
     uly = {rec["case"]: rec["whole_sequence"] for rec in records
            if rec.get("chosen") == "ulysses"}
     assert uly.get("heads-8-kv-4", True) and not uly.get("extra-all-4-heads", False), uly
+    # alibi()'s geometric slopes come from the head count: never rebound to H / W heads
+    assert not uly.get("alibi-geometric", False), uly
     names = {n for n, _ in cp_worker.cases(world)}
     assert {c for c, s in ran if s == "halo"} == names
     assert {c for c, s in ran if s == "allgather"} == names
@@ -366,12 +424,12 @@ def _every_strategy_equals_the_single_process_run(spawned):
 
 
 def _a_call_in_inference_mode_first_changes_nothing(spawned):
-    world, records, _ = spawned
+    world, records, *_ = spawned
     assert all(rec["inference_mode_equal"] for rec in records if "errors" in rec)
 
 
 def _the_bytes_moved_are_the_plans(spawned):
-    world, records, _ = spawned
+    world, records, *_ = spawned
     for rec in records:
         if "errors" not in rec:
             continue
@@ -381,7 +439,7 @@ def _the_bytes_moved_are_the_plans(spawned):
 
 
 def _auto_picks_the_fewest_bytes(spawned):
-    world, records, _ = spawned
+    world, records, *_ = spawned
     for rec in records:
         if rec["strategy"] != "auto" or "errors" not in rec:
             continue
@@ -391,7 +449,7 @@ def _auto_picks_the_fewest_bytes(spawned):
 
 
 def _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
-    world, records, _ = spawned
+    world, records, *_ = spawned
     for rec in records:
         if "reason" not in rec:
             continue
@@ -401,7 +459,7 @@ def _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned):
 
 
 def _the_halo_of_a_local_pattern_moves_less_than_allgather(spawned):
-    world, records, _ = spawned
+    world, records, *_ = spawned
     for rec in records:
         if rec["strategy"] == "halo" and rec["case"].startswith("nbhd") and "errors" in rec:
             halo, ag = (sum(rec["plan"][s]["received"]) for s in ("halo", "allgather"))
@@ -411,13 +469,92 @@ def _the_halo_of_a_local_pattern_moves_less_than_allgather(spawned):
 def _parallel_branches_backpropagate_in_one_order(spawned):
     """Two cp attentions in parallel branches of one graph, one backward: no hang (the
     worker's faulthandler would end it) and the single-process gradients."""
-    _, _, branches = spawned
+    _, _, branches, _ = spawned
     assert len(branches) == 1, "the parallel-branches record is missing"
     assert "crash" not in branches[0], branches[0]["crash"]
     assert branches[0]["strategies"] == ["halo", "allgather"]
     errs = branches[0]["branch_errors"]
     assert set(errs) == {"loss", "dq", "dk", "dv"}
     assert all(e <= cp_worker.TOL for e in errs.values()), errs
+
+
+def _disagreement(world):
+    """What every rank of ``world`` raises when the last rank differs (cp_worker's
+    ``_agreement_scenarios``): a regex per scenario, or None for a call that must succeed."""
+    W1 = world - 1
+    refused = rf"context parallelism: rank {W1} of {world} refused the call: "
+    disagree = "context parallelism: the ranks disagree on "
+
+    def per_rank(a, b):                          # every rank a, the last b
+        return ", ".join(f"rank {r}: {a}" for r in range(W1)) + f", rank {W1}: {b}"
+
+    return {
+        "batch": disagree + re.escape(f"batch (q.shape[0]) ({per_rank(2, 3)});"),
+        "head-dim": disagree + re.escape(f"head dim (q.shape[3]) ({per_rank(4, 3)}); on value "
+                                         f"head dim (v.shape[3]) ({per_rank(5, 4)})"),
+        "dtype": disagree + re.escape(f"dtype ({per_rank('torch.float64', 'torch.float32')});"),
+        "kv-heads": disagree + re.escape(f"kv heads (k.shape[1]) ({per_rank(2, 1)});"),
+        "kv-heads-ulysses": refused + re.escape(f"strategy='ulysses': heads={world} and "
+                                                f"kv_heads=1 must both be divisible by the world "
+                                                f"size {world}"),
+        "local-tokens": refused + re.escape("q: shape [2, 2, 3, 4] has 3 tokens; expected "
+                                            "[B, H, 4, D]"),
+        "local-tokens-allgather": refused + re.escape("q: shape [2, 2, 5, 4] has 5 tokens"),
+        "heads": disagree + re.escape(f"heads (q.shape[1]) ({per_rank(2, 4)});"),
+        "extra-tokens": disagree + re.escape(f"extra tokens ({per_rank(0, 2)});"),
+        "return-lse": disagree + re.escape(f"return_lse ({per_rank(False, True)});"),
+        "scale": disagree + re.escape(f"scale ({per_rank(0.5, 0.25)});"),
+        "autograd": disagree + re.escape(f"autograd (grad mode on and q, k or v requiring grad) "
+                                         f"({per_rank(False, True)});"),
+        "strategy": disagree + re.escape(f"strategy ({per_rank(repr('halo'), repr('allgather'))})"),
+        "refused-return-lse": refused + re.escape("return_lse='yes': expected True or False"),
+        "refused-q-none": refused + re.escape("q: expected a torch.Tensor [B, H, N, D], got "
+                                              "NoneType"),
+        "pattern": disagree + re.escape("the compiled attention (a digest of its pattern, shape, "
+                                        "heads and score)"),
+        "document-ids": disagree + re.escape("the halo plan (a digest of its message sizes)"),
+        "different-calls": re.escape(
+            "context parallelism: the ranks of the group are in different calls ("
+            + per_rank("a context-parallel call cp(q, k, v)", "md.unshard") + ")"),
+        f"unshard-{world}x8-inferred": (
+            rf"md.unshard: ranks {', '.join(map(str, range(world)))} of {world} refused the "
+            rf"call: x: shape \[2, 1, 8, 5\] fits both layouts .*pass layout='bhnd' or "
+            rf"layout='grid'"),
+        f"unshard-{world}x8-grid": None,
+        f"unshard-{world + 1}x8-inferred": (
+            rf"md.unshard: ranks? {', '.join(map(str, range(1, world)))} of {world} refused "
+            rf"the call: x: shape \[2, 1, 8, 5\] fits both layouts"),   # rank 0 holds 2 rows
+        f"unshard-{world + 1}x8-grid": None,
+        "unshard-dtype": re.escape(f"md.unshard: the ranks disagree on x.dtype "
+                                   f"({per_rank('torch.float64', 'torch.float32')})"),
+        "unshard-channels": re.escape(f"md.unshard: the ranks disagree on x.shape[3] "
+                                      f"({per_rank(3, 5)})"),
+        "unshard-slab-length": rf"md.unshard: rank {W1} of {world} refused the call: x: shape "
+                               rf"\[1, 2, 3, 3\]: expected \[B, H, N, D\] with N = 4",
+    }
+
+
+def _every_rank_raises_one_error_when_the_ranks_disagree(spawned):
+    """Issue 21, finding 6: ranks that disagree on a call's metadata, or one rank refusing it,
+    give every rank the same MaskDSLError naming the field and each rank's value (before, a
+    gloo abort, a half-filled receive buffer, or a hang); finding 4: [B, *shape, C]
+    activations on one-row slabs unshard with layout="grid" and are refused without it."""
+    world, _, _, agree = spawned
+    want = _disagreement(world)
+    got = {r["case"][len("agree:"):]: r for r in agree}
+    assert "crash" not in got, got.get("crash", {}).get("crash")
+    assert set(got) == set(want) | {"then-a-good-call"}, sorted(got)
+    for name, pattern in want.items():
+        by_rank = got[name]["by_rank"]
+        assert len(by_rank) == world
+        if pattern is None:
+            assert by_rank == [["ok", "True"]] * world, (name, by_rank)
+            continue
+        kinds = {kind for kind, _ in by_rank}
+        assert kinds == {"MaskDSLError"}, (name, by_rank)
+        assert len({msg for _, msg in by_rank}) == 1, (name, by_rank)     # one error, every rank
+        assert re.search(pattern, by_rank[0][1]), (name, pattern, by_rank[0][1])
+    assert got["then-a-good-call"]["error"] <= cp_worker.TOL
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -431,3 +568,4 @@ def test_context_parallel_in_processes(world, tmp_path):
     _the_reason_suggests_head_tail_for_a_causal_pattern_only(spawned)
     _the_halo_of_a_local_pattern_moves_less_than_allgather(spawned)
     _parallel_branches_backpropagate_in_one_order(spawned)
+    _every_rank_raises_one_error_when_the_ranks_disagree(spawned)
