@@ -9,11 +9,17 @@ made while ``torch.compiler.is_compiling()`` is split in two:
   plain Python and bakes its result into the graph) checks what is static about the call
   (ranks, shapes, dtypes, devices, the requested backend's refusals) and registers the
   ``CompiledAttention`` in a bounded registry under a *handle*, a string;
-* the graph calls ``maskdsl::attention(q, k, v, params, scale, training, handle, return_lse)``,
-  whose real implementation runs exactly what an eager call runs (``CompiledAttention.__call__``:
-  validation, the non-finite isolation, the backend), and whose fake implementation returns an
-  empty [B, H, N, Dv] (and an lse [B, H, N], empty [0] when not asked for). ``params`` are the score's tensor parameters as the graph sees them, so a
-  learnable rate or relative_bias table gets its gradient.
+* the graph calls ``maskdsl::attention(q, k, v, params, scale, training, handle, return_lse,
+  where)``, whose real implementation runs exactly what an eager call runs
+  (``CompiledAttention.__call__``: validation, the non-finite isolation, the backend; its
+  ``MaskDSLError`` prefixed by ``where``), and whose fake implementation returns an empty
+  [B, H, N, Dv] (and an lse [B, H, N], empty [0] when not asked for). ``params`` are the
+  score's tensor parameters as the graph sees them, so a learnable rate or relative_bias table
+  gets its gradient.
+
+Only the batch size may be symbolic: ``_meta`` specializes every other size (a new size is a
+new graph), a float scale is passed to the op rather than baked in, and a non-tensor argument is
+handed to the checks as itself (``call_meta``, ARCHITECTURE.md "torch.compile").
 
 Handles are keyed by content (the pattern's and score's content keys, shape, heads, requested
 backend, device), never by tensor identity, so layers with the same configuration share one
@@ -36,7 +42,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import List, Tuple
+import operator
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -153,20 +160,23 @@ def _lse_dtype(q):
 
 @torch.library.custom_op("maskdsl::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: List[torch.Tensor],
-              scale: float, training: bool, handle: str,
-              return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              scale: float, training: bool, handle: str, return_lse: bool,
+              where: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, H, N, Dv] attention of the registered CompiledAttention ``handle``, its lse [B, H, N]
     (empty [0] unless ``return_lse``), and the dropout generator's state before the call (for
-    the backward's replay)."""
+    the backward's replay). ``where`` prefixes the eager call's MaskDSLError ("na2d: ")."""
     attn = _lookup(handle)
     state = _rng_state(attn, training)
-    res = _with_params(attn, params, training)(q, k, v, scale=scale, return_lse=return_lse)
+    try:
+        res = _with_params(attn, params, training)(q, k, v, scale=scale, return_lse=return_lse)
+    except MaskDSLError as e:
+        raise MaskDSLError(f"{where}{e}") from None
     out, lse = res if return_lse else (res, q.new_empty(0, dtype=_lse_dtype(q)))
     return _fresh(out, (q, k, v, *params)), _fresh(lse, ()), state
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, params, scale, training, handle, return_lse):
+def _attention_fake(q, k, v, params, scale, training, handle, return_lse, where):
     attn = _REGISTRY.get(handle)
     n_state = 0
     if attn is not None and attn._generator is not None and training:
@@ -225,7 +235,7 @@ def _attention_backward_fake(grad, grad_lse, q, k, v, params, rng_state, scale, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, params, scale, training, handle, return_lse = inputs
+    q, k, v, params, scale, training, handle, return_lse, _where = inputs
     _, _, state = output
     ctx.save_for_backward(q, k, v, state, *params)
     ctx.scale, ctx.training, ctx.handle, ctx.return_lse = scale, training, handle, return_lse
@@ -240,7 +250,7 @@ def _backward(ctx, grad, grad_lse, _grad_state):
     grads = attention_backward(grad, grad_lse, q, k, v, params, state, ctx.scale, ctx.training,
                                ctx.handle, needs)
     out = [g if n else None for g, n in zip(grads, needs)]
-    return out[0], out[1], out[2], out[3:], None, None, None, None
+    return out[0], out[1], out[2], out[3:], None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -248,33 +258,49 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("maskdsl::refuse", mutates_args=())
 def refuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: str, message: str,
-           where: str) -> torch.Tensor:
+           where: str, scale: Optional[float]) -> torch.Tensor:
     """Raises the ``MaskDSLError`` an eager call raises: a refused call, compiled into the
     graph. With a ``handle``, the real tensors are checked first (their exact shapes in the
-    message); else ``message``, the trace-time refusal. ``where`` prefixes it ("na2d: ")."""
-    from ._inputs import check_qkv
+    message), then ``scale`` when the call's float scale reaches the graph as a value (see
+    ``call_meta``); else ``message``, the trace-time refusal. ``where`` prefixes it
+    ("na2d: ")."""
+    from ._inputs import check_qkv, check_scale
 
     try:
         if handle:
             attn = _lookup(handle)
             check_qkv(q, k, v, attn.shape, attn.heads, extent=attn.extent)
+            if scale is not None:
+                check_scale(scale, q.shape[-1])
         raise MaskDSLError(message)
     except MaskDSLError as e:
         raise MaskDSLError(f"{where}{e}") from None
 
 
 @refuse.register_fake
-def _refuse_fake(q, k, v, handle, message, where):
+def _refuse_fake(q, k, v, handle, message, where, scale):
     if q.dim() == v.dim() >= 1:
         return q.new_empty(*q.shape[:-1], v.shape[-1])
     return q.new_empty(0)
 
 
 def _refuse_backward(ctx, grad):   # pragma: no cover - the forward always raises
-    return None, None, None, None, None, None
+    return None, None, None, None, None, None, None
 
 
 refuse.register_autograd(_refuse_backward)
+
+
+def refusal(q, k, v, message: str, where: str = "", handle: str = "", scale=None):
+    """Traced: ``refuse`` for a call whose q, k, v (or module input) may not be tensors: an
+    empty [0, 0, 0, 0] stands in for each non-tensor, and the real tensors (and ``scale``) are
+    re-checked only when all three are tensors."""
+    args = [t if isinstance(t, torch.Tensor) else None for t in (q, k, v)]
+    if any(t is None for t in args):
+        empty = torch.empty(0, 0, 0, 0)
+        args = [empty if t is None else t for t in args]
+        handle = ""
+    return refuse(*args, handle, message, where, scale)
 
 
 # ---------------------------------------------------------------------- trace time
@@ -282,6 +308,8 @@ refuse.register_autograd(_refuse_backward)
 def _stand_in(layout, rank, dtype, device, batch, rest, requires_grad):
     """A tensor without storage that carries what the checks read (layout, rank, dtype, device,
     shape, requires_grad); ``batch``: the batch size, 1 when it is dynamic."""
+    if layout == _OBJECT:                 # not a tensor: the argument itself (``_meta``)
+        return rank
     if layout != torch.strided:
         return torch.empty(0, dtype=dtype).to_sparse()
     base = torch.empty((), dtype=dtype, device=device, requires_grad=requires_grad)
@@ -289,11 +317,13 @@ def _stand_in(layout, rank, dtype, device, batch, rest, requires_grad):
 
 
 def _prepare_call(attn, meta: tuple) -> tuple:
-    """Trace time, as plain Python: (handle, parameter fields, scale, error message or "").
+    """Trace time, as plain Python: (handle, parameter fields, scale (None: the graph passes the
+    call's float), error message or "").
 
     ``meta`` (``call_meta``): per tensor (layout, rank, dtype, device, batch, the other sizes,
-    requires_grad), the scale, whether grad mode is on, whether the batch sizes agree. Runs the
-    eager call's static checks and, for ``auto``, its choice of backend for these tensors."""
+    requires_grad), the scale (``_scale_meta``), whether grad mode is on, whether the batch
+    sizes agree, whether the lse is asked for. Runs the eager call's static checks and, for
+    ``auto``, its choice of backend for these tensors."""
     from . import reference
     from ._inputs import check_qkv, check_scale
     from .codegen import backends
@@ -306,7 +336,12 @@ def _prepare_call(attn, meta: tuple) -> tuple:
         check_qkv(q, k, v, attn.shape, attn.heads, extent=attn.extent)
         if not batch_ok:
             raise MaskDSLError("q, k, v: batch sizes differ")   # refuse() names the shapes
-        scale = check_scale(scale, q.shape[-1])
+        kind, scale = scale
+        if kind == "float":       # the graph passes it, the op's eager call checks it
+            scale = None
+        else:
+            scale = check_scale(_TensorScale(*scale) if kind == "tensor" else scale,
+                                q.shape[-1])
         reference.check_params_device(attn.score, q.device)
         ext = attn.extent
         if ext.extra:             # the grid part runs with its lse, on the grid's tokens
@@ -327,17 +362,29 @@ def _prepare_call(attn, meta: tuple) -> tuple:
                 if why is not None:
                     raise MaskDSLError(f"backend={attn.backend!r}: {why}")
     except MaskDSLError as e:
-        return handle, (), 1.0, str(e)
+        return handle, (), None, str(e)
     return handle, _param_fields(attn.score), scale, ""
 
 
 _prepare = torch.compiler.assume_constant_result(_prepare_call)
 
 
+_OBJECT = "not a tensor"
+
+
 def _meta(t):
-    # the batch size is left out (it may be dynamic; the stand-ins have batch 1, and refuse()
-    # re-checks the real tensors); every other size must be static
-    return (t.layout, t.dim(), t.dtype, t.device, 1, tuple(t.shape[1:]), t.requires_grad)
+    # An argument that is not a tensor travels as itself, so that the trace-time checks raise
+    # eager's MaskDSLError for it (Dynamo must see it as a constant: None, a number, a list).
+    if not isinstance(t, torch.Tensor):
+        return (_OBJECT, t) + (None,) * 5
+    # The batch size is left out (it may be dynamic; the stand-ins have batch 1, and refuse()
+    # re-checks the real tensors). Every other size is specialized: torch's automatic dynamic
+    # makes a dim symbolic once it changed, and a SymInt cannot reach assume_constant_result
+    # (Dynamo: "argument conversion failed", then on every later recompile). operator.index
+    # of a SymInt is SymInt.__index__, which Dynamo runs as guard-and-specialize (int() would
+    # stay symbolic): a new size is a new graph.
+    return (t.layout, t.dim(), t.dtype, t.device, 1,
+            tuple(operator.index(s) for s in t.shape[1:]), t.requires_grad)
 
 
 def stand_in(t):
@@ -345,38 +392,66 @@ def stand_in(t):
     return _meta(t)
 
 
+def _scale_meta(scale) -> tuple:
+    """Traced: (kind, value), the scale as ``_prepare_call`` takes it. A float stays out of the
+    constants (kind "float": torch's automatic dynamic makes a float that changed a SymFloat,
+    which cannot be a constant of the trace; the graph passes it to the op, whose call guards on
+    it and whose eager call checks it); an int is specialized like a size; a tensor goes as its
+    rank and dtype; anything else (None, a str) as itself. Eager refuses all but None and
+    numbers."""
+    if isinstance(scale, float) and not isinstance(scale, bool):
+        return ("float", None)
+    if isinstance(scale, int) and not isinstance(scale, bool):
+        return ("value", operator.index(scale))
+    if isinstance(scale, torch.Tensor):
+        return ("tensor", (scale.dim(), scale.dtype))
+    return ("value", scale)
+
+
+class _TensorScale:
+    """Trace time: stands in for a tensor passed as ``scale`` in eager's refusal."""
+
+    def __init__(self, rank, dtype):
+        self.rank, self.dtype = rank, dtype
+
+    def __repr__(self):
+        return f"<a {self.rank}-D {str(self.dtype).replace('torch.', '')} torch.Tensor>"
+
+
 def call_meta(q, k, v, scale, return_lse: bool = False) -> tuple:
     """Traced: what ``_prepare_call`` reads about a call, as constants."""
     batch_ok = True                # an ``if`` on sizes: a guard and a constant, not a SymBool
-    if q.dim() >= 1 and k.dim() >= 1 and v.dim() >= 1:
+    if all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in (q, k, v)):
         if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
             batch_ok = False
-    return (tuple(_meta(t) for t in (q, k, v)), scale, torch.is_grad_enabled(), batch_ok,
-            bool(return_lse))
+    return (tuple(_meta(t) for t in (q, k, v)), _scale_meta(scale), torch.is_grad_enabled(),
+            batch_ok, bool(return_lse))
 
 
-def finish(prepared, score, q, k, v, training: bool, where: str = "", return_lse: bool = False):
-    """Traced: the graph's op call for a prepared call (or the refusal it compiles to)."""
+def finish(prepared, score, q, k, v, training: bool, where: str = "", return_lse: bool = False,
+           scale=None):
+    """Traced: the graph's op call for a prepared call (or the refusal it compiles to);
+    ``scale``: the call's own, used when ``_prepare_call`` left it to the graph (a float)."""
     from ._score import score_terms
 
-    handle, fields, scale, error = prepared
+    handle, fields, checked, error = prepared
+    runtime = isinstance(scale, float) and not isinstance(scale, bool)
+    scale = scale if runtime else checked
     if error:
-        out = refuse(q, k, v, handle, error, where)
+        out = refusal(q, k, v, error, where, handle, scale if runtime else None)
         return (out, out[..., 0].float()) if return_lse else out
     terms = score_terms(score)
     params = [getattr(terms[i], name) for i, name in fields]
-    out, lse, _ = attention(q, k, v, params, scale, bool(training), handle, bool(return_lse))
+    out, lse, _ = attention(q, k, v, params, scale, bool(training), handle, bool(return_lse),
+                            where)
     return (out, lse) if return_lse else out
 
 
 def compiled_call(attn, q, k, v, scale, return_lse: bool = False):
     """What ``CompiledAttention.__call__`` runs while Dynamo traces it (no graph break)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise MaskDSLError(f"{name}: expected a torch.Tensor [B, H, N, D], got "
-                               f"{type(t).__name__}")
     prepared = _prepare(attn, call_meta(q, k, v, scale, return_lse))
-    return finish(prepared, attn.score, q, k, v, attn.training, return_lse=return_lse)
+    return finish(prepared, attn.score, q, k, v, attn.training, return_lse=return_lse,
+                  scale=scale)
 
 
 # ---------------------------------------------------------------------- maskdsl.nn, natten

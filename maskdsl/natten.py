@@ -242,12 +242,12 @@ def _na_traced(rank, query, key, value, kernel_size, stride, dilation, is_causal
     metas = tuple(_ops.stand_in(t) for t in (query, key, value, *extra))
     error = _ops.natten_check(rank, metas, *args)
     if error:
-        out = _ops.refuse(query, key, value, "", error, "")
+        out = _ops.refusal(query, key, value, error)
         return (out, out[..., 0].float()) if return_lse else out
     q, k, v = _bhnd(query, key, value, add_k, add_v)
     prepared = _ops.natten_prepare(rank, metas, *args, _ops.call_meta(q, k, v, scale, return_lse))
     res = _ops.finish(prepared, score, q, k, v, True, where=f"na{rank}d: ",
-                      return_lse=return_lse)
+                      return_lse=return_lse, scale=scale)
     return _heads_last(query, res, return_lse)
 
 

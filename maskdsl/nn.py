@@ -188,13 +188,13 @@ class PatternAttention(nn.Module):
         Under ``torch.compile`` the checks and the attention's compile run once, at trace time
         (ARCHITECTURE.md, "torch.compile")."""
         where = type(self).__name__
-        compiling = torch.compiler.is_compiling() and isinstance(x, torch.Tensor)
+        compiling = torch.compiler.is_compiling()
         if compiling:
             from . import _ops
 
             shape, error = _ops.module_grid(self, _ops.stand_in(x))
             if error:
-                return _ops.refuse(x, x, x, "", error, "")
+                return _ops.refusal(x, x, x, error)
         else:
             shape = self._check_input(x)
         B, n, H, Dh, Hk = x.shape[0], math.prod(shape), self.heads, self.head_dim, self.kv_heads
@@ -206,7 +206,8 @@ class PatternAttention(nn.Module):
             q, k, v = (t.reshape(B, n, -1, Dh).transpose(1, 2) for t in (q, k, v))
         if compiling:
             prepared = _ops.module_prepare(self, shape, _ops.call_meta(q, k, v, self.scale))
-            out = _ops.finish(prepared, self.score, q, k, v, self.training, where=f"{where}: ")
+            out = _ops.finish(prepared, self.score, q, k, v, self.training, where=f"{where}: ",
+                              scale=self.scale)
         else:
             attn = self.attention(shape)
             attn.training = self.training

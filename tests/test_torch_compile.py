@@ -2,7 +2,8 @@
 maskdsl.nn modules and maskdsl.natten compile with fullgraph=True on CPU, forward and backward,
 with zero graph breaks (torch._dynamo.explain), match eager outputs and gradients, do not
 recompile across batch sizes beyond torch's one automatic-dynamic recompile (counters), and
-still raise MaskDSLError on bad input."""
+still raise MaskDSLError on bad input; every other size, a float scale and a non-tensor argument
+that change give a new graph equal to eager or eager's MaskDSLError, and later calls still run."""
 import pytest
 import torch
 import torch._dynamo
@@ -180,3 +181,173 @@ def test_nonfinite_rows_stay_isolated_under_compile():
     got, want = g(q, k, v), attn(q, k, v)
     assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any(-1).sum() == 5
     torch.testing.assert_close(got.nan_to_num(7.0), want.nan_to_num(7.0))
+
+
+# ---------------------------------------------------------------- sizes other than batch change
+# Issue 21, finding 7: under fullgraph=True a changed size used to reach
+# assume_constant_result as a SymInt (torch's automatic dynamic marks a dim dynamic on its
+# first recompile) and every later recompile failed, the original shapes and a grad-mode call
+# included. Every size but batch is specialized (ARCHITECTURE.md, "torch.compile"): a new size
+# is a new graph equal to the eager call, or the eager call's MaskDSLError; the calls after it
+# still work.
+
+def _same_as_eager(compiled, eager, *args, grad=False):
+    """compiled(*args) equals eager(*args) (and, with ``grad``, so do the gradients of both with
+    respect to every tensor argument)."""
+    if not grad:
+        torch.testing.assert_close(compiled(*args), eager(*args), atol=1e-5, rtol=1e-5)
+        return
+    args = [a.detach().requires_grad_() for a in args]
+    got, want = compiled(*args), eager(*args)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), args),
+                    torch.autograd.grad(want.square().sum(), args)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_md_compile_callable_after_a_changed_size():
+    torch.manual_seed(5)
+    attn = md.compile(md.neighborhood(3), shape=(16,), heads=2)
+    ext = md.compile(md.neighborhood(3), shape=(16,), heads=2, extra_tokens=2)
+
+    def f(q, k, v):
+        return attn(q, k, v)
+
+    def fe(q, k, v):
+        return ext(q, k, v)
+
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+    ge = torch.compile(fe, fullgraph=True, backend="aot_eager")
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    _same_as_eager(g, f, q, k, v)
+    d4, dv6 = torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 6)
+    _same_as_eager(g, f, d4, d4, dv6)                     # head dim 4, value dim 6: a new graph
+    bad = torch.randn(1, 2, 15, 8)
+    with pytest.raises(md.MaskDSLError, match=r"has N=15 tokens but shape \(16,\) has 16"):
+        g(bad, bad, bad)
+    bad = torch.randn(1, 3, 16, 8)
+    with pytest.raises(md.MaskDSLError, match="H=3 heads but the pattern was compiled for "
+                                              "heads=2"):
+        g(bad, bad, bad)
+    _same_as_eager(g, f, q, k, v)                         # the original shapes
+    _same_as_eager(g, f, q, k, v, grad=True)              # grad mode: a recompile
+    _same_as_eager(g, f, d4, d4, dv6, grad=True)
+    qx, kx, vx = (torch.randn(1, 2, 18, 8) for _ in range(3))   # extra_tokens=2: 18 tokens
+    _same_as_eager(ge, fe, qx, kx, vx)
+    x3 = torch.randn(1, 2, 19, 8)                         # 3 extra tokens, compiled for 2
+    with pytest.raises(md.MaskDSLError, match=r"has 19 tokens; expected \[B, H, 18, D\] for "
+                                              r"shape \(16,\) with extra_tokens=2"):
+        ge(x3, x3, x3)
+    _same_as_eager(ge, fe, qx, kx, vx, grad=True)
+
+
+def test_neighborhood_attention_2d_without_shape_runs_every_resolution_compiled():
+    torch.manual_seed(6)
+    model = NeighborhoodAttention2D(16, 2, 3).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 6, 6, 16)
+    with torch.no_grad():
+        _same_as_eager(compiled, model, x)
+        for grid in ((8, 8), (5, 7)):                     # new resolutions: new graphs
+            _same_as_eager(compiled, model, torch.randn(1, *grid, 16))
+        with pytest.raises(md.MaskDSLError, match=r"kernel_size\[0\]=3 needs shape\[0\] >= 3, "
+                                                  r"got 2"):
+            compiled(torch.randn(1, 2, 6, 16))
+        with pytest.raises(md.MaskDSLError, match="expected the last dim to be dim=16"):
+            compiled(torch.randn(1, 6, 6, 8))
+        _same_as_eager(compiled, model, x)                # the original shape
+    _same_as_eager(compiled, model, x, grad=True)         # grad mode
+    _same_as_eager(compiled, model, torch.randn(2, 5, 7, 16), grad=True)
+
+
+def test_natten_after_a_changed_size_or_additional_kv_count():
+    torch.manual_seed(7)
+
+    def f(q, k, v, ak, av):
+        return natten.na1d(q, k, v, kernel_size=3, additional_keys=ak, additional_values=av)
+
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+
+    def run(n, heads, d, n_add, grad=False):
+        q, k, v = (torch.randn(1, n, heads, d) for _ in range(3))
+        ak, av = (torch.randn(1, n_add, heads, d) for _ in range(2))
+        _same_as_eager(g, f, q, k, v, ak, av, grad=grad)
+
+    run(16, 2, 8, 3)
+    run(16, 2, 8, 5)                                      # N_add
+    run(12, 2, 8, 5)                                      # N
+    run(12, 2, 4, 5)                                      # head dim
+    run(12, 1, 4, 5)                                      # heads
+    q = torch.randn(1, 2, 2, 8)
+    with pytest.raises(md.MaskDSLError, match="na1d"):
+        g(q, q, q, q, q)                                  # 2 tokens: kernel_size 3 cannot fit
+    run(16, 2, 8, 3)                                      # the original shapes
+    run(16, 2, 8, 3, grad=True)                           # grad mode
+
+
+def test_non_tensor_arguments_raise_eagers_error_under_fullgraph():
+    """A non-tensor q/k/v, module input or NATTEN argument raises eager's MaskDSLError under
+    fullgraph=True (it used to end in Dynamo's "Observed exception")."""
+    attn = md.compile(md.neighborhood(3), shape=(16,), heads=2)
+    layer = NeighborhoodAttention2D(16, 2, 3)
+    q, qn = torch.randn(1, 2, 16, 8), torch.randn(1, 16, 2, 8)
+    cases = [
+        (lambda q: attn(q, 3, q, return_lse=True)[1], q,
+         r"^k: expected a torch.Tensor \[B, H, N, D\], got int$"),
+        (lambda q: layer([1.0]), q, r"^NeighborhoodAttention2D: x: expected a torch.Tensor "
+                                    r"\[B, \*shape, 16\], got list$"),
+        (lambda q: natten.na1d(q, None, q, kernel_size=3, additional_keys=q[:, :2]), qn,
+         r"^na1d: key: expected a torch.Tensor \[B, L, H, D\], got NoneType$"),
+    ]
+    for f, x, message in cases:
+        for run in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+            with pytest.raises(md.MaskDSLError, match=message):
+                run(x)
+
+
+def test_a_changed_scale_under_fullgraph():
+    """A float scale that changes between calls (automatic dynamic makes it a SymFloat) used to
+    end in assume_constant_result's "argument conversion failed", later calls included; now the
+    graph passes the float to the op, and a bad one raises eager's MaskDSLError."""
+    torch.manual_seed(8)
+    attn = md.compile(md.neighborhood(3), shape=(16,), heads=2)
+
+    def f(q, k, v, scale):
+        return attn(q, k, v, scale=scale)
+
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    for scale in (0.3, 0.5, -1.5):
+        _same_as_eager(g, f, q, k, v, scale)
+    for bad, shown in ((float("nan"), "nan"), (torch.tensor(0.3), "<a 0-D float32 torch.Tensor>")):
+        with pytest.raises(md.MaskDSLError, match=rf"^scale={shown}: expected a finite number "
+                                                  rf"within float32's range"):
+            g(q, k, v, bad)
+    _same_as_eager(g, f, q, k, v, None)
+    _same_as_eager(g, f, q, k, v, 0.3)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    got, want = g(qg, kg, vg, 0.7), f(qg, kg, vg, 0.7)    # grad mode, a new scale
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), (qg, kg, vg)),
+                    torch.autograd.grad(want.square().sum(), (qg, kg, vg))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    gn = torch.compile(lambda q, s: natten.na1d(q, q, q, kernel_size=3, scale=s), fullgraph=True,
+                       backend="aot_eager")
+    qn = torch.randn(1, 16, 2, 8)
+    gn(qn, 0.5)
+    with pytest.raises(md.MaskDSLError, match=r"^na1d: scale=inf: expected a finite number"):
+        gn(qn, float("inf"))
+
+
+def test_dynamic_true_and_maybe_mark_dynamic_specialize_every_size_but_batch():
+    """dynamic=True (every size and the module's float scale symbolic from the first trace) and
+    maybe_mark_dynamic on a grid dim: the sizes are specialized, the results are eager's."""
+    torch.manual_seed(9)
+    model = NeighborhoodAttention2D(16, 2, 3).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    with torch.no_grad():
+        for shape in ((1, 6, 6, 16), (2, 6, 6, 16), (1, 5, 7, 16)):
+            _same_as_eager(compiled, model, torch.randn(shape))
+        x = torch.randn(1, 6, 8, 16)
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+        _same_as_eager(torch.compile(model, fullgraph=True, backend="aot_eager"), model, x)
