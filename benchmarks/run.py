@@ -132,7 +132,7 @@ def ours_build(spec: str, shape: tuple, layout: str = "row-major") -> dict:
     t0 = time.perf_counter()
     attn = md.compile(p, shape, 1, backend="flex")
     bm = attn.block_mask() if layout == "row-major" else attn.flex_inputs(layout).block_mask
-    prog = attn._row_major() if layout == "row-major" else attn.program
+    prog = attn.row_major_program() if layout == "row-major" else attn.program
     return {"seconds": time.perf_counter() - t0, "layout": prog.layout.describe(),
             "blocks": int((bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item())}
 
@@ -149,7 +149,7 @@ def child_build(spec: str, shape: tuple) -> dict:
         "peak = peak_mb()\n"
         "t0 = time.perf_counter(); a.flex_inputs('tiled'); t_tiled = time.perf_counter() - t0\n"
         "print(json.dumps({'seconds': t, 'peak_rss_mb': peak, 'above_import_mb': peak - base,"
-        " 'layout': a._row_major().layout.describe(), 'tiled_extra_seconds': t_tiled,"
+        " 'layout': a.row_major_program().layout.describe(), 'tiled_extra_seconds': t_tiled,"
         " 'tiled_layout': a.program.layout.describe()}))\n" % (os.path.join(HERE, ".."), spec, tuple(shape)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

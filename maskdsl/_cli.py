@@ -349,12 +349,12 @@ def _cmd_check(args) -> int:
     if dropout and B * H * n * n > _KEEP_PAIRS:
         attn.training = False
         notes.append(f"dropout off for this check: its keep mask is {B} x {H} x {n}^2 pairs")
-    state = attn._generator.get_state() if dropout else None
+    state = attn.dropout_state() if dropout else None
     out = attn(q, k, v)
     keep = None
     if dropout and attn.training:
-        ran = attn._last_call[0] if attn._last_call is not None else attn.backend
-        attn._generator.set_state(state)         # the draws the call just made, drawn again
+        ran = attn.last_backend
+        attn.set_dropout_state(state)            # the draws the call just made, drawn again
         keep = next_keep_mask(attn, ran, B)
         notes.append(f"dropout compared with the {ran} backend's own keep mask")
     with torch.no_grad():

@@ -9,7 +9,8 @@ says why. This module knows the backends only through ``codegen.backends``.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -24,6 +25,22 @@ from ._score import Score, check_tensor_params, score_extras, score_terms, Dropo
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
 BACKENDS = ("auto", "dense", "flex", "tiles", "triton")
+
+
+@dataclass
+class Prepared:
+    """Everything a :class:`CompiledAttention` builds from its structure, in one typed object it
+    owns (ARCHITECTURE.md, "Caches"): other modules ask for a piece through
+    ``attn.backend_state(name)`` and ``attn.prepared(field, build)``, never write it. Dropped as
+    a whole when document ids change in place, so no derived artefact (a KV cache's lookback,
+    a halo plan, a Flex mask) outlives the ids it was read from."""
+
+    backends: Dict[str, Any] = field(default_factory=dict)   # backend name -> prepare(spec)
+    row_major: Any = None     # the public artefacts' Program (``_interop.row_major_program``)
+    plain: Any = None         # positions equal to flat indices (``_rect.row_major``)
+    reach: Any = None         # ``_rect.key_reach`` of ``plain``
+    lookback: Any = None      # ``_kvcache.Lookback``
+    masks: Dict[Any, Any] = field(default_factory=dict)      # device -> reference mask
 
 
 def validate(p, shape, heads: int, score=None) -> tuple:
@@ -56,7 +73,7 @@ class CompiledAttention:
             gives the tiled form the flex backend runs, with its permutation.
     """
 
-    def __init__(self, spec, choice, auto: bool, device=None, extent=None):
+    def __init__(self, spec, choice, auto: bool, device=None, extent=None, asked=None):
         from ._extent import Extent
         from .codegen.backends import Spec  # noqa: F401  (the type of ``spec``)
 
@@ -72,8 +89,8 @@ class CompiledAttention:
         self._auto = auto
         drop = next((t for t in score_terms(self.score) if isinstance(t, Dropout)), None)
         self._generator = torch.Generator().manual_seed(drop.seed) if drop is not None else None
-        self._states = {}
-        self._masks = {}
+        self._asked = asked             # the backend asked for, when it is not the one chosen
+        self._prepared = Prepared()
         self._last_call = None          # (backend, refusals) when an auto call fell back
         # tensors the compiled structure was built from (document ids): an in-place change
         # (a new version) drops every prepared state, so the next call rebuilds from new ids
@@ -99,16 +116,42 @@ class CompiledAttention:
         # Pickling and deepcopy keep only the spec (and the dropout stream's position): every
         # cache, plan and compiled kernel is rebuilt on first use (they hold locks and devices).
         state = {"training": self.training,
-                 "generator": self._generator.get_state() if self._generator is not None else None}
-        requested = "auto" if self._auto else self._requested
+                 "generator": self.dropout_state()}
         e = self.extent
         state["extent"] = dict(extra_tokens=e.extra, extra=e.mode, q_range=e.q, kv_range=e.kv)
-        return (_rebuild, (self.pattern, self.shape, self.heads, self.score, requested,
+        return (_rebuild, (self.pattern, self.shape, self.heads, self.score, self.requested,
                            None if self._device is None else str(self._device), state))
 
     @property
-    def _requested(self) -> str:
-        return self.__dict__.get("_asked", self.backend)
+    def requested(self) -> str:
+        """The backend asked for: ``"auto"``, or the name given to ``md.compile``."""
+        if self._auto:
+            return "auto"
+        return self._asked if self._asked is not None else self.backend
+
+    @property
+    def device(self):
+        """The device ``auto`` decided for (None for an explicitly requested backend)."""
+        return self._device
+
+    @property
+    def per_object(self) -> bool:
+        """Whether this object holds state of its own beyond its content: a dropout stream, or
+        document ids (whose in-place changes it notices)."""
+        return self._generator is not None or bool(self._structural)
+
+    @property
+    def last_backend(self) -> str:
+        """The backend the last call ran (``auto`` may have run another for those tensors)."""
+        return self._last_call[0] if self._last_call is not None else self.backend
+
+    def dropout_state(self):
+        """The dropout stream's state (a uint8 tensor; None without a dropout term)."""
+        return self._generator.get_state() if self._generator is not None else None
+
+    def set_dropout_state(self, state) -> None:
+        """Put the dropout stream back to ``state`` (from :meth:`dropout_state`)."""
+        self._generator.set_state(state)
 
     def __repr__(self):
         score = f", score={self.score!r}" if self.score is not None else ""
@@ -116,14 +159,34 @@ class CompiledAttention:
         return (f"CompiledAttention({self.pattern!r}, shape={self.shape}, heads={self.heads}"
                 f"{score}{ext}, backend={self.backend!r})")
 
-    # ------------------------------------------------------------------ backends' state
-    def _state(self, name: str):
-        """The prepared state of backend ``name`` (programs, plans), built on first use."""
+    # ------------------------------------------------------------------ prepared state
+    def backend_state(self, name: str):
+        """The prepared state of backend ``name`` (programs, plans), built on first use from
+        the structure as it is now."""
         from .codegen.backends import get
 
-        if name not in self._states:
-            self._states[name] = get(name).prepare(self._spec)
-        return self._states[name]
+        self.refresh()
+        states = self._prepared.backends
+        if name not in states:
+            states[name] = get(name).prepare(self._spec)
+        return states[name]
+
+    def prepared(self, name: str, build):
+        """The derived artefact ``name`` (a field of :class:`Prepared`: ``row_major``,
+        ``plain``, ``reach``, ``lookback``), built by ``build()`` on first use from the
+        structure as it is now and kept until document ids change."""
+        self.refresh()
+        found = getattr(self._prepared, name)
+        if found is None:
+            found = build()
+            setattr(self._prepared, name, found)
+        return found
+
+    @property
+    def generation(self) -> int:
+        """How many times the structure changed (document ids in place) since compiling; what
+        a derived artefact compares to know it is current (after :meth:`refresh`)."""
+        return self._generation
 
     def _structure_versions(self):
         out = []
@@ -134,29 +197,33 @@ class CompiledAttention:
                 out.append(t.detach().cpu().clone())
         return out
 
-    def _refresh(self):
-        """Forget every state built from structural tensors that changed in place since."""
+    def refresh(self) -> int:
+        """Forget every state built from structural tensors that changed in place since;
+        returns :attr:`generation`."""
+        if not self._structural:
+            return self._generation
         now = self._structure_versions()
         same = all((a == b) if isinstance(a, int) and isinstance(b, int)
                    else isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
                    and torch.equal(a, b) for a, b in zip(now, self._versions))
         if not same:
             self._versions = now
-            self._states, self._masks = {}, {}
+            self._prepared = Prepared()
             self._generation += 1
+        return self._generation
 
     # ------------------------------------------------------------------ generated artefacts
     @property
     def program(self):
         """The codegen Program (recipe: IR, layout, tile classes; generated source) the running
         backend uses (flex's 128-token blocks for backends without one)."""
-        state = self._state(self.backend) if self.backend in ("flex", "tiles") else None
-        return state if state is not None else self._state("flex")
+        state = self.backend_state(self.backend) if self.backend in ("flex", "tiles") else None
+        return state if state is not None else self.backend_state("flex")
 
     @property
     def tiles_program(self):
         """The Program the tiles backend runs (its tile size chosen per pattern)."""
-        return self._state("tiles")
+        return self.backend_state("tiles")
 
     def _square_only(self, what: str):
         """The public artefacts describe the square grid problem: refuse them for extra tokens
@@ -167,31 +234,27 @@ class CompiledAttention:
                 f"square {self.n}-token grid problem only; compile the same pattern without them "
                 f"for the grid's artefacts")
 
-    def _row_major(self):
+    def row_major_program(self):
         """The Program in the user's row-major token order (the public artefacts' program)."""
-        self._square_only("mask_mod, score_mod, source and block_mask()")
-        if self._structural:
-            self._refresh()
-        if "row-major" not in self._states:
-            from ._interop import row_major_program
+        from ._interop import row_major_program
 
-            self._states["row-major"] = row_major_program(self)
-        return self._states["row-major"]
+        self._square_only("mask_mod, score_mod, source and block_mask()")
+        return self.prepared("row_major", lambda: row_major_program(self))
 
     @property
     def source(self) -> str:
         """The generated ``mask_mod`` (and ``score_mod``) source, on row-major flat indices."""
-        return self._row_major().source
+        return self.row_major_program().source
 
     @property
     def mask_mod(self):
         """The generated mask_mod, on the user's row-major token indices (flex's signature)."""
-        return self._row_major().mods("cpu", flex=True)[0]
+        return self.row_major_program().mods("cpu", flex=True)[0]
 
     @property
     def score_mod(self):
         """The generated score_mod on row-major token indices, or None without score terms."""
-        return self._row_major().mods("cpu", flex=True)[1]
+        return self.row_major_program().mods("cpu", flex=True)[1]
 
     def block_mask(self, device="cpu"):
         """The torch BlockMask in the user's row-major token order (sequence length N), built
@@ -199,7 +262,7 @@ class CompiledAttention:
         The tiled form the flex backend runs: :meth:`flex_inputs` with ``layout="tiled"``."""
         from ._interop import row_major_block_mask
 
-        return row_major_block_mask(self._row_major(), check_device(device))
+        return row_major_block_mask(self.row_major_program(), check_device(device))
 
     def flex_inputs(self, layout: str = "row-major", device="cpu"):
         """Everything ``flex_attention`` needs, as a :class:`maskdsl._interop.FlexInputs`:
@@ -244,10 +307,12 @@ class CompiledAttention:
         """The bool [H, N, N] mask (built once per device by the reference)."""
         self._square_only("mask()")
         device = check_device(device)
-        if device not in self._masks:
-            self._masks[device] = outside_inference_mode(reference.mask)(
+        self.refresh()
+        masks = self._prepared.masks
+        if device not in masks:
+            masks[device] = outside_inference_mode(reference.mask)(
                 self.pattern, self.shape, self.heads, device)
-        return self._masks[device]
+        return masks[device]
 
     # ------------------------------------------------------------------ running
     def __call__(self, q, k, v, *, scale: Optional[float] = None, return_lse: bool = False):
@@ -274,16 +339,16 @@ class CompiledAttention:
             return compiled_call(self, q, k, v, scale, return_lse)
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads, extent=self.extent)
         scale = check_call(self.score, q.device, scale, D, return_lse)
-        if self._structural:
-            self._refresh()
+        self.refresh()
         if not self.extent.square:
             from ._extent import run_extent
 
             return run_extent(self, q, k, v, scale, return_lse)
-        return self._square(q, k, v, scale, return_lse)
+        return self.grid_call(q, k, v, scale, return_lse)
 
-    def _square(self, q, k, v, scale: float, return_lse: bool):
-        """Self-attention over the grid on checked q, k, v, with the non-finite isolation."""
+    def grid_call(self, q, k, v, scale: float, return_lse: bool):
+        """Self-attention over the grid on checked q, k, v (the grid's tokens only), with the
+        non-finite isolation: the square call, and the grid part of an extra-token call."""
         from ._isolate import nonfinite_rows, poison, poison_lse, sanitize
 
         H = q.shape[1]
@@ -302,9 +367,11 @@ class CompiledAttention:
             return poison(res[0], q, rows), poison_lse(res[1], rows)
         return poison(res, q, rows)
 
-    def _run(self, q, k, v, scale: float, return_lse: bool = False):
-        """The chosen backend on checked, finite inputs (``auto``: re-decided for a new device,
-        and for this call another backend when the chosen one refuses these tensors)."""
+    def decide(self, q, k, v, return_lse: bool = False) -> str:
+        """The backend that runs a call on these tensors: ``auto`` re-decides for a new device
+        and, for this call, runs the next backend when the chosen one refuses the tensors (the
+        reason says so); an explicitly requested backend that refuses them raises
+        MaskDSLError. The one dispatch for eager calls and torch.compile's trace."""
         from .codegen import backends
 
         name = self.backend
@@ -315,14 +382,40 @@ class CompiledAttention:
                 name = self.backend
             ran, met = backends.fallback(self._spec, name, q, k, v, q.device, return_lse)
             self._last_call = (ran, met) if met else None
-            name = ran
-        else:
-            why = backends.get(name).call_refusal(self._spec, q, k, v, return_lse)
-            if why is not None:
-                raise MaskDSLError(f"backend={name!r}: {why}")
+            return ran
+        why = backends.get(name).call_refusal(self._spec, q, k, v, return_lse)
+        if why is not None:
+            raise MaskDSLError(f"backend={name!r}: {why}")
+        return name
+
+    def _run(self, q, k, v, scale: float, return_lse: bool = False):
+        """The chosen backend on checked, finite inputs."""
+        from .codegen import backends
+
+        name = self.decide(q, k, v, return_lse)
         sink, drop_p = score_extras(self.score, self.heads, q.device, self.training)
         call = backends.Call(scale, sink, drop_p, self._generator, return_lse)
-        return backends.get(name).run(self._state(name), q, k, v, call)
+        return backends.get(name).run(self.backend_state(name), q, k, v, call)
+
+    def variant(self, score=None, training: Optional[bool] = None, generator=None):
+        """A copy that runs this attention with ``score`` (the same structure with other
+        tensors: torch.compile's graph inputs), in ``training`` mode and drawing dropout from
+        ``generator`` (each None: this object's). It shares this object's prepared state unless
+        the score differs (the backends' states hold the score: prepared again); this object
+        is never changed."""
+        from .codegen.backends import Spec
+
+        run = object.__new__(type(self))
+        run.__dict__.update(self.__dict__)
+        if training is not None:
+            run.training = training
+        if generator is not None:
+            run._generator = generator
+        if score is not None and score is not self.score:
+            run._spec = Spec(self.pattern, score, self.shape, self.heads)
+            run.score = score
+            run._prepared = Prepared()
+        return run
 
 
 def check_call(score, device, scale, head_dim: int, return_lse) -> float:
@@ -402,5 +495,5 @@ def _rebuild(pattern, shape, heads, score, backend, device, state):
                    **state.get("extent", {}))
     attn.training = state["training"]
     if state["generator"] is not None:
-        attn._generator.set_state(state["generator"])
+        attn.set_dropout_state(state["generator"])
     return attn

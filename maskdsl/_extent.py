@@ -152,9 +152,7 @@ def extent_backend(spec, extent: Extent, backend: str, device):
         choice = Choice("tiles", "tiles: a sub-range runs on the rectangle path: each chunk of "
                                  "query tiles against the key tiles its tile classes list, "
                                  "the token mask evaluated at global coordinates")
-    attn = CompiledAttention(spec, choice, auto=False, extent=extent)
-    attn._asked = backend
-    return attn
+    return CompiledAttention(spec, choice, auto=False, extent=extent, asked=backend)
 
 
 def run_extent(attn, q, k, v, scale: float, return_lse: bool):
@@ -186,7 +184,7 @@ def _run_extra(attn, q, k, v, scale):
     qg, kg, vg = q[:, :, :N], k[:, :, :N], v[:, :, :N]
     ke, ve = k[:, :, N:], v[:, :, N:]
     try:
-        grid = attn._square(qg, kg, vg, scale, True)
+        grid = attn.grid_call(qg, kg, vg, scale, True)
     except MaskDSLError as e:
         raise MaskDSLError(f"{ext.describe()}: the grid's attention is merged with the extra "
                            f"tokens' through its log-sum-exp: {e}") from None

@@ -78,7 +78,7 @@ def row_major_program(attn):
     from .codegen.layout_search import row_major
     from .codegen.program import BLOCK_SIZE, Program
 
-    tiled = attn._state("flex")
+    tiled = attn.backend_state("flex")
     lay = row_major(attn.shape, BLOCK_SIZE)
     if tiled.layout.row_major_order:
         return tiled
@@ -101,13 +101,11 @@ def flex_inputs(attn, layout: str, device) -> FlexInputs:
         raise MaskDSLError(f"layout={layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
     device = check_device(device)
     if layout == "row-major":
-        prog = attn._row_major()
+        prog = attn.row_major_program()
         mask_mod, score_mod = prog.mods(device, flex=True)
         return FlexInputs(layout, mask_mod, score_mod, row_major_block_mask(prog, device),
                           None, None, prog.n, prog.n)
-    if attn._structural:
-        attn._refresh()
-    prog = attn._state("flex")     # what the flex backend runs: 128-token N-D tiles
+    prog = attn.backend_state("flex")     # what the flex backend runs: 128-token N-D tiles
     mask_mod, score_mod = prog.mods(device, flex=True)
     bm = block_mask(prog, device)
     gather, scatter = _permutation(prog, device)

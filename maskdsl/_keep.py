@@ -15,25 +15,20 @@ from ._score import score_extras
 __all__ = ["next_keep_mask"]
 
 
-def _copy(gen: torch.Generator) -> torch.Generator:
-    g = torch.Generator()
-    g.set_state(gen.get_state())
-    return g
-
-
 def next_keep_mask(attn, backend: str, batch: int) -> torch.Tensor:
     """bool [B, H, N, N]: the keep mask ``backend``'s next call of ``attn`` draws (CPU)."""
     from . import reference
 
     H, n = attn.heads, attn.n
-    gen = _copy(attn._generator)
+    gen = torch.Generator()
+    gen.set_state(attn.dropout_state())         # a copy: the callable's stream stays where it is
     _, drop_p = score_extras(attn.score, H, "cpu", True)
     if backend == "dense":
         return reference.dropout_mask(attn.score, batch, H, n, generator=gen)
     if backend == "triton":
         from .kernels.triton_attn import keep_mask
 
-        plan, _ = attn._state("triton")
+        plan, _ = attn.backend_state("triton")
         seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
         return keep_mask(plan, batch, drop_p, seed, "cpu")
     if backend != "tiles":

@@ -86,15 +86,14 @@ def _coords(i: int, shape: tuple) -> tuple:
 
 def lookback_of(attn) -> Lookback:
     """The cache layout of ``attn`` (computed once per structure, from the pattern's reach;
-    document ids changed in place since are read anew)."""
-    if attn._structural:
-        attn._refresh()
-    found = attn._states.get("lookback")
-    if found is not None:
-        return found
-    from ._rect import key_reach, row_major
+    document ids changed in place since are read anew): kept with attn's prepared state."""
+    return attn.prepared("lookback", lambda: _lookback(attn))
 
-    reach = attn._states["reach"] = key_reach(row_major(attn))
+
+def _lookback(attn) -> Lookback:
+    from ._rect import reach_of
+
+    reach = reach_of(attn)
     n, shape = attn.n, attn.shape
     idx = torch.arange(n)
     candidates = [1] if len(shape) == 1 or math.prod(shape[1:]) == 1 else \
@@ -131,9 +130,7 @@ def lookback_of(attn) -> Lookback:
     bounded = S + W < n - granule
     if not bounded:
         S, W = n, 0
-    found = attn._states["lookback"] = Lookback(S + W if bounded else n, S, W, bounded,
-                                                granule, n)
-    return found
+    return Lookback(S + W if bounded else n, S, W, bounded, granule, n)
 
 
 def _first_query(attn, j: int, t: int, last: int) -> int:
@@ -205,7 +202,7 @@ class KVCache:
         self.attn = attn
         self._no_dropout("kv_cache")
         self.lookback = lookback_of(attn)
-        self._generation = attn._generation          # the structure the lookback was read from
+        self._generation = attn.generation           # the structure the lookback was read from
         lb = self.lookback
         if lb.bounded:                    # what every step needs: sinks, window, one granule
             self._check_bytes(lb.tokens + lb.granule)
@@ -332,14 +329,11 @@ class KVCache:
     # ------------------------------------------------------------------ the structure now
     def _sync(self, where: str):
         """Serve the pattern as it is now: when document ids changed in place since the last
-        step (``attn._refresh``, the version counters ``attn()`` reads), read the lookback
+        step (``attn.refresh()``, the version counters ``attn()`` reads), read the lookback
         anew and re-place what is held; a MaskDSLError, naming a pair, when a query from here
         on attends a key this cache already dropped (or the new pattern cannot be decoded)."""
         attn = self.attn
-        if not attn._structural:
-            return
-        attn._refresh()
-        if attn._generation == self._generation:
+        if attn.refresh() == self._generation:
             return
         t, old = self.position, self.lookback
         why = (f"{where}: the pattern's structure (document ids) changed in place after {t} "
@@ -354,10 +348,9 @@ class KVCache:
                 f"each), and {t} is not a slab boundary; call cache.reset() and step again from "
                 f"position 0")
         if t:
-            from ._rect import key_reach, row_major
+            from ._rect import reach_of
 
-            reach = attn._states.get("reach") or key_reach(row_major(attn))
-            last_query = reach.last_query[:t]
+            last_query = reach_of(attn).last_query[:t]
             held = torch.zeros(t, dtype=torch.bool)
             pos = self._pos.cpu()
             held[pos[(pos >= 0) & (pos < t)]] = True
@@ -375,7 +368,7 @@ class KVCache:
             scap = 0 if not min(t, new.sinks) else new.sinks if new.bounded else \
                 min(new.sinks, max(t, 64))
             self._realloc(scap, new.window if t > new.sinks else 0, t - new.window)
-        self._generation = attn._generation
+        self._generation = attn.generation
 
     # ------------------------------------------------------------------ checks
     def _tensor(self, where: str, name: str, t, heads: int, c: Optional[int], d: int):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import weakref
 import operator
 from typing import List, Optional, Tuple
 
@@ -60,20 +61,23 @@ _NO_STATE = torch.empty(0, dtype=torch.uint8)
 
 # ---------------------------------------------------------------------- the registry
 
+_HANDLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # attn -> its handle
+
+
 def handle_of(attn) -> str:
     """The registry handle of ``attn`` (computed once per object; see the module docstring)."""
-    found = attn.__dict__.get("_op_handle")
+    found = _HANDLES.get(attn)
     if found is not None:
         return found
     from .codegen.recipe import content_key
 
     key = (content_key(attn.pattern), content_key(attn.score), tuple(attn.shape), attn.heads,
-           "auto" if attn._auto else attn.backend, attn.extent.key(),
-           None if attn._device is None else str(attn._device))
+           attn.requested, attn.extent.key(),
+           None if attn.device is None else str(attn.device))
     handle = "md-" + hashlib.sha1(repr(key).encode()).hexdigest()[:20]
-    if attn._generator is not None or attn._structural:
+    if attn.per_object:
         handle += f"-{next(_SERIAL)}"      # a dropout stream, document ids: per object
-    attn.__dict__["_op_handle"] = handle
+    _HANDLES[attn] = handle
     return handle
 
 
@@ -96,7 +100,7 @@ def _param_fields(score) -> Tuple[Tuple[int, str], ...]:
 
 
 def _shallow(obj):
-    """A copy of a node or CompiledAttention sharing its fields (no constructor checks re-run)."""
+    """A copy of a score node sharing its fields (no constructor checks re-run)."""
     new = object.__new__(type(obj))
     new.__dict__.update(obj.__dict__)
     return new
@@ -105,20 +109,17 @@ def _shallow(obj):
 def _with_params(attn, params: List[torch.Tensor], training: bool, generator=None):
     """A CompiledAttention that runs ``attn``'s spec with the score's tensors replaced by
     ``params``, in ``training`` mode (``attn`` itself when nothing differs; ``attn`` is never
-    changed). The copy shares ``attn``'s dropout generator unless ``generator`` is given (the
-    backward's replay) and, when its tensors are ``attn``'s own, its prepared states."""
+    changed): ``attn.variant``, which shares ``attn``'s dropout generator unless ``generator``
+    is given (the backward's replay) and, when its tensors are ``attn``'s own, its prepared
+    state."""
     from ._score import score_terms
-    from .codegen.backends import Spec
 
     fields = _param_fields(attn.score)
     old = score_terms(attn.score)
     same = all(getattr(old[i], name) is t for (i, name), t in zip(fields, params))
     if same and generator is None and attn.training == training:
         return attn
-    run = _shallow(attn)
-    run.training = training
-    if generator is not None:
-        run._generator = generator
+    score = None
     if not same:
         terms = list(old)
         for (i, name), t in zip(fields, params):
@@ -130,10 +131,7 @@ def _with_params(attn, params: List[torch.Tensor], training: bool, generator=Non
         else:
             score = _shallow(attn.score)
             object.__setattr__(score, "terms", tuple(terms))
-        run._spec = Spec(attn.pattern, score, attn.shape, attn.heads)
-        run.score = score
-        run._states = {}                  # backends' states hold the score: prepare again
-    return run
+    return attn.variant(score, training, generator)
 
 
 # ---------------------------------------------------------------------- the custom ops
@@ -149,9 +147,8 @@ def _fresh(out: torch.Tensor, inputs) -> torch.Tensor:
 
 def _rng_state(attn, training: bool) -> torch.Tensor:
     """The dropout generator's state before this call (empty when nothing is drawn)."""
-    if attn._generator is None or not training:
-        return _NO_STATE.clone()
-    return attn._generator.get_state()
+    state = attn.dropout_state() if training else None
+    return _NO_STATE.clone() if state is None else state
 
 
 def _lse_dtype(q):
@@ -179,8 +176,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: List[to
 def _attention_fake(q, k, v, params, scale, training, handle, return_lse, where):
     attn = _REGISTRY.get(handle)
     n_state = 0
-    if attn is not None and attn._generator is not None and training:
-        n_state = attn._generator.get_state().numel()
+    state = attn.dropout_state() if attn is not None and training else None
+    if state is not None:
+        n_state = state.numel()
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(*(q.shape[:-1] if return_lse else (0,)), dtype=_lse_dtype(q))
     return out, lse, torch.empty(n_state, dtype=torch.uint8)
@@ -326,7 +324,6 @@ def _prepare_call(attn, meta: tuple) -> tuple:
     ``auto``, its choice of backend for these tensors."""
     from . import reference
     from ._inputs import check_qkv, check_scale
-    from .codegen import backends
 
     tensors, scale, grad_mode, batch_ok, return_lse = meta
     handle = handle_of(attn)
@@ -350,17 +347,8 @@ def _prepare_call(attn, meta: tuple) -> tuple:
         with torch.set_grad_enabled(grad_mode):
             if ext.q is not None or ext.kv is not None:
                 pass              # the rectangle path takes every float tensor
-            elif attn._auto:
-                if q.device != attn._device:
-                    attn._device = q.device
-                    attn._choice = backends.choose(attn._spec, q.device)
-                ran, met = backends.fallback(attn._spec, attn.backend, q, k, v, q.device,
-                                             return_lse)
-                attn._last_call = (ran, met) if met else None
-            else:
-                why = backends.get(attn.backend).call_refusal(attn._spec, q, k, v, return_lse)
-                if why is not None:
-                    raise MaskDSLError(f"backend={attn.backend!r}: {why}")
+            else:                 # the eager call's own dispatch, on the stand-ins
+                attn.decide(q, k, v, return_lse)
     except MaskDSLError as e:
         return handle, (), None, str(e)
     return handle, _param_fields(attn.score), scale, ""

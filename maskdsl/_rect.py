@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["rect_attention", "tiled_rect", "row_major", "key_reach", "pair_masks",
+__all__ = ["rect_attention", "tiled_rect", "row_major", "reach_of", "key_reach", "pair_masks",
            "head_classes", "Reach", "MAX_SCORES"]
 
 MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay under it)
@@ -31,15 +31,16 @@ MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay 
 def row_major(attn):
     """The Program of ``attn``'s pattern and score in row-major token order, positions equal to
     flat token indices (padding after the last token), cached on the object."""
-    found = attn._states.get("row-major-plain")
-    if found is None:
-        from .codegen.layout_search import row_major as layout
-        from .codegen.program import BLOCK_SIZE, Program
+    from .codegen.layout_search import row_major as layout
+    from .codegen.program import BLOCK_SIZE, Program
 
-        found = attn._states["row-major-plain"] = Program(
-            attn.pattern, attn.score, attn.shape, attn.heads,
-            tile=layout(attn.shape, BLOCK_SIZE))
-    return found
+    return attn.prepared("plain", lambda: Program(attn.pattern, attn.score, attn.shape,
+                                                  attn.heads, tile=layout(attn.shape, BLOCK_SIZE)))
+
+
+def reach_of(attn) -> "Reach":
+    """``key_reach`` of ``attn``'s row-major program, kept with its prepared state."""
+    return attn.prepared("reach", lambda: key_reach(row_major(attn)))
 
 
 def _bad_rows(x) -> Optional[torch.Tensor]:

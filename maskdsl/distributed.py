@@ -511,12 +511,10 @@ class ContextParallel:
     # ------------------------------------------------------------------ planning
     def _halo_plan(self):
         attn = self.attn
-        if attn._structural:
-            attn._refresh()
-        # attn replaces its list of structure versions when a document's ids change in place
-        # (content compared, ARCHITECTURE.md "Caches"); holding the list keeps it comparable
-        key = attn._versions
-        if self._halo is None or self._halo[0] is not key:
+        # attn's generation goes up when a document's ids change in place (ARCHITECTURE.md
+        # "Caches"): the plan is read anew from the ids as they are now
+        key = attn.refresh()
+        if self._halo is None or self._halo[0] != key:
             from ._caching import outside_inference_mode
             from ._rect import row_major
 
@@ -811,8 +809,8 @@ class ContextParallel:
         if not varies_per_head(a.pattern, a.score):
             e = a.extent
             sub = md_compile(a.pattern, a.shape, hq, score=a.score,
-                             backend="auto" if a._auto else a._requested,
-                             device=a._device, extra_tokens=e.extra, extra=e.mode)
+                             backend=a.requested, device=a.device, extra_tokens=e.extra,
+                             extra=e.mode)
         self._whole = (hq, sub)
         return sub
 

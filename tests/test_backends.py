@@ -303,7 +303,7 @@ def _keep_of(backend, attn, B, H, n, call_index_generator):
         return out
     from maskdsl.kernels.triton_attn import keep_mask
 
-    plan, _ = attn._state("triton")
+    plan, _ = attn.backend_state("triton")
     seed = int(torch.randint(0, 2**31 - 1, (), generator=call_index_generator))
     _, drop_p = md._score.score_extras(attn.score, H, "cpu")
     return keep_mask(plan, B, drop_p, seed, "cpu")

@@ -126,7 +126,7 @@ def test_row_major_block_mask_is_cheap_on_a_large_3d_grid():
     """3-D 32x128x128 (524,288 tokens): the row-major BlockMask comes from the per-dimension
     classes of the tiling equal to row-major order (1x1x128), not from T x T pairs."""
     attn = md.compile(md.neighborhood((3, 13, 13)), (32, 128, 128))
-    prog = attn._row_major()
+    prog = attn.row_major_program()
     assert prog.layout.tile == (1, 1, 128) and prog.layout.row_major_order
     bm = attn.block_mask()
     assert bm.seq_lengths == (attn.n, attn.n)
