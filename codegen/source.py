@@ -23,7 +23,7 @@ import sympy as sp
 import torch
 
 from .._caching import LRU, outside_inference_mode
-from .._errors import MaskDSLError
+from .._node import call_user
 from .._score import Dropout, SinkLogit, score_terms
 from .ir import K, KF, Q, QF, Tables, lower_score, predicate
 from .printer_torch import emit_function, exec_source, identifier
@@ -143,15 +143,13 @@ class _UserCall:
         self.fn, self.node = fn, node
 
     def __call__(self, *args):
-        try:
-            return self.fn(*args)
-        except MaskDSLError:
-            raise
-        except Exception as e:   # the user's code: any error becomes one line naming it
-            shapes = ", ".join(str(list(a.shape)) if isinstance(a, torch.Tensor) else repr(a)
-                               for a in args)
-            raise MaskDSLError(f"{self.node!r}: fn raised {type(e).__name__}: {e} when called "
-                               f"with ({shapes}) at run time") from None
+        return call_user(self.node, "fn", self.fn, args, _at_run_time, grad=True)
+
+
+def _at_run_time(args) -> str:
+    shapes = ", ".join(str(list(a.shape)) if isinstance(a, torch.Tensor) else repr(a)
+                       for a in args)
+    return f"when called with ({shapes}) at run time"
 
 
 def _call_tensors(tables: Tables, score, device, flex: bool) -> Dict[str, torch.Tensor]:

@@ -65,11 +65,17 @@ def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Ten
     for _, lse in parts:                                 # every part's lse dtype counts
         lse_dt = torch.promote_types(lse_dt, lse.dtype)
     lses = [lse.to(lse_dt) for _, lse in parts]                          # each [B, H, N]
+    nan = torch.isnan(lses[0])
+    for x in lses[1:]:
+        nan = nan | torch.isnan(x)
+    has_nan = True                  # on meta: the NaN rows are applied without looking
     if not meta:
-        # an lse is finite, -inf (no key) or NaN (a poisoned row); +inf is no attention's
-        inf = torch.stack([torch.isposinf(x).any() for x in lses])
-        if bool(inf.any()):
-            i = int(torch.nonzero(inf)[0])
+        # an lse is finite, -inf (no key) or NaN (a poisoned row); +inf is no attention's.
+        # One host read for both questions
+        flags = torch.stack([nan.any()] + [torch.isposinf(x).any() for x in lses]).tolist()
+        has_nan = flags[0]
+        if any(flags[1:]):
+            i = flags[1:].index(True)
             raise MaskDSLError(
                 f"merge: parts[{i}]: lse holds +inf; expected finite values, -inf for a row "
                 f"with no key or NaN for a poisoned row (the natural log of a softmax "
@@ -89,9 +95,6 @@ def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Ten
     some = s > 0
     safe = torch.where(some, s, torch.ones_like(s))
     total = torch.where(some, m + torch.log(safe), torch.full_like(s, float("-inf")))
-    nan = torch.isnan(lses[0])
-    for x in lses[1:]:
-        nan = nan | torch.isnan(x)
     out = None
     for (o, lse), w in zip(parts, e):
         # a part with no key weighs nothing, whatever its output holds (0 * NaN is NaN)
@@ -99,7 +102,7 @@ def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Ten
                                                                      device=o.device), o)
         w = (w / safe)[..., None].to(o.dtype)                           # exp(l_i - l)
         out = o * w if out is None else torch.addcmul(out, o, w)
-    if meta or bool(nan.any()):
+    if has_nan:
         total = torch.where(nan, torch.full_like(total, float("nan")), total)
         out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
     return out, total

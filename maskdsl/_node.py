@@ -297,18 +297,23 @@ def probe_indices(shape: tuple):
     return torch.tensor(sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n))), dtype=torch.int64)
 
 
-def call_user(node, what: str, fn, args: tuple, where: str):
-    """``fn(*args)`` without autograd; any exception from the user's code becomes one
-    MaskDSLError line naming ``node``, ``what`` raised it and how it was called."""
+def call_user(node, what: str, fn, args: tuple, where, grad: bool = False):
+    """``fn(*args)`` (without autograd unless ``grad``: a score_fn's captured tensors may
+    learn); any exception from the user's code becomes one MaskDSLError line naming ``node``,
+    ``what`` raised it and how it was called (``where``: a string, or a function of ``args``
+    that makes it, only on failure)."""
+    import contextlib
+
     import torch
 
-    with torch.no_grad():
+    with contextlib.nullcontext() if grad else torch.no_grad():
         try:
             return fn(*args)
         except MaskDSLError:
             raise
         except Exception as e:   # the user's code: any error becomes one line naming it
-            raise MaskDSLError(f"{node!r}: {what} raised {type(e).__name__}: {e} {where}") from None
+            said = where(args) if callable(where) else where
+            raise MaskDSLError(f"{node!r}: {what} raised {type(e).__name__}: {e} {said}") from None
 
 
 def broadcasts_to(t, shape: tuple) -> bool:

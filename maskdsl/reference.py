@@ -577,15 +577,9 @@ def _score_fns(score, logits, flat):
             h = torch.arange(H, device=logits.device).reshape(1, H, 1, 1)
             args = (logits, zero, h, qf.to(logits.device)[None, None],
                     kf.to(logits.device)[None, None])
-            try:                     # with autograd: fn may hold learnable tensors
-                out = term.fn(*args)
-            except MaskDSLError:
-                raise
-            except Exception as e:   # the user's code: any error becomes one line naming it
-                raise MaskDSLError(
-                    f"{term!r}: fn raised {type(e).__name__}: {e} when called with score "
-                    f"{list(logits.shape)}, q_idx {list(args[3].shape)}, kv_idx "
-                    f"{list(args[4].shape)} (the reference)") from None
+            out = call_user(term, "fn", term.fn, args, lambda a: (
+                f"when called with score {list(a[0].shape)}, q_idx {list(a[3].shape)}, kv_idx "
+                f"{list(a[4].shape)} (the reference)"), grad=True)   # fn may hold learnable tensors
             logits = out.to(logits.dtype).expand(logits.shape)
     return logits
 
