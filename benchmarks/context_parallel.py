@@ -6,7 +6,7 @@
 Cases (the issue's): 3-D 16x64x64 ``neighborhood((3, 7, 7))`` and 1-D 131,072 tokens
 ``causal() & window(4096)``; 8 heads (and 8 kv heads), head dim 64, bf16, batch 1, one forward.
 
-* The plan table is ``cp.plan()``'s arithmetic (``maskdsl._cp_plan.bytes_of``) on the exact halo
+* The plan table is ``cp.plan()``'s arithmetic (``maskdsl.parallel.plan.bytes_of``) on the exact halo
   of each world size; ring attention is counted analytically (each rank forwards world - 1
   K/V slabs around the ring: its own, then the ones it received), as torch's ring and
   all-gather context parallelism move them.
@@ -60,8 +60,8 @@ def ring_bytes(lay, sizes):
 
 
 def plans(worlds):
-    from maskdsl import _cp_plan as P
-    from maskdsl._rect import row_major
+    from maskdsl.parallel import plan as P
+    from maskdsl.runtime.rect import row_major
 
     rows = []
     for name, (spec, shape) in CASES.items():

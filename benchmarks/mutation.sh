@@ -29,7 +29,7 @@
 # Environment: MASKDSL_MUTATION_DIR (staging dir), MASKDSL_MUTATION_EXAMPLES (Hypothesis
 # examples per property, default 10), MASKDSL_MUTATION_CHILDREN (parallel mutants, default 1),
 # MASKDSL_MUTATION_ONLY (files to mutate instead of [tool.mutmut] only_mutate, space-separated,
-# installed paths like maskdsl/_cp_plan.py) with MASKDSL_MUTATION_TESTS (the pytest arguments
+# installed paths like maskdsl/parallel/plan.py) with MASKDSL_MUTATION_TESTS (the pytest arguments
 # selecting their tests, shell-quoted; use a separate MASKDSL_MUTATION_DIR per target).
 set -euo pipefail
 

@@ -228,7 +228,7 @@ def section_cli(rows: list):
         code = PEAK_RSS + (
             "import json, sys, time, io, contextlib; sys.path.insert(0, %r)\n"
             "t0 = time.perf_counter()\n"
-            "from maskdsl._cli import main\n"
+            "from maskdsl.cli.main import main\n"
             "buf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf): code = main(%r)\n"
             "t = time.perf_counter() - t0\n"

@@ -28,10 +28,10 @@ import numpy as np
 import sympy as sp
 import torch
 
-from .._caching import LRU
-from .._errors import MaskDSLError
-from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, FnFlat, NotN, OrN,
-                 PowerFlat, RadialFlat, Sep, SinkFlat, contains, evaluate, predicate)
+from maskdsl._caching import LRU
+from maskdsl._errors import MaskDSLError
+from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, FnFlat,
+    NotN, OrN, PowerFlat, RadialFlat, Sep, SinkFlat, contains, evaluate, predicate)
 from .printer_torch import emit_function, exec_source
 from .tileclasses import EMPTY, FULL, PARTIAL, UNDECIDED, TileClasses, combine, kron
 from .tiling import Layout
@@ -345,7 +345,7 @@ def fn_key_range(f: FnFlat):
     """``key_range`` on every flat query index: (lo, hi) int64 numpy arrays [n], clipped to
     [0, n]; MaskDSLError naming key_range when it fails, returns something else or gives
     lo > hi for some query."""
-    from .._pattern import check_key_range_result
+    from maskdsl.dsl.pattern import check_key_range_result
 
     n = f.n
     q = torch.arange(n, dtype=torch.int64)
@@ -436,7 +436,7 @@ class _CheckedFn:
                 f"key_range or drop it")
 
     def __call__(self, b, h, q, k):
-        from .._pattern import check_mask_result
+        from maskdsl.dsl.pattern import check_mask_result
 
         where = (f"when called with int64 tensors q_idx {list(q.shape)}, kv_idx "
                  f"{list(k.shape)} (tile classification)")

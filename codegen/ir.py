@@ -37,11 +37,11 @@ from typing import Any, Dict, Optional, Tuple
 import sympy as sp
 from sympy.logic.boolalg import BooleanFunction
 
-from .._node import SameForEveryHead
-from .._pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn, Neighborhood,
-                        Not, Or, Pattern, Power, Radial, Sink, Window)
-from .._score import Alibi, DistanceDecay, RelativeBias, Softcap
-from .._values import _is_tensor
+from maskdsl.dsl.node import SameForEveryHead
+from maskdsl.dsl.pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn,
+    Neighborhood, Not, Or, Pattern, Power, Radial, Sink, Window)
+from maskdsl.dsl.score import Alibi, DistanceDecay, RelativeBias, Softcap
+from maskdsl.dsl.values import _is_tensor
 
 __all__ = [
     "Q", "K", "QF", "KF", "H", "SCORE", "Tables", "DimRange", "NatAtom", "OffAtom", "BlockAtom",
@@ -768,7 +768,7 @@ def _(term, ctx, expr):
 
 @lower_term.register(Alibi)
 def _(term, ctx, expr):
-    from .._score import geometric_slopes
+    from maskdsl.dsl.score import geometric_slopes
 
     if term.slopes == "geometric":
         slope = ctx.tables.lookup(f"{ctx.tag}_slopes", geometric_slopes(ctx.heads))
@@ -790,12 +790,12 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
     the head (per-head and tensor parameters as table lookups). None when there is no additive
     term or softcap. ``sink_logit`` and ``dropout`` act on the softmax (the runtime applies
     them; Flex cannot) and ``softcap`` wraps the sum last."""
-    from .._score import Dropout, SinkLogit, score_terms
+    from maskdsl.dsl.score import Dropout, SinkLogit, score_terms
 
     terms = [x for x in score_terms(score) if not isinstance(x, (SinkLogit, Dropout))]
     if not terms:
         return None
-    from .._score import ScoreFn
+    from maskdsl.dsl.score import ScoreFn
 
     expr = SCORE
     cap = None

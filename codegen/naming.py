@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import functools
 
-from .._pattern import And, Block, Causal, Heads, MaskFn, Neighborhood, Not, Or, Sink, Window
+from maskdsl.dsl.pattern import (And, Block, Causal, Heads, MaskFn, Neighborhood, Not, Or, Sink,
+    Window)
 
 __all__ = ["pattern_name"]
 

@@ -67,8 +67,8 @@ class Program:
         return score_mod(self.recipe, self.score, device, flex)
 
     def block_mask(self, device="cpu", compute_q_blocks: bool = True):
-        """The torch BlockMask in this program's token layout (see ``codegen.flex``)."""
-        from .flex import block_mask
+        """The torch BlockMask in this program's token layout (see ``kernels.flex``)."""
+        from maskdsl.kernels.flex import block_mask
 
         return block_mask(self, device, compute_q_blocks)
 

@@ -28,12 +28,12 @@ from typing import List, Tuple
 
 import torch
 
-from .._caching import LRU, outside_inference_mode
-from .._memory import guarded
-from .._node import Node, walk
-from .._pattern import Document, Heads, MaskFn, Pattern
-from .._score import ScoreFn
-from .._values import PerHead
+from maskdsl._caching import LRU, outside_inference_mode
+from maskdsl._memory import guarded
+from maskdsl.dsl.node import Node, walk
+from maskdsl.dsl.pattern import Document, Heads, MaskFn, Pattern
+from maskdsl.dsl.score import ScoreFn
+from maskdsl.dsl.values import PerHead
 from .blockmask import HeadClasses
 from .ir import Tables, lower_pattern
 from .layout_search import choose_layout
@@ -142,11 +142,11 @@ def function_key(fn) -> tuple:
 def varies_per_head(p, score=None) -> bool:
     """Whether any head of ``p`` differs from the others (per_head values or heads([...]), or a
     mask_fn, which is called with the head and may use it); with ``score``, also whether its
-    terms do or depend on the head count (``_score.score_varies_per_head``: per_head or tensor
+    terms do or depend on the head count (``score.score_varies_per_head``: per_head or tensor
     values, alibi's geometric slopes, score_fn). No pattern parameter is derived from the head
     count. The one test for "every head alike" (tile classes, halo, Ulysses' rebinding)."""
     if score is not None:
-        from .._score import score_varies_per_head
+        from maskdsl.dsl.score import score_varies_per_head
 
         if score_varies_per_head(score):
             return True

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 
-from .._pattern import And, Empty, Full, Heads, Not, Or, Pattern
+from maskdsl.dsl.pattern import And, Empty, Full, Heads, Not, Or, Pattern
 
 __all__ = ["simplify"]
 

@@ -22,9 +22,9 @@ import numpy as np
 import sympy as sp
 import torch
 
-from .._caching import LRU, outside_inference_mode
-from .._node import call_user
-from .._score import Dropout, SinkLogit, score_terms
+from maskdsl._caching import LRU, outside_inference_mode
+from maskdsl.dsl.node import call_user
+from maskdsl.dsl.score import Dropout, SinkLogit, score_terms
 from .ir import K, KF, Q, QF, Tables, lower_score, predicate
 from .printer_torch import emit_function, exec_source, identifier
 from .recipe import Recipe, content_key

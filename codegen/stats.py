@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 
-from .._caching import LRU
-from .._memory import guard
-from .blockmask import (FULL, PARTIAL, _TileSets, flat_evaluator, key_range, pair_counts,
-                        tile_classes)
+from maskdsl._caching import LRU
+from maskdsl._memory import guard
+from .blockmask import (FULL, PARTIAL, _TileSets, flat_evaluator, key_range,
+    pair_counts, tile_classes)
 from .ir import Const, Sep
 from .layout_search import MAX_SEARCH_PAIRS, row_major
 from .recipe import Recipe

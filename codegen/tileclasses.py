@@ -158,7 +158,7 @@ MAX_ROW_CHUNK_PAIRS = 2e10   # tile pairs a row-chunk classifier may visit (~a m
 def _check_work(Tq: int, Tk: int) -> None:
     """Refuse a classification that would visit every one of Tq x Tk tile pairs when that is
     beyond reach (a flat or negated pattern, or an untileable N-D shape, on a huge grid)."""
-    from .._errors import MaskDSLError
+    from maskdsl._errors import MaskDSLError
 
     if Tq * Tk > MAX_ROW_CHUNK_PAIRS:
         raise MaskDSLError(
@@ -170,7 +170,7 @@ def _check_work(Tq: int, Tk: int) -> None:
 
 def _check_entries(nnz: int, Tq: int, Tk: int) -> None:
     """Refuse a table of ``nnz`` entries that cannot fit (about 40 bytes each while built)."""
-    from .._memory import check_allocation
+    from maskdsl._memory import check_allocation
 
     check_allocation(f"tile classes with {nnz} non-empty tile pairs (of {Tq} x {Tk})", 40 * nnz,
                      "the pattern is dense at this size: use a smaller grid, or a sparser pattern")

@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from .. import reference
-from .._score import Dropout, without
+from maskdsl import reference
+from maskdsl.dsl.score import Dropout, without
 
 __all__ = ["refusal", "preference", "strength", "call_refusal", "prepare", "run",
            "MAX_TOKENS", "AUTO_MAX_TOKENS"]

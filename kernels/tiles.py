@@ -310,7 +310,7 @@ def plan_for(program, device) -> TilePlan:
 
 def score_tensors(score) -> tuple:
     """Every tensor-valued score parameter (learnable ones need the autograd path)."""
-    from maskdsl._score import score_terms
+    from maskdsl.dsl.score import score_terms
 
     return tuple(v for term in score_terms(score) for v in vars(term).values()
                  if isinstance(v, torch.Tensor))
@@ -600,7 +600,7 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
     the lse [B, H, T * V] with ``return_lse``). ``heads``: the head index of each (head, row)
     the score terms read, broadcast as [1, H, 1, V, 1] (default: head h for slot h; GQA's
     folded tiles hold several heads' rows)."""
-    from maskdsl._score import ScoreFn, Softcap, score_terms
+    from maskdsl.dsl.score import ScoreFn, Softcap, score_terms
 
     device = q.device
     B, H = qt.shape[:2]
@@ -750,7 +750,7 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
 def rows_attending(program, bad: torch.Tensor) -> torch.Tensor:
     """bool [B, H, N]: the queries that attend at least one key flagged in ``bad`` [B, H, N]
     (user token order), read off the plan's token masks: O(B x H x N x keys per query).
-    ``_isolate`` uses it to poison exactly the rows that attend a non-finite key."""
+    ``isolate`` uses it to poison exactly the rows that attend a non-finite key."""
     B, H, N = bad.shape
     plan = plan_for(program, bad.device)
     T, V, K = plan.T, plan.V, plan.K

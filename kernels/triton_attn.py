@@ -14,9 +14,9 @@ from typing import List, Optional
 
 import torch
 
-from .._caching import outside_inference_mode
-from .._errors import MaskDSLError
-from .._score import per_head_tensor
+from maskdsl._caching import outside_inference_mode
+from maskdsl._errors import MaskDSLError
+from maskdsl.dsl.score import per_head_tensor
 from .triton_params import HeadParams, check_score, group_tiles, lower_pattern, pack
 
 try:  # Triton is optional: the tiles and flex backends do not need it
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 if triton is not None:
     from .triton_kernels import (_attn_bwd_dkdv, _attn_bwd_dkdv_sink, _attn_bwd_dq,
-                                 _attn_bwd_relb, _attn_fwd)
+        _attn_bwd_relb, _attn_fwd)
 
 __all__ = ["available", "why_unavailable", "TritonPlan", "run_triton", "keep_mask",
            "compile_ahead"]
@@ -79,7 +79,7 @@ class TritonPlan:
     """Everything a launch needs except the tensors: per-head ints, tile shapes, score flags."""
 
     def __init__(self, pattern, score, shape: tuple, heads: int):
-        from .._score import Alibi, DistanceDecay, RelativeBias, Softcap
+        from maskdsl.dsl.score import Alibi, DistanceDecay, RelativeBias, Softcap
 
         self.params = lower_pattern(pattern, shape, heads)
         self.shape, self.heads = tuple(shape), heads
@@ -129,7 +129,7 @@ class TritonPlan:
     def fixed_values(self, device) -> dict:
         """float32 [H] tensors of the number-valued parameters (geometric ALiBi slopes too) and
         a zero placeholder, built once per device."""
-        from .._score import geometric_slopes
+        from maskdsl.dsl.score import geometric_slopes
 
         if device not in self._fixed:
             zero = torch.zeros(1, dtype=torch.float32, device=device)
@@ -204,7 +204,7 @@ def block_tokens(dtype, head_dim: int, interpret: bool) -> int:
 def _consts(plan: TritonPlan, q, dtype):
     lanes = block_tokens(dtype, max(q.shape[-1], 16), q.device.type == "cpu")
     (TM, TN) = plan.tiles(lanes)
-    from .._score import Alibi, DistanceDecay, Dropout, RelativeBias, Softcap
+    from maskdsl.dsl.score import Alibi, DistanceDecay, Dropout, RelativeBias, Softcap
 
     terms = plan.score_terms
     return dict(
@@ -356,7 +356,7 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, score=None, sink=None
         consts["HAS_DROP"] = False
     relb = None
     if plan.has_relb:
-        from .._score import RelativeBias
+        from maskdsl.dsl.score import RelativeBias
 
         relb = terms[RelativeBias].table.to(device=dev, dtype=torch.float32)
         relb = (relb.reshape(-1) if plan.relb_hs == 0 else relb.reshape(H, -1)).contiguous()
@@ -389,20 +389,20 @@ _PLANS = None
 
 
 def _beyond_flex(score):
-    from .._score import Dropout, SinkLogit, score_terms
+    from maskdsl.dsl.score import Dropout, SinkLogit, score_terms
 
     return next((t for t in score_terms(score) if isinstance(t, (SinkLogit, Dropout))), None)
 
 
 def _python_leaf(pattern):
-    from .._node import walk
-    from .._pattern import MaskFn
+    from maskdsl.dsl.node import walk
+    from maskdsl.dsl.pattern import MaskFn
 
     return next((n for n in walk(pattern) if isinstance(n, MaskFn)), None)
 
 
 def refusal(spec, device) -> Optional[str]:
-    from .._score import ScoreFn, score_terms
+    from maskdsl.dsl.score import ScoreFn, score_terms
 
     leaf = _python_leaf(spec.pattern) or next(
         (t for t in score_terms(spec.score) if isinstance(t, ScoreFn)), None)
@@ -451,8 +451,8 @@ def call_refusal(spec, q, k, v, return_lse: bool = False) -> Optional[str]:
 
 def prepare(spec):
     global _PLANS
-    from .._caching import LRU
-    from ..codegen.recipe import content_key
+    from maskdsl._caching import LRU
+    from maskdsl.codegen.recipe import content_key
 
     if _PLANS is None:
         _PLANS = LRU(64)

@@ -24,7 +24,7 @@ from typing import List
 
 import torch
 
-from .._errors import MaskDSLError
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["FIELDS", "NO_LIMIT", "DimParams", "HeadParams", "lower_pattern", "check_score",
            "pack", "group_tiles"]
@@ -69,7 +69,7 @@ def _empty(hp: HeadParams) -> None:
 
 
 def _dim(atoms, S: int, d: DimParams) -> None:
-    from ..codegen.ir import BlockAtom, NatAtom, OffAtom
+    from maskdsl.codegen.ir import BlockAtom, NatAtom, OffAtom
 
     for a in atoms:
         if isinstance(a, NatAtom):
@@ -93,7 +93,7 @@ def _dim(atoms, S: int, d: DimParams) -> None:
 
 
 def _core(ir, shape: tuple, hp: HeadParams) -> None:
-    from ..codegen.ir import Const, Sep
+    from maskdsl.codegen.ir import Const, Sep
 
     off = 3 - len(shape)
     if isinstance(ir, Const):
@@ -107,7 +107,7 @@ def _core(ir, shape: tuple, hp: HeadParams) -> None:
 
 
 def _describe(ir) -> str:
-    from ..codegen.ir import AndN, Flat, NotN, OrN
+    from maskdsl.codegen.ir import AndN, Flat, NotN, OrN
 
     if isinstance(ir, Flat):
         return repr(ir.node) if ir.node is not None else type(ir).__name__
@@ -121,7 +121,7 @@ def _describe(ir) -> str:
 
 
 def _separable(ir) -> bool:
-    from ..codegen.ir import Const, Sep
+    from maskdsl.codegen.ir import Const, Sep
 
     return isinstance(ir, (Sep, Const))
 
@@ -129,7 +129,7 @@ def _separable(ir) -> bool:
 def head_params(ir, shape: tuple) -> HeadParams:
     """One head's (specialised) IR -> its table row, or MaskDSLError naming what the kernel
     cannot run."""
-    from ..codegen.ir import OrN, SinkFlat
+    from maskdsl.codegen.ir import OrN, SinkFlat
 
     hp = HeadParams()
     terms = list(ir.children) if isinstance(ir, OrN) else [ir]
@@ -148,9 +148,9 @@ def head_params(ir, shape: tuple) -> HeadParams:
 def lower_pattern(p, shape: tuple, heads: int) -> List[HeadParams]:
     """One :class:`HeadParams` per head from the pattern's (simplified) per-head IR, or
     MaskDSLError naming the node the kernel cannot run."""
-    from ..codegen.recipe import varies_per_head
-    from ..codegen.ir import lower_pattern as lower
-    from ..codegen.simplify import simplify
+    from maskdsl.codegen.recipe import varies_per_head
+    from maskdsl.codegen.ir import lower_pattern as lower
+    from maskdsl.codegen.simplify import simplify
 
     if max(shape) > 2**30:
         raise MaskDSLError(
@@ -166,7 +166,8 @@ def lower_pattern(p, shape: tuple, heads: int) -> List[HeadParams]:
 def check_score(score) -> dict:
     """The score terms by type, or MaskDSLError for what the kernel cannot run (one term of
     each kind)."""
-    from .._score import Alibi, DistanceDecay, Dropout, RelativeBias, SinkLogit, Softcap, score_terms
+    from maskdsl.dsl.score import (Alibi, DistanceDecay, Dropout, RelativeBias, SinkLogit,
+        Softcap, score_terms)
 
     terms = {}
     for t in score_terms(score):

@@ -10,21 +10,21 @@ Write a pattern in a small declarative DSL, compile it for a token grid, call it
 ``md.reference`` holds the dense semantics every backend is tested against.
 """
 from . import reference
-from ._compile import CompiledAttention, compile
+from maskdsl.runtime.compiled import CompiledAttention, compile
 from ._errors import MaskDSLError
-from ._merge import merge
-from ._parse import parse
+from maskdsl.runtime.merge import merge
+from maskdsl.dsl.parse import parse
 # the DSL constructors (public through __all__, which the @dsl registry spells out)
-from ._pattern import (Pattern, block, causal, document, empty, full, heads,  # noqa: F401
-                       mask_fn, neighborhood, power, radial, sink, window)
-from ._score import (Score, alibi, distance_decay, dropout, relative_bias,  # noqa: F401
-                     score_fn, sink_logit, softcap)
-from ._values import per_head  # noqa: F401
-from .distributed import context_parallel, shard, unshard
+from maskdsl.dsl.pattern import (Pattern, block, causal, document, empty, full, heads, mask_fn,
+    neighborhood, power, radial, sink, window)
+from maskdsl.dsl.score import (Score, alibi, distance_decay, dropout, relative_bias, score_fn,
+    sink_logit, softcap)
+from maskdsl.dsl.values import per_head  # noqa: F401
+from maskdsl.parallel.distributed import context_parallel, shard, unshard
 
 __version__ = "0.1.0"
 
-from ._node import DSL_NAMES as _DSL_NAMES
+from maskdsl.dsl.node import DSL_NAMES as _DSL_NAMES
 
 __all__ = [
     # every DSL constructor (patterns, score terms, per_head): the parser's names, one registry

@@ -3,7 +3,7 @@
 A NATTEN user switches with one import; the call stays the same::
 
     # import natten                      # before
-    from maskdsl import natten           # after
+    from . import natten           # after
     out = natten.na2d(q, k, v, kernel_size=(7, 7), stride=(1, 1), dilation=(2, 1),
                       is_causal=(False, False))   # q, k, v, out: [B, X, Y, H, D]
 
@@ -44,12 +44,12 @@ from typing import Optional
 import torch
 
 from ._caching import LRU
-from ._compile import compile as _compile
+from maskdsl.runtime.compiled import compile as _compile
 from ._errors import MaskDSLError
-from ._inputs import FLOATS
-from ._pattern import neighborhood
-from ._score import Score
-from ._values import PerHead
+from maskdsl.runtime.inputs import FLOATS
+from maskdsl.dsl.pattern import neighborhood
+from maskdsl.dsl.score import Score
+from maskdsl.dsl.values import PerHead
 
 __all__ = ["na1d", "na2d", "na3d"]
 
@@ -235,7 +235,7 @@ def _na_traced(rank, query, key, value, kernel_size, stride, dilation, is_causal
                backend, add_k=None, add_v=None, return_lse=False):
     """``_na`` while Dynamo traces it: the Python checks and the compile run once, at trace
     time, and the call is one custom op (ARCHITECTURE.md, "torch.compile")."""
-    from . import _ops
+    from .runtime import ops as _ops
 
     args = (kernel_size, stride, dilation, is_causal, score, backend)
     extra = (add_k, add_v) if add_k is not None or add_v is not None else ()

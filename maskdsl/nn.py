@@ -5,7 +5,7 @@ attention, one output Linear) with the attention restricted by a maskdsl pattern
 optional score terms::
 
     import maskdsl as md
-    from maskdsl.nn import PatternAttention
+    from .nn import PatternAttention
     layer = PatternAttention(dim=256, heads=8, pattern=md.neighborhood((7, 7)), shape=(32, 32),
                              score=md.distance_decay(md.per_head([0.0, 0.05] * 4)))
     y = layer(x)            # x: [B, 32, 32, 256] or [B, 1024, 256]; y has x's layout
@@ -26,13 +26,13 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ._compile import BACKENDS, CompiledAttention
-from ._compile import compile as _compile
+from maskdsl.runtime.compiled import BACKENDS, CompiledAttention
+from maskdsl.runtime.compiled import compile as _compile
 from ._errors import MaskDSLError
-from ._inputs import check_scale
-from ._node import check_shape
-from ._pattern import Pattern
-from ._score import Score, score_terms
+from maskdsl.runtime.inputs import check_scale
+from maskdsl.dsl.node import check_shape
+from maskdsl.dsl.pattern import Pattern
+from maskdsl.dsl.score import Score, score_terms
 from .natten import _AXES, neighborhood_pattern
 
 __all__ = ["PatternAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
@@ -190,7 +190,7 @@ class PatternAttention(nn.Module):
         where = type(self).__name__
         compiling = torch.compiler.is_compiling()
         if compiling:
-            from . import _ops
+            from .runtime import ops as _ops
 
             shape, error = _ops.module_grid(self, _ops.stand_in(x))
             if error:

@@ -21,14 +21,14 @@ from typing import Optional
 import torch
 
 from ._errors import MaskDSLError
-from ._inputs import check_count, check_device, check_qkv, check_scale
+from maskdsl.runtime.inputs import check_count, check_device, check_qkv, check_scale
 from ._memory import check_allocation, guard, guarded
-from ._node import call_user, check_heads, check_shape
-from ._pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn, Neighborhood,
-                       Not, Or, Pattern, Power, Radial, Sink, Window, check_key_range_result)
-from ._score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, ScoreFn, SinkLogit, Softcap,
-                     check_tensor_params, geometric_slopes, score_terms)
-from ._values import _is_tensor
+from maskdsl.dsl.node import call_user, check_heads, check_shape
+from maskdsl.dsl.pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn,
+    Neighborhood, Not, Or, Pattern, Power, Radial, Sink, Window, check_key_range_result)
+from maskdsl.dsl.score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, ScoreFn,
+    SinkLogit, Softcap, check_tensor_params, geometric_slopes, score_terms)
+from maskdsl.dsl.values import _is_tensor
 
 __all__ = ["mask", "bias", "attention", "dropout_mask"]
 
@@ -432,7 +432,7 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
     if score is not None and not isinstance(score, Score):
         raise MaskDSLError(f"attention: score={score!r}: expected score terms or None")
     shape = check_shape(shape)
-    from ._extent import check_extent
+    from maskdsl.runtime.extent import check_extent
 
     ext = check_extent(shape, extra_tokens, extra, q_range, kv_range, score)
     B, H, N, D = check_qkv(q, k, v, shape, extent=ext)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import maskdsl as md
-from maskdsl import distributed as mdd
+from maskdsl.parallel import distributed as mdd
 
 TOL = 1e-9
 

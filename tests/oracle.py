@@ -55,7 +55,7 @@ def _score_with(score, new: dict):
         for name, v in fields.items():
             object.__setattr__(out, name, v)
         return out
-    if isinstance(score, md._score.ScoreSum):
+    if isinstance(score, md.dsl.score.ScoreSum):
         out = object.__new__(type(score))
         out.__dict__.update(score.__dict__)
         object.__setattr__(out, "terms", tuple(copy(t) for t in score.terms))
@@ -152,7 +152,7 @@ def assert_matches_reference(attn, q, k, v, grads=True, scale=None, keep=None, o
 
 def _score_tensors(score):
     out = []
-    for term in md._score.score_terms(score):
+    for term in md.dsl.score.score_terms(score):
         for v in vars(term).values():
             if isinstance(v, torch.Tensor):
                 out.append(v)
@@ -165,7 +165,7 @@ def n_tokens(shape) -> int:
 
 def triton_available() -> bool:
     """Whether the Triton backend can run here (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    from maskdsl.codegen import backends
+    from maskdsl.kernels import backends
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = backends.Spec(md.window(1), None, (8,), 1)

@@ -250,7 +250,7 @@ def grid_scores(draw, shape, heads, learnable=True):
     if kind == "none":
         return None
     lit = draw(literal_scores(shape, heads))
-    lit = [t for t in md._score.score_terms(lit) if not isinstance(t, md._score.Dropout)]
+    lit = [t for t in md.dsl.score.score_terms(lit) if not isinstance(t, md.dsl.score.Dropout)]
     if kind == "table":
         radius = draw(st.integers(1, 4))
         lit.append(md.relative_bias(relative_table(shape, heads, requires_grad=learnable,

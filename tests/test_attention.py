@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import maskdsl as md
-from maskdsl._score import geometric_slopes
+from maskdsl.dsl.score import geometric_slopes
 from strategies import cases, literal_scores, relative_table
 
 
@@ -56,11 +56,11 @@ def test_literal_scores_match_naive(case, data):
     N = math.prod(shape)
     q, k, v = qkv(1, H, N, 8)
     out = md.reference.attention(q, k, v, p, shape, score=s, scale=0.7)
-    terms = md._score.score_terms(s)
+    terms = md.dsl.score.score_terms(s)
     get = lambda cls: next((t for t in terms if isinstance(t, cls)), None)
-    per_head = lambda v: torch.tensor([b for b in (v.values if isinstance(v, md._values.PerHead) else [v] * H)],
+    per_head = lambda v: torch.tensor([b for b in (v.values if isinstance(v, md.dsl.values.PerHead) else [v] * H)],
                                       dtype=torch.float64)
-    cap, sink, drop = get(md._score.Softcap), get(md._score.SinkLogit), get(md._score.Dropout)
+    cap, sink, drop = get(md.dsl.score.Softcap), get(md.dsl.score.SinkLogit), get(md.dsl.score.Dropout)
     keep = md.reference.dropout_mask(s, 1, H, N) if drop else None
     expected = naive(q, k, v, md.reference.mask(p, shape, H), bias=md.reference.bias(s, shape, H, dtype=torch.float64),
                      cap=cap.cap if cap else None, sink=per_head(sink.values) if sink else None,

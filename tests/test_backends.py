@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import maskdsl as md
-from maskdsl.codegen.flex import run_flex
+from maskdsl.kernels.flex import run_flex
 from oracle import assert_close_by_rule, assert_matches_reference, inputs, triton_available
 from strategies import grid_cases, grid_scores
 
@@ -21,11 +21,11 @@ THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 
 def _flex_score(s):
     """Flex cannot run sink_logit (or dropout): drop them; tensors detached (no CPU backward)."""
-    terms = [t for t in md._score.score_terms(s)
-             if not isinstance(t, (md._score.SinkLogit, md._score.Dropout))]
+    terms = [t for t in md.dsl.score.score_terms(s)
+             if not isinstance(t, (md.dsl.score.SinkLogit, md.dsl.score.Dropout))]
     out = []
     for t in terms:
-        if isinstance(t, md._score.RelativeBias):
+        if isinstance(t, md.dsl.score.RelativeBias):
             t = md.relative_bias(t.table.detach())
         out.append(t)
     return sum(out, 0) or None
@@ -179,7 +179,7 @@ def _check_isolation(backend, case, grads):
 def test_nonfinite_values_stay_in_the_rows_that_attend_them(backend, data):
     case = data.draw(nan_cases(max_tokens=1200))
     if backend == "flex":   # eager flex: the same mods and BlockMask, no compile per pattern
-        import maskdsl.codegen.flex as flex
+        import maskdsl.kernels.flex as flex
         from torch.nn.attention.flex_attention import flex_attention
         saved, flex._compiled = flex._compiled, flex_attention
         try:
@@ -289,7 +289,7 @@ def _keep_of(backend, attn, B, H, n, call_index_generator):
 
         prog = attn.tiles_program
         plan = plan_for(prog, torch.device("cpu"))
-        _, drop_p = md._score.score_extras(attn.score, H, "cpu")
+        _, drop_p = md.dsl.score.score_extras(attn.score, H, "cpu")
         u = torch.rand((B, H, plan.T, plan.V, plan.K), generator=call_index_generator,
                        dtype=torch.float64)
         keep_g = u >= drop_p.double().reshape(1, H, 1, 1, 1)
@@ -305,7 +305,7 @@ def _keep_of(backend, attn, B, H, n, call_index_generator):
 
     plan, _ = attn.backend_state("triton")
     seed = int(torch.randint(0, 2**31 - 1, (), generator=call_index_generator))
-    _, drop_p = md._score.score_extras(attn.score, H, "cpu")
+    _, drop_p = md.dsl.score.score_extras(attn.score, H, "cpu")
     return keep_mask(plan, B, drop_p, seed, "cpu")
 
 
@@ -346,7 +346,7 @@ def test_dropout_is_reproducible_advances_and_turns_off(backend):
 
 
 def _choice(p, shape, heads, score, device):
-    from maskdsl.codegen import backends
+    from maskdsl.kernels import backends
     c = backends.choose(backends.Spec(p, score, shape, heads), torch.device(device))
     return c.backend, c.reason
 

@@ -101,7 +101,7 @@ def test_show_png_is_written_and_has_the_mask_in_it(tmp_path):
 
 
 def test_png_without_matplotlib_names_the_viz_extra(tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None; from maskdsl._cli import main; "
+    code = ("import sys; sys.modules['matplotlib'] = None; from maskdsl.cli.main import main; "
             f"sys.exit(main(['show', 'window(2)', '--shape', '8', '--png', {str(tmp_path / 'x.png')!r}]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
@@ -157,7 +157,7 @@ def test_check_samples_rows_of_a_large_grid_and_says_so():
 
 def test_check_sample_covers_first_last_corners_and_tile_edges():
     import maskdsl as md
-    from maskdsl._cli import _check_rows
+    from maskdsl.cli.main import _check_rows
 
     attn = md.compile(md.neighborhood((3, 3)), (40, 50), backend="tiles")
     rows = _check_rows(attn, 64, 0).tolist()

@@ -126,8 +126,8 @@ def test_layout_round_trip(data):
 def test_score_mod_equals_reference_bias(case, data):
     shape, heads, p = case
     s = data.draw(literal_scores(shape, heads))
-    terms = [t for t in md._score.score_terms(s)
-             if not isinstance(t, (md._score.SinkLogit, md._score.Dropout))]
+    terms = [t for t in md.dsl.score.score_terms(s)
+             if not isinstance(t, (md.dsl.score.SinkLogit, md.dsl.score.Dropout))]
     assume(terms)
     s = sum(terms)
     prog = Program(md.full(), s, shape, heads, block=BLOCK, tile=None)
@@ -138,7 +138,7 @@ def test_score_mod_equals_reference_bias(case, data):
     got = torch.stack([score_mod(base[h], 0, torch.tensor(h), pos[:, None], pos[None, :])
                        for h in range(heads)])
     expected = base.double() + md.reference.bias(s, shape, heads, dtype=torch.float64)
-    cap = next((t for t in terms if isinstance(t, md._score.Softcap)), None)
+    cap = next((t for t in terms if isinstance(t, md.dsl.score.Softcap)), None)
     if cap is not None:
         expected = cap.cap * torch.tanh(expected / cap.cap)
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=2e-5)
@@ -216,13 +216,13 @@ def _flex_inputs(shape, heads, D=16, seed=0):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @given(program_cases(max_tokens=80), st.data())
 def test_eager_flex_matches_reference(case, data):
-    from maskdsl.codegen.flex import run_flex
+    from maskdsl.kernels.flex import run_flex
 
     shape, heads, p, tile = case
     s = data.draw(st.none() | literal_scores(shape, heads))
     if s is not None:
-        s = sum([t for t in md._score.score_terms(s)
-                 if not isinstance(t, (md._score.SinkLogit, md._score.Dropout))], 0) or None
+        s = sum([t for t in md.dsl.score.score_terms(s)
+                 if not isinstance(t, (md.dsl.score.SinkLogit, md.dsl.score.Dropout))], 0) or None
     prog = Program(p, s, shape, heads, block=BLOCK, tile=tile)
     q, k, v = _flex_inputs(shape, heads)
     out = run_flex(prog, q, k, v, scale=0.25, compiled=False)

@@ -23,7 +23,7 @@ def test_dense_backend_matches_reference(case, data):
     shape, H, p = case
     score = data.draw(st.none() | literal_scores(shape, H))
     if score is not None:  # dropout is compared separately (it depends on the call count)
-        score = sum((t for t in md._score.score_terms(score) if not isinstance(t, md._score.Dropout)), 0) or None
+        score = sum((t for t in md.dsl.score.score_terms(score) if not isinstance(t, md.dsl.score.Dropout)), 0) or None
     attn = md.compile(p, shape, H, score=score, backend=data.draw(st.sampled_from(["auto", "dense"])))
     assert attn.backend == "dense" and attn.reason
     N = math.prod(shape)
@@ -56,7 +56,7 @@ def test_public_surface():
                  "reference", "MaskDSLError", "CompiledAttention"):
         assert name in md.__all__, name
     import maskdsl.codegen, maskdsl.kernels  # noqa: F401  (installed inside maskdsl)
-    assert set(md.__all__) >= set(md._node.DSL_NAMES)     # every DSL name is public
+    assert set(md.__all__) >= set(md.dsl.node.DSL_NAMES)     # every DSL name is public
 
 
 @pytest.mark.parametrize("module", ["codegen", "kernels", "codegen.ir", "kernels.tiles"])

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import maskdsl as md
-from maskdsl import _cp_plan as P
-from maskdsl._rect import row_major
+from maskdsl.parallel import plan as P
+from maskdsl.runtime.rect import row_major
 
 import cp_worker
 
@@ -236,7 +236,7 @@ def test_bytes_of_counts_every_message():
 def test_one_test_decides_whether_a_score_differs_per_head(score, varies):
     """``varies_per_head(pattern, score)`` is the one place that decides whether every head is
     alike (Ulysses rebinds the attention to H / W heads only then; issue 21, finding 2)."""
-    from maskdsl._score import score_varies_per_head
+    from maskdsl.dsl.score import score_varies_per_head
     from maskdsl.codegen.recipe import varies_per_head
 
     assert score_varies_per_head(score) is varies

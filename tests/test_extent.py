@@ -140,7 +140,7 @@ def test_any_partition_of_the_keys_merged_equals_the_whole(case, data):
     qr, parts = data.draw(ranges(n))
     q, k, v = _qkv(1, H, n, n, D=8, seed=n)
     pieces = []
-    once = md._score.without(s, md._score.SinkLogit)   # a sink logit joins one part's softmax
+    once = md.dsl.score.without(s, md.dsl.score.SinkLogit)   # a sink logit joins one part's softmax
     for i, (k0, k1) in enumerate(parts):
         attn = md.compile(p, shape, H, score=s if i == 0 else once, q_range=qr, kv_range=(k0, k1))
         assert attn.backend == "tiles"

@@ -15,7 +15,7 @@ import torch
 from hypothesis import event, given, settings, strategies as st
 
 import maskdsl as md
-from maskdsl._rect import key_reach, row_major
+from maskdsl.runtime.rect import key_reach, row_major
 from oracle import assert_close_by_rule, inputs, magnitude
 from strategies import cases, patterns, relative_table, shapes
 
@@ -563,14 +563,14 @@ def test_a_cache_stepped_in_random_chunks_equals_attn_or_is_refused_by_name(requ
         if t == at and change != "none":
             if change == "ids" and ids is not None:     # one document, or others
                 ids[:] = 0 if data.draw(st.booleans()) else torch.tensor(_doc_ids(data.draw, n))
-            held = [(term, x) for term in md._score.score_terms(score)
+            held = [(term, x) for term in md.dsl.score.score_terms(score)
                     for x in vars(term).values() if isinstance(x, torch.Tensor)]
             tensors = [x for _, x in held]
             if change == "bad value" and tensors:       # both calls refuse alike, or agree
                 term, x = held[0]
                 old = x.detach().clone()
                 with torch.no_grad():
-                    x.fill_(0.0 if isinstance(term, md._score.Softcap) else float("inf"))
+                    x.fill_(0.0 if isinstance(term, md.dsl.score.Softcap) else float("inf"))
                 try:
                     by_attn = attn(q, k, v)
                 except md.MaskDSLError as e:

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import maskdsl as md
-from maskdsl.codegen.flex import run_flex
+from maskdsl.kernels.flex import run_flex
 from oracle import assert_close_by_rule, assert_matches_reference, inputs, triton_available
 from strategies import cases, grid_cases, grid_scores
 

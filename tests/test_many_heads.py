@@ -15,8 +15,8 @@ import torch
 
 import maskdsl as md
 from maskdsl._caching import clear_all
-from maskdsl._node import Node
-from maskdsl._pattern import MAX_NESTING, And, Heads, Window
+from maskdsl.dsl.node import Node
+from maskdsl.dsl.pattern import MAX_NESTING, And, Heads, Window
 from oracle import assert_matches_reference, inputs
 
 
@@ -69,7 +69,7 @@ def _run_dense(H):
 
 
 def _run_show(H):
-    from maskdsl._cli import main
+    from maskdsl.cli.main import main
 
     spec = "heads([" + ", ".join(f"window({i})" for i in range(H)) + "])"
     assert main(["show", spec, "--shape", "64", "--heads", str(H), "--head", "1"]) == 0
@@ -130,7 +130,7 @@ def test_a_chain_of_3000_patterns_works(op):
 
 def test_a_union_of_600_patterns_runs_on_tiles_and_shows(capsys):
     """600 was already past the recursion limit (content keys, the simplifier, lowering)."""
-    from maskdsl._cli import main
+    from maskdsl.cli.main import main
 
     p = functools.reduce(operator.or_, _mix(600))
     q, k, v = inputs(1, 2, 64, 4, seed=2)

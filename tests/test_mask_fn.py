@@ -12,7 +12,7 @@ import torch
 
 import maskdsl as md
 from maskdsl.codegen.blockmask import MASK_FN_MAX_PAIRS
-from maskdsl.codegen.flex import run_flex
+from maskdsl.kernels.flex import run_flex
 from maskdsl.codegen.program import Program
 from maskdsl.codegen.recipe import CACHE_SIZE, cached_recipes, function_key
 from maskdsl.kernels.tiles import run_tiles
@@ -296,7 +296,7 @@ def test_parser_refuses_mask_fn():
     assert repr(p) == "mask_fn(name='causal_mask')"
     with pytest.raises(md.MaskDSLError, match="code is never parsed from text"):
         md.parse(repr(p))
-    assert "mask_fn" in md.__all__ and md.mask_fn is md._node.DSL_NAMES["mask_fn"]
+    assert "mask_fn" in md.__all__ and md.mask_fn is md.dsl.node.DSL_NAMES["mask_fn"]
 
 
 # ----------------------------------------------------------------------------- identity, caches

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import maskdsl as md
 from maskdsl.nn import (NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D,
-                        PatternAttention)
+    PatternAttention)
 
 
 def manual(layer, x, pattern, shape, score=None, scale=None):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import maskdsl as md
-from maskdsl._parse import NAMES
+from maskdsl.dsl.parse import NAMES
 from strategies import cases, literal_scores
 
 NAMESPACE = {name: getattr(md, name) for name in md.__all__}

@@ -1,4 +1,4 @@
-"""The pictures of ``show`` (maskdsl/_draw.py, maskdsl/_png.py), in process (fast): what each
+"""The pictures of ``show`` (maskdsl/cli/draw.py, maskdsl/cli/png.py), in process (fast): what each
 rank draws, that the overview drawn from sparse tile classes is the dense mask's, that no
 picture builds an N x N mask, and what ``--png`` writes and reports."""
 import tracemalloc
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from maskdsl import parse, reference
-from maskdsl._cli import main
-from maskdsl._draw import EMPTY, FULL, PARTIAL, QUERY, picture, scene
+from maskdsl.cli.main import main
+from maskdsl.cli.draw import EMPTY, FULL, PARTIAL, QUERY, picture, scene
 from maskdsl._errors import MaskDSLError
 
 
@@ -249,7 +249,7 @@ def test_png_without_extension_is_refused_not_renamed(tmp_path, capsys):
 
 def test_png_3d_has_one_panel_per_frame_and_marks_the_query(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from maskdsl._png import write_png
+    from maskdsl.cli.png import write_png
 
     saved = figure_of(monkeypatch)
     path = write_png(str(tmp_path / "a.png"), parse("neighborhood((3, 7, 7)) & causal(dims=(0,))"),
@@ -266,7 +266,7 @@ def test_png_3d_has_one_panel_per_frame_and_marks_the_query(tmp_path, monkeypatc
 
 def test_png_1d_colour_scale_covers_the_band_not_the_sinks(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from maskdsl._png import write_png
+    from maskdsl.cli.png import write_png
 
     saved = figure_of(monkeypatch)
     write_png(str(tmp_path / "b.png"), parse("window(64) | sink(4)"), parse("distance_decay(0.05)"),
@@ -283,7 +283,7 @@ def test_png_1d_colour_scale_covers_the_band_not_the_sinks(tmp_path, monkeypatch
 
 def test_png_per_head_draws_each_head(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from maskdsl._png import write_png
+    from maskdsl.cli.png import write_png
 
     saved = figure_of(monkeypatch)
     write_png(str(tmp_path / "c.png"), parse("neighborhood((5, 5)) | sink(2)"),

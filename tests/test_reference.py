@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, strategies as st
 
 import maskdsl as md
-from maskdsl._pattern import (And, Block, Causal, Document, Empty, Full, Heads, Neighborhood, Not,
-                              Or, Power, Radial, Sink, Window)
+from maskdsl.dsl.pattern import (And, Block, Causal, Document, Empty, Full, Heads, Neighborhood,
+    Not, Or, Power, Radial, Sink, Window)
 from strategies import cases, leaves, shapes
 
 

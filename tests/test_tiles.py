@@ -21,7 +21,7 @@ def _inputs(B, H, N, D, dtype=torch.float32, seed=0, grad=False):
 def _no_dropout(s):
     if s is None:
         return None
-    return sum([t for t in md._score.score_terms(s) if not isinstance(t, md._score.Dropout)], 0) or None
+    return sum([t for t in md.dsl.score.score_terms(s) if not isinstance(t, md.dsl.score.Dropout)], 0) or None
 
 
 @given(cases(max_tokens=100), st.data())
@@ -33,9 +33,9 @@ def test_tiles_forward_and_gradients_match_reference(case, data):
     n = math.prod(shape)
     q, k, v = _inputs(2, H, n, 8, dtype=torch.float64, grad=True)
     sink = None
-    sl = next((t for t in md._score.score_terms(s) if isinstance(t, md._score.SinkLogit)), None)
+    sl = next((t for t in md.dsl.score.score_terms(s) if isinstance(t, md.dsl.score.SinkLogit)), None)
     if sl is not None:
-        vals = sl.values.values if isinstance(sl.values, md._values.PerHead) else [sl.values] * H
+        vals = sl.values.values if isinstance(sl.values, md.dsl.values.PerHead) else [sl.values] * H
         sink = torch.tensor(vals, dtype=torch.float64)
     out = run_tiles(prog, q, k, v, 0.3, sink=sink)
     ref = md.reference.attention(q, k, v, p, shape, score=s, scale=0.3)

@@ -18,12 +18,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .._caching import LRU, outside_inference_mode
-from .._errors import MaskDSLError
-from .._memory import check_allocation, guard
-from .._score import Dropout, ScoreFn, SinkLogit, score_terms
-from .program import Program
-from .tileclasses import FULL, PARTIAL, TileClasses
+from maskdsl._caching import LRU, outside_inference_mode
+from maskdsl._errors import MaskDSLError
+from maskdsl._memory import check_allocation, guard
+from maskdsl.dsl.score import Dropout, ScoreFn, SinkLogit, score_terms
+from maskdsl.codegen.program import Program
+from maskdsl.codegen.tileclasses import FULL, PARTIAL, TileClasses
 
 __all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex", "block_mask",
            "refusal", "preference", "strength", "call_refusal", "prepare", "run"]
@@ -177,8 +177,8 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True,
 
 def _user_functions(program) -> list:
     """The user-written ``mask_fn`` / ``score_fn`` nodes a program calls."""
-    from .._node import walk
-    from .._pattern import MaskFn
+    from maskdsl.dsl.node import walk
+    from maskdsl.dsl.pattern import MaskFn
 
     return ([n for n in walk(program.pattern) if isinstance(n, MaskFn)]
             + [t for t in score_terms(program.score) if isinstance(t, ScoreFn)])

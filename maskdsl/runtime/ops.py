@@ -48,8 +48,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._caching import LRU
-from ._errors import MaskDSLError
+from maskdsl._caching import LRU
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["compiled_call", "REGISTRY_SIZE", "handle_of"]
 
@@ -69,7 +69,7 @@ def handle_of(attn) -> str:
     found = _HANDLES.get(attn)
     if found is not None:
         return found
-    from .codegen.recipe import content_key
+    from maskdsl.codegen.recipe import content_key
 
     key = (content_key(attn.pattern), content_key(attn.score), tuple(attn.shape), attn.heads,
            attn.requested, attn.extent.key(),
@@ -93,7 +93,7 @@ def _lookup(handle: str):
 
 def _param_fields(score) -> Tuple[Tuple[int, str], ...]:
     """(term index, field name) of every tensor-valued score parameter, in a fixed order."""
-    from ._score import score_terms
+    from maskdsl.dsl.score import score_terms
 
     return tuple((i, name) for i, term in enumerate(score_terms(score))
                  for name, value in vars(term).items() if isinstance(value, torch.Tensor))
@@ -112,7 +112,7 @@ def _with_params(attn, params: List[torch.Tensor], training: bool, generator=Non
     changed): ``attn.variant``, which shares ``attn``'s dropout generator unless ``generator``
     is given (the backward's replay) and, when its tensors are ``attn``'s own, its prepared
     state."""
-    from ._score import score_terms
+    from maskdsl.dsl.score import score_terms
 
     fields = _param_fields(attn.score)
     old = score_terms(attn.score)
@@ -262,7 +262,7 @@ def refuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: str, messa
     message), then ``scale`` when the call's float scale reaches the graph as a value (see
     ``call_meta``); else ``message``, the trace-time refusal. ``where`` prefixes it
     ("na2d: ")."""
-    from ._inputs import check_qkv, check_scale
+    from .inputs import check_qkv, check_scale
 
     try:
         if handle:
@@ -322,8 +322,8 @@ def _prepare_call(attn, meta: tuple) -> tuple:
     requires_grad), the scale (``_scale_meta``), whether grad mode is on, whether the batch
     sizes agree, whether the lse is asked for. Runs the eager call's static checks and, for
     ``auto``, its choice of backend for these tensors."""
-    from . import reference
-    from ._inputs import check_qkv, check_scale
+    from maskdsl import reference
+    from .inputs import check_qkv, check_scale
 
     tensors, scale, grad_mode, batch_ok, return_lse = meta
     handle = handle_of(attn)
@@ -420,7 +420,7 @@ def finish(prepared, score, q, k, v, training: bool, where: str = "", return_lse
            scale=None):
     """Traced: the graph's op call for a prepared call (or the refusal it compiles to);
     ``scale``: the call's own, used when ``_prepare_call`` left it to the graph (a float)."""
-    from ._score import score_terms
+    from maskdsl.dsl.score import score_terms
 
     handle, fields, checked, error = prepared
     runtime = isinstance(scale, float) and not isinstance(scale, bool)
@@ -463,7 +463,7 @@ def module_prepare(module, shape: tuple, meta: tuple):
 
 
 def _natten_attention(rank, metas, kernel_size, stride, dilation, is_causal, score, backend):
-    from . import natten
+    from maskdsl import natten
 
     tensors = [_stand_in(*m) for m in metas]     # query, key, value (and the additional KV)
     return natten._prepare(rank, *tensors[:3], kernel_size, stride, dilation, is_causal, score,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ._score import score_extras
+from maskdsl.dsl.score import score_extras
 
 __all__ = ["next_keep_mask"]
 
 
 def next_keep_mask(attn, backend: str, batch: int) -> torch.Tensor:
     """bool [B, H, N, N]: the keep mask ``backend``'s next call of ``attn`` draws (CPU)."""
-    from . import reference
+    from maskdsl import reference
 
     H, n = attn.heads, attn.n
     gen = torch.Generator()
@@ -26,14 +26,14 @@ def next_keep_mask(attn, backend: str, batch: int) -> torch.Tensor:
     if backend == "dense":
         return reference.dropout_mask(attn.score, batch, H, n, generator=gen)
     if backend == "triton":
-        from .kernels.triton_attn import keep_mask
+        from maskdsl.kernels.triton_attn import keep_mask
 
         plan, _ = attn.backend_state("triton")
         seed = int(torch.randint(0, 2**31 - 1, (), generator=gen))
         return keep_mask(plan, batch, drop_p, seed, "cpu")
     if backend != "tiles":
         raise ValueError(f"{backend} draws no dropout")
-    from .kernels.tiles import plan_for
+    from maskdsl.kernels.tiles import plan_for
 
     prog = attn.tiles_program
     plan = plan_for(prog, torch.device("cpu"))

@@ -7,7 +7,7 @@ attended by every query; ``extra="all"``: they are queries too, attending every 
 This module checks and describes the request (``reference`` reads it in its own words) and
 runs it: extra tokens as the grid's attention (any backend) merged through the log-sum-exp with
 dense stripes for the extra keys and queries (O(N x E), never (N + E)^2 for the grid part);
-sub-ranges on the rectangle path (``_rect``) over the key tiles the row-major tile classes list.
+sub-ranges on the rectangle path (``rect``) over the key tiles the row-major tile classes list.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from ._errors import MaskDSLError
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["Extent", "check_extent", "EXTRA_MODES"]
 
@@ -92,7 +92,7 @@ def check_extent(shape: tuple, extra_tokens=0, extra="all", q_range=None, kv_ran
                  score=None) -> Extent:
     """The checked request for a grid of ``shape``; MaskDSLError names the field, the value and
     the legal range."""
-    from ._score import Dropout, ScoreFn, score_terms
+    from maskdsl.dsl.score import Dropout, ScoreFn, score_terms
 
     n = math.prod(shape)
     if (isinstance(extra_tokens, bool) or not isinstance(extra_tokens, numbers.Integral)
@@ -123,7 +123,7 @@ def check_extent(shape: tuple, extra_tokens=0, extra="all", q_range=None, kv_ran
 
 def _softcap(score, heads: int, device):
     """Per-head softcap values [H] (None without a softcap term)."""
-    from ._score import Softcap, per_head_tensor, score_terms
+    from maskdsl.dsl.score import Softcap, per_head_tensor, score_terms
 
     for t in score_terms(score):
         if isinstance(t, Softcap):
@@ -135,15 +135,15 @@ def extent_backend(spec, extent: Extent, backend: str, device):
     """The CompiledAttention of a sub-range request. ``tiles`` (and ``auto``): the rectangle
     path over the key tiles the row-major tile classes list for each chunk of query tiles;
     ``dense``: the reference; flex and triton are refused (their kernels take the whole grid)."""
-    from ._compile import CompiledAttention
-    from .codegen.backends import Choice
+    from .compiled import CompiledAttention
+    from maskdsl.kernels.backends import Choice
 
     if backend in ("flex", "triton"):
         raise MaskDSLError(
             f"backend={backend!r}: {extent.describe()}: the {backend} kernels run the whole "
             f"grid; sub-ranges run on backend='tiles' (PyTorch, any device) or 'dense'")
     if backend == "dense":
-        from .codegen.backends import requested
+        from maskdsl.kernels.backends import requested
 
         import torch
 
@@ -161,7 +161,7 @@ def run_extent(attn, q, k, v, scale: float, return_lse: bool):
     if ext.extra:
         out, lse = _run_extra(attn, q, k, v, scale)
     elif attn.backend == "dense":
-        from . import reference
+        from maskdsl import reference
 
         out, lse = reference.attention(q, k, v, attn.pattern, attn.shape, score=attn.score,
                                        scale=scale, q_range=ext.q, kv_range=ext.kv,
@@ -176,8 +176,8 @@ def _run_extra(attn, q, k, v, scale):
     stripe over the extra keys; extra queries (``extra="all"``): dense over every key."""
     import torch
 
-    from ._merge import merge
-    from ._score import score_extras
+    from .merge import merge
+    from maskdsl.dsl.score import score_extras
 
     ext, H = attn.extent, attn.heads
     N = ext.n
@@ -205,8 +205,8 @@ def _dense(q, k, v, scale, cap, sink):
     value), else the rectangle path, which also isolates non-finite rows."""
     import torch
 
-    from ._merge import merge
-    from ._rect import _bad_rows, rect_attention
+    from .merge import merge
+    from .rect import _bad_rows, rect_attention
 
     B, H, nq, D = q.shape
     Hk, nk = k.shape[1], k.shape[2]
@@ -216,7 +216,7 @@ def _dense(q, k, v, scale, cap, sink):
     if not fast:
         return rect_attention(None, q, k, v, None, None, scale, cap=cap, sink=sink,
                               return_lse=True)
-    from .kernels.tiles import _FlashLSE
+    from maskdsl.kernels.tiles import _FlashLSE
 
     g = H // Hk
     out, lse = _FlashLSE.apply(q.reshape(B, Hk, g * nq, D), k, v, None, scale)
@@ -232,8 +232,8 @@ def _run_range(attn, q, k, v, scale):
     program, the key tiles its classes list (every head's), cut to ``kv_range``."""
     import torch
 
-    from ._rect import row_major, tiled_rect
-    from ._score import score_extras
+    from .rect import row_major, tiled_rect
+    from maskdsl.dsl.score import score_extras
 
     ext = attn.extent
     N = ext.n

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._errors import MaskDSLError
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["main"]
 
@@ -51,7 +51,7 @@ def _common(p: argparse.ArgumentParser):
 
 
 def _build_parser() -> _Parser:
-    from . import __version__
+    from maskdsl import __version__
 
     parser = _Parser(prog="maskdsl", description="Compile, draw and check attention locality patterns.",
                      epilog="DSL names (maskdsl names lists their signatures): " + ", ".join(_names())
@@ -99,7 +99,7 @@ _BACKEND_HELP = "auto (default: the best for this device, with the reason), flex
 
 
 def _names() -> list:
-    from ._node import DSL_NAMES
+    from maskdsl.dsl.node import DSL_NAMES
 
     return list(DSL_NAMES)
 
@@ -122,9 +122,9 @@ def _cmd_names(args) -> int:
 
 
 def _spec(args):
-    from ._parse import parse
-    from ._pattern import Pattern
-    from ._score import Score
+    from maskdsl.dsl.parse import parse
+    from maskdsl.dsl.pattern import Pattern
+    from maskdsl.dsl.score import Score
 
     p = parse(args.spec)
     if not isinstance(p, Pattern):
@@ -136,13 +136,13 @@ def _spec(args):
 
 
 def _picture(p, shape, heads, only_head, query, width) -> str:
-    from ._draw import picture
+    from .draw import picture
 
     return picture(p, shape, heads, only_head, query, width)
 
 
 def _cmd_show(args) -> int:
-    from ._compile import validate
+    from maskdsl.runtime.compiled import validate
 
     if not _WIDTH[0] <= args.width <= _WIDTH[1]:
         raise MaskDSLError(f"--width={args.width}: expected an int in [{_WIDTH[0]}, {_WIDTH[1]}] "
@@ -156,7 +156,7 @@ def _cmd_show(args) -> int:
         print()
         print(_tile_picture(p, s, shape, args.heads, args.head, args.width))
     if args.png:
-        from ._png import write_png
+        from .png import write_png
 
         path = write_png(args.png, p, s, shape, args.heads, args.head, query)
         print(f"wrote {path}")
@@ -166,8 +166,8 @@ def _cmd_show(args) -> int:
 def _tile_picture(p, s, shape, heads, only_head, width) -> str:
     """The compiled tiles the chosen backend runs, in its tiled token layout, drawn from the
     sparse tile classes (never a dense T x T table)."""
-    from ._compile import compile
-    from ._draw import draw_classes
+    from maskdsl.runtime.compiled import compile
+    from .draw import draw_classes
 
     prog = compile(p, shape, heads, score=s).program
     st = prog.stats()
@@ -189,7 +189,7 @@ def _tile_picture(p, s, shape, heads, only_head, width) -> str:
 
 
 def _cmd_explain(args) -> int:
-    from ._compile import compile
+    from maskdsl.runtime.compiled import compile
 
     p, s = _spec(args)
     attn = compile(p, _shape(args.shape), args.heads, score=s, backend=args.backend)
@@ -223,9 +223,9 @@ def _cmd_bench(args) -> int:
     import torch
     import torch.nn.functional as F
 
-    from . import reference
-    from ._compile import compile
-    from ._memory import check_allocation
+    from maskdsl import reference
+    from maskdsl.runtime.compiled import compile
+    from maskdsl._memory import check_allocation
 
     p, s = _spec(args)
     shape = _shape(args.shape)
@@ -324,11 +324,11 @@ _KEEP_PAIRS = 2 ** 24    # B x H x N^2 up to which check draws the backend's dro
 def _cmd_check(args) -> int:
     import torch
 
-    from . import reference
-    from ._compile import compile
-    from ._keep import next_keep_mask
-    from ._memory import check_allocation
-    from ._score import Dropout, score_terms
+    from maskdsl import reference
+    from maskdsl.runtime.compiled import compile
+    from maskdsl.runtime.keep import next_keep_mask
+    from maskdsl._memory import check_allocation
+    from maskdsl.dsl.score import Dropout, score_terms
 
     p, s = _spec(args)
     attn = compile(p, _shape(args.shape), args.heads, score=s, backend=args.backend)

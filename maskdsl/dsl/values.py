@@ -18,7 +18,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Optional
 
-from ._errors import MaskDSLError
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["PerHead", "per_head"]
 

@@ -11,7 +11,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from ._errors import MaskDSLError
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["merge"]
 

@@ -10,9 +10,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
-from ._errors import MaskDSLError
-from ._node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
-from ._values import Check, PerHead, _fmt, _is_tensor, at_head, check_dims, dims_in_shape, per_dim
+from maskdsl._errors import MaskDSLError
+from .node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
+from .values import (Check, PerHead, _fmt, _is_tensor, at_head, check_dims,
+    dims_in_shape, per_dim)
 
 __all__ = [
     "Pattern", "Neighborhood", "Window", "Causal", "Block", "Sink", "Full", "Empty",
@@ -55,7 +56,7 @@ class Pattern(Node):
 
 def _as_pattern(x, op: str) -> Pattern:
     if not isinstance(x, Pattern):
-        from ._score import Score
+        from .score import Score
 
         if isinstance(x, Score):
             raise MaskDSLError(

@@ -31,8 +31,8 @@ MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay 
 def row_major(attn):
     """The Program of ``attn``'s pattern and score in row-major token order, positions equal to
     flat token indices (padding after the last token), cached on the object."""
-    from .codegen.layout_search import row_major as layout
-    from .codegen.program import BLOCK_SIZE, Program
+    from maskdsl.codegen.layout_search import row_major as layout
+    from maskdsl.codegen.program import BLOCK_SIZE, Program
 
     return attn.prepared("plain", lambda: Program(attn.pattern, attn.score, attn.shape,
                                                   attn.heads, tile=layout(attn.shape, BLOCK_SIZE)))
@@ -68,7 +68,7 @@ def _flash_chunk(q, k, v, allowed, scale: float, sink):
     c, nk]: torch's CPU flash kernel with an additive -inf mask (``kernels.tiles._FlashLSE``,
     differentiable lse). A row with no key gets a stand-in key (finite gradients) and then
     zeros and -inf; a sink logit joins the denominator through the lse."""
-    from .kernels.tiles import _FlashLSE
+    from maskdsl.kernels.tiles import _FlashLSE
 
     nk = k.shape[2]
     some = allowed.any(-1, keepdim=True)
@@ -85,7 +85,7 @@ def _flash_chunk(q, k, v, allowed, scale: float, sink):
         lse = torch.where(some[..., 0], lse,
                           torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
     if sink is not None:            # a part with no value, as _extent._dense merges it
-        from ._merge import merge
+        from .merge import merge
 
         B, H, c = lse.shape
         sk = sink.to(device=q.device, dtype=lse.dtype).reshape(1, H, 1).expand(B, H, c)
@@ -106,7 +106,7 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
     context parallelism's Ulysses strategy runs a slice of the heads): per-head patterns and
     score terms are evaluated at those heads; ``sink`` and ``cap`` are given for q's heads.
     Returns out [B, H, nq, Dv] (and lse [B, H, nq])."""
-    from ._isolate import poison, poison_lse, sanitize
+    from .isolate import poison, poison_lse, sanitize
 
     B, H, nq, D = q.shape
     Hk, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -282,7 +282,7 @@ def pair_masks(program, mask_mod, pr, pc, head=None):
     [P, V, V]), ok = the pattern allows the pair on some head (``head``: that head only), False
     past the last token. A pattern whose heads all mask alike is evaluated on head 0 only.
     Shared by ``key_reach`` and context parallelism's halo plan."""
-    from .codegen.recipe import varies_per_head
+    from maskdsl.codegen.recipe import varies_per_head
 
     V, n, H = program.layout.block, program.n, program.heads
     if head is None and not varies_per_head(program.pattern):
@@ -308,7 +308,7 @@ def key_reach(program) -> Reach:
     docstring). CPU tensors."""
     import numpy as np
 
-    from .codegen.tileclasses import FULL
+    from maskdsl.codegen.tileclasses import FULL
 
     lay = program.layout
     V, n = lay.block, program.n

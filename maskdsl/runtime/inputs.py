@@ -6,8 +6,8 @@ import numbers
 
 import torch
 
-from ._errors import MaskDSLError
-from ._values import FLOAT_MAX
+from maskdsl._errors import MaskDSLError
+from maskdsl.dsl.values import FLOAT_MAX
 
 __all__ = ["check_qkv", "check_scale", "check_device", "check_count"]
 
@@ -16,7 +16,7 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_qkv(q, k, v, shape: tuple, heads=None, dtypes=FLOATS, extent=None):
     """Check q, k, v against the grid ``shape`` (and ``heads``; ``extent``: the query and key
-    token counts of extra tokens or sub-ranges, ``_extent.Extent``); returns (B, H, N, D)."""
+    token counts of extra tokens or sub-ranges, ``extent.Extent``); returns (B, H, N, D)."""
     n = math.prod(shape)
     counts = {"q": extent.nq, "k": extent.nk, "v": extent.nk} if extent is not None else \
         {"q": n, "k": n, "v": n}

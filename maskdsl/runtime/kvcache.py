@@ -2,7 +2,7 @@
 (ARCHITECTURE.md, "Sub-ranges and the KV cache").
 
 From the pattern the compiler knows, for every key j, the last query that attends it
-(``_rect.key_reach``: the row-major tile classes, token masks on partial tile pairs only). A
+(``rect.key_reach``: the row-major tile classes, token masks on partial tile pairs only). A
 cache that has seen tokens ``[0, t)`` must keep exactly the keys some later query attends. It
 keeps them as ``sinks`` (a prefix kept for good) plus the last ``window`` tokens (a ring
 buffer), with ``sinks + window`` the smallest such split: ``causal() & (window(W) | sink(n))``
@@ -15,14 +15,14 @@ patterns), whole slabs of dim 0 when queries attend later tokens of their own sl
 query attends a key of a later granule cannot be decoded and is refused, naming such a pair.
 
 ``step`` appends the new tokens' keys and values and returns attention for the new queries at
-their global positions (prefill and decode are the same call): ``_rect.rect_attention`` over
+their global positions (prefill and decode are the same call): ``rect.rect_attention`` over
 the sinks and the ring, the new queries a sub-chunk at a time with only the keys they can reach
 (O(chunk x (sinks + window)) per step, never O(context)). It runs in PyTorch on the cache's
 device, whatever backend ``attn`` runs; stored keys and values are detached (a cache is for
 inference).
 
 A step gives the rows ``attn(q, k, v)`` gives, or a MaskDSLError: the same argument checks
-(``_compile.check_call``), document ids changed in place read anew (refused, naming the pair,
+(``compiled.check_call``), document ids changed in place read anew (refused, naming the pair,
 when a later query needs a key already dropped), the extra keys of ``extra="keys"`` merged in
 through the lse; ``extra="all"`` and sub-ranges are refused by ``attn.kv_cache``. Buffers are
 checked against the memory budget before they are allocated (``_memory``), and the ring shrinks
@@ -36,9 +36,9 @@ from typing import Optional
 
 import torch
 
-from ._errors import MaskDSLError
-from ._inputs import FLOATS, check_count, check_device
-from ._memory import check_allocation, guarded
+from maskdsl._errors import MaskDSLError
+from .inputs import FLOATS, check_count, check_device
+from maskdsl._memory import check_allocation, guarded
 
 __all__ = ["Lookback", "lookback_of", "KVCache"]
 
@@ -91,7 +91,7 @@ def lookback_of(attn) -> Lookback:
 
 
 def _lookback(attn) -> Lookback:
-    from ._rect import reach_of
+    from .rect import reach_of
 
     reach = reach_of(attn)
     n, shape = attn.n, attn.shape
@@ -136,7 +136,7 @@ def _lookback(attn) -> Lookback:
 def _first_query(attn, j: int, t: int, last: int) -> int:
     """The first query at or after ``t`` (and at most ``last``, which does) that attends key
     ``j`` on some head: the pair a refusal names."""
-    from ._rect import row_major
+    from .rect import row_major
 
     mask_mod, _ = row_major(attn).mods("cpu")
     heads = torch.arange(attn.heads).reshape(-1, 1, 1, 1)
@@ -209,7 +209,7 @@ class KVCache:
         self.reset()
 
     def _no_dropout(self, where: str):
-        from ._score import Dropout, score_terms
+        from maskdsl.dsl.score import Dropout, score_terms
 
         if self.attn.training and any(isinstance(t, Dropout)
                                       for t in score_terms(self.attn.score)):
@@ -348,7 +348,7 @@ class KVCache:
                 f"each), and {t} is not a slab boundary; call cache.reset() and step again from "
                 f"position 0")
         if t:
-            from ._rect import reach_of
+            from .rect import reach_of
 
             last_query = reach_of(attn).last_query[:t]
             held = torch.zeros(t, dtype=torch.bool)
@@ -448,14 +448,14 @@ class KVCache:
         """Append k, v [B, kv_heads, c, D] of the next c tokens and return the attention output
         [B, heads, c, Dv] of their queries q [B, heads, c, D] at global positions
         ``position .. position + c`` (and lse [B, heads, c] with ``return_lse``), as
-        ``attn(q, k, v)`` gives those rows: the same argument checks (``_compile.check_call``:
+        ``attn(q, k, v)`` gives those rows: the same argument checks (``compiled.check_call``:
         scale, return_lse, the score's tensors as they are now), the document ids as they
         are now, the extra keys of ``set_extra``."""
-        from ._compile import check_call
-        from ._extent import _dense, _softcap
-        from ._merge import merge
-        from ._rect import rect_attention, row_major
-        from ._score import score_extras
+        from .compiled import check_call
+        from .extent import _dense, _softcap
+        from .merge import merge
+        from .rect import rect_attention, row_major
+        from maskdsl.dsl.score import score_extras
 
         c = self._check("cache.step", q, k, v)
         attn = self.attn

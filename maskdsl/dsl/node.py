@@ -9,9 +9,9 @@ import numbers
 from collections.abc import Sequence
 from typing import ClassVar, Dict, List
 
-from ._errors import MaskDSLError
-from ._values import (Check, _is_tensor, at_head, dim_count, fmt_value, head_counts, normalize,
-                      per_head)
+from maskdsl._errors import MaskDSLError
+from .values import (Check, _is_tensor, at_head, dim_count, fmt_value, head_counts,
+    normalize, per_head)
 
 __all__ = ["Node", "walk", "dsl", "DSL_NAMES", "check_shape", "check_heads"]
 

@@ -1,6 +1,6 @@
 """``maskdsl show --png``: the pictures of ``show`` as an image (matplotlib, imported lazily).
 
-The same scene as the terminal (``_draw.scene``: sparse tile classes and one query row, never an
+The same scene as the terminal (``draw.scene``: sparse tile classes and one query row, never an
 N x N mask), per group of heads that draw the same: the overview of the mask (queries down,
 keys across, full / partial / empty cells) with the query's row marked, and the keys the query
 sees at a readable scale: 1-D the band around the query plus a box per far run (sinks), 2-D the
@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import torch
 
-from ._errors import MaskDSLError
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["write_png", "FORMATS"]
 
@@ -277,7 +277,7 @@ def _keys_nd(sf, g, s, draw, cmap):
 def write_png(path: str, p, score, shape: tuple, heads: int, only_head, query) -> str:
     """Per group of heads that draw the same: the overview of the mask and the keys one query
     sees (coloured by the score's bias when a score is given). Returns the path written."""
-    from . import _draw as draw
+    from . import draw
 
     path = _checked_path(path)
     plt = _matplotlib()

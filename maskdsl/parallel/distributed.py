@@ -6,7 +6,7 @@ through every exchange. Three strategies, all on torch.distributed's P2P operati
 (``batch_isend_irecv``: NCCL on GPUs, gloo on CPU):
 
 * ``halo``: each rank receives exactly the key/value rows its queries attend that other ranks
-  own (from the row-major tile classes, ``_cp_plan.need``), extra tokens once from their
+  own (from the row-major tile classes, ``plan.need``), extra tokens once from their
   owner; the backward returns the halo's gradients to their owners, which add them.
 * ``ulysses``: all-to-all from sequence-sharded to head-sharded, the whole sequence on this
   rank's heads (per-head patterns at their own heads), all-to-all back.
@@ -14,7 +14,7 @@ through every exchange. Three strategies, all on torch.distributed's P2P operati
 
 ``strategy="auto"`` picks the one moving the fewest bytes for this pattern, shape and world
 size (``cp.plan()``, computed analytically; ``cp.reason`` says why). The local attention is the
-rectangle path over the key tiles the tile classes list (``_rect.tiled_rect``), any device.
+rectangle path over the key tiles the tile classes list (``rect.tiled_rect``), any device.
 
 Agreement: every call (``cp(q, k, v)``, ``md.unshard``) starts with one small all_gather of
 its metadata (``_agree``) before any other message, so ranks that disagree, or a rank whose
@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import _cp_plan as P
-from ._errors import MaskDSLError
+from . import plan as P
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["context_parallel", "ContextParallel", "shard", "unshard", "STRATEGIES"]
 
@@ -355,7 +355,7 @@ def _layout_for(x, group, shape, extra_tokens, balance, local, layout):
         if local:
             raise MaskDSLError("unshard: pass shape= (the grid's shape; cp.unshard knows it)")
         shape = (x.shape[2] - E,)
-    from ._node import check_shape
+    from maskdsl.dsl.node import check_shape
 
     shape = check_shape(shape)
     return group, rank, P.layout(shape, world, int(E), balance)
@@ -466,8 +466,8 @@ class ContextParallel:
     def __init__(self, attn, group=None, strategy="auto", *, balance=None, kv_heads=None,
                  head_dim: int = 64, head_dim_v: Optional[int] = None, batch: int = 1,
                  dtype=torch.bfloat16):
-        from ._compile import CompiledAttention
-        from ._score import Dropout, score_terms
+        from maskdsl.runtime.compiled import CompiledAttention
+        from maskdsl.dsl.score import Dropout, score_terms
 
         if not isinstance(attn, CompiledAttention):
             raise MaskDSLError(f"attn: expected a CompiledAttention from md.compile, got "
@@ -515,8 +515,8 @@ class ContextParallel:
         # "Caches"): the plan is read anew from the ids as they are now
         key = attn.refresh()
         if self._halo is None or self._halo[0] != key:
-            from ._caching import outside_inference_mode
-            from ._rect import row_major
+            from maskdsl._caching import outside_inference_mode
+            from maskdsl.runtime.rect import row_major
 
             # built outside inference mode: the cached index tensors serve training calls too
             self._halo = (key, outside_inference_mode(P.halo_plan)(row_major(attn),
@@ -585,7 +585,7 @@ class ContextParallel:
         causal pattern without a window), and balancing is off."""
         if self.balance is not None or self.world == 1:
             return ""
-        from ._rect import row_major
+        from maskdsl.runtime.rect import row_major
 
         try:
             other = P.layout(self.attn.shape, self.world, self.layout.extra, "head-tail")
@@ -642,9 +642,9 @@ class ContextParallel:
     def _check_call(self, q, k, v, scale, return_lse):
         """(scale, the agreement's fields) of a call, after this rank's own checks; plans the
         strategy for the call's sizes (the same on every rank once the sizes agree)."""
-        from ._inputs import check_qkv, check_scale
-        from ._score import check_tensor_params
-        from . import reference
+        from maskdsl.runtime.inputs import check_qkv, check_scale
+        from maskdsl.dsl.score import check_tensor_params
+        from maskdsl import reference
 
         if not isinstance(return_lse, bool):
             raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
@@ -689,8 +689,8 @@ class ContextParallel:
 
     # the local attention -------------------------------------------------
     def _extras(self, device, heads=None):
-        from ._extent import _softcap
-        from ._score import score_extras
+        from maskdsl.runtime.extent import _softcap
+        from maskdsl.dsl.score import score_extras
 
         H = self.attn.heads
         sink, _ = score_extras(self.attn.score, H, device, False)
@@ -703,9 +703,9 @@ class ContextParallel:
     def _grid(self, q, qpos, K, V, kpos, scale, sink, cap, heads=None):
         """Grid queries at ascending positions ``qpos`` against the key buffer K, V at ``kpos``
         (grid keys through the tile classes, extra keys as a dense stripe)."""
-        from ._extent import _dense
-        from ._merge import merge
-        from ._rect import row_major, tiled_rect
+        from maskdsl.runtime.extent import _dense
+        from maskdsl.runtime.merge import merge
+        from maskdsl.runtime.rect import row_major, tiled_rect
 
         out, lse = tiled_rect(row_major(self.attn), q, K, V, qpos, kpos, scale, sink=sink,
                               head_ids=heads)
@@ -717,7 +717,7 @@ class ContextParallel:
         return out, lse
 
     def _run_allgather(self, q, k, v, scale, return_lse):
-        from ._extent import _dense
+        from maskdsl.runtime.extent import _dense
 
         lay, r, W = self.layout, self.rank, self.world
         B, Hk, _, D = k.shape
@@ -739,8 +739,8 @@ class ContextParallel:
         return out, lse, token
 
     def _run_halo(self, q, k, v, scale, return_lse):
-        from ._extent import _dense
-        from ._merge import merge
+        from maskdsl.runtime.extent import _dense
+        from maskdsl.runtime.merge import merge
 
         lay, r, W = self.layout, self.rank, self.world
         hp = self._halo_plan()
@@ -801,8 +801,8 @@ class ContextParallel:
         found = self.__dict__.get("_whole")
         if found is not None and found[0] == hq:
             return found[1]
-        from ._compile import compile as md_compile
-        from .codegen.recipe import varies_per_head
+        from maskdsl.runtime.compiled import compile as md_compile
+        from maskdsl.codegen.recipe import varies_per_head
 
         a = self.attn
         sub = None
@@ -815,7 +815,7 @@ class ContextParallel:
         return sub
 
     def _run_ulysses(self, q, k, v, scale, return_lse):
-        from ._extent import _dense
+        from maskdsl.runtime.extent import _dense
 
         lay, r, W = self.layout, self.rank, self.world
         B, H, nq, D = q.shape

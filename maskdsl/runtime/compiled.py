@@ -4,7 +4,7 @@ Backends (ARCHITECTURE.md, "Backends"): ``flex`` (generated mask_mod/score_mod +
 BlockMask, torch.compile'd flex_attention), ``triton`` (the fused kernel with in-kernel key
 ranges, no BlockMask), ``tiles`` (block-sparse PyTorch over the same tiles; any device,
 autograd) and ``dense`` (the reference path, small N). ``auto`` picks one for the device and
-says why. This module knows the backends only through ``codegen.backends``.
+says why. This module knows the backends only through ``kernels.backends``.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from . import reference
-from ._caching import outside_inference_mode
-from ._errors import MaskDSLError
-from ._inputs import check_device, check_qkv, check_scale
-from ._node import check_heads, check_shape, walk
-from ._pattern import Document, Pattern
-from ._score import Score, check_tensor_params, score_extras, score_terms, Dropout
+from maskdsl import reference
+from maskdsl._caching import outside_inference_mode
+from maskdsl._errors import MaskDSLError
+from .inputs import check_device, check_qkv, check_scale
+from maskdsl.dsl.node import check_heads, check_shape, walk
+from maskdsl.dsl.pattern import Document, Pattern
+from maskdsl.dsl.score import Score, check_tensor_params, score_extras, score_terms, Dropout
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
@@ -36,10 +36,10 @@ class Prepared:
     a halo plan, a Flex mask) outlives the ids it was read from."""
 
     backends: Dict[str, Any] = field(default_factory=dict)   # backend name -> prepare(spec)
-    row_major: Any = None     # the public artefacts' Program (``_interop.row_major_program``)
-    plain: Any = None         # positions equal to flat indices (``_rect.row_major``)
-    reach: Any = None         # ``_rect.key_reach`` of ``plain``
-    lookback: Any = None      # ``_kvcache.Lookback``
+    row_major: Any = None     # the public artefacts' Program (``interop.row_major_program``)
+    plain: Any = None         # positions equal to flat indices (``rect.row_major``)
+    reach: Any = None         # ``rect.key_reach`` of ``plain``
+    lookback: Any = None      # ``kvcache.Lookback``
     masks: Dict[Any, Any] = field(default_factory=dict)      # device -> reference mask
 
 
@@ -74,8 +74,8 @@ class CompiledAttention:
     """
 
     def __init__(self, spec, choice, auto: bool, device=None, extent=None, asked=None):
-        from ._extent import Extent
-        from .codegen.backends import Spec  # noqa: F401  (the type of ``spec``)
+        from .extent import Extent
+        from maskdsl.kernels.backends import Spec  # noqa: F401  (the type of ``spec``)
 
         self._spec = spec
         self.pattern, self.shape, self.heads, self.score = (spec.pattern, spec.shape, spec.heads,
@@ -83,7 +83,7 @@ class CompiledAttention:
         self._choice = choice
         self._device = device
         self.n = math.prod(self.shape)
-        #: extra tokens and sub-ranges (``_extent.Extent``; square self-attention by default)
+        #: extra tokens and sub-ranges (``extent.Extent``; square self-attention by default)
         self.extent = extent if extent is not None else Extent(self.n)
         self.training = True
         self._auto = auto
@@ -163,7 +163,7 @@ class CompiledAttention:
     def backend_state(self, name: str):
         """The prepared state of backend ``name`` (programs, plans), built on first use from
         the structure as it is now."""
-        from .codegen.backends import get
+        from maskdsl.kernels.backends import get
 
         self.refresh()
         states = self._prepared.backends
@@ -236,7 +236,7 @@ class CompiledAttention:
 
     def row_major_program(self):
         """The Program in the user's row-major token order (the public artefacts' program)."""
-        from ._interop import row_major_program
+        from .interop import row_major_program
 
         self._square_only("mask_mod, score_mod, source and block_mask()")
         return self.prepared("row_major", lambda: row_major_program(self))
@@ -260,33 +260,33 @@ class CompiledAttention:
         """The torch BlockMask in the user's row-major token order (sequence length N), built
         analytically from key ranges: pass it to ``flex_attention`` with your own q, k, v.
         The tiled form the flex backend runs: :meth:`flex_inputs` with ``layout="tiled"``."""
-        from ._interop import row_major_block_mask
+        from .interop import row_major_block_mask
 
         return row_major_block_mask(self.row_major_program(), check_device(device))
 
     def flex_inputs(self, layout: str = "row-major", device="cpu"):
-        """Everything ``flex_attention`` needs, as a :class:`maskdsl._interop.FlexInputs`:
+        """Everything ``flex_attention`` needs, as a :class:`maskdsl.runtime.interop.FlexInputs`:
         mask_mod, score_mod, block_mask and, for ``layout="tiled"`` (the order the flex backend
         runs: compact N-D tiles, fewer non-empty blocks), the gather/scatter indices with
         ``to_layout(x)`` / ``from_layout(out)`` to move tensors in and out of it."""
-        from ._interop import flex_inputs
+        from .interop import flex_inputs
 
         self._square_only("flex_inputs()")
         return flex_inputs(self, layout, device)
 
     @property
     def lookback(self):
-        """What a KV cache of this pattern keeps (:class:`maskdsl._kvcache.Lookback`: ``tokens``,
+        """What a KV cache of this pattern keeps (:class:`maskdsl.runtime.kvcache.Lookback`: ``tokens``,
         ``sinks``, ``window``, ``bounded``, ``granule``), from the pattern's key reach (document
         ids changed in place are read anew); raises MaskDSLError, naming a pair, when some
         query attends a key of a later decoding step."""
-        from ._kvcache import lookback_of
+        from .kvcache import lookback_of
 
         return lookback_of(self)
 
     def kv_cache(self, batch: int = 1, kv_heads: Optional[int] = None, head_dim: int = 64,
                  dtype=torch.float32, device="cpu", head_dim_v: Optional[int] = None):
-        """A :class:`maskdsl._kvcache.KVCache` for decoding this pattern: ``out =
+        """A :class:`maskdsl.runtime.kvcache.KVCache` for decoding this pattern: ``out =
         cache.step(q, k, v)`` appends the next tokens (one, a chunk, or whole slabs of dim 0
         for N-D grids) and returns attention for them at their global positions, keeping only
         the keys a later query can attend (``attn.lookback``). ``kv_heads``: key/value heads
@@ -295,7 +295,7 @@ class CompiledAttention:
         ``extra_tokens=E, extra="keys"`` (given once with ``cache.set_extra(k, v)``).
         ``extra="all"`` and ``q_range``/``kv_range`` are refused (ARCHITECTURE.md, "Sub-ranges
         and the KV cache"), as are buffers beyond the memory budget."""
-        from ._kvcache import KVCache
+        from .kvcache import KVCache
 
         return KVCache(self, batch, kv_heads, head_dim, dtype, device, head_dim_v)
 
@@ -334,14 +334,14 @@ class CompiledAttention:
         if not isinstance(return_lse, bool):
             raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
         if torch.compiler.is_compiling():
-            from ._ops import compiled_call
+            from .ops import compiled_call
 
             return compiled_call(self, q, k, v, scale, return_lse)
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads, extent=self.extent)
         scale = check_call(self.score, q.device, scale, D, return_lse)
         self.refresh()
         if not self.extent.square:
-            from ._extent import run_extent
+            from .extent import run_extent
 
             return run_extent(self, q, k, v, scale, return_lse)
         return self.grid_call(q, k, v, scale, return_lse)
@@ -349,13 +349,13 @@ class CompiledAttention:
     def grid_call(self, q, k, v, scale: float, return_lse: bool):
         """Self-attention over the grid on checked q, k, v (the grid's tokens only), with the
         non-finite isolation: the square call, and the grid part of an extra-token call."""
-        from ._isolate import nonfinite_rows, poison, poison_lse, sanitize
+        from .isolate import nonfinite_rows, poison, poison_lse, sanitize
 
         H = q.shape[1]
         bad = nonfinite_rows(q, k, v)
         if bad is None:
             return self._run(q, k, v, scale, return_lse)
-        from .kernels.tiles import rows_attending
+        from maskdsl.kernels.tiles import rows_attending
 
         bad_q, bad_kv = bad
         res = self._run(sanitize(q, bad_q), sanitize(k, bad_kv), sanitize(v, bad_kv), scale,
@@ -372,7 +372,7 @@ class CompiledAttention:
         and, for this call, runs the next backend when the chosen one refuses the tensors (the
         reason says so); an explicitly requested backend that refuses them raises
         MaskDSLError. The one dispatch for eager calls and torch.compile's trace."""
-        from .codegen import backends
+        from maskdsl.kernels import backends
 
         name = self.backend
         if self._auto:
@@ -390,7 +390,7 @@ class CompiledAttention:
 
     def _run(self, q, k, v, scale: float, return_lse: bool = False):
         """The chosen backend on checked, finite inputs."""
-        from .codegen import backends
+        from maskdsl.kernels import backends
 
         name = self.decide(q, k, v, return_lse)
         sink, drop_p = score_extras(self.score, self.heads, q.device, self.training)
@@ -403,7 +403,7 @@ class CompiledAttention:
         ``generator`` (each None: this object's). It shares this object's prepared state unless
         the score differs (the backends' states hold the score: prepared again); this object
         is never changed."""
-        from .codegen.backends import Spec
+        from maskdsl.kernels.backends import Spec
 
         run = object.__new__(type(self))
         run.__dict__.update(self.__dict__)
@@ -466,9 +466,9 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         >>> attn(q, k, v).shape
         torch.Size([1, 2, 36, 8])
     """
-    from .codegen import backends
+    from maskdsl.kernels import backends
 
-    from ._extent import check_extent, extent_backend
+    from .extent import check_extent, extent_backend
 
     shape = validate(p, shape, heads, score)
     heads = check_heads(heads)

@@ -13,15 +13,16 @@ import ast
 import inspect
 import numbers
 
-from . import _pattern, _score  # noqa: F401  (importing them registers their constructors)
-from ._errors import MaskDSLError
-from ._node import Node
-from ._pattern import Pattern
-from ._score import Score
+from . import pattern as _pattern
+from . import score as _score  # noqa: F401  (importing them registers their constructors)
+from maskdsl._errors import MaskDSLError
+from .node import Node
+from .pattern import Pattern
+from .score import Score
 
 __all__ = ["parse", "NAMES"]
 
-from ._node import DSL_NAMES
+from .node import DSL_NAMES
 
 #: The parser's whitelist: exactly the registered DSL constructors (never anything else).
 NAMES = DSL_NAMES

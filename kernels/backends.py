@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._errors import MaskDSLError
+from maskdsl._errors import MaskDSLError
 
 __all__ = ["Spec", "Call", "Choice", "choose", "get", "BACKENDS", "priority", "requested",
            "fallback"]
@@ -36,7 +36,7 @@ __all__ = ["Spec", "Call", "Choice", "choose", "get", "BACKENDS", "priority", "r
 BACKENDS = {
     "dense": "maskdsl.kernels.dense",
     "tiles": "maskdsl.kernels.tiles",
-    "flex": "maskdsl.codegen.flex",
+    "flex": "maskdsl.kernels.flex",
     "triton": "maskdsl.kernels.triton_attn",
 }
 _PRIORITY = {"cuda": ("dense", "triton", "flex", "tiles")}

@@ -6,10 +6,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
 
-from ._caching import LRU
-from ._errors import MaskDSLError
-from ._node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
-from ._values import Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape, fmt_value
+from maskdsl._caching import LRU
+from maskdsl._errors import MaskDSLError
+from .node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
+from .values import (Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape,
+    fmt_value)
 
 __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
@@ -62,7 +63,7 @@ class Score(Node):
         """Whether this term may give one head other values than another, or other values
         when bound to another head count (see :func:`score_varies_per_head`): a per_head or
         tensor parameter. Terms with parameters derived from the head count override it."""
-        from ._values import PerHead
+        from .values import PerHead
 
         for v in vars(self).values():
             for x in (v if isinstance(v, tuple) else (v,)):
@@ -320,7 +321,7 @@ class ScoreFn(Score):
         rather than modifying it: a constant, a bias of the indices, the head)."""
         import torch
 
-        from .codegen.recipe import function_key
+        from maskdsl.codegen.recipe import function_key
 
         key = (function_key(self.fn), tuple(shape))
         found = _IGNORES.get(key)

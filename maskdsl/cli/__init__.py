@@ -1,0 +1,1 @@
+"""The command line (``python -m maskdsl`` / ``maskdsl``) and its pictures (terminal, PNG)."""

@@ -1,0 +1,1 @@
+"""The DSL stage: pattern and score nodes, per_head values, the spec parser."""
