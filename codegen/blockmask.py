@@ -28,8 +28,9 @@ import numpy as np
 import sympy as sp
 import torch
 
-from maskdsl._caching import LRU
+from maskdsl._caching import LRU, function_key
 from maskdsl._errors import MaskDSLError
+from maskdsl.dsl.pattern import check_key_range_result, check_mask_result
 from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, FnFlat,
     NotN, OrN, PowerFlat, RadialFlat, Sep, SinkFlat, contains, evaluate, predicate)
 from .printer_torch import emit_function, exec_source
@@ -345,8 +346,6 @@ def fn_key_range(f: FnFlat):
     """``key_range`` on every flat query index: (lo, hi) int64 numpy arrays [n], clipped to
     [0, n]; MaskDSLError naming key_range when it fails, returns something else or gives
     lo > hi for some query."""
-    from maskdsl.dsl.pattern import check_key_range_result
-
     n = f.n
     q = torch.arange(n, dtype=torch.int64)
     with torch.no_grad():
@@ -376,8 +375,6 @@ def check_key_range(f: FnFlat) -> None:
     off-by-one lives) and on ``KEY_RANGE_SAMPLE`` pairs drawn with a fixed seed. A pair that
     ``fn`` allows outside the range raises MaskDSLError naming it (``_CheckedFn``). Checked once
     per function, range function, head and grid size."""
-    from .recipe import function_key
-
     key = (function_key(f.fn), function_key(f.key_range), f.head, f.n)
     if _KEY_RANGE_CHECKED.get(key) is not None:
         return
@@ -436,8 +433,6 @@ class _CheckedFn:
                 f"key_range or drop it")
 
     def __call__(self, b, h, q, k):
-        from maskdsl.dsl.pattern import check_mask_result
-
         where = (f"when called with int64 tensors q_idx {list(q.shape)}, kv_idx "
                  f"{list(k.shape)} (tile classification)")
         try:

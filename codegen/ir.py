@@ -36,11 +36,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import sympy as sp
 from sympy.logic.boolalg import BooleanFunction
+import numpy as np
 
 from maskdsl.dsl.node import SameForEveryHead
 from maskdsl.dsl.pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn,
     Neighborhood, Not, Or, Pattern, Power, Radial, Sink, Window)
-from maskdsl.dsl.score import Alibi, DistanceDecay, RelativeBias, Softcap
+from maskdsl.dsl.score import (SCORE_MOD_ROLES, Alibi, DistanceDecay, RelativeBias,
+                               geometric_slopes, terms_with_role)
 from maskdsl.dsl.values import _is_tensor
 
 __all__ = [
@@ -307,8 +309,6 @@ def smax(*args):
 def evaluate(expr, env: dict):
     """Evaluate an integer IR expression with numpy arrays bound to its symbols (the fast
     numeric path used at compile time: key ranges over every coordinate, tightening)."""
-    import numpy as np
-
     def ev(e):
         if e.is_Symbol:
             return env[e]
@@ -362,8 +362,6 @@ def tighten(expr, L: int):
     else:
         expr = expr.func(*args)
     if isinstance(expr, (sp.Min, sp.Max)):
-        import numpy as np
-
         q = np.arange(L, dtype=np.int64)
         vals = []
         for a in expr.args:
@@ -768,8 +766,6 @@ def _(term, ctx, expr):
 
 @lower_term.register(Alibi)
 def _(term, ctx, expr):
-    from maskdsl.dsl.score import geometric_slopes
-
     if term.slopes == "geometric":
         slope = ctx.tables.lookup(f"{ctx.tag}_slopes", geometric_slopes(ctx.heads))
     else:
@@ -790,21 +786,17 @@ def lower_score(score, shape: tuple, heads: int, t: Tables) -> Optional[sp.Expr]
     the head (per-head and tensor parameters as table lookups). None when there is no additive
     term or softcap. ``sink_logit`` and ``dropout`` act on the softmax (the runtime applies
     them; Flex cannot) and ``softcap`` wraps the sum last."""
-    from maskdsl.dsl.score import Dropout, SinkLogit, score_terms
-
-    terms = [x for x in score_terms(score) if not isinstance(x, (SinkLogit, Dropout))]
+    terms = terms_with_role(score, *SCORE_MOD_ROLES)
     if not terms:
         return None
-    from maskdsl.dsl.score import ScoreFn
-
     expr = SCORE
     cap = None
     fns = []
     for i, term in enumerate(terms):
         ctx = _TermCtx(term, i, f"{term._name}{i}", shape, heads, t)
-        if isinstance(term, Softcap):
+        if term.role == "nonlinear":           # softcap: wraps the sum last
             cap = ctx.value("cap")
-        elif isinstance(term, ScoreFn):      # after every additive term, in the order written
+        elif term.role == "function":        # after every additive term, in the order written
             fns.append(t.function(f"{ctx.tag}_fn", term.fn, term))
         else:
             expr = lower_term(term, ctx, expr)

@@ -15,6 +15,9 @@ from typing import Dict, Iterable, List, Tuple
 
 import sympy as sp
 from sympy.printing.str import StrPrinter
+import torch
+
+from .ir import CallMask, CallScore
 
 
 __all__ = ["TorchPrinter", "UnsupportedNode", "emit_function", "exec_source", "identifier",
@@ -352,8 +355,6 @@ class _Hoister(TorchPrinter):
 
 def _names(result, prologue) -> set:
     """The captured names an expression reads: table bases and called user functions."""
-    from .ir import CallMask, CallScore
-
     out = set()
     for e in [result] + [x for _, x in prologue]:
         if isinstance(e, sp.Basic):
@@ -366,8 +367,6 @@ def exec_source(src: str, env: dict = None):
     """Exec generated source once and return its first function (a mod, or a ``make_*``
     factory taking the captured tables). The one place generated code is exec'd; ``torch`` and
     ``env`` are its globals, and the code object is named after the function for tracebacks."""
-    import torch
-
     name = src.split("(", 1)[0].split()[-1]
     g = {"torch": torch, **(env or {})}
     exec(compile(src, f"<maskdsl:{name}>", "exec"), g)

@@ -11,6 +11,7 @@ import math
 
 from .recipe import BLOCK_SIZE, Recipe, recipe
 from .source import mask_source, mods, score_code, score_mod
+from .stats import stats
 
 __all__ = ["Program", "program", "BLOCK_SIZE"]
 
@@ -66,15 +67,7 @@ class Program:
         """The score_mod alone (None without additive score terms): no mask_mod is built."""
         return score_mod(self.recipe, self.score, device, flex)
 
-    def block_mask(self, device="cpu", compute_q_blocks: bool = True):
-        """The torch BlockMask in this program's token layout (see ``kernels.flex``)."""
-        from maskdsl.kernels.flex import block_mask
-
-        return block_mask(self, device, compute_q_blocks)
-
     def stats(self) -> dict:
-        from .stats import stats
-
         return stats(self.recipe)
 
 

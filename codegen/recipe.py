@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import math
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
 
-from maskdsl._caching import LRU, outside_inference_mode
+from maskdsl._caching import LRU, function_key, outside_inference_mode
 from maskdsl._memory import guarded
 from maskdsl.dsl.node import Node, walk
 from maskdsl.dsl.pattern import Document, Heads, MaskFn, Pattern
-from maskdsl.dsl.score import ScoreFn
+from maskdsl.dsl.score import ScoreFn, score_varies_per_head
 from maskdsl.dsl.values import PerHead
 from .blockmask import HeadClasses
 from .ir import Tables, lower_pattern
@@ -96,49 +93,6 @@ def content_key(x):
     return (type(x).__name__, x)
 
 
-class _Identity:
-    """A strong reference compared by identity (a callable that cannot be weakly referenced)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __eq__(self, other):
-        return isinstance(other, _Identity) and other.obj is self.obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-
-_SERIALS: dict = {}                 # id(fn) -> (weakref to fn, serial)
-_NEXT_SERIAL = itertools.count()
-_SERIAL_LOCK = threading.RLock()    # re-entrant: a weakref callback may run inside it (GC)
-
-
-def _forget(ident: int, serial: int) -> None:
-    with _SERIAL_LOCK:
-        found = _SERIALS.get(ident)
-        if found is not None and found[1] == serial:
-            del _SERIALS[ident]
-
-
-def function_key(fn) -> tuple:
-    """A cache key for a Python function: a serial number that no other function object ever
-    gets (see the module docstring); callables without weak references are held by identity."""
-    with _SERIAL_LOCK:
-        found = _SERIALS.get(id(fn))
-        if found is not None and found[0]() is fn:
-            return ("fn", found[1])
-        serial = next(_NEXT_SERIAL)
-        try:
-            ref = weakref.ref(fn, lambda _, i=id(fn), s=serial: _forget(i, s))
-        except TypeError:
-            return ("fn-object", _Identity(fn))
-        _SERIALS[id(fn)] = (ref, serial)
-        return ("fn", serial)
-
-
 def varies_per_head(p, score=None) -> bool:
     """Whether any head of ``p`` differs from the others (per_head values or heads([...]), or a
     mask_fn, which is called with the head and may use it); with ``score``, also whether its
@@ -146,8 +100,6 @@ def varies_per_head(p, score=None) -> bool:
     values, alibi's geometric slopes, score_fn). No pattern parameter is derived from the head
     count. The one test for "every head alike" (tile classes, halo, Ulysses' rebinding)."""
     if score is not None:
-        from maskdsl.dsl.score import score_varies_per_head
-
         if score_varies_per_head(score):
             return True
     for node in walk(p):

@@ -24,7 +24,7 @@ import torch
 
 from maskdsl._caching import LRU, outside_inference_mode
 from maskdsl.dsl.node import call_user
-from maskdsl.dsl.score import Dropout, SinkLogit, score_terms
+from maskdsl.dsl.score import SCORE_MOD_ROLES, terms_with_role
 from .ir import K, KF, Q, QF, Tables, lower_score, predicate
 from .printer_torch import emit_function, exec_source, identifier
 from .recipe import Recipe, content_key
@@ -92,8 +92,7 @@ def score_code(r: Recipe, score) -> Optional[ScoreCode]:
         sub = {Q[d]: qs[d] for d in range(len(qs))}
         sub.update({K[d]: ks[d] for d in range(len(ks))})
         sub.update({QF: qf, KF: kf})
-        name = identifier("__".join(t._name for t in score_terms(score)
-                                    if not isinstance(t, (SinkLogit, Dropout))))
+        name = identifier("__".join(t._name for t in terms_with_role(score, *SCORE_MOD_ROLES)))
         src = emit_function(f"score_{name}", ["score", "b", "h", "q_idx", "kv_idx"],
                             [x for x in pro if not x[0].endswith("_valid")], expr.xreplace(sub),
                             doc=repr(score).replace('"', "'"), true_like="q_idx",
@@ -155,7 +154,7 @@ def _at_run_time(args) -> str:
 def _call_tensors(tables: Tables, score, device, flex: bool) -> Dict[str, torch.Tensor]:
     """The caller's score tensors, now (learnable ones keep their graph; for flex on CPU they
     are detached: flex has no backward there, and compiled flex wants float32)."""
-    terms = [t for t in score_terms(score) if not isinstance(t, (SinkLogit, Dropout))]
+    terms = terms_with_role(score, *SCORE_MOD_ROLES)
     out = {}
     for name, (i, field, flatten) in tables.slots.items():
         t = getattr(terms[i], field)

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from maskdsl._errors import MaskDSLError
+from maskdsl._memory import check_allocation
+
 __all__ = ["TileClasses", "EMPTY", "PARTIAL", "FULL", "UNDECIDED", "combine", "kron"]
 
 EMPTY, PARTIAL, FULL, UNDECIDED = 0, 1, 2, 3
@@ -158,8 +161,6 @@ MAX_ROW_CHUNK_PAIRS = 2e10   # tile pairs a row-chunk classifier may visit (~a m
 def _check_work(Tq: int, Tk: int) -> None:
     """Refuse a classification that would visit every one of Tq x Tk tile pairs when that is
     beyond reach (a flat or negated pattern, or an untileable N-D shape, on a huge grid)."""
-    from maskdsl._errors import MaskDSLError
-
     if Tq * Tk > MAX_ROW_CHUNK_PAIRS:
         raise MaskDSLError(
             f"classifying this pattern's {Tq} x {Tk} tile pairs one by one is beyond reach (more "
@@ -170,8 +171,6 @@ def _check_work(Tq: int, Tk: int) -> None:
 
 def _check_entries(nnz: int, Tq: int, Tk: int) -> None:
     """Refuse a table of ``nnz`` entries that cannot fit (about 40 bytes each while built)."""
-    from maskdsl._memory import check_allocation
-
     check_allocation(f"tile classes with {nnz} non-empty tile pairs (of {Tq} x {Tk})", 40 * nnz,
                      "the pattern is dense at this size: use a smaller grid, or a sparser pattern")
 

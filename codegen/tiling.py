@@ -20,6 +20,8 @@ import numpy as np
 import sympy as sp
 import torch
 
+from .printer_torch import FloorDiv, PosMod
+
 __all__ = ["Layout", "candidate_tiles"]
 
 
@@ -190,15 +192,11 @@ class Layout:
 def _div(x, n: int):
     """``x // n`` for a non-negative integer expression (``x`` itself when n == 1), an atomic
     node the printer prints as ``//`` (no sympy evaluation of floor)."""
-    from .printer_torch import FloorDiv
-
     return x if n == 1 else FloorDiv(x, n)
 
 
 def _mod(x, n: int):
     """``x % n`` (0 when n == 1), atomic like ``_div``."""
-    from .printer_torch import PosMod
-
     return sp.Integer(0) if n == 1 else PosMod(x, n)
 
 

@@ -12,7 +12,7 @@ import torch
 from maskdsl import reference
 from maskdsl.dsl.score import Dropout, without
 
-__all__ = ["refusal", "preference", "strength", "call_refusal", "prepare", "run",
+__all__ = ["refusal", "preference", "strength", "call_refusal", "prepare", "run", "next_keep",
            "MAX_TOKENS", "AUTO_MAX_TOKENS"]
 
 MAX_TOKENS = 32768        # beyond this the [B, H, N, N] logits are out of the question
@@ -54,3 +54,8 @@ def run(spec, q, k, v, call) -> torch.Tensor:
         score = without(score, Dropout)
     return reference.attention(q, k, v, spec.pattern, spec.shape, score=score,
                                scale=call.scale, dropout_keep=keep, return_lse=call.return_lse)
+
+
+def next_keep(spec, state, batch: int, drop_p, generator) -> torch.Tensor:
+    """bool [B, H, N, N]: the keep mask ``run`` draws from ``generator`` (a copy of the call's)."""
+    return reference.dropout_mask(spec.score, batch, spec.heads, spec.n, generator=generator)

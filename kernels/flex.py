@@ -21,7 +21,9 @@ import torch
 from maskdsl._caching import LRU, outside_inference_mode
 from maskdsl._errors import MaskDSLError
 from maskdsl._memory import check_allocation, guard
-from maskdsl.dsl.score import Dropout, ScoreFn, SinkLogit, score_terms
+from maskdsl.dsl.node import walk
+from maskdsl.dsl.pattern import MaskFn
+from maskdsl.dsl.score import ScoreFn, score_terms, terms_with_role
 from maskdsl.codegen.program import Program
 from maskdsl.codegen.tileclasses import FULL, PARTIAL, TileClasses
 
@@ -40,11 +42,12 @@ def compiled_flex():
     global _compiled
     with _lock:
         if _compiled is None:
+            # deferred: flex_attention and dynamo cost ~0.8 s of import, paid only when used
             from torch.nn.attention.flex_attention import flex_attention
 
             # Each distinct pattern is a new code object and so one more compile of this
             # function; past dynamo's recompile limit (8) calls silently run unfused.
-            import torch._dynamo
+            import torch._dynamo  # deferred, as above
 
             cfg = torch._dynamo.config
             name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
@@ -75,7 +78,7 @@ def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True,
 
     ``seq_len``: the sequence length it is made for (default: the layout's padded length, what
     the backend runs); a row-major layout may pass the user's N (the last block is partial)."""
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask  # deferred (see compiled_flex)
 
     device = torch.device(device)
     r = program.recipe
@@ -134,14 +137,14 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True,
              return_lse: bool = False):
     """flex_attention on [B, H, N, D] inputs in the user's token order (k, v may have H_kv
     heads: Flex's own ``enable_gqa``); ``return_lse``: also the float32 lse [B, H, N]."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # deferred (see compiled_flex)
 
     device = q.device
     mask_mod, score_mod = program.mods(device, flex=True)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if device.type == "cpu":  # flex refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    bm = program.block_mask(device, compute_q_blocks=needs_grad or device.type != "cpu")
+    bm = block_mask(program, device, compute_q_blocks=needs_grad or device.type != "cpu")
     permute = not program.layout.row_major_order
     if permute:
         gather, scatter = _permutation(program, device)
@@ -177,9 +180,6 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True,
 
 def _user_functions(program) -> list:
     """The user-written ``mask_fn`` / ``score_fn`` nodes a program calls."""
-    from maskdsl.dsl.node import walk
-    from maskdsl.dsl.pattern import MaskFn
-
     return ([n for n in walk(program.pattern) if isinstance(n, MaskFn)]
             + [t for t in score_terms(program.score) if isinstance(t, ScoreFn)])
 
@@ -197,7 +197,7 @@ def _lse_request() -> dict:
 # ---------------------------------------------------------------------- the backend protocol
 
 def _beyond_flex(score):
-    return next((t for t in score_terms(score) if isinstance(t, (SinkLogit, Dropout))), None)
+    return next(iter(terms_with_role(score, "denominator", "dropout")), None)
 
 
 def refusal(spec, device) -> Optional[str]:
@@ -234,8 +234,8 @@ def call_refusal(spec, q, k, v, return_lse: bool = False) -> Optional[str]:
             return ("flex has no backward on CPU; run under torch.no_grad() with inputs that "
                     "do not require grad, or pick backend='tiles'")
         for term in score_terms(spec.score):   # learnable score parameters would get no gradient
-            for name, value in vars(term).items():
-                if isinstance(value, torch.Tensor) and value.requires_grad:
+            for name, value in term.tensors().items():
+                if value.requires_grad:
                     return (f"flex has no backward on CPU, so {term._name}'s {name} (a tensor "
                             f"that requires grad) would get no gradient; run under "
                             f"torch.no_grad() or pick backend='tiles'")

@@ -25,9 +25,16 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from maskdsl._caching import LRU, outside_inference_mode
+from maskdsl._memory import check_allocation, guarded
+from maskdsl.codegen.ir import HeadsN, contains
+from maskdsl.codegen.program import Program
+from maskdsl.codegen.source import head_mask_mod
 from maskdsl.codegen.tileclasses import FULL
+from maskdsl.dsl.score import score_tensors, terms_with_role
+from .softmax import FlashLSE, drop, softmax
 
 __all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "rows_attending",
            "rows_with_keys", "TILE_SIZES"]
@@ -71,8 +78,6 @@ class TilePlan:
         Hc = len(heads_cls)
         M = max(1, max(int(c.counts().max()) if c.Tq else 0 for c in heads_cls))
         Hm = program.heads if r.varies else 1
-        from maskdsl._memory import check_allocation
-
         check_allocation(f"the tiles plan's token masks ({max(Hm, Hc)} x {T} x {V} x {M * V})",
                          max(Hm, Hc) * T * V * M * V + 16 * Hc * T * M * V
                          + 24 * _PLAN_CHUNK_ELEMENTS,
@@ -247,9 +252,6 @@ def _token_masks(program, device, Hm: int, Hc: int, qpos, kpos) -> torch.Tensor:
     keys. A pattern with a different pattern per head (heads([...])) is evaluated head by head
     from each head's own IR: its table-form mask_mod would evaluate every head's branch for
     every head (O(H^2))."""
-    from maskdsl.codegen.ir import HeadsN, contains
-    from maskdsl.codegen.source import head_mask_mod
-
     r = program.recipe
     T, V = qpos.shape[0], qpos.shape[1]
     width = kpos.shape[-1]
@@ -276,8 +278,6 @@ def tiles_program(pattern, score, shape, heads):
     560 keys, 23.9 vs 26.8 ms forward for 64x64 13x13 H=4 on the benchmark CPU); otherwise 128,
     whose larger matmuls win at similar key counts (3-D 16x32x32 3x7x7: 88.4 vs 88.9 ms; 1-D
     32K causal window 1024: 94.1 vs 101.4 ms)."""
-    from maskdsl.codegen.program import Program
-
     big = Program(pattern, score, shape, heads, block=TILE_SIZES[0])
     small = Program(pattern, score, shape, heads, block=TILE_SIZES[1])
     return small if _keys_per_query(small) < 0.75 * _keys_per_query(big) else big
@@ -301,19 +301,9 @@ def plan_for(program, device) -> TilePlan:
     key = (program.recipe.key, device)
     plan = _PLANS.get(key)
     if plan is None:
-        from maskdsl._memory import guarded
-
         with guarded(f"the tiles plan for {program.pattern!r} on {tuple(program.shape)}"):
             plan = _PLANS.put(key, TilePlan(program, device))
     return plan
-
-
-def score_tensors(score) -> tuple:
-    """Every tensor-valued score parameter (learnable ones need the autograd path)."""
-    from maskdsl.dsl.score import score_terms
-
-    return tuple(v for term in score_terms(score) for v in vars(term).values()
-                 if isinstance(v, torch.Tensor))
 
 
 def _with_zero_row(x):
@@ -600,14 +590,13 @@ def _attend_tiles(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generato
     the lse [B, H, T * V] with ``return_lse``). ``heads``: the head index of each (head, row)
     the score terms read, broadcast as [1, H, 1, V, 1] (default: head h for slot h; GQA's
     folded tiles hold several heads' rows)."""
-    from maskdsl.dsl.score import ScoreFn, Softcap, score_terms
-
     device = q.device
     B, H = qt.shape[:2]
     Dv = vg.shape[-1]
     V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
     score_mod = program.score_mod(device)
-    nonlinear = any(isinstance(t, (Softcap, ScoreFn)) for t in score_terms(program.score))
+    # the fused path adds the score terms as a bias: only when every term is additive
+    nonlinear = bool(terms_with_role(program.score, "nonlinear", "function"))
     if heads is None:
         heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
     bias = None
@@ -637,37 +626,9 @@ def _flash_lse_ok(qt, vg, bias) -> bool:
             and (bias is None or not bias.requires_grad))
 
 
-class _FlashLSE(torch.autograd.Function):
-    """torch's CPU flash attention with its log-sum-exp as a differentiable output. Since
-    d lse / d s_ij = p_ij, the lse's gradient enters the flash backward as ``delta - dlse``:
-    one more head-dim column, zero in q, k and v, holding -dlse in the output and 1 in its
-    gradient, so that ``delta = rowsum(dO * O)`` comes out shifted by exactly -dlse."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale = scale
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        col = lambda x, fill: torch.cat([x, x.new_full((*x.shape[:-1], 1), fill)], -1)  # noqa: E731
-        o1 = torch.cat([out, -dlse[..., None].to(out.dtype)], -1)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            col(dout.contiguous(), 1.0), col(q, 0.0), col(k, 0.0), col(v, 0.0), o1, lse, 0.0,
-            False, attn_mask=mask, scale=ctx.scale)
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
-
-
 def _fused(qt, kg, vg, plan, bias, scale, B, H, return_lse=False):
     """One fused SDPA call over all query tiles: [B, H*T, V, D] x [B, H*T, K, D] (and the lse
     [B, H, T, V] through torch's CPU flash kernel with ``return_lse``)."""
-    import torch.nn.functional as F
-
     T, V, MV = plan.T, plan.V, plan.K
     if bias is None and plan.row_any.shape[0] == 1:
         # the same token mask for every head: batch [B * H] against one [1, T, V, K] mask
@@ -684,7 +645,7 @@ def _fused(qt, kg, vg, plan, bias, scale, B, H, return_lse=False):
     args = (qt.reshape(*lead, V, qt.shape[-1]), kg.reshape(*lead, MV, kg.shape[-1]),
             vg.reshape(*lead, MV, vg.shape[-1]))
     if return_lse:
-        out, lse = _FlashLSE.apply(*args, mask.detach(), scale)
+        out, lse = FlashLSE.apply(*args, mask.detach(), scale)
         lse = lse.reshape(B, H, T, V)
     else:
         out = F.scaled_dot_product_attention(*args, attn_mask=mask, scale=scale)
@@ -702,8 +663,8 @@ def _fused(qt, kg, vg, plan, bias, scale, B, H, return_lse=False):
 
 def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, keep, B, H, dt,
               return_lse=False, heads=None):
-    """The softmax written out: softcap, sink logits, dropout and the log-sum-exp (chunked over
-    query tiles)."""
+    """The softmax written out (``kernels.softmax``): score terms, sink logits, dropout and the
+    log-sum-exp, chunked over query tiles."""
     device = qt.device
     T, V, K, Hc = plan.T, plan.V, plan.K, plan.Hc
     if heads is None:
@@ -717,29 +678,13 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
             qp = plan.q_pos[t0:t1][None, None]                   # [1, 1, t, V, 1]
             kp = plan.k_pos[:, t0:t1][None] if Hc > 1 else plan.k_pos[0, t0:t1][None, None]
             s = score_mod(s, 0, heads, qp, kp)
-        s = s.masked_fill(~plan.allowed_chunk(t0, t1)[None], float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        if sink is not None:
-            m = torch.maximum(m, sink.to(dt).reshape(1, H, 1, 1, 1))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-        e = torch.exp(s - m)
-        denom = e.sum(-1, keepdim=True)
-        if sink is not None:
-            denom = denom + torch.exp(sink.to(dt).reshape(1, H, 1, 1, 1) - m)
-        # a row with no key divides 0 by 1; a NaN (sink logit) stays NaN, never becomes 1
-        p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
-        if return_lse:     # log of the denominator: -inf (and no NaN gradient) for a row with no key
-            some = denom > 0
-            lse = m + torch.log(torch.where(some, denom, torch.ones_like(denom)))
-            lses.append(torch.where(some, lse, torch.full_like(lse, float("-inf")))[..., 0])
+        sk = sink.to(dt).reshape(1, H, 1, 1, 1) if sink is not None else None
+        p, lse = softmax(s, plan.allowed_chunk(t0, t1)[None], sk, return_lse)
+        if return_lse:
+            lses.append(lse)
         if dropout_p is not None:
             ps = dropout_p.to(device=device, dtype=dt).reshape(1, H, 1, 1, 1)
-            if keep is not None:
-                kp_ = keep[:, :, t0:t1]
-            else:
-                u = torch.rand(p.shape, generator=generator, dtype=torch.float64)
-                kp_ = (u >= ps.cpu().double()).to(device)
-            p = p * kp_ / (1 - ps)
+            p = drop(p, ps, None if keep is None else keep[:, :, t0:t1], generator)
         outs.append(torch.matmul(p, vg[:, :, t0:t1]))
     out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
     if return_lse:
@@ -807,3 +752,24 @@ def prepare(spec):
 def run(state, q, k, v, call):
     return run_tiles(state, q, k, v, call.scale, sink=call.sink, dropout_p=call.dropout_p,
                      generator=call.generator, return_lse=call.return_lse)
+
+
+def next_keep(spec, program, batch: int, drop_p, generator) -> torch.Tensor:
+    """bool [B, H, N, N] on the CPU: the keep mask ``run`` draws from ``generator`` (a copy of
+    the call's): one uniform per gathered (query, key slot) of the plan, a chunk of query tiles
+    at a time, as ``_explicit`` draws them (``softmax.drop``), scattered to token pairs."""
+    H, n = spec.heads, spec.n
+    plan = plan_for(program, torch.device("cpu"))
+    T, V, K = plan.T, plan.V, plan.K
+    chunk = plan.chunk(batch, H, 0)      # the query tiles each step of the call draws for
+    ps = drop_p.double().reshape(1, H, 1, 1, 1)
+    keep = torch.cat([torch.rand((batch, H, min(T, t0 + chunk) - t0, V, K), generator=generator,
+                                 dtype=torch.float64) >= ps for t0 in range(0, T, chunk)], 2)
+    tok = torch.from_numpy(program.layout.tokens())
+    qtok = tok[plan.q_pos.expand(T, V, 1)].expand(T, V, K)
+    out = torch.zeros(batch, H, n, n, dtype=torch.bool)
+    for h in range(H):
+        ok = plan.allowed[h if plan.allowed.shape[0] > 1 else 0]
+        ktok = tok[plan.k_pos[h if plan.Hc > 1 else 0]].expand(T, V, K)
+        out[:, h, qtok[ok], ktok[ok]] = keep[:, h, ok]
+    return out

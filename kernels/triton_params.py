@@ -25,6 +25,12 @@ from typing import List
 import torch
 
 from maskdsl._errors import MaskDSLError
+from maskdsl.codegen.ir import (AndN, BlockAtom, Const, Flat, NatAtom, NotN, OffAtom, OrN, Sep,
+    SinkFlat, lower_pattern as lower)
+from maskdsl.codegen.recipe import varies_per_head
+from maskdsl.codegen.simplify import simplify
+from maskdsl.dsl.score import (Alibi, DistanceDecay, Dropout, RelativeBias, SinkLogit, Softcap,
+    score_terms)
 
 __all__ = ["FIELDS", "NO_LIMIT", "DimParams", "HeadParams", "lower_pattern", "check_score",
            "pack", "group_tiles"]
@@ -69,8 +75,6 @@ def _empty(hp: HeadParams) -> None:
 
 
 def _dim(atoms, S: int, d: DimParams) -> None:
-    from maskdsl.codegen.ir import BlockAtom, NatAtom, OffAtom
-
     for a in atoms:
         if isinstance(a, NatAtom):
             new = (int(a.K), int(a.s), int(a.d), int(bool(a.causal)))
@@ -93,8 +97,6 @@ def _dim(atoms, S: int, d: DimParams) -> None:
 
 
 def _core(ir, shape: tuple, hp: HeadParams) -> None:
-    from maskdsl.codegen.ir import Const, Sep
-
     off = 3 - len(shape)
     if isinstance(ir, Const):
         if not ir.value:
@@ -107,8 +109,6 @@ def _core(ir, shape: tuple, hp: HeadParams) -> None:
 
 
 def _describe(ir) -> str:
-    from maskdsl.codegen.ir import AndN, Flat, NotN, OrN
-
     if isinstance(ir, Flat):
         return repr(ir.node) if ir.node is not None else type(ir).__name__
     if isinstance(ir, NotN):
@@ -121,16 +121,12 @@ def _describe(ir) -> str:
 
 
 def _separable(ir) -> bool:
-    from maskdsl.codegen.ir import Const, Sep
-
     return isinstance(ir, (Sep, Const))
 
 
 def head_params(ir, shape: tuple) -> HeadParams:
     """One head's (specialised) IR -> its table row, or MaskDSLError naming what the kernel
     cannot run."""
-    from maskdsl.codegen.ir import OrN, SinkFlat
-
     hp = HeadParams()
     terms = list(ir.children) if isinstance(ir, OrN) else [ir]
     sinks = [t for t in terms if isinstance(t, SinkFlat)]
@@ -148,10 +144,6 @@ def head_params(ir, shape: tuple) -> HeadParams:
 def lower_pattern(p, shape: tuple, heads: int) -> List[HeadParams]:
     """One :class:`HeadParams` per head from the pattern's (simplified) per-head IR, or
     MaskDSLError naming the node the kernel cannot run."""
-    from maskdsl.codegen.recipe import varies_per_head
-    from maskdsl.codegen.ir import lower_pattern as lower
-    from maskdsl.codegen.simplify import simplify
-
     if max(shape) > 2**30:
         raise MaskDSLError(
             f"backend='triton': shape {tuple(shape)} has a dim longer than 2**30; the kernel's "
@@ -166,9 +158,6 @@ def lower_pattern(p, shape: tuple, heads: int) -> List[HeadParams]:
 def check_score(score) -> dict:
     """The score terms by type, or MaskDSLError for what the kernel cannot run (one term of
     each kind)."""
-    from maskdsl.dsl.score import (Alibi, DistanceDecay, Dropout, RelativeBias, SinkLogit,
-        Softcap, score_terms)
-
     terms = {}
     for t in score_terms(score):
         kind = type(t)

@@ -9,39 +9,44 @@ Write a pattern in a small declarative DSL, compile it for a token grid, call it
 
 ``md.reference`` holds the dense semantics every backend is tested against.
 """
+import builtins
+import importlib
+
+# the DSL modules register every constructor (@dsl) on import; the package exports the registry
 from . import reference
-from maskdsl.runtime.compiled import CompiledAttention, compile
 from ._errors import MaskDSLError
-from maskdsl.runtime.merge import merge
-from maskdsl.dsl.parse import parse
-# the DSL constructors (public through __all__, which the @dsl registry spells out)
-from maskdsl.dsl.pattern import (Pattern, block, causal, document, empty, full, heads, mask_fn,
-    neighborhood, power, radial, sink, window)
-from maskdsl.dsl.score import (Score, alibi, distance_decay, dropout, relative_bias, score_fn,
-    sink_logit, softcap)
-from maskdsl.dsl.values import per_head  # noqa: F401
-from maskdsl.parallel.distributed import context_parallel, shard, unshard
+from ._version import __version__  # noqa: F401
+from .dsl import pattern as _pattern, score as _score, values as _values  # noqa: F401
+from .dsl.extent import Extent
+from .dsl.node import DSL_NAMES as _DSL_NAMES
+from .dsl.parse import parse
+from .dsl.pattern import Pattern
+from .dsl.score import Score
+from .parallel.distributed import context_parallel, shard, unshard
+from .runtime.compiled import CompiledAttention, compile
+from .runtime.interop import FlexInputs
+from .runtime.kvcache import KVCache, Lookback
+from .runtime.merge import merge
 
-__version__ = "0.1.0"
-
-from maskdsl.dsl.node import DSL_NAMES as _DSL_NAMES
+globals().update(_DSL_NAMES)    # md.neighborhood, md.softcap, md.per_head, ...
 
 __all__ = [
     # every DSL constructor (patterns, score terms, per_head): the parser's names, one registry
     *_DSL_NAMES,
-    # compiling and checking
-    "compile", "CompiledAttention", "parse", "reference", "MaskDSLError", "merge",
-    # context parallelism (maskdsl.distributed)
+    # compiling and checking (md.compile is left out of __all__: `from maskdsl import *` must not
+    # shadow the builtin compile)
+    "CompiledAttention", "parse", "reference", "MaskDSLError", "merge",
+    # context parallelism (maskdsl.parallel)
     "context_parallel", "shard", "unshard",
-    "Pattern", "Score",
+    # the types users receive: patterns, scores, and what a CompiledAttention hands out
+    "Pattern", "Score", "Extent", "FlexInputs", "KVCache", "Lookback",
     # drop-in modules (imported on first use)
     "nn", "natten",
 ]
+assert not set(__all__) & set(dir(builtins)), "import * would shadow a builtin"
 
 
 def __getattr__(name):
     if name in ("nn", "natten"):
-        import importlib
-
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

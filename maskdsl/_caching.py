@@ -4,12 +4,14 @@ call under ``torch.inference_mode()`` cannot break a later call with autograd.""
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
+import weakref
 from collections import OrderedDict
 
 import torch
 
-__all__ = ["outside_inference_mode", "LRU", "clear_all"]
+__all__ = ["outside_inference_mode", "LRU", "clear_all", "function_key"]
 
 _ALL = []   # every LRU made (clear_all: benchmarks measuring cold builds, tests)
 
@@ -75,3 +77,52 @@ def clear_all() -> None:
     """Empty every maskdsl cache (recipes, generated code, plans, BlockMasks, statistics)."""
     for cache in _ALL:
         cache.clear()
+
+
+# ------------------------------------------------ keys for user functions (mask_fn, score_fn)
+# A user's function is keyed by *which function* it is: a serial number given to each function
+# object the first time it is keyed and never reused. The table holds weak references, so it
+# keeps no function alive and forgets dead ones; a new function, even at a dead one's address,
+# gets a new serial.
+
+class _Identity:
+    """A strong reference compared by identity (a callable that cannot be weakly referenced)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+_SERIALS: dict = {}                 # id(fn) -> (weakref to fn, serial)
+_NEXT_SERIAL = itertools.count()
+_SERIAL_LOCK = threading.RLock()    # re-entrant: a weakref callback may run inside it (GC)
+
+
+def _forget(ident: int, serial: int) -> None:
+    with _SERIAL_LOCK:
+        found = _SERIALS.get(ident)
+        if found is not None and found[1] == serial:
+            del _SERIALS[ident]
+
+
+def function_key(fn) -> tuple:
+    """A cache key for a Python function: a serial number that no other function object ever
+    gets (see the module docstring); callables without weak references are held by identity."""
+    with _SERIAL_LOCK:
+        found = _SERIALS.get(id(fn))
+        if found is not None and found[0]() is fn:
+            return ("fn", found[1])
+        serial = next(_NEXT_SERIAL)
+        try:
+            ref = weakref.ref(fn, lambda _, i=id(fn), s=serial: _forget(i, s))
+        except TypeError:
+            return ("fn-object", _Identity(fn))
+        _SERIALS[id(fn)] = (ref, serial)
+        return ("fn", serial)

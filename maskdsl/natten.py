@@ -3,7 +3,7 @@
 A NATTEN user switches with one import; the call stays the same::
 
     # import natten                      # before
-    from . import natten           # after
+    from maskdsl import natten          # after
     out = natten.na2d(q, k, v, kernel_size=(7, 7), stride=(1, 1), dilation=(2, 1),
                       is_causal=(False, False))   # q, k, v, out: [B, X, Y, H, D]
 
@@ -43,13 +43,13 @@ from typing import Optional
 
 import torch
 
-from ._caching import LRU
-from maskdsl.runtime.compiled import compile as _compile
-from ._errors import MaskDSLError
-from maskdsl.runtime.inputs import FLOATS
+from maskdsl.dsl.inputs import FLOATS
 from maskdsl.dsl.pattern import neighborhood
 from maskdsl.dsl.score import Score
 from maskdsl.dsl.values import PerHead
+from maskdsl.runtime.compiled import compile as _compile
+from ._caching import LRU
+from ._errors import MaskDSLError
 
 __all__ = ["na1d", "na2d", "na3d"]
 
@@ -235,17 +235,20 @@ def _na_traced(rank, query, key, value, kernel_size, stride, dilation, is_causal
                backend, add_k=None, add_v=None, return_lse=False):
     """``_na`` while Dynamo traces it: the Python checks and the compile run once, at trace
     time, and the call is one custom op (ARCHITECTURE.md, "torch.compile")."""
-    from .runtime import ops as _ops
+    # deferred: the op module's trace-time functions import torch._dynamo (~0.8 s), which only
+    # a torch.compile trace needs
+    from maskdsl.runtime import ops as _ops
 
     args = (kernel_size, stride, dilation, is_causal, score, backend)
     extra = (add_k, add_v) if add_k is not None or add_v is not None else ()
     metas = tuple(_ops.stand_in(t) for t in (query, key, value, *extra))
-    error = _ops.natten_check(rank, metas, *args)
+    error = _ops.natten_check(_prepare, rank, metas, *args)
     if error:
         out = _ops.refusal(query, key, value, error)
         return (out, out[..., 0].float()) if return_lse else out
     q, k, v = _bhnd(query, key, value, add_k, add_v)
-    prepared = _ops.natten_prepare(rank, metas, *args, _ops.call_meta(q, k, v, scale, return_lse))
+    prepared = _ops.natten_prepare(_prepare, rank, metas, *args,
+                                   _ops.call_meta(q, k, v, scale, return_lse))
     res = _ops.finish(prepared, score, q, k, v, True, where=f"na{rank}d: ",
                       return_lse=return_lse, scale=scale)
     return _heads_last(query, res, return_lse)

@@ -5,7 +5,7 @@ attention, one output Linear) with the attention restricted by a maskdsl pattern
 optional score terms::
 
     import maskdsl as md
-    from .nn import PatternAttention
+    from maskdsl.nn import PatternAttention
     layer = PatternAttention(dim=256, heads=8, pattern=md.neighborhood((7, 7)), shape=(32, 32),
                              score=md.distance_decay(md.per_head([0.0, 0.05] * 4)))
     y = layer(x)            # x: [B, 32, 32, 256] or [B, 1024, 256]; y has x's layout
@@ -26,13 +26,13 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from maskdsl.dsl.inputs import check_scale
+from maskdsl.dsl.node import check_shape
+from maskdsl.dsl.pattern import Pattern
+from maskdsl.dsl.score import Score, score_tensors
 from maskdsl.runtime.compiled import BACKENDS, CompiledAttention
 from maskdsl.runtime.compiled import compile as _compile
 from ._errors import MaskDSLError
-from maskdsl.runtime.inputs import check_scale
-from maskdsl.dsl.node import check_shape
-from maskdsl.dsl.pattern import Pattern
-from maskdsl.dsl.score import Score, score_terms
 from .natten import _AXES, neighborhood_pattern
 
 __all__ = ["PatternAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
@@ -127,8 +127,7 @@ class PatternAttention(nn.Module):
         self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(float(proj_drop))
-        learnable = {id(v): v for t in score_terms(score) for v in vars(t).values()
-                     if isinstance(v, nn.Parameter)}
+        learnable = {id(v): v for v in score_tensors(score) if isinstance(v, nn.Parameter)}
         if learnable:
             self.score_params = nn.ParameterList(learnable.values())
 
@@ -190,6 +189,7 @@ class PatternAttention(nn.Module):
         where = type(self).__name__
         compiling = torch.compiler.is_compiling()
         if compiling:
+            # deferred: the op module imports torch._dynamo (~0.8 s), which only a trace needs
             from .runtime import ops as _ops
 
             shape, error = _ops.module_grid(self, _ops.stand_in(x))

@@ -20,14 +20,15 @@ from typing import Optional
 
 import torch
 
-from ._errors import MaskDSLError
-from maskdsl.runtime.inputs import check_count, check_device, check_qkv, check_scale
-from ._memory import check_allocation, guard, guarded
+from maskdsl.dsl.inputs import check_count, check_device, check_qkv, check_scale
 from maskdsl.dsl.node import call_user, check_heads, check_shape
+from ._errors import MaskDSLError
+from ._memory import check_allocation, guard, guarded
 from maskdsl.dsl.pattern import (And, Block, Causal, Document, Empty, Full, Heads, MaskFn,
     Neighborhood, Not, Or, Pattern, Power, Radial, Sink, Window, check_key_range_result)
 from maskdsl.dsl.score import (Alibi, DistanceDecay, Dropout, RelativeBias, Score, ScoreFn,
-    SinkLogit, Softcap, check_tensor_params, geometric_slopes, score_terms)
+    SinkLogit, Softcap, check_params_device, check_tensor_params, geometric_slopes, score_terms)
+from maskdsl.dsl.extent import check_extent
 from maskdsl.dsl.values import _is_tensor
 
 __all__ = ["mask", "bias", "attention", "dropout_mask"]
@@ -432,8 +433,6 @@ def attention(q, k, v, p: Pattern, shape, score: Optional[Score] = None, scale=N
     if score is not None and not isinstance(score, Score):
         raise MaskDSLError(f"attention: score={score!r}: expected score terms or None")
     shape = check_shape(shape)
-    from maskdsl.runtime.extent import check_extent
-
     ext = check_extent(shape, extra_tokens, extra, q_range, kv_range, score)
     B, H, N, D = check_qkv(q, k, v, shape, extent=ext)
     if k.shape[1] != H:        # GQA: query head i reads key/value head i // (H // H_kv)
@@ -545,16 +544,6 @@ def _attention_rows(q, k, v, p, shape, score, scale, keep, rows, bad_q, bad_kv):
     poisoned = bad_q | (allowed[None] & bad_kv[:, :, None, :]).any(-1)
     return (out.masked_fill(poisoned[..., None], float("nan")),
             lse.masked_fill(poisoned, float("nan")))
-
-
-def check_params_device(score, device):
-    for term in score_terms(score):
-        for name, v in vars(term).items():
-            if _is_tensor(v) and v.device != device:
-                raise MaskDSLError(
-                    f"{term._name}: {name} is on {v.device} but q is on {device}; move it with "
-                    f".to({str(device)!r})"
-                )
 
 
 def check_dense_size(what: str, B: int, H: int, N: int, dtype) -> None:

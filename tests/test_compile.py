@@ -52,9 +52,17 @@ def test_public_surface():
         assert hasattr(md, name), name
     for name in ("neighborhood", "window", "causal", "block", "sink", "full", "empty", "document",
                  "radial", "power", "heads", "per_head", "distance_decay", "alibi",
-                 "relative_bias", "softcap", "sink_logit", "dropout", "compile", "parse",
-                 "reference", "MaskDSLError", "CompiledAttention"):
+                 "relative_bias", "softcap", "sink_logit", "dropout", "parse",
+                 "reference", "MaskDSLError", "CompiledAttention", "KVCache", "Lookback",
+                 "FlexInputs", "Extent"):
         assert name in md.__all__, name
+    # md.compile is public but not exported by `import *`, which must shadow no builtin
+    import builtins
+
+    assert callable(md.compile) and not set(md.__all__) & set(dir(builtins))
+    namespace = {}
+    exec("from maskdsl import *", namespace)
+    assert namespace.get("compile", builtins.compile) is builtins.compile
     import maskdsl.codegen, maskdsl.kernels  # noqa: F401  (installed inside maskdsl)
     assert set(md.__all__) >= set(md.dsl.node.DSL_NAMES)     # every DSL name is public
 

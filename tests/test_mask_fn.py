@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import maskdsl as md
+from maskdsl import _caching
 from maskdsl.codegen.blockmask import MASK_FN_MAX_PAIRS
 from maskdsl.kernels.flex import run_flex
 from maskdsl.codegen.program import Program
@@ -318,15 +319,13 @@ def test_equality_and_cache_keys_are_by_function():
 
 
 def test_dead_functions_never_lend_their_key_and_caches_stay_bounded():
-    from maskdsl.codegen import recipe as recipe_mod
-
     keys = set()
-    before = len(recipe_mod._SERIALS)
+    before = len(_caching._SERIALS)
     for i in range(40):                        # fresh lambdas, dropped at once: ids get reused
         keys.add(function_key(lambda b, h, q, kv, i=i: q - kv <= i))
     gc.collect()
     assert len(keys) == 40                       # never a shared key, even at a reused address
-    assert len(recipe_mod._SERIALS) <= before + 1   # the serial table forgets dead functions
+    assert len(_caching._SERIALS) <= before + 1   # the serial table forgets dead functions
     for w in range(CACHE_SIZE + 4):              # a new mask_fn every step: bounded recipes
         Program(md.mask_fn(generate_sliding_window(w)), None, (32,), 1, block=16)
     assert cached_recipes() <= CACHE_SIZE

@@ -22,7 +22,16 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from maskdsl import reference
 from maskdsl._errors import MaskDSLError
+from maskdsl.codegen.layout_search import row_major
+from maskdsl.codegen.program import Program
+from maskdsl.dsl.pattern import Heads, Sink
+from maskdsl.codegen.blockmask import (FULL as F, PARTIAL as P, _TileSets, flat_evaluator,
+    pair_counts)
+from maskdsl.codegen.ir import Const, Sep
+from maskdsl.codegen.stats import _dim_pairs
+from maskdsl.codegen.tileclasses import TileClasses
 
 __all__ = ["picture", "scene", "draw_classes", "FULL", "PARTIAL", "EMPTY", "QUERY"]
 
@@ -87,10 +96,6 @@ def check_query(shape: tuple, heads: int, only_head, query) -> tuple:
 def scene(p, shape: tuple, heads: int, only_head, query, cells: int, score=None) -> Scene:
     """Everything a picture draws, for the heads shown, with an overview of at most ``cells``
     cells a side. Memory: O(tile pairs + cells^2 + heads x N)."""
-    from maskdsl import reference
-    from maskdsl.codegen.layout_search import row_major
-    from maskdsl.codegen.program import Program
-
     shape = tuple(shape)
     query, flat = check_query(shape, heads, only_head, query)
     n = math.prod(shape)
@@ -121,8 +126,6 @@ def scene(p, shape: tuple, heads: int, only_head, query, cells: int, score=None)
 def _bias_rows(score, shape, heads, flat) -> Optional[torch.Tensor]:
     """float [H, N]: the additive score terms of the query's row (None without such terms):
     the reference's own rules on one row of its grid, O(N)."""
-    from maskdsl import reference
-
     g = reference._Grid(shape, heads, "cpu", torch.tensor([flat]))
     reference._bind_all(score, g)
     b = reference._bias(score, g, torch.float32)
@@ -132,8 +135,6 @@ def _bias_rows(score, shape, heads, flat) -> Optional[torch.Tensor]:
 def _sink_count(p, shape, heads, h) -> int:
     """The largest ``sink(n)`` of head h's pattern (0 without sinks): far keys below it are
     reported as sinks."""
-    from maskdsl.dsl.pattern import Heads, Sink
-
     def rec(node):
         if isinstance(node, Heads):
             return rec(node.patterns[h])
@@ -149,9 +150,6 @@ def _sink_count(p, shape, heads, h) -> int:
 def _exact_edges(recipe, h):
     """Head h's classes with the pairs of padded tiles decided on their real tokens (the tile
     classes never call a pair with padding FULL); skipped when that would be costly."""
-    from maskdsl.codegen.blockmask import (PARTIAL as P, FULL as F, _TileSets, flat_evaluator,
-        pair_counts)
-
     cls = recipe.classes.head(h)
     layout = recipe.layout
     if not layout.pads or cls.nnz == 0:
@@ -173,8 +171,6 @@ def _exact_edges(recipe, h):
 def _overview(cls, k: int) -> np.ndarray:
     """int8 [C, C]: the tile classes downsampled by ``k`` tiles a side, from the sparse entries
     (a cell is full iff all its pairs are, empty iff all are)."""
-    from maskdsl.codegen.tileclasses import FULL as F
-
     T = cls.Tq
     C = -(-T // k)
     idx = (cls.rows() // k) * C + cls.indices // k
@@ -188,11 +184,6 @@ def _overview(cls, k: int) -> np.ndarray:
 def _allowed_pairs(recipe, h: int, cls) -> tuple:
     """(lo, hi): allowed (query, key) pairs of head h, lo == hi when exact (always for
     separable patterns; flat ones evaluate their partial tile pairs, up to EXACT_PAIRS)."""
-    from maskdsl.codegen.blockmask import (FULL as F, PARTIAL as P, _TileSets, flat_evaluator,
-        pair_counts)
-    from maskdsl.codegen.ir import Const, Sep
-    from maskdsl.codegen.stats import _dim_pairs
-
     ir, tables = recipe.irs[h]
     n = recipe.n
     if isinstance(ir, Const):
@@ -533,8 +524,6 @@ def draw_classes(cls, width: int = 64) -> str:
     """Tile classes (0 empty, 1 partial, 2 full) as a picture: a dense [T, T] tensor or array,
     or a sparse ``TileClasses`` (drawn without a dense table); when downsampled, a cell is full
     only if all its tiles are, empty only if all are."""
-    from maskdsl.codegen.tileclasses import TileClasses
-
     cells = max(1, width // 2)
     if not isinstance(cls, TileClasses):
         cls = TileClasses.from_dense(np.asarray(cls, dtype=np.int8))

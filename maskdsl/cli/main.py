@@ -14,8 +14,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+import inspect
+import statistics
+import time
+import torch
+import torch.nn.functional as F
+import itertools
+import numpy as np
+import os
 
+from maskdsl import reference
+from maskdsl._version import __version__
 from maskdsl._errors import MaskDSLError
+from maskdsl._memory import check_allocation
+from maskdsl.dsl.node import DSL_NAMES
+from maskdsl.dsl.parse import parse
+from maskdsl.dsl.pattern import Pattern
+from maskdsl.dsl.score import Dropout, Score, score_terms
+from maskdsl.runtime.compiled import compile, validate
+from maskdsl.runtime.keep import next_keep_mask
+from .draw import draw_classes, picture
+from .png import write_png
 
 __all__ = ["main"]
 
@@ -51,8 +70,6 @@ def _common(p: argparse.ArgumentParser):
 
 
 def _build_parser() -> _Parser:
-    from maskdsl import __version__
-
     parser = _Parser(prog="maskdsl", description="Compile, draw and check attention locality patterns.",
                      epilog="DSL names (maskdsl names lists their signatures): " + ", ".join(_names())
                      + ". Combine patterns with & | ~ and score terms with +.")
@@ -99,18 +116,12 @@ _BACKEND_HELP = "auto (default: the best for this device, with the reason), flex
 
 
 def _names() -> list:
-    from maskdsl.dsl.node import DSL_NAMES
-
     return list(DSL_NAMES)
 
 
 def _cmd_names(args) -> int:
-    import inspect
-
-    import maskdsl as md
-
     for name in _names():
-        fn = getattr(md, name)
+        fn = DSL_NAMES[name]
         doc = (inspect.getdoc(fn) or "").strip().splitlines()
         try:
             sig = str(inspect.signature(fn))
@@ -122,10 +133,6 @@ def _cmd_names(args) -> int:
 
 
 def _spec(args):
-    from maskdsl.dsl.parse import parse
-    from maskdsl.dsl.pattern import Pattern
-    from maskdsl.dsl.score import Score
-
     p = parse(args.spec)
     if not isinstance(p, Pattern):
         raise MaskDSLError(f"SPEC: {args.spec!r} is a score; expected a pattern (scores go in --score)")
@@ -136,14 +143,10 @@ def _spec(args):
 
 
 def _picture(p, shape, heads, only_head, query, width) -> str:
-    from .draw import picture
-
     return picture(p, shape, heads, only_head, query, width)
 
 
 def _cmd_show(args) -> int:
-    from maskdsl.runtime.compiled import validate
-
     if not _WIDTH[0] <= args.width <= _WIDTH[1]:
         raise MaskDSLError(f"--width={args.width}: expected an int in [{_WIDTH[0]}, {_WIDTH[1]}] "
                            f"(columns of the pictures)")
@@ -156,8 +159,6 @@ def _cmd_show(args) -> int:
         print()
         print(_tile_picture(p, s, shape, args.heads, args.head, args.width))
     if args.png:
-        from .png import write_png
-
         path = write_png(args.png, p, s, shape, args.heads, args.head, query)
         print(f"wrote {path}")
     return 0
@@ -166,9 +167,6 @@ def _cmd_show(args) -> int:
 def _tile_picture(p, s, shape, heads, only_head, width) -> str:
     """The compiled tiles the chosen backend runs, in its tiled token layout, drawn from the
     sparse tile classes (never a dense T x T table)."""
-    from maskdsl.runtime.compiled import compile
-    from .draw import draw_classes
-
     prog = compile(p, shape, heads, score=s).program
     st = prog.stats()
     lines = [f"compiled tiles: {st['layout']}, {prog.layout.n_tiles} x {prog.layout.n_tiles} "
@@ -189,8 +187,6 @@ def _tile_picture(p, s, shape, heads, only_head, width) -> str:
 
 
 def _cmd_explain(args) -> int:
-    from maskdsl.runtime.compiled import compile
-
     p, s = _spec(args)
     attn = compile(p, _shape(args.shape), args.heads, score=s, backend=args.backend)
     st = attn.stats()
@@ -217,16 +213,6 @@ def _cmd_explain(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    import statistics
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
-    from maskdsl import reference
-    from maskdsl.runtime.compiled import compile
-    from maskdsl._memory import check_allocation
-
     p, s = _spec(args)
     shape = _shape(args.shape)
     if args.reps < 1 or args.dim < 1 or args.batch < 1:
@@ -286,11 +272,6 @@ def _check_rows(attn, budget: int, seed: int):
     """The query rows ``check`` compares: all when N <= budget; else the first and last, the
     grid's corners and centre, the first and last token of a few tiles of the layout the backend
     runs (where tiling and padding bugs live), and a seeded random sample up to ``budget``."""
-    import itertools
-
-    import numpy as np
-    import torch
-
     n, shape = attn.n, attn.shape
     if n <= budget:
         return torch.arange(n)
@@ -322,14 +303,6 @@ _KEEP_PAIRS = 2 ** 24    # B x H x N^2 up to which check draws the backend's dro
 
 
 def _cmd_check(args) -> int:
-    import torch
-
-    from maskdsl import reference
-    from maskdsl.runtime.compiled import compile
-    from maskdsl.runtime.keep import next_keep_mask
-    from maskdsl._memory import check_allocation
-    from maskdsl.dsl.score import Dropout, score_terms
-
     p, s = _spec(args)
     attn = compile(p, _shape(args.shape), args.heads, score=s, backend=args.backend)
     if args.batch < 1 or args.dim < 1:
@@ -411,8 +384,6 @@ def main(argv=None) -> int:
 def _drop_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's final flush of what could not be
     written raises nothing more."""
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from maskdsl._errors import MaskDSLError
+from . import draw
 
 __all__ = ["write_png", "FORMATS"]
 
@@ -277,8 +278,6 @@ def _keys_nd(sf, g, s, draw, cmap):
 def write_png(path: str, p, score, shape: tuple, heads: int, only_head, query) -> str:
     """Per group of heads that draw the same: the overview of the mask and the keys one query
     sees (coloured by the score's bias when a score is given). Returns the path written."""
-    from . import draw
-
     path = _checked_path(path)
     plt = _matplotlib()
     shape = tuple(shape)

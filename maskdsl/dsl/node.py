@@ -8,6 +8,8 @@ import math
 import numbers
 from collections.abc import Sequence
 from typing import ClassVar, Dict, List
+import torch
+import contextlib
 
 from maskdsl._errors import MaskDSLError
 from .values import (Check, _is_tensor, at_head, dim_count, fmt_value, head_counts,
@@ -289,10 +291,6 @@ def check_user_fn(where: str, fn, name, signature: str) -> str:
 def probe_indices(shape: tuple):
     """int64 [P]: the few flat token indices a user's function is first called on (the first
     and last two, the middle), so a wrong result fails at compile time, naming the function."""
-    import math
-
-    import torch
-
     n = math.prod(shape)
     return torch.tensor(sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n))), dtype=torch.int64)
 
@@ -302,10 +300,6 @@ def call_user(node, what: str, fn, args: tuple, where, grad: bool = False):
     learn); any exception from the user's code becomes one MaskDSLError line naming ``node``,
     ``what`` raised it and how it was called (``where``: a string, or a function of ``args``
     that makes it, only on failure)."""
-    import contextlib
-
-    import torch
-
     with contextlib.nullcontext() if grad else torch.no_grad():
         try:
             return fn(*args)
@@ -318,8 +312,6 @@ def call_user(node, what: str, fn, args: tuple, where, grad: bool = False):
 
 def broadcasts_to(t, shape: tuple) -> bool:
     """Whether tensor ``t`` broadcasts to exactly ``shape``."""
-    import torch
-
     try:
         return tuple(torch.broadcast_shapes(tuple(t.shape), tuple(shape))) == tuple(shape)
     except RuntimeError:

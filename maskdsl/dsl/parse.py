@@ -12,6 +12,10 @@ from __future__ import annotations
 import ast
 import inspect
 import numbers
+import io
+import operator
+import tokenize
+import difflib
 
 from . import pattern as _pattern
 from . import score as _score  # noqa: F401  (importing them registers their constructors)
@@ -73,10 +77,6 @@ def _parse_long(text: str):
     """A spec too long for Python's own parser (which recurses once per operand: a union of
     a few thousand patterns): split at the operators outside any brackets, ``|`` (the loosest)
     first, then ``&``, parse each operand, and combine them left to right, as Python would."""
-    import io
-    import operator
-    import tokenize
-
     starts, total = [0], 0
     for line in text.splitlines(keepends=True):
         total += len(line)
@@ -250,7 +250,5 @@ class _Reader:
 
 def _did_you_mean(word: str, choices) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
-    import difflib
-
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -9,9 +9,11 @@ import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
+import torch
 
 from maskdsl._errors import MaskDSLError
 from .node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
+from .score import Score
 from .values import (Check, PerHead, _fmt, _is_tensor, at_head, check_dims,
     dims_in_shape, per_dim)
 
@@ -56,8 +58,6 @@ class Pattern(Node):
 
 def _as_pattern(x, op: str) -> Pattern:
     if not isinstance(x, Pattern):
-        from .score import Score
-
         if isinstance(x, Score):
             raise MaskDSLError(
                 f"{op} combines patterns, got the score term {x!r}; pass scores as score=... "
@@ -279,8 +279,6 @@ class Document(Pattern):
     def _check(self):
         ids = self.ids
         if _is_tensor(ids):
-            import torch
-
             if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
                 raise MaskDSLError(
                     f"document: ids: expected a 1-D integer tensor, got dtype {ids.dtype} "
@@ -412,8 +410,6 @@ class MaskFn(Pattern):
         """Call ``fn`` (and ``key_range``) once on a few tokens of ``shape`` and check what they
         return: a MaskDSLError naming the field, at compile time, instead of a failure deep in
         a backend."""
-        import torch
-
         idx = probe_indices(shape)
         P = len(idx)
         # one query fewer than keys: a mask returned transposed ([kv, q]) cannot pass
@@ -431,8 +427,6 @@ class MaskFn(Pattern):
 
 def check_mask_result(node, out, shape: tuple, where: str) -> None:
     """``fn``'s result must be a bool tensor that broadcasts to ``shape`` (q x kv)."""
-    import torch
-
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
         got = (f"a {out.dtype} tensor" if isinstance(out, torch.Tensor)
                else f"{type(out).__name__} {_clip_repr(out, 40)}")
@@ -447,8 +441,6 @@ def check_key_range_result(node, r, q) -> tuple:
     """``key_range(q)``'s result for the int64 query indices ``q`` [P]: (lo, hi), ints or
     integer tensors broadcastable to q, with lo <= hi for every query (lo == hi: no key).
     Returns them as int64 tensors [P] on q's device; MaskDSLError naming key_range otherwise."""
-    import torch
-
     P = q.numel()
     ok = isinstance(r, (tuple, list)) and len(r) == 2
     for x in (r if ok else ()):

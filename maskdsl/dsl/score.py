@@ -3,14 +3,17 @@ plus the two softmax extras FlexAttention cannot express (``sink_logit``, ``drop
 from __future__ import annotations
 
 import numbers
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Tuple
+import torch
 
-from maskdsl._caching import LRU
+from maskdsl._caching import LRU, function_key
 from maskdsl._errors import MaskDSLError
 from .node import Node, broadcasts_to, call_user, check_user_fn, dsl, probe_indices
 from .values import (Check, _is_tensor, check_dims, check_tensor_values, dims_in_shape,
     fmt_value)
+from .values import PerHead
 
 __all__ = [
     "Score", "DistanceDecay", "Alibi", "RelativeBias", "Softcap", "SinkLogit", "Dropout",
@@ -59,12 +62,23 @@ class Score(Node):
     def __invert__(self):
         self._refuse("~")
 
+    #: what the term does to attention (ARCHITECTURE.md, "Adding a score term"): "additive"
+    #: (a bias added to q.k * scale before the softmax), "function" (score_fn: any function of
+    #: the score, after the additive terms), "nonlinear" (softcap: wraps the score last),
+    #: "denominator" (sink_logit: joins only the softmax's sum), "dropout" (drops
+    #: probabilities), "sum" (several terms). Backends decide by role, never by type.
+    role: ClassVar[str] = ""
+
+    def tensors(self) -> dict:
+        """The term's tensor-valued parameters, ``{field: tensor}`` in field order (learnable
+        rates, slopes, caps, sink logits, bias tables): read at call time, never baked in."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if _is_tensor(getattr(self, f.name))}
+
     def varies_per_head(self) -> bool:
         """Whether this term may give one head other values than another, or other values
         when bound to another head count (see :func:`score_varies_per_head`): a per_head or
         tensor parameter. Terms with parameters derived from the head count override it."""
-        from .values import PerHead
-
         for v in vars(self).values():
             for x in (v if isinstance(v, tuple) else (v,)):
                 if isinstance(x, PerHead) or _is_tensor(x):
@@ -92,6 +106,21 @@ def score_varies_per_head(score) -> bool:
     return any(t.varies_per_head() for t in score_terms(score))
 
 
+ROLES = ("additive", "function", "nonlinear", "denominator", "dropout")
+#: the roles a generated score_mod holds (the others act on the softmax: the runtime applies them)
+SCORE_MOD_ROLES = ("additive", "function", "nonlinear")
+
+
+def terms_with_role(score, *roles) -> tuple:
+    """The terms of ``score`` whose role is one of ``roles``."""
+    return tuple(t for t in score_terms(score) if t.role in roles)
+
+
+def score_tensors(score) -> tuple:
+    """Every tensor parameter of ``score``'s terms, in term and field order."""
+    return tuple(v for t in score_terms(score) for v in t.tensors().values())
+
+
 def score_terms(s) -> tuple:
     """The terms of a score (a single term or a ScoreSum) as a flat tuple."""
     if s is None:
@@ -113,6 +142,7 @@ class DistanceDecay(Score):
     dims: Any = None
 
     _name: ClassVar[str] = "distance_decay"
+    role: ClassVar[str] = "additive"
     _npos: ClassVar[int] = 1
     _checks: ClassVar = {"rate": _REAL}
 
@@ -136,6 +166,7 @@ class Alibi(Score):
     slopes: Any = "geometric"
 
     _name: ClassVar[str] = "alibi"
+    role: ClassVar[str] = "additive"
     _checks: ClassVar = {"slopes": _REAL}
 
     def __post_init__(self):
@@ -176,6 +207,7 @@ class RelativeBias(Score):
     table: Any
 
     _name: ClassVar[str] = "relative_bias"
+    role: ClassVar[str] = "additive"
     _npos: ClassVar[int] = 1
 
     def _check(self):
@@ -218,6 +250,7 @@ class Softcap(Score):
     cap: Any
 
     _name: ClassVar[str] = "softcap"
+    role: ClassVar[str] = "nonlinear"
     _npos: ClassVar[int] = 1
     _checks: ClassVar = {"cap": Check("float", 0, lo_open=True, tensor=True)}
 
@@ -229,6 +262,7 @@ class SinkLogit(Score):
     values: Any
 
     _name: ClassVar[str] = "sink_logit"
+    role: ClassVar[str] = "denominator"
     _npos: ClassVar[int] = 1
     _checks: ClassVar = {"values": _REAL}
 
@@ -242,6 +276,7 @@ class Dropout(Score):
     seed: int = 0
 
     _name: ClassVar[str] = "dropout"
+    role: ClassVar[str] = "dropout"
     _npos: ClassVar[int] = 1
     _checks: ClassVar = {
         "p": Check("float", 0, 1, hi_open=True, what="a probability"),
@@ -266,6 +301,7 @@ class ScoreFn(Score):
     name: Any = None
 
     _name: ClassVar[str] = "score_fn"
+    role: ClassVar[str] = "function"
 
     def _check(self):
         name = check_user_fn("score_fn", self.fn, self.name,
@@ -284,8 +320,6 @@ class ScoreFn(Score):
         return out
 
     def _call(self, score, shape: tuple):
-        import torch
-
         idx = probe_indices(shape)
         P = len(idx)
         zero = torch.zeros((), dtype=torch.int64)
@@ -300,8 +334,6 @@ class ScoreFn(Score):
         backend casts it to the dtype the score is computed in, as the reference does),
         broadcastable to the score, with the score argument left as it was (flex refuses a
         score_mod that writes its input)."""
-        import torch
-
         P = len(probe_indices(shape))
         score = torch.randn(P, P, generator=torch.Generator().manual_seed(0))
         before = score.clone()
@@ -319,10 +351,6 @@ class ScoreFn(Score):
     def ignores_score(self, shape: tuple) -> bool:
         """Whether ``fn``'s result is the same for two different scores (it replaces the score
         rather than modifying it: a constant, a bias of the indices, the head)."""
-        import torch
-
-        from maskdsl.codegen.recipe import function_key
-
         key = (function_key(self.fn), tuple(shape))
         found = _IGNORES.get(key)
         if found is not None:
@@ -343,6 +371,7 @@ class ScoreSum(Score):
     terms: Tuple[Score, ...]
 
     _name: ClassVar[str] = "+"
+    role: ClassVar[str] = "sum"
 
     def _check(self):
         seen = {}
@@ -425,8 +454,6 @@ def per_head_tensor(value, term, field: str, heads: int, device, shape=(1,)):
     """A score parameter as a tensor [heads]: a tensor value keeps its graph (a learnable one
     stays learnable; one value is expanded to every head), numbers become float64 on
     ``device``. ``shape``: the grid the term binds to (terms with dims need the real one)."""
-    import torch
-
     if isinstance(value, torch.Tensor):
         return value.reshape(-1).expand(heads) if value.numel() == 1 else value
     vals = [b[field] for b in term.bind(shape, heads)]
@@ -449,3 +476,13 @@ def without(score, kind):
     """``score`` without its terms of type ``kind`` (None when nothing is left)."""
     terms = [t for t in score_terms(score) if not isinstance(t, kind)]
     return sum(terms, 0) or None
+
+
+def check_params_device(score, device):
+    for term in score_terms(score):
+        for name, v in term.tensors().items():
+            if v.device != device:
+                raise MaskDSLError(
+                    f"{term._name}: {name} is on {v.device} but q is on {device}; move it with "
+                    f".to({str(device)!r})"
+                )

@@ -17,6 +17,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional
+import torch
 
 from maskdsl._errors import MaskDSLError
 
@@ -90,8 +91,6 @@ def fmt_value(v) -> str:
 
 def _is_tensor(x) -> bool:
     # Imported lazily so that building patterns never needs torch's import time.
-    import torch
-
     return isinstance(x, torch.Tensor)
 
 

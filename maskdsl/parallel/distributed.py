@@ -37,8 +37,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import plan as P
+from maskdsl import reference
+from maskdsl._caching import outside_inference_mode
 from maskdsl._errors import MaskDSLError
+from maskdsl.codegen.recipe import varies_per_head
+from maskdsl.dsl.inputs import check_qkv, check_scale
+from maskdsl.dsl.node import check_shape
+from maskdsl.dsl.score import Dropout, check_tensor_params, score_extras, score_terms
+from maskdsl.runtime.compiled import CompiledAttention, compile as md_compile
+from maskdsl.runtime.extent import dense_stripe, softcap_values
+from maskdsl.runtime.merge import merge
+from maskdsl.runtime.rect import row_major, tiled_rect
+from . import plan as P
 
 __all__ = ["context_parallel", "ContextParallel", "shard", "unshard", "STRATEGIES"]
 
@@ -355,8 +365,6 @@ def _layout_for(x, group, shape, extra_tokens, balance, local, layout):
         if local:
             raise MaskDSLError("unshard: pass shape= (the grid's shape; cp.unshard knows it)")
         shape = (x.shape[2] - E,)
-    from maskdsl.dsl.node import check_shape
-
     shape = check_shape(shape)
     return group, rank, P.layout(shape, world, int(E), balance)
 
@@ -466,9 +474,6 @@ class ContextParallel:
     def __init__(self, attn, group=None, strategy="auto", *, balance=None, kv_heads=None,
                  head_dim: int = 64, head_dim_v: Optional[int] = None, batch: int = 1,
                  dtype=torch.bfloat16):
-        from maskdsl.runtime.compiled import CompiledAttention
-        from maskdsl.dsl.score import Dropout, score_terms
-
         if not isinstance(attn, CompiledAttention):
             raise MaskDSLError(f"attn: expected a CompiledAttention from md.compile, got "
                                f"{type(attn).__name__}")
@@ -515,9 +520,6 @@ class ContextParallel:
         # "Caches"): the plan is read anew from the ids as they are now
         key = attn.refresh()
         if self._halo is None or self._halo[0] != key:
-            from maskdsl._caching import outside_inference_mode
-            from maskdsl.runtime.rect import row_major
-
             # built outside inference mode: the cached index tensors serve training calls too
             self._halo = (key, outside_inference_mode(P.halo_plan)(row_major(attn),
                                                                    self.layout))
@@ -585,8 +587,6 @@ class ContextParallel:
         causal pattern without a window), and balancing is off."""
         if self.balance is not None or self.world == 1:
             return ""
-        from maskdsl.runtime.rect import row_major
-
         try:
             other = P.layout(self.attn.shape, self.world, self.layout.extra, "head-tail")
         except MaskDSLError:
@@ -642,10 +642,6 @@ class ContextParallel:
     def _check_call(self, q, k, v, scale, return_lse):
         """(scale, the agreement's fields) of a call, after this rank's own checks; plans the
         strategy for the call's sizes (the same on every rank once the sizes agree)."""
-        from maskdsl.runtime.inputs import check_qkv, check_scale
-        from maskdsl.dsl.score import check_tensor_params
-        from maskdsl import reference
-
         if not isinstance(return_lse, bool):
             raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
         lay, r = self.layout, self.rank
@@ -689,12 +685,9 @@ class ContextParallel:
 
     # the local attention -------------------------------------------------
     def _extras(self, device, heads=None):
-        from maskdsl.runtime.extent import _softcap
-        from maskdsl.dsl.score import score_extras
-
         H = self.attn.heads
         sink, _ = score_extras(self.attn.score, H, device, False)
-        cap = _softcap(self.attn.score, H, device)
+        cap = softcap_values(self.attn.score, H, device)
         if heads is not None:
             sink = sink[heads] if sink is not None else None
             cap = cap[heads] if cap is not None else None
@@ -703,22 +696,16 @@ class ContextParallel:
     def _grid(self, q, qpos, K, V, kpos, scale, sink, cap, heads=None):
         """Grid queries at ascending positions ``qpos`` against the key buffer K, V at ``kpos``
         (grid keys through the tile classes, extra keys as a dense stripe)."""
-        from maskdsl.runtime.extent import _dense
-        from maskdsl.runtime.merge import merge
-        from maskdsl.runtime.rect import row_major, tiled_rect
-
         out, lse = tiled_rect(row_major(self.attn), q, K, V, qpos, kpos, scale, sink=sink,
                               head_ids=heads)
         xs = torch.nonzero(kpos >= self.layout.n).reshape(-1)
         if xs.numel():
             xs = xs.to(K.device)
-            stripe = _dense(q, K.index_select(2, xs), V.index_select(2, xs), scale, cap, None)
+            stripe = dense_stripe(q, K.index_select(2, xs), V.index_select(2, xs), scale, cap, None)
             out, lse = merge([(out, lse), stripe])
         return out, lse
 
     def _run_allgather(self, q, k, v, scale, return_lse):
-        from maskdsl.runtime.extent import _dense
-
         lay, r, W = self.layout, self.rank, self.world
         B, Hk, _, D = k.shape
         kv = torch.cat([k, v], -1)
@@ -734,14 +721,11 @@ class ContextParallel:
         pos = self.layout.positions(r)
         out, lse = self._grid(q[:, :, :gc], pos[:gc], K, V, kpos, scale, sink, cap)
         if q.shape[2] > gc:                      # the extra queries (their owner): every key
-            ox, lx = _dense(q[:, :, gc:], K, V, scale, cap, sink)
+            ox, lx = dense_stripe(q[:, :, gc:], K, V, scale, cap, sink)
             out, lse = torch.cat([out, ox.to(out.dtype)], 2), torch.cat([lse, lx.to(lse.dtype)], 2)
         return out, lse, token
 
     def _run_halo(self, q, k, v, scale, return_lse):
-        from maskdsl.runtime.extent import _dense
-        from maskdsl.runtime.merge import merge
-
         lay, r, W = self.layout, self.rank, self.world
         hp = self._halo_plan()
         B, H, _, D = q.shape
@@ -775,7 +759,7 @@ class ContextParallel:
             lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
             E, Dv = lay.extra, v.shape[-1]
             if r == owner:
-                own = _dense(q[:, :, gc:], k, v, scale, cap, sink)
+                own = dense_stripe(q[:, :, gc:], k, v, scale, cap, sink)
                 back = []
                 for s in range(W):
                     if s != r:
@@ -786,7 +770,7 @@ class ContextParallel:
                 out = torch.cat([out, ox.to(out.dtype)], 2)
                 lse = torch.cat([lse, lx.to(lse.dtype)], 2)
             else:
-                po, pl = _dense(got[nh], k, v, scale, cap, None)
+                po, pl = dense_stripe(got[nh], k, v, scale, cap, None)
                 _, token = _exchange(self._comm, [(owner, po.to(q.dtype)), (owner, pl.to(lse_dt))],
                                      [], dev, (q, k, v), token)
         return out, lse, token
@@ -801,9 +785,6 @@ class ContextParallel:
         found = self.__dict__.get("_whole")
         if found is not None and found[0] == hq:
             return found[1]
-        from maskdsl.runtime.compiled import compile as md_compile
-        from maskdsl.codegen.recipe import varies_per_head
-
         a = self.attn
         sub = None
         if not varies_per_head(a.pattern, a.score):
@@ -815,8 +796,6 @@ class ContextParallel:
         return sub
 
     def _run_ulysses(self, q, k, v, scale, return_lse):
-        from maskdsl.runtime.extent import _dense
-
         lay, r, W = self.layout, self.rank, self.world
         B, H, nq, D = q.shape
         Hk, Dv = k.shape[1], v.shape[-1]
@@ -868,7 +847,7 @@ class ContextParallel:
             out, lse = self._grid(Q[:, :, :n], qpos[order][:n], K, V, kpos, scale, sink, cap,
                                   heads)
             if Q.shape[2] > n:
-                ox, lx = _dense(Q[:, :, n:], K, V, scale, cap, sink)
+                ox, lx = dense_stripe(Q[:, :, n:], K, V, scale, cap, sink)
                 out = torch.cat([out, ox.to(out.dtype)], 2)
                 lse = torch.cat([lse, lx.to(lse.dtype)], 2)
         back = torch.argsort(order).to(dev)            # global order -> buffer order

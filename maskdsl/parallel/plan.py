@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 from maskdsl._errors import MaskDSLError
+from maskdsl.codegen.recipe import varies_per_head
+from maskdsl.codegen.tileclasses import FULL
+from maskdsl.runtime.rect import head_classes, pair_masks
 
 __all__ = ["Layout", "layout", "need", "work", "HaloPlan", "halo_plan", "bytes_of",
            "STRATEGIES", "BALANCES"]
@@ -107,9 +110,6 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
     to be sent what it owns). None when that would evaluate more than ``budget`` token pairs
     (a pattern without bounded reach, such as ``document`` with arbitrary ids: all-gather is
     then the plan)."""
-    from maskdsl.runtime.rect import head_classes, pair_masks
-    from maskdsl.codegen.tileclasses import FULL
-
     W, n, H = lay.world, lay.n, program.heads
     V = program.layout.block
     classes = head_classes(program)
@@ -132,8 +132,6 @@ def need(program, lay: Layout, budget: int = HALO_BUDGET):
         # pairs within one rank's own tokens need nothing sent
         local = single[rows] & single[cols] & (first[rows] == first[cols])
         work.append((rows, cols, kind, local))
-    from maskdsl.codegen.recipe import varies_per_head
-
     evaluated = sum(int(((k != FULL) & ~lo).sum()) for _, _, k, lo in work) * V * V * \
         (H if len(classes) == 1 and varies_per_head(program.pattern) else 1)
     if evaluated > budget:

@@ -17,10 +17,17 @@ import torch
 from maskdsl import reference
 from maskdsl._caching import outside_inference_mode
 from maskdsl._errors import MaskDSLError
-from .inputs import check_device, check_qkv, check_scale
+from maskdsl.dsl.extent import Extent, check_extent
+from maskdsl.dsl.inputs import check_call, check_device, check_qkv
 from maskdsl.dsl.node import check_heads, check_shape, walk
 from maskdsl.dsl.pattern import Document, Pattern
-from maskdsl.dsl.score import Score, check_tensor_params, score_extras, score_terms, Dropout
+from maskdsl.dsl.score import Dropout, Score, score_extras, score_terms
+from maskdsl.kernels import backends
+from maskdsl.kernels.tiles import rows_attending
+from .extent import extent_choice, run_extent
+from .interop import flex_inputs, row_major_block_mask, row_major_program
+from .isolate import nonfinite_rows, poison, poison_lse, sanitize
+from .kvcache import KVCache, lookback_of
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
@@ -74,9 +81,6 @@ class CompiledAttention:
     """
 
     def __init__(self, spec, choice, auto: bool, device=None, extent=None, asked=None):
-        from .extent import Extent
-        from maskdsl.kernels.backends import Spec  # noqa: F401  (the type of ``spec``)
-
         self._spec = spec
         self.pattern, self.shape, self.heads, self.score = (spec.pattern, spec.shape, spec.heads,
                                                             spec.score)
@@ -163,12 +167,10 @@ class CompiledAttention:
     def backend_state(self, name: str):
         """The prepared state of backend ``name`` (programs, plans), built on first use from
         the structure as it is now."""
-        from maskdsl.kernels.backends import get
-
         self.refresh()
         states = self._prepared.backends
         if name not in states:
-            states[name] = get(name).prepare(self._spec)
+            states[name] = backends.get(name).prepare(self._spec)
         return states[name]
 
     def prepared(self, name: str, build):
@@ -236,8 +238,6 @@ class CompiledAttention:
 
     def row_major_program(self):
         """The Program in the user's row-major token order (the public artefacts' program)."""
-        from .interop import row_major_program
-
         self._square_only("mask_mod, score_mod, source and block_mask()")
         return self.prepared("row_major", lambda: row_major_program(self))
 
@@ -260,8 +260,6 @@ class CompiledAttention:
         """The torch BlockMask in the user's row-major token order (sequence length N), built
         analytically from key ranges: pass it to ``flex_attention`` with your own q, k, v.
         The tiled form the flex backend runs: :meth:`flex_inputs` with ``layout="tiled"``."""
-        from .interop import row_major_block_mask
-
         return row_major_block_mask(self.row_major_program(), check_device(device))
 
     def flex_inputs(self, layout: str = "row-major", device="cpu"):
@@ -269,8 +267,6 @@ class CompiledAttention:
         mask_mod, score_mod, block_mask and, for ``layout="tiled"`` (the order the flex backend
         runs: compact N-D tiles, fewer non-empty blocks), the gather/scatter indices with
         ``to_layout(x)`` / ``from_layout(out)`` to move tensors in and out of it."""
-        from .interop import flex_inputs
-
         self._square_only("flex_inputs()")
         return flex_inputs(self, layout, device)
 
@@ -280,8 +276,6 @@ class CompiledAttention:
         ``sinks``, ``window``, ``bounded``, ``granule``), from the pattern's key reach (document
         ids changed in place are read anew); raises MaskDSLError, naming a pair, when some
         query attends a key of a later decoding step."""
-        from .kvcache import lookback_of
-
         return lookback_of(self)
 
     def kv_cache(self, batch: int = 1, kv_heads: Optional[int] = None, head_dim: int = 64,
@@ -295,8 +289,6 @@ class CompiledAttention:
         ``extra_tokens=E, extra="keys"`` (given once with ``cache.set_extra(k, v)``).
         ``extra="all"`` and ``q_range``/``kv_range`` are refused (ARCHITECTURE.md, "Sub-ranges
         and the KV cache"), as are buffers beyond the memory budget."""
-        from .kvcache import KVCache
-
         return KVCache(self, batch, kv_heads, head_dim, dtype, device, head_dim_v)
 
     def stats(self) -> dict:
@@ -334,6 +326,7 @@ class CompiledAttention:
         if not isinstance(return_lse, bool):
             raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
         if torch.compiler.is_compiling():
+            # deferred: the op module imports torch._dynamo (~0.8 s), which only a trace needs
             from .ops import compiled_call
 
             return compiled_call(self, q, k, v, scale, return_lse)
@@ -341,22 +334,16 @@ class CompiledAttention:
         scale = check_call(self.score, q.device, scale, D, return_lse)
         self.refresh()
         if not self.extent.square:
-            from .extent import run_extent
-
             return run_extent(self, q, k, v, scale, return_lse)
         return self.grid_call(q, k, v, scale, return_lse)
 
     def grid_call(self, q, k, v, scale: float, return_lse: bool):
         """Self-attention over the grid on checked q, k, v (the grid's tokens only), with the
         non-finite isolation: the square call, and the grid part of an extra-token call."""
-        from .isolate import nonfinite_rows, poison, poison_lse, sanitize
-
         H = q.shape[1]
         bad = nonfinite_rows(q, k, v)
         if bad is None:
             return self._run(q, k, v, scale, return_lse)
-        from maskdsl.kernels.tiles import rows_attending
-
         bad_q, bad_kv = bad
         res = self._run(sanitize(q, bad_q), sanitize(k, bad_kv), sanitize(v, bad_kv), scale,
                         return_lse)
@@ -372,8 +359,6 @@ class CompiledAttention:
         and, for this call, runs the next backend when the chosen one refuses the tensors (the
         reason says so); an explicitly requested backend that refuses them raises
         MaskDSLError. The one dispatch for eager calls and torch.compile's trace."""
-        from maskdsl.kernels import backends
-
         name = self.backend
         if self._auto:
             if q.device != self._device:        # auto decides per device
@@ -390,8 +375,6 @@ class CompiledAttention:
 
     def _run(self, q, k, v, scale: float, return_lse: bool = False):
         """The chosen backend on checked, finite inputs."""
-        from maskdsl.kernels import backends
-
         name = self.decide(q, k, v, return_lse)
         sink, drop_p = score_extras(self.score, self.heads, q.device, self.training)
         call = backends.Call(scale, sink, drop_p, self._generator, return_lse)
@@ -403,8 +386,6 @@ class CompiledAttention:
         ``generator`` (each None: this object's). It shares this object's prepared state unless
         the score differs (the backends' states hold the score: prepared again); this object
         is never changed."""
-        from maskdsl.kernels.backends import Spec
-
         run = object.__new__(type(self))
         run.__dict__.update(self.__dict__)
         if training is not None:
@@ -412,23 +393,10 @@ class CompiledAttention:
         if generator is not None:
             run._generator = generator
         if score is not None and score is not self.score:
-            run._spec = Spec(self.pattern, score, self.shape, self.heads)
+            run._spec = backends.Spec(self.pattern, score, self.shape, self.heads)
             run.score = score
             run._prepared = Prepared()
         return run
-
-
-def check_call(score, device, scale, head_dim: int, return_lse) -> float:
-    """The checks every call on a compiled attention runs on its arguments before any work
-    (``attn(q, k, v)`` and the KV cache's ``cache.step``): ``return_lse`` a bool, the scale,
-    the score's tensors on q's device and in range as they are now (tensors are read at call
-    time). Returns the scale (default 1/sqrt(head_dim))."""
-    if not isinstance(return_lse, bool):
-        raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
-    scale = check_scale(scale, head_dim)
-    reference.check_params_device(score, device)
-    check_tensor_params(score)
-    return scale
 
 
 def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
@@ -466,10 +434,6 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         >>> attn(q, k, v).shape
         torch.Size([1, 2, 36, 8])
     """
-    from maskdsl.kernels import backends
-
-    from .extent import check_extent, extent_backend
-
     shape = validate(p, shape, heads, score)
     heads = check_heads(heads)
     extent = check_extent(shape, extra_tokens, extra, q_range, kv_range, score)
@@ -479,7 +443,8 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         )
     spec = backends.Spec(p, score, shape, heads)
     if extent.q is not None or extent.kv is not None:
-        return extent_backend(spec, extent, backend, device)
+        return CompiledAttention(spec, extent_choice(spec, extent, backend), auto=False,
+                                 extent=extent, asked=backend)
     if backend == "auto":
         dev = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None
                else check_device(device, usable=False))

@@ -15,6 +15,10 @@ from typing import Callable, Optional
 import torch
 
 from maskdsl._errors import MaskDSLError
+from maskdsl.codegen.layout_search import row_major
+from maskdsl.codegen.program import BLOCK_SIZE, Program
+from maskdsl.dsl.inputs import check_device
+from maskdsl.kernels.flex import _permutation, block_mask
 
 __all__ = ["FlexInputs", "LAYOUTS", "row_major_program", "flex_inputs"]
 
@@ -75,9 +79,6 @@ def row_major_program(attn):
     """The Program of ``attn``'s pattern in row-major token order: the tiled program itself when
     its layout already is row-major order, otherwise the row-major-order layout (a tiling equal
     to row-major where one exists, so the tile classes stay per-dimension and cheap)."""
-    from maskdsl.codegen.layout_search import row_major
-    from maskdsl.codegen.program import BLOCK_SIZE, Program
-
     tiled = attn.backend_state("flex")
     lay = row_major(attn.shape, BLOCK_SIZE)
     if tiled.layout.row_major_order:
@@ -88,15 +89,10 @@ def row_major_program(attn):
 def row_major_block_mask(program, device):
     """The BlockMask of a row-major-order program, with the user's sequence length N (flex
     refuses a BlockMask made for another length)."""
-    from maskdsl.kernels.flex import block_mask
-
     return block_mask(program, device, seq_len=program.n)
 
 
 def flex_inputs(attn, layout: str, device) -> FlexInputs:
-    from maskdsl.kernels.flex import _permutation, block_mask
-    from .inputs import check_device
-
     if layout not in LAYOUTS:
         raise MaskDSLError(f"layout={layout!r}: expected one of {', '.join(map(repr, LAYOUTS))}")
     device = check_device(device)

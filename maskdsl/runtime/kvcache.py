@@ -37,8 +37,12 @@ from typing import Optional
 import torch
 
 from maskdsl._errors import MaskDSLError
-from .inputs import FLOATS, check_count, check_device
 from maskdsl._memory import check_allocation, guarded
+from maskdsl.dsl.inputs import FLOATS, check_call, check_count, check_device
+from maskdsl.dsl.score import Dropout, score_extras, score_terms
+from .extent import dense_stripe, softcap_values
+from .merge import merge
+from .rect import reach_of, rect_attention, row_major
 
 __all__ = ["Lookback", "lookback_of", "KVCache"]
 
@@ -91,8 +95,6 @@ def lookback_of(attn) -> Lookback:
 
 
 def _lookback(attn) -> Lookback:
-    from .rect import reach_of
-
     reach = reach_of(attn)
     n, shape = attn.n, attn.shape
     idx = torch.arange(n)
@@ -136,8 +138,6 @@ def _lookback(attn) -> Lookback:
 def _first_query(attn, j: int, t: int, last: int) -> int:
     """The first query at or after ``t`` (and at most ``last``, which does) that attends key
     ``j`` on some head: the pair a refusal names."""
-    from .rect import row_major
-
     mask_mod, _ = row_major(attn).mods("cpu")
     heads = torch.arange(attn.heads).reshape(-1, 1, 1, 1)
     key = torch.tensor(j).reshape(1, 1, 1, 1)
@@ -209,8 +209,6 @@ class KVCache:
         self.reset()
 
     def _no_dropout(self, where: str):
-        from maskdsl.dsl.score import Dropout, score_terms
-
         if self.attn.training and any(isinstance(t, Dropout)
                                       for t in score_terms(self.attn.score)):
             raise MaskDSLError(f"{where}: the score has a dropout term and attn.training is "
@@ -348,8 +346,6 @@ class KVCache:
                 f"each), and {t} is not a slab boundary; call cache.reset() and step again from "
                 f"position 0")
         if t:
-            from .rect import reach_of
-
             last_query = reach_of(attn).last_query[:t]
             held = torch.zeros(t, dtype=torch.bool)
             pos = self._pos.cpu()
@@ -451,12 +447,6 @@ class KVCache:
         ``attn(q, k, v)`` gives those rows: the same argument checks (``compiled.check_call``:
         scale, return_lse, the score's tensors as they are now), the document ids as they
         are now, the extra keys of ``set_extra``."""
-        from .compiled import check_call
-        from .extent import _dense, _softcap
-        from .merge import merge
-        from .rect import rect_attention, row_major
-        from maskdsl.dsl.score import score_extras
-
         c = self._check("cache.step", q, k, v)
         attn = self.attn
         scale = check_call(attn.score, q.device, scale, self.head_dim, return_lse)
@@ -472,7 +462,7 @@ class KVCache:
         lb, t = self.lookback, self.position
         program = row_major(attn)
         sink, _ = score_extras(attn.score, attn.heads, q.device, False)
-        cap = _softcap(attn.score, attn.heads, q.device) if E else None
+        cap = softcap_values(attn.score, attn.heads, q.device) if E else None
         g = lb.granule
         sub = g * max(1, 2048 // g)                   # query rows per sub-chunk
         dev = self.device
@@ -499,7 +489,7 @@ class KVCache:
                                      kpos, scale, sink=sink, return_lse=return_lse or bool(E),
                                      kv_bad=bad if bad is not None else False)
                 if E:          # the extra keys: a dense stripe merged through the lse, as attn()
-                    res = merge([res, _dense(qa, *self._extra, scale, cap, None)])
+                    res = merge([res, dense_stripe(qa, *self._extra, scale, cap, None)])
                     res = res if return_lse else res[0]
                 if return_lse:
                     outs.append(res[0])

@@ -48,8 +48,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from maskdsl import reference
 from maskdsl._caching import LRU
 from maskdsl._errors import MaskDSLError
+from maskdsl.codegen.recipe import content_key
+from maskdsl.dsl.inputs import check_qkv, check_scale
+from maskdsl.dsl.score import score_terms
 
 __all__ = ["compiled_call", "REGISTRY_SIZE", "handle_of"]
 
@@ -69,8 +73,6 @@ def handle_of(attn) -> str:
     found = _HANDLES.get(attn)
     if found is not None:
         return found
-    from maskdsl.codegen.recipe import content_key
-
     key = (content_key(attn.pattern), content_key(attn.score), tuple(attn.shape), attn.heads,
            attn.requested, attn.extent.key(),
            None if attn.device is None else str(attn.device))
@@ -93,10 +95,7 @@ def _lookup(handle: str):
 
 def _param_fields(score) -> Tuple[Tuple[int, str], ...]:
     """(term index, field name) of every tensor-valued score parameter, in a fixed order."""
-    from maskdsl.dsl.score import score_terms
-
-    return tuple((i, name) for i, term in enumerate(score_terms(score))
-                 for name, value in vars(term).items() if isinstance(value, torch.Tensor))
+    return tuple((i, name) for i, term in enumerate(score_terms(score)) for name in term.tensors())
 
 
 def _shallow(obj):
@@ -112,8 +111,6 @@ def _with_params(attn, params: List[torch.Tensor], training: bool, generator=Non
     changed): ``attn.variant``, which shares ``attn``'s dropout generator unless ``generator``
     is given (the backward's replay) and, when its tensors are ``attn``'s own, its prepared
     state."""
-    from maskdsl.dsl.score import score_terms
-
     fields = _param_fields(attn.score)
     old = score_terms(attn.score)
     same = all(getattr(old[i], name) is t for (i, name), t in zip(fields, params))
@@ -262,8 +259,6 @@ def refuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: str, messa
     message), then ``scale`` when the call's float scale reaches the graph as a value (see
     ``call_meta``); else ``message``, the trace-time refusal. ``where`` prefixes it
     ("na2d: ")."""
-    from .inputs import check_qkv, check_scale
-
     try:
         if handle:
             attn = _lookup(handle)
@@ -303,7 +298,7 @@ def refusal(q, k, v, message: str, where: str = "", handle: str = "", scale=None
 
 # ---------------------------------------------------------------------- trace time
 
-def _stand_in(layout, rank, dtype, device, batch, rest, requires_grad):
+def from_meta(layout, rank, dtype, device, batch, rest, requires_grad):
     """A tensor without storage that carries what the checks read (layout, rank, dtype, device,
     shape, requires_grad); ``batch``: the batch size, 1 when it is dynamic."""
     if layout == _OBJECT:                 # not a tensor: the argument itself (``_meta``)
@@ -314,7 +309,7 @@ def _stand_in(layout, rank, dtype, device, batch, rest, requires_grad):
     return base.expand(*((batch,) + rest)) if rank >= 1 else base
 
 
-def _prepare_call(attn, meta: tuple) -> tuple:
+def prepare_call(attn, meta: tuple) -> tuple:
     """Trace time, as plain Python: (handle, parameter fields, scale (None: the graph passes the
     call's float), error message or "").
 
@@ -322,14 +317,11 @@ def _prepare_call(attn, meta: tuple) -> tuple:
     requires_grad), the scale (``_scale_meta``), whether grad mode is on, whether the batch
     sizes agree, whether the lse is asked for. Runs the eager call's static checks and, for
     ``auto``, its choice of backend for these tensors."""
-    from maskdsl import reference
-    from .inputs import check_qkv, check_scale
-
     tensors, scale, grad_mode, batch_ok, return_lse = meta
     handle = handle_of(attn)
     _REGISTRY.put(handle, attn)
     try:
-        q, k, v = (_stand_in(*t) for t in tensors)
+        q, k, v = (from_meta(*t) for t in tensors)
         check_qkv(q, k, v, attn.shape, attn.heads, extent=attn.extent)
         if not batch_ok:
             raise MaskDSLError("q, k, v: batch sizes differ")   # refuse() names the shapes
@@ -343,7 +335,7 @@ def _prepare_call(attn, meta: tuple) -> tuple:
         ext = attn.extent
         if ext.extra:             # the grid part runs with its lse, on the grid's tokens
             return_lse = True
-            q, k, v = (_stand_in(*t[:5], (t[5][0], ext.n) + t[5][2:], t[6]) for t in tensors)
+            q, k, v = (from_meta(*t[:5], (t[5][0], ext.n) + t[5][2:], t[6]) for t in tensors)
         with torch.set_grad_enabled(grad_mode):
             if ext.q is not None or ext.kv is not None:
                 pass              # the rectangle path takes every float tensor
@@ -354,7 +346,7 @@ def _prepare_call(attn, meta: tuple) -> tuple:
     return handle, _param_fields(attn.score), scale, ""
 
 
-_prepare = torch.compiler.assume_constant_result(_prepare_call)
+_prepare = torch.compiler.assume_constant_result(prepare_call)
 
 
 _OBJECT = "not a tensor"
@@ -381,7 +373,7 @@ def stand_in(t):
 
 
 def _scale_meta(scale) -> tuple:
-    """Traced: (kind, value), the scale as ``_prepare_call`` takes it. A float stays out of the
+    """Traced: (kind, value), the scale as ``prepare_call`` takes it. A float stays out of the
     constants (kind "float": torch's automatic dynamic makes a float that changed a SymFloat,
     which cannot be a constant of the trace; the graph passes it to the op, whose call guards on
     it and whose eager call checks it); an int is specialized like a size; a tensor goes as its
@@ -407,7 +399,7 @@ class _TensorScale:
 
 
 def call_meta(q, k, v, scale, return_lse: bool = False) -> tuple:
-    """Traced: what ``_prepare_call`` reads about a call, as constants."""
+    """Traced: what ``prepare_call`` reads about a call, as constants."""
     batch_ok = True                # an ``if`` on sizes: a guard and a constant, not a SymBool
     if all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in (q, k, v)):
         if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
@@ -419,9 +411,7 @@ def call_meta(q, k, v, scale, return_lse: bool = False) -> tuple:
 def finish(prepared, score, q, k, v, training: bool, where: str = "", return_lse: bool = False,
            scale=None):
     """Traced: the graph's op call for a prepared call (or the refusal it compiles to);
-    ``scale``: the call's own, used when ``_prepare_call`` left it to the graph (a float)."""
-    from maskdsl.dsl.score import score_terms
-
+    ``scale``: the call's own, used when ``prepare_call`` left it to the graph (a float)."""
     handle, fields, checked, error = prepared
     runtime = isinstance(scale, float) and not isinstance(scale, bool)
     scale = scale if runtime else checked
@@ -449,7 +439,7 @@ def module_grid(module, meta: tuple):
     """Trace time, for ``maskdsl.nn``: (grid shape, error message or ""): the module's input
     checks on a stand-in of x, and its attention compiled for that grid."""
     try:
-        shape = module._check_input(_stand_in(*meta))
+        shape = module._check_input(from_meta(*meta))
         module.attention(shape)
         return shape, ""
     except MaskDSLError as e:
@@ -458,32 +448,33 @@ def module_grid(module, meta: tuple):
 
 @torch.compiler.assume_constant_result
 def module_prepare(module, shape: tuple, meta: tuple):
-    """Trace time, for ``maskdsl.nn``: ``_prepare_call`` for the module's attention."""
-    return _prepare_call(module.attention(shape), meta)
+    """Trace time, for ``maskdsl.nn``: ``prepare_call`` for the module's attention."""
+    return prepare_call(module.attention(shape), meta)
 
 
-def _natten_attention(rank, metas, kernel_size, stride, dilation, is_causal, score, backend):
-    from maskdsl import natten
-
-    tensors = [_stand_in(*m) for m in metas]     # query, key, value (and the additional KV)
-    return natten._prepare(rank, *tensors[:3], kernel_size, stride, dilation, is_causal, score,
-                           backend, *tensors[3:])
+def _natten_attention(prepare, rank, metas, kernel_size, stride, dilation, is_causal, score,
+                      backend):
+    tensors = [from_meta(*m) for m in metas]     # query, key, value (and the additional KV)
+    return prepare(rank, *tensors[:3], kernel_size, stride, dilation, is_causal, score, backend,
+                   *tensors[3:])
 
 
 @torch.compiler.assume_constant_result
-def natten_check(rank: int, metas: tuple, kernel_size, stride, dilation, is_causal, score,
-                 backend) -> str:
-    """Trace time, for ``maskdsl.natten``: the call's error message, or ""."""
+def natten_check(prepare, rank: int, metas: tuple, kernel_size, stride, dilation, is_causal,
+                 score, backend) -> str:
+    """Trace time, for ``maskdsl.natten`` (``prepare``: its ``_prepare``, passed in so that this
+    module never imports natten): the call's error message, or ""."""
     try:
-        _natten_attention(rank, metas, kernel_size, stride, dilation, is_causal, score, backend)
+        _natten_attention(prepare, rank, metas, kernel_size, stride, dilation, is_causal, score,
+                          backend)
         return ""
     except MaskDSLError as e:
         return str(e)
 
 
 @torch.compiler.assume_constant_result
-def natten_prepare(rank: int, metas: tuple, kernel_size, stride, dilation, is_causal, score,
-                   backend, meta: tuple):
-    """Trace time, for ``maskdsl.natten``: ``_prepare_call`` for the call's attention."""
-    return _prepare_call(_natten_attention(rank, metas, kernel_size, stride, dilation,
+def natten_prepare(prepare, rank: int, metas: tuple, kernel_size, stride, dilation, is_causal,
+                   score, backend, meta: tuple):
+    """Trace time, for ``maskdsl.natten``: ``prepare_call`` for the call's attention."""
+    return prepare_call(_natten_attention(prepare, rank, metas, kernel_size, stride, dilation,
                                            is_causal, score, backend), meta)

@@ -21,6 +21,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import numpy as np
+
+from maskdsl.codegen.layout_search import row_major as layout
+from maskdsl.codegen.program import BLOCK_SIZE, Program
+from maskdsl.codegen.recipe import varies_per_head
+from maskdsl.codegen.tileclasses import FULL
+from maskdsl.kernels.softmax import flash, softmax
+from .isolate import poison, poison_lse, sanitize
 
 __all__ = ["rect_attention", "tiled_rect", "row_major", "reach_of", "key_reach", "pair_masks",
            "head_classes", "Reach", "MAX_SCORES"]
@@ -31,9 +39,6 @@ MAX_SCORES = 1 << 24          # logits per step (query rows are chunked to stay 
 def row_major(attn):
     """The Program of ``attn``'s pattern and score in row-major token order, positions equal to
     flat token indices (padding after the last token), cached on the object."""
-    from maskdsl.codegen.layout_search import row_major as layout
-    from maskdsl.codegen.program import BLOCK_SIZE, Program
-
     return attn.prepared("plain", lambda: Program(attn.pattern, attn.score, attn.shape,
                                                   attn.heads, tile=layout(attn.shape, BLOCK_SIZE)))
 
@@ -43,7 +48,7 @@ def reach_of(attn) -> "Reach":
     return attn.prepared("reach", lambda: key_reach(row_major(attn)))
 
 
-def _bad_rows(x) -> Optional[torch.Tensor]:
+def bad_rows(x) -> Optional[torch.Tensor]:
     """bool [B, H, n]: rows of x holding a NaN or inf; None when all are finite (one sum)."""
     if x.numel() == 0:
         return None
@@ -63,36 +68,6 @@ def head_classes(program, heads=None) -> list:
     return [r.classes.head(h) for h in (range(program.heads) if heads is None else heads)]
 
 
-def _flash_chunk(q, k, v, allowed, scale: float, sink):
-    """(out, lse) of q [B, H, c, D] against k, v [B, H, nk, D] where ``allowed`` [1, 1 or H,
-    c, nk]: torch's CPU flash kernel with an additive -inf mask (``kernels.tiles._FlashLSE``,
-    differentiable lse). A row with no key gets a stand-in key (finite gradients) and then
-    zeros and -inf; a sink logit joins the denominator through the lse."""
-    from maskdsl.kernels.tiles import _FlashLSE
-
-    nk = k.shape[2]
-    some = allowed.any(-1, keepdim=True)
-    empty = not bool(some.all())
-    if empty:
-        first = torch.zeros(nk, dtype=torch.bool, device=q.device)
-        first[0] = True
-        allowed = allowed | (~some & first)
-    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(
-        ~allowed, float("-inf"))
-    out, lse = _FlashLSE.apply(q.contiguous(), k, v, mask, scale)
-    if empty:
-        out = torch.where(some, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        lse = torch.where(some[..., 0], lse,
-                          torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device))
-    if sink is not None:            # a part with no value, as _extent._dense merges it
-        from .merge import merge
-
-        B, H, c = lse.shape
-        sk = sink.to(device=q.device, dtype=lse.dtype).reshape(1, H, 1).expand(B, H, c)
-        out, lse = merge([(out, lse), (torch.zeros_like(out), sk)])
-    return out, lse
-
-
 def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
                    return_lse: bool = False, kv_bad=None, cap=None, head_ids=None):
     """Attention of q [B, H, nq, D] at global positions ``q_pos`` [nq] against k, v [B, H_kv,
@@ -106,8 +81,6 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
     context parallelism's Ulysses strategy runs a slice of the heads): per-head patterns and
     score terms are evaluated at those heads; ``sink`` and ``cap`` are given for q's heads.
     Returns out [B, H, nq, Dv] (and lse [B, H, nq])."""
-    from .isolate import poison, poison_lse, sanitize
-
     B, H, nq, D = q.shape
     Hk, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     g = H // Hk
@@ -128,9 +101,9 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         nk = 1
     valid_k = k_pos >= 0
     kp = torch.where(valid_k, k_pos, torch.zeros_like(k_pos))
-    bad_q = _bad_rows(q)
+    bad_q = bad_rows(q)
     if kv_bad is None:
-        bk, bv = _bad_rows(k), _bad_rows(v)
+        bk, bv = bad_rows(k), bad_rows(v)
         kv_bad = bk if bv is None else bv if bk is None else bk | bv
     bad_kv = kv_bad & valid_k if isinstance(kv_bad, torch.Tensor) else None
     if bad_kv is not None and not bool(bad_kv.any()):
@@ -161,7 +134,7 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         if mask_mod is not None:
             allowed = mask_mod(0, heads, qp, kp.reshape(1, 1, 1, nk)) & allowed
         if fast:
-            o, lse = _flash_chunk(qd[:, :, a:b], kf, vf, allowed, scale, sink)
+            o, lse = flash(qd[:, :, a:b], kf, vf, allowed, scale, sink)
             outs.append(o)
             lses.append(lse)
             continue
@@ -174,24 +147,12 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         if cap is not None:
             cp = cap.to(device=dev, dtype=dt).reshape(1, H, 1, 1)
             s = cp * torch.tanh(s / cp)
-        s = s.masked_fill(~allowed, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        sk = None
-        if sink is not None:
-            sk = sink.to(device=dev, dtype=dt).reshape(1, H, 1, 1)
-            m = torch.maximum(m, sk)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-        e = torch.exp(s - m)
-        denom = e.sum(-1, keepdim=True)
-        if sk is not None:
-            denom = denom + torch.exp(sk - m)
-        some = denom > 0
-        p = e / torch.where(some, denom, torch.ones_like(denom))
+        sk = sink.to(device=dev, dtype=dt).reshape(1, H, 1, 1) if sink is not None else None
+        p, lse = softmax(s, allowed, sk, return_lse)
         o = torch.matmul(p.reshape(B, Hk, g * c, nk), vd).reshape(B, H, c, Dv)
         outs.append(o)
         if return_lse:
-            lse = m + torch.log(torch.where(some, denom, torch.ones_like(denom)))
-            lses.append(torch.where(some, lse, torch.full_like(lse, float("-inf")))[..., 0])
+            lses.append(lse)
         if any_bad:
             badk = bad_kv.repeat_interleave(g, 1) if g > 1 else bad_kv
             hits.append((allowed & badk[:, :, None, :]).any(-1))
@@ -230,8 +191,6 @@ def tiled_rect(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None, head_
     row-major tile classes list for the chunk's query tiles (of the heads in ``head_ids``).
     A key the pattern attends but the buffer lacks is not seen: the caller hands in every key
     its queries need (sub-ranges: the range; context parallelism: its plan's halo)."""
-    import numpy as np
-
     n, V = program.n, program.layout.block
     classes = head_classes(program, None if head_ids is None else head_ids.tolist())
     dev = q.device
@@ -282,8 +241,6 @@ def pair_masks(program, mask_mod, pr, pc, head=None):
     [P, V, V]), ok = the pattern allows the pair on some head (``head``: that head only), False
     past the last token. A pattern whose heads all mask alike is evaluated on head 0 only.
     Shared by ``key_reach`` and context parallelism's halo plan."""
-    from maskdsl.codegen.recipe import varies_per_head
-
     V, n, H = program.layout.block, program.n, program.heads
     if head is None and not varies_per_head(program.pattern):
         head = 0
@@ -306,10 +263,6 @@ def pair_masks(program, mask_mod, pr, pc, head=None):
 def key_reach(program) -> Reach:
     """The pattern's reach, from the row-major program's tile classes (see the module
     docstring). CPU tensors."""
-    import numpy as np
-
-    from maskdsl.codegen.tileclasses import FULL
-
     lay = program.layout
     V, n = lay.block, program.n
     classes = head_classes(program)

@@ -7,7 +7,8 @@ import numbers
 import torch
 
 from maskdsl._errors import MaskDSLError
-from maskdsl.dsl.values import FLOAT_MAX
+from .score import check_params_device, check_tensor_params
+from .values import FLOAT_MAX
 
 __all__ = ["check_qkv", "check_scale", "check_device", "check_count"]
 
@@ -124,3 +125,16 @@ def check_count(where: str, value, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= 2**31 - 1:
         raise MaskDSLError(f"{where}={value!r}: expected an int in [{lo}, 2**31 - 1]")
     return int(value)
+
+
+def check_call(score, device, scale, head_dim: int, return_lse) -> float:
+    """The checks every call on a compiled attention runs on its arguments before any work
+    (``attn(q, k, v)`` and the KV cache's ``cache.step``): ``return_lse`` a bool, the scale,
+    the score's tensors on q's device and in range as they are now (tensors are read at call
+    time). Returns the scale (default 1/sqrt(head_dim))."""
+    if not isinstance(return_lse, bool):
+        raise MaskDSLError(f"return_lse={return_lse!r}: expected True or False")
+    scale = check_scale(scale, head_dim)
+    check_params_device(score, device)
+    check_tensor_params(score)
+    return scale
