@@ -39,11 +39,12 @@ from .tiling import Layout
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "UNDECIDED", "classify", "tile_classes", "HeadClasses",
            "DENSE_DIM_LIMIT", "classify_flat", "pair_counts", "flat_evaluator",
-           "MASK_FN_MAX_PAIRS"]
+           "MASK_FN_MAX_PAIRS", "UNCLASSIFIED_MAX_PAIRS"]
 
 DENSE_DIM_LIMIT = 512         # per-dim L x L evaluation up to this length (then key ranges)
 PAIR_CHUNK = 1 << 22          # token pairs evaluated at once (refining, exact counts)
 MASK_FN_MAX_PAIRS = 1 << 28   # token pairs a mask_fn may be evaluated on to classify one head
+UNCLASSIFIED_MAX_PAIRS = 1 << 24   # the same for a flat kind with no classifier (the default)
                               # (~16K tokens without key_range; a few seconds per simple fn)
 
 
@@ -232,8 +233,23 @@ class _TileSets:
 
 @functools.singledispatch
 def classify_flat(f: Flat, ts: _TileSets) -> TileClasses:
-    """One rule per flat IR kind (registered below)."""
-    raise TypeError(f"no tile classifier for {type(f).__name__}")
+    """One rule per flat IR kind (registered below). The default, for a kind with no rule of
+    its own: every pair of tiles with real tokens is UNDECIDED, and refinement evaluates the
+    mask on them, within ``UNCLASSIFIED_MAX_PAIRS`` token pairs per head; beyond, MaskDSLError
+    names the kind. A new primitive works before it has a classifier, and never silently
+    costs O(N^2) past the budget."""
+    T = ts.T
+    real = ts.n_valid > 0
+    pairs = int(real.sum()) ** 2 * ts.layout.block ** 2
+    if pairs > UNCLASSIFIED_MAX_PAIRS:
+        raise MaskDSLError(
+            f"{type(f).__name__}: this flat kind has no tile classifier, so classifying its "
+            f"tiles would evaluate the mask on {pairs} token pairs, beyond "
+            f"UNCLASSIFIED_MAX_PAIRS = 2**{UNCLASSIFIED_MAX_PAIRS.bit_length() - 1} "
+            f"({ts.layout.n} tokens); register one with codegen.blockmask.classify_flat")
+    return TileClasses.from_row_chunks(
+        T, T, lambda a, b: np.where(real[a:b, None] & real[None, :], UNDECIDED, EMPTY
+                                    ).astype(np.int8))
 
 
 @classify_flat.register(SinkFlat)

@@ -1,8 +1,16 @@
 """Adding a primitive is mechanical and checked (ARCHITECTURE.md, "Adding a primitive"): every
 DSL node has its rule in every stage that needs one, and every constructor is public."""
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import sympy as sp
+
 import maskdsl as md
 from maskdsl import reference
 from maskdsl.codegen import blockmask, ir
+from maskdsl.codegen.layout_search import row_major
+from maskdsl.codegen.tileclasses import EMPTY, FULL, PARTIAL
 from maskdsl.dsl import node, pattern, score
 
 
@@ -32,6 +40,8 @@ def test_every_pattern_node_has_a_reference_rule_and_a_lowering_rule():
 
 def test_every_flat_ir_kind_has_a_classifier_and_a_predicate():
     for cls in _subclasses(ir.Flat):
+        if not cls.__module__.startswith("maskdsl."):
+            continue                     # a test's own kinds (below)
         assert cls in blockmask.classify_flat.registry, (
             f"{cls.__name__}: no tile classifier (codegen/blockmask.py, classify_flat.register)")
         assert any(b in ir._predicate.registry for b in cls.__mro__ if b is not object), (
@@ -55,3 +65,35 @@ def test_every_score_term_has_a_role_and_its_rules():
 def test_every_dsl_constructor_is_public():
     for name, fn in node.DSL_NAMES.items():
         assert getattr(md, name) is fn and name in md.__all__, name
+
+
+@dataclass(frozen=True)
+class _ToyFlat(ir.Flat):
+    """A flat kind with no classifier of its own (as a new primitive has at first)."""
+
+
+def _toy(n):
+    return _ToyFlat(sp.Eq(sp.Mod(sp.floor(ir.QF / 3) + sp.floor(ir.KF / 3), 2), 0), label="toy")
+
+
+def test_a_flat_kind_without_a_classifier_is_refined_within_a_budget():
+    """The default classifier leaves every real tile pair to evaluation: the classes are exact
+    (checked against the predicate token by token) up to UNCLASSIFIED_MAX_PAIRS, and beyond
+    a MaskDSLError names the kind instead of a silent O(N^2) classification."""
+    n = 300
+    layout = row_major((n,), 128)
+    cls = blockmask.classify(_toy(n), ir.Tables(), layout)
+    q, k = np.arange(n)[:, None], np.arange(n)[None, :]
+    dense = ((q // 3 + k // 3) % 2 == 0)
+    tok = layout.tokens()
+    assert len(cls.cls) == 9                 # 3 x 3 tiles, each with allowed pairs
+    for r, c, kind in zip(cls.rows(), cls.indices, cls.cls):
+        qs, ks = tok[r][tok[r] >= 0], tok[c][tok[c] >= 0]
+        block = dense[np.ix_(qs, ks)]
+        want = EMPTY if not block.any() else FULL if block.all() and len(qs) == 128 == len(ks) \
+            else PARTIAL
+        assert kind == want
+    big = row_major((8192,), 128)
+    with pytest.raises(md.MaskDSLError, match=r"_ToyFlat: this flat kind has no tile "
+                                               r"classifier.*UNCLASSIFIED_MAX_PAIRS = 2\*\*24"):
+        blockmask.classify(_toy(8192), ir.Tables(), big)
