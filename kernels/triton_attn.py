@@ -14,9 +14,14 @@ from typing import List, Optional
 
 import torch
 
-from maskdsl._caching import outside_inference_mode
+from maskdsl._caching import LRU, outside_inference_mode
 from maskdsl._errors import MaskDSLError
-from maskdsl.dsl.score import per_head_tensor
+from maskdsl.codegen.recipe import content_key
+from maskdsl.dsl.node import walk
+from maskdsl.dsl.pattern import MaskFn
+from maskdsl.dsl.score import (Alibi, DistanceDecay, Dropout, RelativeBias, ScoreFn, SinkLogit,
+                               Softcap, geometric_slopes, per_head_tensor, score_terms)
+from .tiles import rows_with_keys, tiles_program
 from .triton_params import HeadParams, check_score, group_tiles, lower_pattern, pack
 
 try:  # Triton is optional: the tiles and flex backends do not need it
@@ -25,8 +30,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
 
 if triton is not None:
-    from .triton_kernels import (_attn_bwd_dkdv, _attn_bwd_dkdv_sink, _attn_bwd_dq,
-        _attn_bwd_relb, _attn_fwd)
+    from .triton_kernels import (ScoreParams, _attn_bwd_dkdv, _attn_bwd_dkdv_sink, _attn_bwd_dq,
+        _attn_bwd_relb, _attn_fwd, block_tokens, kernel_constexprs, launch_options, pow2 as _pow2)
 
 __all__ = ["available", "why_unavailable", "TritonPlan", "run_triton", "keep_mask",
            "compile_ahead"]
@@ -57,10 +62,6 @@ def available(device) -> bool:
 
 # ---------------------------------------------------------------------- host side
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def tile_shape(total: int, shape3: tuple, params: List[HeadParams]) -> tuple:
     """Split ``total`` (a power of two) lanes over 3 dims: double the dim with the most
     in-group tokens left per tile lane, never beyond the group length (rounded up to 2^k)."""
@@ -79,8 +80,6 @@ class TritonPlan:
     """Everything a launch needs except the tensors: per-head ints, tile shapes, score flags."""
 
     def __init__(self, pattern, score, shape: tuple, heads: int):
-        from maskdsl.dsl.score import Alibi, DistanceDecay, RelativeBias, Softcap
-
         self.params = lower_pattern(pattern, shape, heads)
         self.shape, self.heads = tuple(shape), heads
         self.shape3 = (1,) * (3 - len(shape)) + tuple(shape)
@@ -129,8 +128,6 @@ class TritonPlan:
     def fixed_values(self, device) -> dict:
         """float32 [H] tensors of the number-valued parameters (geometric ALiBi slopes too) and
         a zero placeholder, built once per device."""
-        from maskdsl.dsl.score import geometric_slopes
-
         if device not in self._fixed:
             zero = torch.zeros(1, dtype=torch.float32, device=device)
             out = {"zero": zero, "rate": zero, "slope": zero, "cap": zero}
@@ -193,19 +190,9 @@ class _Fn(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def block_tokens(dtype, head_dim: int, interpret: bool) -> int:
-    """Queries (and keys) per tile: 64; 32 for fp32 with head dims over 128 (64 would need
-    260-290 KB of shared memory in the backward); 16 in the interpreter (tests)."""
-    if interpret:
-        return 16
-    return 32 if dtype == torch.float32 and head_dim > 128 else 64
-
-
 def _consts(plan: TritonPlan, q, dtype):
     lanes = block_tokens(dtype, max(q.shape[-1], 16), q.device.type == "cpu")
     (TM, TN) = plan.tiles(lanes)
-    from maskdsl.dsl.score import Alibi, DistanceDecay, Dropout, RelativeBias, Softcap
-
     terms = plan.score_terms
     return dict(
         TM0=TM[0], TM1=TM[1], TM2=TM[2], TN0=TN[0], TN1=TN[1], TN2=TN[2],
@@ -216,17 +203,10 @@ def _consts(plan: TritonPlan, q, dtype):
         HAS_DROP=Dropout in terms)
 
 
-def launch_options(dtype, head_dim: int) -> dict:
-    """Pipelining depth: fp32 (and head dims over 128) with 3 stages would need more than
-    Hopper's 227 KB of shared memory per block (the fp32 forward: 240 KB at 3 stages, 80 KB at
-    1, compiled for sm_90); fp16/bf16 keep Triton's default."""
-    return {"num_stages": 1} if dtype == torch.float32 or head_dim > 128 else {}
-
-
 def _common_args(plan, q, k, v):
-    """Strides of q, k, v and KVG, the query heads per key/value head (GQA: query head h
-    reads kv head h // KVG; 1 without GQA)."""
-    return (*q.stride(), *k.stride(), *v.stride(), q.shape[1] // k.shape[1])
+    """Strides of q, k, v (one tuple each) and KVG, the query heads per key/value head (GQA:
+    query head h reads kv head h // KVG; 1 without GQA)."""
+    return (q.stride(), k.stride(), v.stride(), q.shape[1] // k.shape[1])
 
 
 def _launch_fwd(plan, consts, sc, q, k, v, relb, sinkl, scale, seed):
@@ -238,14 +218,13 @@ def _launch_fwd(plan, consts, sc, q, k, v, relb, sinkl, scale, seed):
     out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     relb_t = relb if relb is not None else sc["zero"]
-    S0, S1, S2 = plan.shape3
+    sp = ScoreParams(sc["rate"], sc["slope"], sc["cap"], sc["dropp"], relb_t, plan.relb_hs,
+                     plan.radius)
     _attn_fwd[(NT[0] * NT[1] * NT[2], B * H)](
-        q, k, v, out, lse, P, NS, sc["rate"], sc["slope"], sc["cap"],
-        sinkl if sinkl is not None else sc["zero"], sc["dropp"], relb_t,
-        *_common_args(plan, q, k, v), *out.stride(), H, N, S0, S1, S2, NT[1], NT[2], D, Dv,
-        float(scale), int(seed), plan.relb_hs, *plan.radius,
-        BDV=max(16, _pow2(Dv)), HAS_SINKL=sinkl is not None, HAS_SINK=plan.has_sink, **consts,
-        **launch_options(q.dtype, max(D, Dv)))
+        q, k, v, out, lse, P, NS, sinkl if sinkl is not None else sc["zero"], sp,
+        *_common_args(plan, q, k, v), out.stride(), H, N, plan.shape3, NT, D, Dv, float(scale),
+        int(seed), BDV=max(16, _pow2(Dv)), HAS_SINKL=sinkl is not None, HAS_SINK=plan.has_sink,
+        **kernel_constexprs(consts), **launch_options(q.dtype, max(D, Dv)))
     return out, lse
 
 
@@ -267,37 +246,32 @@ def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, see
     dv = torch.empty(B, H, N, Dv, dtype=v.dtype, device=q.device)
     relb_grad = relb is not None and needs[3]
     relb_t = relb if relb is not None else sc["zero"]
-    S0, S1, S2 = plan.shape3
+    sp = ScoreParams(sc["rate"], sc["slope"], sc["cap"], sc["dropp"], relb_t, plan.relb_hs,
+                     plan.radius)
+    cx = kernel_constexprs(consts)
     TM = (consts["TM0"], consts["TM1"], consts["TM2"])
     TN = (consts["TN0"], consts["TN1"], consts["TN2"])
     NTq = group_tiles(plan.params, plan.shape3, TM)
     NTk = group_tiles(plan.params, plan.shape3, TN)
-    common = (*_common_args(plan, q, k, v),)
+    common = _common_args(plan, q, k, v)
     BDV = max(16, _pow2(Dv))
     opts = launch_options(q.dtype, max(D, Dv))
     param_grad = tuple(bool(needs[i]) for i in (5, 6, 7))     # rate, slopes, cap
     gpar = (torch.zeros(3, B * H, N, dtype=torch.float32, device=q.device) if any(param_grad)
             else sc["zero"])
     _attn_bwd_dq[(NTq[0] * NTq[1] * NTq[2], B * H)](
-        q, k, v, do, dq, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
-        relb_t, gpar, B * H * N, *common, H, N, S0, S1, S2, NTq[1], NTq[2], D, Dv, float(scale),
-        int(seed), plan.relb_hs, *plan.radius, BDV=BDV, HAS_SINK=plan.has_sink,
-        RATE_GRAD=param_grad[0], SLOPE_GRAD=param_grad[1], CAP_GRAD=param_grad[2], **consts,
-        **opts)
+        q, k, v, do, dq, lse, delta, P, NS, gpar, B * H * N, sp, *common, H, N, plan.shape3, NTq,
+        D, Dv, float(scale), int(seed), BDV=BDV, HAS_SINK=plan.has_sink, PARAM_GRAD=param_grad,
+        **cx, **opts)
     nbs = max(plan.shape3).bit_length() + 1
     _attn_bwd_dkdv[(NTk[0] * NTk[1] * NTk[2], B * H)](
-        q, k, v, do, dk, dv, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
-        relb_t, *common, H, N, S0, S1, S2, NTk[1], NTk[2], D, Dv, float(scale), int(seed),
-        plan.relb_hs, *plan.radius, BDV=BDV, NBS=nbs, **consts, **opts)
+        q, k, v, do, dk, dv, lse, delta, P, NS, sp, *common, H, N, plan.shape3, NTk, D, Dv,
+        float(scale), int(seed), BDV=BDV, NBS=nbs, **cx, **opts)
     if plan.has_sink:
         bn = math.prod(TN)
         _attn_bwd_dkdv_sink[(math.ceil(plan.max_sink / bn), B * H)](
-            q, k, v, do, dk, dv, lse, delta, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"],
-            relb_t, *common, H, N, S1, S2, D, Dv, float(scale), int(seed), plan.relb_hs,
-            *plan.radius, BLOCK_M=math.prod(TM), BLOCK_N=bn, BDV=BDV,
-            **{c: consts[c] for c in ("BD", "IEEE", "HAS_DECAY", "METRIC", "DEC0", "DEC1",
-                                      "DEC2", "HAS_ALIBI", "HAS_RELB", "HAS_CAP", "HAS_DROP")},
-            **opts)
+            q, k, v, do, dk, dv, lse, delta, NS, sp, *common, H, N, plan.shape3, D, Dv,
+            float(scale), int(seed), BDV=BDV, **cx, **opts)
     drelb = None
     if relb_grad:
         # deterministic: one private row of partial sums per (batch*head, program), summed here
@@ -306,12 +280,9 @@ def _launch_bwd(plan, consts, sc, q, k, v, out, lse, relb, sinkl, do, scale, see
         npar = max(1, min(ntiles, RELB_PARTIALS_BYTES // (4 * B * H * T)))
         part = torch.zeros(B * H, npar, T, dtype=torch.float32, device=q.device)
         _attn_bwd_relb[(npar, B * H)](
-            q, k, v, do, lse, delta, P, NS, sc["rate"], sc["slope"], sc["cap"], sc["dropp"], relb,
-            part, *common, H, N, S0, S1, S2, NTq[1], NTq[2], ntiles, npar, D, Dv, float(scale),
-            int(seed), plan.relb_hs, *plan.radius, T, CH=min(256, _pow2(T)), BDV=BDV,
-            HAS_SINK=plan.has_sink,
-            **{c: consts[c] for c in ("TM0", "TM1", "TM2", "BD", "HAS_DECAY", "METRIC", "DEC0",
-                                      "DEC1", "DEC2", "HAS_ALIBI", "HAS_CAP", "HAS_DROP")}, **opts)
+            q, k, v, do, lse, delta, P, NS, part, sp, *common, H, N, plan.shape3, NTq, ntiles,
+            npar, T, D, Dv, float(scale), int(seed), CH=min(256, _pow2(T)), BDV=BDV,
+            HAS_SINK=plan.has_sink, TM=cx["TM"], BD=cx["BD"], F=cx["F"], **opts)
         drelb = part.view(B, H, npar, T).sum((0, 2))
         drelb = (drelb.sum(0) if plan.relb_hs == 0 else drelb).reshape(relb.shape)
     dsink = None
@@ -356,8 +327,6 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, score=None, sink=None
         consts["HAS_DROP"] = False
     relb = None
     if plan.has_relb:
-        from maskdsl.dsl.score import RelativeBias
-
         relb = terms[RelativeBias].table.to(device=dev, dtype=torch.float32)
         relb = (relb.reshape(-1) if plan.relb_hs == 0 else relb.reshape(H, -1)).contiguous()
     if sink is not None:
@@ -370,6 +339,7 @@ def run_triton(plan: TritonPlan, q, k, v, scale: float, *, score=None, sink=None
 
 def keep_mask(plan, batch: int, dropout_p, seed: int, device) -> torch.Tensor:
     """The kernels' dropout keep mask (``triton_tools.keep_mask``)."""
+    # deferred: triton_tools compiles its probe kernels with triton at import
     from .triton_tools import keep_mask as _keep_mask
 
     return _keep_mask(plan, batch, dropout_p, seed, device)
@@ -377,6 +347,7 @@ def keep_mask(plan, batch: int, dropout_p, seed: int, device) -> torch.Tensor:
 
 def compile_ahead(dtype: str = "fp16", head_dim: int = 128, arch: int = 90, **kw) -> dict:
     """The kernels compiled for an NVIDIA target without a GPU (``triton_tools.compile_ahead``)."""
+    # deferred: triton_tools compiles its probe kernels with triton at import
     from .triton_tools import compile_ahead as _compile_ahead
 
     return _compile_ahead(dtype, head_dim, arch, **kw)
@@ -389,21 +360,14 @@ _PLANS = None
 
 
 def _beyond_flex(score):
-    from maskdsl.dsl.score import Dropout, SinkLogit, score_terms
-
     return next((t for t in score_terms(score) if isinstance(t, (SinkLogit, Dropout))), None)
 
 
 def _python_leaf(pattern):
-    from maskdsl.dsl.node import walk
-    from maskdsl.dsl.pattern import MaskFn
-
     return next((n for n in walk(pattern) if isinstance(n, MaskFn)), None)
 
 
 def refusal(spec, device) -> Optional[str]:
-    from maskdsl.dsl.score import ScoreFn, score_terms
-
     leaf = _python_leaf(spec.pattern) or next(
         (t for t in score_terms(spec.score) if isinstance(t, ScoreFn)), None)
     if leaf is not None:
@@ -451,9 +415,6 @@ def call_refusal(spec, q, k, v, return_lse: bool = False) -> Optional[str]:
 
 def prepare(spec):
     global _PLANS
-    from maskdsl._caching import LRU
-    from maskdsl.codegen.recipe import content_key
-
     if _PLANS is None:
         _PLANS = LRU(64)
     key = (content_key(spec.pattern), content_key(spec.score), tuple(spec.shape), spec.heads)
@@ -473,9 +434,15 @@ def run(state, q, k, v, call) -> torch.Tensor:
     if not call.return_lse:
         return out
     if call.sink is None:       # the kernels store 0 for a row with no key: mark it -inf
-        from .tiles import rows_with_keys, tiles_program
-
         has = rows_with_keys(tiles_program(spec.pattern, spec.score, spec.shape, spec.heads),
                              q.device)
         lse = torch.where(has[None], lse, torch.full((), float("-inf"), device=q.device))
     return out, lse
+
+
+def next_keep(spec, state, batch: int, drop_p, generator) -> torch.Tensor:
+    """bool [B, H, N, N] on the CPU: the keep mask ``run`` draws in-kernel from the seed it
+    takes off ``generator`` (a copy of the call's), ARCHITECTURE.md "Command line"."""
+    plan, _ = state
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+    return keep_mask(plan, batch, drop_p, seed, "cpu")
