@@ -12,7 +12,9 @@ checks and xformers' ``not_supported_reasons``):
   (dtype, device, gradients; the lse output), as the message a user who asked for it reads;
 * ``prepare(spec)``: the heavy objects it runs (programs, plans), cached inside the module;
 * ``run(state, q, k, v, call)``: attention on checked, finite inputs in the user's token order
-  (k and v may have H_kv heads dividing H: GQA); ``(out, lse)`` when ``call.return_lse``.
+  (k and v may have H_kv heads dividing H: GQA); ``(out, lse)`` when ``call.return_lse``;
+* ``next_keep(spec, state, batch, drop_p, generator)`` (backends with dropout only): the bool
+  [B, H, N, N] keep mask ``run`` would draw from ``generator``.
 
 ``choose(spec, device)`` walks the device's priority list and returns the first backend with no
 refusal and no preference, with ``reason`` assembled from its strength and the reasons of those

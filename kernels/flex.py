@@ -187,7 +187,7 @@ def _user_functions(program) -> list:
 def _lse_request() -> dict:
     """flex_attention's way to ask for the log-sum-exp: ``return_aux`` where it exists
     (``return_lse`` is deprecated there), else ``return_lse``."""
-    try:
+    try:  # deferred (see compiled_flex)
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:   # pragma: no cover - torch < 2.9
         return {"return_lse": True}

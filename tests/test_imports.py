@@ -61,15 +61,17 @@ def _imports():
         text = path.read_text()
         lines = text.splitlines()
         tree = ast.parse(text)
-        top = {id(n) for n in tree.body}
-        tried = {id(c) for n in ast.walk(tree) if isinstance(n, ast.Try) for c in n.body}
+        # inside a function (module-level if/try blocks are top level: they run at import)
+        inner = {id(n) for f in ast.walk(tree)
+                 if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 around = "\n".join(lines[max(0, node.lineno - 4):node.end_lineno])
                 external = (node.names[0].name if isinstance(node, ast.Import)
                             else ("" if node.level else node.module or ""))
                 yield (module, _targets(module, path, node), external, node.lineno,
-                       id(node) in top or id(node) in tried, around)
+                       id(node) not in inner, around)
 
 
 def _stage(module: str) -> int:

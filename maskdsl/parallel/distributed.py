@@ -37,6 +37,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+except ImportError:                                    # pragma: no cover - older torch
+    DeviceMesh = ()
+
 from maskdsl import reference
 from maskdsl._caching import outside_inference_mode
 from maskdsl._errors import MaskDSLError
@@ -64,10 +69,6 @@ def _resolve(group):
         raise MaskDSLError("context parallelism: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group(...) first (gloo on CPU, nccl "
                            "on GPUs), e.g. under torchrun")
-    try:
-        from torch.distributed.device_mesh import DeviceMesh
-    except ImportError:                                    # pragma: no cover
-        DeviceMesh = ()
     if group is None:
         group = dist.group.WORLD
     elif DeviceMesh and isinstance(group, DeviceMesh):
