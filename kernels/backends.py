@@ -37,8 +37,8 @@ __all__ = ["Spec", "Call", "Choice", "choose", "get", "BACKENDS", "priority", "r
 #: name -> module implementing the protocol (imported on first use: Triton is heavy)
 BACKENDS = {
     "dense": "maskdsl.kernels.dense",
-    "tiles": "maskdsl.kernels.tiles",
     "flex": "maskdsl.kernels.flex",
+    "tiles": "maskdsl.kernels.tiles",
     "triton": "maskdsl.kernels.triton_attn",
 }
 _PRIORITY = {"cuda": ("dense", "triton", "flex", "tiles")}

@@ -27,7 +27,7 @@ from maskdsl.dsl.score import ScoreFn, score_terms, terms_with_role
 from maskdsl.codegen.program import Program
 from maskdsl.codegen.tileclasses import FULL, PARTIAL, TileClasses
 
-__all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex", "block_mask",
+__all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex", "block_mask", "permutation",
            "refusal", "preference", "strength", "call_refusal", "prepare", "run"]
 
 FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -118,7 +118,7 @@ def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True,
 # ---------------------------------------------------------------------- running
 
 @outside_inference_mode
-def _permutation(program: Program, device):
+def permutation(program: Program, device):
     """Gather/scatter indices of the program's layout on ``device``."""
     key = (program.recipe.key, device)
     found = _PERMS.get(key)
@@ -147,7 +147,7 @@ def run_flex(program: Program, q, k, v, scale: float, compiled: bool = True,
     bm = block_mask(program, device, compute_q_blocks=needs_grad or device.type != "cpu")
     permute = not program.layout.row_major_order
     if permute:
-        gather, scatter = _permutation(program, device)
+        gather, scatter = permutation(program, device)
         q, k, v = (_to_layout(t, gather) for t in (q, k, v))
     fn = compiled_flex() if compiled else flex_attention
     kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}

@@ -31,7 +31,7 @@ from .kvcache import KVCache, lookback_of
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
 
-BACKENDS = ("auto", "dense", "flex", "tiles", "triton")
+BACKENDS = ("auto", *backends.BACKENDS)     # what md.compile(backend=...) accepts
 
 
 @dataclass

@@ -18,7 +18,7 @@ from maskdsl._errors import MaskDSLError
 from maskdsl.codegen.layout_search import row_major
 from maskdsl.codegen.program import BLOCK_SIZE, Program
 from maskdsl.dsl.inputs import check_device
-from maskdsl.kernels.flex import _permutation, block_mask
+from maskdsl.kernels.flex import permutation, block_mask
 
 __all__ = ["FlexInputs", "LAYOUTS", "row_major_program", "flex_inputs"]
 
@@ -104,6 +104,6 @@ def flex_inputs(attn, layout: str, device) -> FlexInputs:
     prog = attn.backend_state("flex")     # what the flex backend runs: 128-token N-D tiles
     mask_mod, score_mod = prog.mods(device, flex=True)
     bm = block_mask(prog, device)
-    gather, scatter = _permutation(prog, device)
+    gather, scatter = permutation(prog, device)
     return FlexInputs(layout, mask_mod, score_mod, bm, gather, scatter, prog.n,
                       prog.layout.n_padded)
