@@ -8,6 +8,8 @@ and the dense stripes of extra tokens. The reference keeps its own, as the oracl
 * ``FlashLSE``: torch's CPU flash kernel with a differentiable log-sum-exp;
 * ``flash(q, k, v, allowed, scale, sink)``: one fused call of it with a boolean mask, rows
   with no key and a sink logit handled;
+* ``combine(parts)``: attention over disjoint key sets from each set's (out, lse) (the core
+  of ``md.merge``, without its argument checks and host read);
 * ``add_sink(out, lse, sink)``: a sink logit joined to an (out, lse) pair as a part with no
   value.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["softmax", "drop", "FlashLSE", "flash", "add_sink"]
+__all__ = ["softmax", "drop", "FlashLSE", "flash", "combine", "add_sink"]
 
 
 def softmax(s: torch.Tensor, allowed: torch.Tensor, sink=None, lse: bool = False):
@@ -45,7 +47,7 @@ def drop(p: torch.Tensor, ps: torch.Tensor, keep=None, generator=None) -> torch.
     """Dropout on probabilities ``p`` with per-row probabilities ``ps`` (broadcast to p): kept
     ones scaled by 1 / (1 - ps). ``keep``: the bool keep mask to use; else one is drawn from
     ``generator`` on the CPU in float64, ``u >= ps`` with ``u`` uniform of p's shape (the
-    stream's order is the order of these calls: ``maskdsl.runtime.keep`` replays it)."""
+    stream's order is the order of these calls: ``kernels.tiles.next_keep`` replays it)."""
     if keep is None:
         u = torch.rand(p.shape, generator=generator, dtype=torch.float64)
         keep = (u >= ps.cpu().double()).to(p.device)
@@ -78,16 +80,55 @@ class FlashLSE(torch.autograd.Function):
         return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
 
 
+def combine(parts, has_nan: bool = True):
+    """``(out, lse)`` of attention over the union of disjoint key sets from each set's ``(out
+    [B, H, N, D], lse [B, H, N])``, exact and differentiable, with no argument checks and no
+    host read (``md.merge`` checks a user's parts, then calls this): ``lse = log sum_i
+    exp(lse_i)``, ``out = sum_i exp(lse_i - lse) out_i``. A part with no key (-inf) weighs
+    nothing, a row with no key anywhere gives zeros and -inf with zero gradients, a NaN part
+    keeps its row NaN (``has_nan=False``: the caller knows there is none)."""
+    lse_dt = torch.float32
+    for _, lse in parts:                                 # every part's lse dtype counts
+        lse_dt = torch.promote_types(lse_dt, lse.dtype)
+    lses = [lse.to(lse_dt) for _, lse in parts]                          # each [B, H, N]
+    # log-sum-exp over the parts, written out so that rows with no key anywhere (every l_i =
+    # -inf) give -inf with zero gradients (torch.logsumexp's backward is NaN there), and a NaN
+    # part (a poisoned row) stays NaN. Part by part (no stacked copy of the outputs: a merge
+    # costs one multiply-add per part over out)
+    m = lses[0].detach()
+    for x in lses[1:]:
+        m = torch.maximum(m, x.detach())
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = [torch.exp(x - m) for x in lses]                                 # 0 for empty parts
+    s = e[0]
+    for x in e[1:]:
+        s = s + x
+    some = s > 0
+    safe = torch.where(some, s, torch.ones_like(s))
+    total = torch.where(some, m + torch.log(safe), torch.full_like(s, float("-inf")))
+    out = None
+    for (o, lse), w in zip(parts, e):
+        # a part with no key weighs nothing, whatever its output holds (0 * NaN is NaN)
+        o = torch.where(torch.isneginf(lse)[..., None], torch.zeros((), dtype=o.dtype,
+                                                                     device=o.device), o)
+        w = (w / safe)[..., None].to(o.dtype)                           # exp(l_i - l)
+        out = o * w if out is None else torch.addcmul(out, o, w)
+    if has_nan:
+        nan = torch.isnan(lses[0])
+        for x in lses[1:]:
+            nan = nan | torch.isnan(x)
+        total = torch.where(nan, torch.full_like(total, float("nan")), total)
+        out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
+    return out, total
+
+
 def add_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor):
     """``(out, lse)`` with a sink logit joined to the denominator: a part with no value (its
-    output zeros) merged through the lse. ``sink``: [H] for out [B, H, n, Dv], lse [B, H, n]. A
-    row with no key gets lse = sink and zero output; a NaN sink makes its head NaN."""
+    output zeros) combined through the lse. ``sink``: [H] for out [B, H, n, Dv], lse [B, H, n].
+    A row with no key gets lse = sink and zero output; a NaN sink makes its head NaN."""
     B, H, n = lse.shape
     s = sink.to(device=lse.device, dtype=lse.dtype).reshape(1, H, 1).expand(B, H, n)
-    both = torch.logaddexp(lse, s)
-    w = torch.exp(lse - both)
-    # exp(-inf - finite) is 0: an empty row stays zeros
-    return out * w[..., None].to(out.dtype), both
+    return combine([(out, lse), (torch.zeros_like(out), s)])
 
 
 def flash(q, k, v, allowed, scale: float, sink=None):

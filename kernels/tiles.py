@@ -670,6 +670,9 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
     if heads is None:
         heads = torch.arange(H, device=device).reshape(1, H, 1, 1, 1)
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, B * H * V * K))
+    sk = sink.to(dt).reshape(1, H, 1, 1, 1) if sink is not None else None
+    ps = (dropout_p.to(device=device, dtype=dt).reshape(1, H, 1, 1, 1)
+          if dropout_p is not None else None)
     outs, lses = [], []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -678,12 +681,10 @@ def _explicit(qt, kg, vg, plan, score_mod, scale, sink, dropout_p, generator, ke
             qp = plan.q_pos[t0:t1][None, None]                   # [1, 1, t, V, 1]
             kp = plan.k_pos[:, t0:t1][None] if Hc > 1 else plan.k_pos[0, t0:t1][None, None]
             s = score_mod(s, 0, heads, qp, kp)
-        sk = sink.to(dt).reshape(1, H, 1, 1, 1) if sink is not None else None
         p, lse = softmax(s, plan.allowed_chunk(t0, t1)[None], sk, return_lse)
         if return_lse:
             lses.append(lse)
-        if dropout_p is not None:
-            ps = dropout_p.to(device=device, dtype=dt).reshape(1, H, 1, 1, 1)
+        if ps is not None:
             p = drop(p, ps, None if keep is None else keep[:, :, t0:t1], generator)
         outs.append(torch.matmul(p, vg[:, :, t0:t1]))
     out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]

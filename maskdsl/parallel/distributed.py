@@ -42,16 +42,16 @@ try:
 except ImportError:                                    # pragma: no cover - older torch
     DeviceMesh = ()
 
-from maskdsl import reference
 from maskdsl._caching import outside_inference_mode
 from maskdsl._errors import MaskDSLError
 from maskdsl.codegen.recipe import varies_per_head
 from maskdsl.dsl.inputs import check_qkv, check_scale
 from maskdsl.dsl.node import check_shape
-from maskdsl.dsl.score import Dropout, check_tensor_params, score_extras, score_terms
+from maskdsl.dsl.score import (Dropout, check_params_device, check_tensor_params, score_extras,
+                               score_terms)
+from maskdsl.kernels.softmax import combine
 from maskdsl.runtime.compiled import CompiledAttention, compile as md_compile
 from maskdsl.runtime.extent import dense_stripe, softcap_values
-from maskdsl.runtime.merge import merge
 from maskdsl.runtime.rect import row_major, tiled_rect
 from . import plan as P
 
@@ -650,7 +650,7 @@ class ContextParallel:
         B, H, _, D = check_qkv(q, k, v, self.attn.shape, self.attn.heads,
                                extent=_Local(nq, lay.count(r), r, self.world))
         scale = check_scale(scale, D)
-        reference.check_params_device(self.attn.score, q.device)
+        check_params_device(self.attn.score, q.device)
         check_tensor_params(self.attn.score)
         hint = dict(batch=B, kv_heads=k.shape[1], head_dim=D, head_dim_v=v.shape[-1],
                     dtype=q.dtype)
@@ -703,7 +703,7 @@ class ContextParallel:
         if xs.numel():
             xs = xs.to(K.device)
             stripe = dense_stripe(q, K.index_select(2, xs), V.index_select(2, xs), scale, cap, None)
-            out, lse = merge([(out, lse), stripe])
+            out, lse = combine([(out, lse), stripe])
         return out, lse
 
     def _run_allgather(self, q, k, v, scale, return_lse):
@@ -766,7 +766,7 @@ class ContextParallel:
                     if s != r:
                         back += [(s, (B, H, E, Dv), q.dtype), (s, (B, H, E), lse_dt)]
                 parts, token = _exchange(self._comm, [], back, dev, (q, k, v), token)
-                ox, lx = merge([own] + [(parts[2 * i].to(own[0].dtype), parts[2 * i + 1])
+                ox, lx = combine([own] + [(parts[2 * i].to(own[0].dtype), parts[2 * i + 1])
                                         for i in range(W - 1)])
                 out = torch.cat([out, ox.to(out.dtype)], 2)
                 lse = torch.cat([lse, lx.to(lse.dtype)], 2)

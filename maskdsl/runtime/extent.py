@@ -12,8 +12,7 @@ from maskdsl._errors import MaskDSLError
 from maskdsl.dsl.extent import Extent
 from maskdsl.dsl.score import Softcap, per_head_tensor, score_extras, score_terms
 from maskdsl.kernels.backends import Choice, requested
-from maskdsl.kernels.softmax import FlashLSE, add_sink
-from .merge import merge
+from maskdsl.kernels.softmax import FlashLSE, add_sink, combine
 from .rect import bad_rows, rect_attention, row_major, tiled_rect
 
 __all__ = ["extent_choice", "run_extent", "dense_stripe", "softcap_values"]
@@ -74,7 +73,7 @@ def _run_extra(attn, q, k, v, scale):
     cap = softcap_values(attn.score, H, q.device)
     sink, _ = score_extras(attn.score, H, q.device, False)
     stripe = dense_stripe(qg, ke, ve, scale, cap, None)
-    out, lse = merge([grid, stripe])
+    out, lse = combine([grid, stripe])
     if ext.mode == "all":
         ox, lx = dense_stripe(q[:, :, N:], k, v, scale, cap, sink)
         out, lse = torch.cat([out, ox.to(out.dtype)], 2), torch.cat([lse, lx.to(lse.dtype)], 2)

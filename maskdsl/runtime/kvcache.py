@@ -40,8 +40,8 @@ from maskdsl._errors import MaskDSLError
 from maskdsl._memory import check_allocation, guarded
 from maskdsl.dsl.inputs import FLOATS, check_call, check_count, check_device
 from maskdsl.dsl.score import Dropout, score_extras, score_terms
+from maskdsl.kernels.softmax import combine
 from .extent import dense_stripe, softcap_values
-from .merge import merge
 from .rect import reach_of, rect_attention, row_major
 
 __all__ = ["Lookback", "lookback_of", "KVCache"]
@@ -489,7 +489,7 @@ class KVCache:
                                      kpos, scale, sink=sink, return_lse=return_lse or bool(E),
                                      kv_bad=bad if bad is not None else False)
                 if E:          # the extra keys: a dense stripe merged through the lse, as attn()
-                    res = merge([res, dense_stripe(qa, *self._extra, scale, cap, None)])
+                    res = combine([res, dense_stripe(qa, *self._extra, scale, cap, None)])
                     res = res if return_lse else res[0]
                 if return_lse:
                     outs.append(res[0])

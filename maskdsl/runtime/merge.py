@@ -1,5 +1,6 @@
 """``md.merge``: combine attentions over disjoint key sets from their outputs and log-sum-exps
-(ARCHITECTURE.md, "Semantics").
+(ARCHITECTURE.md, "Semantics"): the user's arguments checked, then ``kernels.softmax.combine``
+(which the runtime's own merges call directly).
 
 For parts i with output ``o_i`` and log-sum-exp ``l_i`` (the log of the softmax denominator over
 the part's keys): ``l = log(sum_i exp(l_i))`` and ``o = sum_i exp(l_i - l) * o_i``. A part with no
@@ -12,6 +13,7 @@ from typing import Sequence, Tuple
 import torch
 
 from maskdsl._errors import MaskDSLError
+from maskdsl.kernels.softmax import combine
 
 __all__ = ["merge"]
 
@@ -60,49 +62,19 @@ def merge(parts: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Ten
         if out.dtype != parts[0][0].dtype:
             raise MaskDSLError(f"merge: parts[{i}]: out is {out.dtype}, parts[0]'s out "
                                f"{parts[0][0].dtype}; expected every part's out in one dtype")
-    meta = parts[0][0].device.type == "meta"             # shapes only: no value can be read
-    lse_dt = torch.float32
-    for _, lse in parts:                                 # every part's lse dtype counts
-        lse_dt = torch.promote_types(lse_dt, lse.dtype)
-    lses = [lse.to(lse_dt) for _, lse in parts]                          # each [B, H, N]
+    if parts[0][0].device.type == "meta":     # shapes only: no value can be read
+        return combine(parts)
+    # an lse is finite, -inf (no key) or NaN (a poisoned row); +inf is no attention's.
+    # One host read for both questions
+    lses = [lse for _, lse in parts]
     nan = torch.isnan(lses[0])
     for x in lses[1:]:
         nan = nan | torch.isnan(x)
-    has_nan = True                  # on meta: the NaN rows are applied without looking
-    if not meta:
-        # an lse is finite, -inf (no key) or NaN (a poisoned row); +inf is no attention's.
-        # One host read for both questions
-        flags = torch.stack([nan.any()] + [torch.isposinf(x).any() for x in lses]).tolist()
-        has_nan = flags[0]
-        if any(flags[1:]):
-            i = flags[1:].index(True)
-            raise MaskDSLError(
-                f"merge: parts[{i}]: lse holds +inf; expected finite values, -inf for a row "
-                f"with no key or NaN for a poisoned row (the natural log of a softmax "
-                f"denominator, as attn(..., return_lse=True) returns it)")
-    # log-sum-exp over the parts, written out so that rows with no key anywhere (every l_i =
-    # -inf) give -inf with zero gradients (torch.logsumexp's backward is NaN there), and a NaN
-    # part (a poisoned row) stays NaN. Part by part (no stacked copy of the outputs: a merge
-    # costs one multiply-add per part over out)
-    m = lses[0].detach()
-    for x in lses[1:]:
-        m = torch.maximum(m, x.detach())
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = [torch.exp(x - m) for x in lses]                                 # 0 for empty parts
-    s = e[0]
-    for x in e[1:]:
-        s = s + x
-    some = s > 0
-    safe = torch.where(some, s, torch.ones_like(s))
-    total = torch.where(some, m + torch.log(safe), torch.full_like(s, float("-inf")))
-    out = None
-    for (o, lse), w in zip(parts, e):
-        # a part with no key weighs nothing, whatever its output holds (0 * NaN is NaN)
-        o = torch.where(torch.isneginf(lse)[..., None], torch.zeros((), dtype=o.dtype,
-                                                                     device=o.device), o)
-        w = (w / safe)[..., None].to(o.dtype)                           # exp(l_i - l)
-        out = o * w if out is None else torch.addcmul(out, o, w)
-    if has_nan:
-        total = torch.where(nan, torch.full_like(total, float("nan")), total)
-        out = torch.where(nan[..., None], torch.full_like(out, float("nan")), out)
-    return out, total
+    flags = torch.stack([nan.any()] + [torch.isposinf(x).any() for x in lses]).tolist()
+    if any(flags[1:]):
+        i = flags[1:].index(True)
+        raise MaskDSLError(
+            f"merge: parts[{i}]: lse holds +inf; expected finite values, -inf for a row "
+            f"with no key or NaN for a poisoned row (the natural log of a softmax "
+            f"denominator, as attn(..., return_lse=True) returns it)")
+    return combine(parts, has_nan=flags[0])

@@ -48,12 +48,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from maskdsl import reference
 from maskdsl._caching import LRU
 from maskdsl._errors import MaskDSLError
 from maskdsl.codegen.recipe import content_key
 from maskdsl.dsl.inputs import check_qkv, check_scale
-from maskdsl.dsl.score import score_terms
+from maskdsl.dsl.score import check_params_device, score_terms
 
 __all__ = ["compiled_call", "REGISTRY_SIZE", "handle_of"]
 
@@ -331,7 +330,7 @@ def prepare_call(attn, meta: tuple) -> tuple:
         else:
             scale = check_scale(_TensorScale(*scale) if kind == "tensor" else scale,
                                 q.shape[-1])
-        reference.check_params_device(attn.score, q.device)
+        check_params_device(attn.score, q.device)
         ext = attn.extent
         if ext.extra:             # the grid part runs with its lse, on the grid's tokens
             return_lse = True

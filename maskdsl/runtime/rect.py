@@ -125,6 +125,7 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
     if fast:
         kf = kd.repeat_interleave(g, 1) if g > 1 else kd
         vf = vd.repeat_interleave(g, 1) if g > 1 else vd
+    sk = sink.to(device=dev, dtype=dt).reshape(1, H, 1, 1) if sink is not None else None
     outs, lses, hits = [], [], []
     for a in range(0, nq, step):
         b = min(nq, a + step)
@@ -147,7 +148,6 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         if cap is not None:
             cp = cap.to(device=dev, dtype=dt).reshape(1, H, 1, 1)
             s = cp * torch.tanh(s / cp)
-        sk = sink.to(device=dev, dtype=dt).reshape(1, H, 1, 1) if sink is not None else None
         p, lse = softmax(s, allowed, sk, return_lse)
         o = torch.matmul(p.reshape(B, Hk, g * c, nk), vd).reshape(B, H, c, Dv)
         outs.append(o)
