@@ -12,7 +12,9 @@ checks and xformers' ``not_supported_reasons``):
   (dtype, device, gradients; the lse output), as the message a user who asked for it reads;
 * ``prepare(spec)``: the heavy objects it runs (programs, plans), cached inside the module;
 * ``run(state, q, k, v, call)``: attention on checked, finite inputs in the user's token order
-  (k and v may have H_kv heads dividing H: GQA); ``(out, lse)`` when ``call.return_lse``;
+  (k and v may have H_kv heads dividing H: GQA); ``(out, lse)`` when ``call.return_lse``; for
+  a sub-range request (``spec.extent``) q, k and v hold the range's tokens, possibly
+  non-finite: the backend isolates such rows itself;
 * ``next_keep(spec, state, batch, drop_p, generator)`` (backends with dropout only): the bool
   [B, H, N, N] keep mask ``run`` would draw from ``generator``.
 
@@ -32,7 +34,7 @@ import torch
 from maskdsl._errors import MaskDSLError
 
 __all__ = ["Spec", "Call", "Choice", "choose", "get", "BACKENDS", "priority", "requested",
-           "fallback"]
+           "fallback", "whole_grid_only"]
 
 #: name -> module implementing the protocol (imported on first use: Triton is heavy)
 BACKENDS = {
@@ -48,16 +50,32 @@ _DEFAULT_PRIORITY = ("dense", "tiles")
 @dataclass(frozen=True, eq=False)
 class Spec:
     """What was compiled: the user's pattern (backends lower its simplified form), score terms,
-    grid shape and heads."""
+    grid shape and heads; ``extent``: a sub-range request (``dsl.extent.Extent`` with ``q_range``
+    and/or ``kv_range``: q holds those queries, k and v those keys, at global coordinates), None
+    for the whole grid. Extra tokens never reach a backend: the runtime runs the grid's
+    attention and merges the extra tokens' stripes."""
 
     pattern: object
     score: object
     shape: Tuple[int, ...]
     heads: int
+    extent: Optional[object] = None
 
     @property
     def n(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def ranged(self) -> bool:
+        return self.extent is not None
+
+
+def whole_grid_only(name: str, spec: Spec) -> Optional[str]:
+    """The refusal of a backend whose kernel runs the whole grid, for a sub-range request."""
+    if not spec.ranged:
+        return None
+    return (f"{spec.extent.describe()}: the {name} kernels run the whole grid; sub-ranges run "
+            f"on backend='tiles' (PyTorch, any device) or 'dense'")
 
 
 @dataclass

@@ -27,6 +27,8 @@ def refusal(spec, device) -> Optional[str]:
 
 
 def preference(spec, device) -> Optional[str]:
+    if spec.ranged:
+        return "a sub-range reads only the key tiles its queries need on the rectangle path"
     if spec.n > AUTO_MAX_TOKENS:
         return f"{spec.n} tokens > {AUTO_MAX_TOKENS}: the tiled paths are faster"
     return None
@@ -45,6 +47,11 @@ def prepare(spec):
 
 
 def run(spec, q, k, v, call) -> torch.Tensor:
+    if spec.ranged:            # the reference at global coordinates (it isolates non-finite rows)
+        e = spec.extent
+        return reference.attention(q, k, v, spec.pattern, spec.shape, score=spec.score,
+                                   scale=call.scale, q_range=e.q, kv_range=e.kv,
+                                   return_lse=call.return_lse)
     B, H, N, _ = q.shape
     reference.check_dense_size("backend='dense'", B, H, N, q.dtype)
     score, keep = spec.score, None

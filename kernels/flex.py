@@ -26,6 +26,7 @@ from maskdsl.dsl.pattern import MaskFn
 from maskdsl.dsl.score import ScoreFn, score_terms, terms_with_role
 from maskdsl.codegen.program import Program
 from maskdsl.codegen.tileclasses import FULL, PARTIAL, TileClasses
+from .backends import whole_grid_only
 
 __all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex", "block_mask", "permutation",
            "refusal", "preference", "strength", "call_refusal", "prepare", "run"]
@@ -201,6 +202,9 @@ def _beyond_flex(score):
 
 
 def refusal(spec, device) -> Optional[str]:
+    whole = whole_grid_only("flex", spec)
+    if whole is not None:
+        return whole
     node = _beyond_flex(spec.score)
     if node is not None:
         return f"FlexAttention cannot express {node!r} (use backend='auto', 'tiles' or 'triton')"

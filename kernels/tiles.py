@@ -21,6 +21,7 @@ generated score_mod), sink logits. Works on CPU, CUDA and MPS.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import numpy as np
@@ -34,6 +35,7 @@ from maskdsl.codegen.program import Program
 from maskdsl.codegen.source import head_mask_mod
 from maskdsl.codegen.tileclasses import FULL
 from maskdsl.dsl.score import score_tensors, terms_with_role
+from .rect import plain_program, run_range
 from .softmax import FlashLSE, drop, softmax
 
 __all__ = ["TilePlan", "run_tiles", "plan_for", "tiles_program", "rows_attending",
@@ -736,6 +738,9 @@ def preference(spec, device):
 
 
 def strength(spec, device) -> str:
+    if spec.ranged:
+        return ("a sub-range runs on the rectangle path: each chunk of query tiles against the "
+                "key tiles its tile classes list, the token mask evaluated at global coordinates")
     if device.type == "cuda":
         return "block-sparse PyTorch over the analytic tiles runs any pattern and score, with a backward"
     return (f"on {device.type}, block-sparse PyTorch over the analytic tiles is the fastest path "
@@ -746,11 +751,25 @@ def call_refusal(spec, q, k, v, return_lse: bool = False):
     return None
 
 
+@dataclass(frozen=True)
+class RangeState:
+    """A sub-range request's prepared state: the row-major program the rectangle path
+    evaluates at global positions, and the request."""
+
+    program: Program
+    extent: object
+
+
 def prepare(spec):
+    if spec.ranged:
+        return RangeState(plain_program(spec.pattern, spec.score, spec.shape, spec.heads),
+                          spec.extent)
     return tiles_program(spec.pattern, spec.score, spec.shape, spec.heads)
 
 
 def run(state, q, k, v, call):
+    if isinstance(state, RangeState):
+        return run_range(state.program, state.extent, q, k, v, call)
     return run_tiles(state, q, k, v, call.scale, sink=call.sink, dropout_p=call.dropout_p,
                      generator=call.generator, return_lse=call.return_lse)
 

@@ -21,6 +21,7 @@ from maskdsl.dsl.node import walk
 from maskdsl.dsl.pattern import MaskFn
 from maskdsl.dsl.score import (Alibi, DistanceDecay, Dropout, RelativeBias, ScoreFn, SinkLogit,
                                Softcap, geometric_slopes, per_head_tensor, score_terms)
+from .backends import whole_grid_only
 from .tiles import rows_with_keys, tiles_program
 from .triton_params import HeadParams, check_score, group_tiles, lower_pattern, pack
 
@@ -368,6 +369,9 @@ def _python_leaf(pattern):
 
 
 def refusal(spec, device) -> Optional[str]:
+    whole = whole_grid_only("triton", spec)
+    if whole is not None:
+        return whole
     leaf = _python_leaf(spec.pattern) or next(
         (t for t in score_terms(spec.score) if isinstance(t, ScoreFn)), None)
     if leaf is not None:

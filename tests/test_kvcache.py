@@ -15,7 +15,8 @@ import torch
 from hypothesis import event, given, settings, strategies as st
 
 import maskdsl as md
-from maskdsl.runtime.rect import key_reach, row_major
+from maskdsl.kernels.rect import key_reach
+from maskdsl.runtime.rect import row_major
 from oracle import assert_close_by_rule, inputs, magnitude
 from strategies import cases, patterns, relative_table, shapes
 

@@ -3,7 +3,8 @@ checked (ARCHITECTURE.md, "Extra tokens" and "Sub-ranges and the KV cache"): ``e
 (tokens after the grid's, attended by every query; ``extra="all"``: they are queries too,
 attending every key; ``extra="keys"``: keys/values only, NATTEN's additional KV) and
 ``q_range`` / ``kv_range`` (queries and keys are the global grid's tokens with flat index in the
-range). The reference reads it in its own words; ``runtime.extent`` runs it."""
+range). The reference reads it in its own words; the backends take a sub-range in their
+``Spec``; ``runtime.extent`` composes extra tokens."""
 from __future__ import annotations
 
 import math
@@ -33,6 +34,11 @@ class Extent:
     @property
     def square(self) -> bool:
         return self.extra == 0 and self.q is None and self.kv is None
+
+    @property
+    def ranged(self) -> bool:
+        """A sub-range request (``q_range`` or ``kv_range``)."""
+        return self.q is not None or self.kv is not None
 
     @property
     def nq(self) -> int:

@@ -51,8 +51,8 @@ from maskdsl.dsl.score import (Dropout, check_params_device, check_tensor_params
                                score_terms)
 from maskdsl.kernels.softmax import combine
 from maskdsl.runtime.compiled import CompiledAttention, compile as md_compile
-from maskdsl.runtime.extent import dense_stripe, softcap_values
-from maskdsl.runtime.rect import row_major, tiled_rect
+from maskdsl.kernels.rect import dense_stripe, softcap_values, tiled_rect
+from maskdsl.runtime.rect import row_major
 from . import plan as P
 
 __all__ = ["context_parallel", "ContextParallel", "shard", "unshard", "STRATEGIES"]

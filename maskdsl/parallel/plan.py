@@ -16,7 +16,7 @@ import torch
 from maskdsl._errors import MaskDSLError
 from maskdsl.codegen.recipe import varies_per_head
 from maskdsl.codegen.tileclasses import FULL
-from maskdsl.runtime.rect import head_classes, pair_masks
+from maskdsl.kernels.rect import head_classes, pair_masks
 
 __all__ = ["Layout", "layout", "need", "work", "HaloPlan", "halo_plan", "bytes_of",
            "STRATEGIES", "BALANCES"]

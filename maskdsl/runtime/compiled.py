@@ -22,11 +22,12 @@ from maskdsl.dsl.inputs import check_call, check_device, check_qkv
 from maskdsl.dsl.node import check_heads, check_shape, walk
 from maskdsl.dsl.pattern import Document, Pattern
 from maskdsl.dsl.score import Dropout, Score, score_extras, score_terms
+from maskdsl.codegen.program import Program
 from maskdsl.kernels import backends
+from maskdsl.kernels.isolate import nonfinite_rows, poison, poison_lse, sanitize
 from maskdsl.kernels.tiles import rows_attending
-from .extent import extent_choice, run_extent
+from .extent import run_extra
 from .interop import flex_inputs, row_major_block_mask, row_major_program
-from .isolate import nonfinite_rows, poison, poison_lse, sanitize
 from .kvcache import KVCache, lookback_of
 
 __all__ = ["compile", "CompiledAttention", "BACKENDS"]
@@ -80,7 +81,7 @@ class CompiledAttention:
             gives the tiled form the flex backend runs, with its permutation.
     """
 
-    def __init__(self, spec, choice, auto: bool, device=None, extent=None, asked=None):
+    def __init__(self, spec, choice, auto: bool, device=None, extent=None):
         self._spec = spec
         self.pattern, self.shape, self.heads, self.score = (spec.pattern, spec.shape, spec.heads,
                                                             spec.score)
@@ -93,7 +94,6 @@ class CompiledAttention:
         self._auto = auto
         drop = next((t for t in score_terms(self.score) if isinstance(t, Dropout)), None)
         self._generator = torch.Generator().manual_seed(drop.seed) if drop is not None else None
-        self._asked = asked             # the backend asked for, when it is not the one chosen
         self._prepared = Prepared()
         self._last_call = None          # (backend, refusals) when an auto call fell back
         # tensors the compiled structure was built from (document ids): an in-place change
@@ -131,7 +131,7 @@ class CompiledAttention:
         """The backend asked for: ``"auto"``, or the name given to ``md.compile``."""
         if self._auto:
             return "auto"
-        return self._asked if self._asked is not None else self.backend
+        return self.backend
 
     @property
     def device(self):
@@ -219,8 +219,11 @@ class CompiledAttention:
     def program(self):
         """The codegen Program (recipe: IR, layout, tile classes; generated source) the running
         backend uses (flex's 128-token blocks for backends without one)."""
-        state = self.backend_state(self.backend) if self.backend in ("flex", "tiles") else None
-        return state if state is not None else self.backend_state("flex")
+        state = self.backend_state(self.backend)
+        if isinstance(state, Program):
+            return state
+        state = getattr(state, "program", None)      # a sub-range's rectangle-path program
+        return state if isinstance(state, Program) else self.backend_state("flex")
 
     @property
     def tiles_program(self):
@@ -333,8 +336,10 @@ class CompiledAttention:
         B, H, N, D = check_qkv(q, k, v, self.shape, self.heads, extent=self.extent)
         scale = check_call(self.score, q.device, scale, D, return_lse)
         self.refresh()
-        if not self.extent.square:
-            return run_extent(self, q, k, v, scale, return_lse)
+        if self.extent.extra:
+            return run_extra(self, q, k, v, scale, return_lse)
+        if self.extent.ranged:      # the backend isolates non-finite rows of a sub-range itself
+            return self._run(q, k, v, scale, return_lse)
         return self.grid_call(q, k, v, scale, return_lse)
 
     def grid_call(self, q, k, v, scale: float, return_lse: bool):
@@ -393,7 +398,8 @@ class CompiledAttention:
         if generator is not None:
             run._generator = generator
         if score is not None and score is not self.score:
-            run._spec = backends.Spec(self.pattern, score, self.shape, self.heads)
+            run._spec = backends.Spec(self.pattern, score, self.shape, self.heads,
+                                      self._spec.extent)
             run.score = score
             run._prepared = Prepared()
         return run
@@ -441,10 +447,7 @@ def compile(p: Pattern, shape, heads: int = 1, score: Optional[Score] = None,
         raise MaskDSLError(
             f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}"
         )
-    spec = backends.Spec(p, score, shape, heads)
-    if extent.q is not None or extent.kv is not None:
-        return CompiledAttention(spec, extent_choice(spec, extent, backend), auto=False,
-                                 extent=extent, asked=backend)
+    spec = backends.Spec(p, score, shape, heads, extent if extent.ranged else None)
     if backend == "auto":
         dev = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None
                else check_device(device, usable=False))

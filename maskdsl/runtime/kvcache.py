@@ -41,8 +41,8 @@ from maskdsl._memory import check_allocation, guarded
 from maskdsl.dsl.inputs import FLOATS, check_call, check_count, check_device
 from maskdsl.dsl.score import Dropout, score_extras, score_terms
 from maskdsl.kernels.softmax import combine
-from .extent import dense_stripe, softcap_values
-from .rect import reach_of, rect_attention, row_major
+from maskdsl.kernels.rect import dense_stripe, rect_attention, softcap_values
+from .rect import reach_of, row_major
 
 __all__ = ["Lookback", "lookback_of", "KVCache"]
 

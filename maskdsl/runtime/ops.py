@@ -335,11 +335,8 @@ def prepare_call(attn, meta: tuple) -> tuple:
         if ext.extra:             # the grid part runs with its lse, on the grid's tokens
             return_lse = True
             q, k, v = (from_meta(*t[:5], (t[5][0], ext.n) + t[5][2:], t[6]) for t in tensors)
-        with torch.set_grad_enabled(grad_mode):
-            if ext.q is not None or ext.kv is not None:
-                pass              # the rectangle path takes every float tensor
-            else:                 # the eager call's own dispatch, on the stand-ins
-                attn.decide(q, k, v, return_lse)
+        with torch.set_grad_enabled(grad_mode):   # the eager call's dispatch, on stand-ins
+            attn.decide(q, k, v, return_lse)
     except MaskDSLError as e:
         return handle, (), None, str(e)
     return handle, _param_fields(attn.score), scale, ""
