@@ -42,9 +42,10 @@ BACKENDS = {
     "flex": "maskdsl.kernels.flex",
     "tiles": "maskdsl.kernels.tiles",
     "triton": "maskdsl.kernels.triton_attn",
+    "sdpa": "maskdsl.kernels.sdpa",
 }
-_PRIORITY = {"cuda": ("dense", "triton", "flex", "tiles")}
-_DEFAULT_PRIORITY = ("dense", "tiles")
+_PRIORITY = {"cuda": ("sdpa", "dense", "triton", "flex", "tiles")}
+_DEFAULT_PRIORITY = ("sdpa", "dense", "tiles")
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,11 +61,11 @@ class FlashLSE(torch.autograd.Function):
     gradient, so that ``delta = rowsum(dO * O)`` comes out shifted by exactly -dlse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
+    def forward(ctx, q, k, v, mask, scale, is_causal=False):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale = scale
+        ctx.scale, ctx.is_causal = scale, is_causal
         return out, lse
 
     @staticmethod
@@ -76,8 +76,8 @@ class FlashLSE(torch.autograd.Function):
         o1 = torch.cat([out, -dlse[..., None].to(out.dtype)], -1)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             col(dout.contiguous(), 1.0), col(q, 0.0), col(k, 0.0), col(v, 0.0), o1, lse, 0.0,
-            False, attn_mask=mask, scale=ctx.scale)
-        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+            ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None
 
 
 def combine(parts, has_nan: bool = True):
