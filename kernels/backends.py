@@ -44,8 +44,8 @@ BACKENDS = {
     "triton": "maskdsl.kernels.triton_attn",
     "sdpa": "maskdsl.kernels.sdpa",
 }
-_PRIORITY = {"cuda": ("sdpa", "dense", "triton", "flex", "tiles")}
-_DEFAULT_PRIORITY = ("sdpa", "dense", "tiles")
+_PRIORITY = {"cuda": ("sdpa", "triton", "flex", "tiles")}
+_DEFAULT_PRIORITY = ("sdpa", "tiles")       # dense (the reference) only when asked for
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,9 +99,15 @@ class Choice:
     skipped: Tuple[Tuple[str, str], ...] = field(default=())
 
 
+_MODULES: dict = {}
+
+
 def get(name: str):
-    """The backend module ``name``."""
-    return importlib.import_module(BACKENDS[name])
+    """The backend module ``name`` (imported on first use, then looked up: every call asks)."""
+    found = _MODULES.get(name)
+    if found is None:
+        found = _MODULES[name] = importlib.import_module(BACKENDS[name])
+    return found
 
 
 def priority(device: torch.device) -> tuple:

@@ -353,9 +353,11 @@ def _choice(p, shape, heads, score, device):
 
 def test_dispatch_reasons_on_every_device():
     p = md.neighborhood((7, 7))
-    assert _choice(md.window(4), (100,), 1, None, "cpu")[0] == "dense"
+    assert _choice(md.window(4), (100,), 1, None, "cpu")[0] == "tiles"   # dense: only asked for
+    backend, reason = _choice(md.causal(), (100,), 1, None, "cpu")
+    assert backend == "sdpa" and "is_causal=True" in reason
     backend, reason = _choice(p, (64, 64), 2, None, "cpu")
-    assert backend == "tiles" and reason.startswith("tiles: on cpu") and "not dense" in reason
+    assert backend == "tiles" and reason.startswith("tiles: on cpu") and "not sdpa" in reason
     backend, reason = _choice(p, (64, 64), 2, None, "cuda")
     assert backend == "flex" and reason.startswith("flex: on CUDA")
     assert "not triton: flex runs this pattern" in reason     # the refusals ahead are named

@@ -15,7 +15,7 @@ def test_check_runs_compares_and_draws():
     r = run("check", "neighborhood(kernel_size=(5, 5), dilation=(1, 2)) & causal(dims=(0,))",
             "--shape", "12x12", "--heads", "2", "--score", "distance_decay(per_head([0.0, 0.2]))")
     assert r.returncode == 0, r.stderr
-    assert "backend: dense" in r.stdout and ": OK" in r.stdout
+    assert "backend: tiles" in r.stdout and ": OK" in r.stdout
     assert "heads 0,1: 2160 of 20736 pairs allowed (10.4%)" in r.stdout
     assert "◆" in r.stdout and "▒" in r.stdout                 # query marker, partial blocks
 
@@ -186,7 +186,7 @@ def test_bench_labels_auto_and_explicit_rows_apart():
     r = run("bench", "window(3)", "--shape", "64", "--reps", "1", "--dim", "8",
             "--backend", "auto,tiles")
     assert r.returncode == 0, r.stderr
-    assert "maskdsl auto (dense)" in r.stdout and "maskdsl tiles" in r.stdout
+    assert "maskdsl auto (tiles)" in r.stdout and "maskdsl tiles" in r.stdout
 
 
 def test_bench_skips_dense_sdpa_that_would_not_fit():

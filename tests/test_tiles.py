@@ -8,7 +8,9 @@ from hypothesis import given, strategies as st
 
 import maskdsl as md
 from maskdsl.codegen.program import Program
+from maskdsl.kernels import tiles
 from maskdsl.kernels.tiles import plan_for, run_tiles
+from oracle import assert_matches_reference, inputs
 from strategies import cases, literal_scores, relative_table
 from test_codegen import BLOCK, layouts_for
 
@@ -24,8 +26,28 @@ def _no_dropout(s):
     return sum([t for t in md.dsl.score.score_terms(s) if not isinstance(t, md.dsl.score.Dropout)], 0) or None
 
 
+class _Whole:
+    """Force the tiles backend's whole-grid SDPA call on (``True``: wherever its mask fits) or
+    off (``False``: always gather), so small test grids run both paths."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = tiles.WHOLE_FRACTION
+        tiles.WHOLE_FRACTION = 0.0 if self.on else float("inf")
+
+    def __exit__(self, *exc):
+        tiles.WHOLE_FRACTION = self.saved
+
+
 @given(cases(max_tokens=100), st.data())
 def test_tiles_forward_and_gradients_match_reference(case, data):
+    with _Whole(data.draw(st.booleans(), label="whole-grid call")):
+        _forward_and_gradients_match_reference(case, data)
+
+
+def _forward_and_gradients_match_reference(case, data):
     shape, H, p = case
     tile = data.draw(st.sampled_from(layouts_for(shape)))
     s = _no_dropout(data.draw(st.none() | literal_scores(shape, H)))
@@ -45,6 +67,42 @@ def test_tiles_forward_and_gradients_match_reference(case, data):
     exp = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("p, shape, H, kv_heads", [
+    (md.causal() & md.window(16), (96,), 2, 1),                      # GQA
+    (md.heads([md.empty(), md.causal() & md.window(2) & ~md.sink(4)]), (40,), 2, None),
+    (md.neighborhood((3, 5), dilation=(1, 2)) & md.causal(dims=(0,)), (7, 11), 4, 2),
+    (md.block(4, shift=2) | md.sink(3), (6, 8), 2, None),
+    (md.document(torch.tensor([0] * 30 + [1] * 34)) & md.causal(), (64,), 2, None),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lse", [False, True])
+def test_whole_grid_call_matches_the_reference_and_the_gathered_path(p, shape, H, kv_heads,
+                                                                     dtype, lse):
+    """The whole-grid SDPA call (a materialised mask scattered from the plan's token masks):
+    per-head masks, rows with no key (zeros, lse -inf, finite gradients), GQA, N-D layouts,
+    lse, both dtypes; outputs equal the gathered path's."""
+    attn = md.compile(p, shape, H, backend="tiles")
+    n = math.prod(shape)
+    q, k, v = inputs(2, H, n, 8, dtype=dtype, grad=True, kv_heads=kv_heads)
+    with _Whole(True):
+        assert plan_for(attn.tiles_program, "cpu").whole
+        whole = assert_matches_reference(attn, q, k, v, lse=lse)
+    with _Whole(False):
+        assert not plan_for(attn.tiles_program, "cpu").whole
+        gathered = attn(q, k, v, return_lse=lse)
+    for a, b in zip(*(x if lse else (x,) for x in (whole, gathered))):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_whole_grid_call_is_taken_only_where_gathering_would_cover_half_the_pairs():
+    dense_ish = md.compile(md.causal() & md.window(128), (256,), 2, backend="tiles")
+    sparse = md.compile(md.causal() & md.window(64), (4096,), 2, backend="tiles")
+    assert plan_for(dense_ish.tiles_program, "cpu").whole
+    assert not plan_for(sparse.tiles_program, "cpu").whole
+    big = md.compile(md.causal() & md.window(8192), (16384,), 1, backend="tiles")
+    assert not plan_for(big.tiles_program, "cpu").whole        # its mask would not fit
 
 
 def test_learnable_parameters_get_the_reference_gradients():
