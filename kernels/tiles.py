@@ -35,6 +35,7 @@ from maskdsl.codegen.program import Program
 from maskdsl.codegen.source import head_mask_mod
 from maskdsl.codegen.tileclasses import FULL
 from maskdsl.dsl.score import score_tensors, terms_with_role
+from . import band
 from .rect import plain_program, run_range
 from .softmax import FlashLSE, drop, softmax
 
@@ -53,6 +54,7 @@ _GATHER_BYTES = 256 << 20        # gathered k/v beyond this: attend a chunk of q
 # CPU; window(128), 0.25 of the pairs: 3.4 vs 8.1 ms)
 WHOLE_FRACTION = 0.5
 WHOLE_MAX_ELEMENTS = 1 << 24     # mask entries ([1 or H, N, N]) of the whole-grid call
+BAND_OVER_WHOLE = 0.8            # the band path over the whole-grid call up to this share of N^2
 
 
 def _sdpa_mask(view, H: int, dtype, t0: int, t1: int) -> torch.Tensor:
@@ -207,6 +209,13 @@ class TilePlan:
         self._whole_masks: Dict[tuple, torch.Tensor] = {}
         self._tokens = tok
 
+    def band(self, program):
+        """``kernels.band``'s plan for this program (None where it does not apply), built on
+        first use and kept."""
+        if not hasattr(self, "_band"):
+            self._band = band.band_plan(program)
+        return self._band
+
     @property
     def whole(self) -> bool:
         """Whether a call runs one SDPA over the whole grid (``WHOLE_FRACTION``; read at each
@@ -339,6 +348,10 @@ def _plan_bytes(plan) -> int:
     total = sum(v.nbytes for v in vars(plan).values() if isinstance(v, torch.Tensor))
     total += sum(m.nbytes for m in plan._float_masks.values())
     total += sum(b.nbytes for bufs in plan._buffers.values() for b in bufs[:3])
+    total += sum(m.nbytes for m, _ in plan._whole_masks.values())
+    bp = getattr(plan, "_band", None)
+    if bp is not None:
+        total += sum(m.nbytes for masks in bp.masks.values() for m, _ in masks)
     return total
 
 
@@ -389,10 +402,15 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
     plan = plan_for(program, device)
     V, T, K, Hc = plan.V, plan.T, plan.K, plan.Hc
     group = H // k.shape[1]                    # query heads per key/value head (GQA)
-    if (device.type != "meta" and plan.whole and sink is None and dropout_p is None and keep is None
+    if (device.type != "meta" and sink is None and dropout_p is None and keep is None
             and program.score_mod(device) is None
             and (not return_lse or (device.type == "cpu" and D == Dv))):
-        return _run_whole(plan, q, k, v, scale, dt, return_lse)
+        bp = plan.band(program)
+        n = plan.n_users
+        if band.pays(bp, T * V * K, V) and (not plan.whole or bp.pairs <= BAND_OVER_WHOLE * n * n):
+            return band.run_band(bp, q, k, v, scale, dt, return_lse)
+        if plan.whole:
+            return _run_whole(plan, q, k, v, scale, dt, return_lse)
     # lay out queries; gather every query tile's key/value tiles straight from user order
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v) + score_tensors(program.score)

@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import maskdsl as md
 from maskdsl.codegen.program import Program
-from maskdsl.kernels import tiles
+from maskdsl.kernels import band, tiles
 from maskdsl.kernels.tiles import plan_for, run_tiles
 from oracle import assert_matches_reference, inputs
 from strategies import cases, literal_scores, relative_table
@@ -41,10 +41,71 @@ class _Whole:
         tiles.WHOLE_FRACTION = self.saved
 
 
+class _Band:
+    """Force the band path on (wherever it applies) or off."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = band.BAND_COPY, tiles.BAND_OVER_WHOLE
+        band.BAND_COPY = tiles.BAND_OVER_WHOLE = float("inf") if self.on else -1e9
+
+    def __exit__(self, *exc):
+        band.BAND_COPY, tiles.BAND_OVER_WHOLE = self.saved
+
+
 @given(cases(max_tokens=100), st.data())
 def test_tiles_forward_and_gradients_match_reference(case, data):
-    with _Whole(data.draw(st.booleans(), label="whole-grid call")):
+    path = data.draw(st.sampled_from(["gathered", "whole", "band"]), label="path")
+    with _Whole(path == "whole"), _Band(path == "band"):
         _forward_and_gradients_match_reference(case, data)
+
+
+@pytest.mark.parametrize("p, n, kv_heads", [
+    (md.causal() & md.window(100), 700, None),                  # several query blocks
+    (md.causal() & md.window(100), 700, 1),                     # GQA
+    (md.causal() & md.window(8) & ~md.sink(4), 300, None),      # rows with no key
+    (md.neighborhood(33) | md.sink(2), 600, 2),
+    (md.window(1), 520, None),
+])
+@pytest.mark.parametrize("shape_2d", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lse", [False, True])
+def test_band_path_matches_the_reference_and_the_gathered_path(p, n, kv_heads, dtype, lse,
+                                                               shape_2d):
+    """Query blocks against views of their contiguous key spans (no gather): outputs, lse and
+    gradients against the reference, outputs equal to the gathered path's; 1-D, and the same
+    sizes as 2-D grids of whole rows (a 2-D neighborhood there)."""
+    H = 4
+    shape = (n,)
+    if shape_2d:
+        shape, p = (n // 20, 20), md.neighborhood((5, 3)) & md.causal(dims=(0,))
+    attn = md.compile(p, shape, H, backend="tiles")
+    plan = plan_for(attn.tiles_program, "cpu")
+    assert plan.band(attn.tiles_program) is not None
+    q, k, v = inputs(2, H, n, 8, dtype=dtype, grad=True, kv_heads=kv_heads)
+    with _Band(True):
+        got = assert_matches_reference(attn, q, k, v, lse=lse)
+        with torch.no_grad():                                    # the no-grad buffer path
+            torch.testing.assert_close(attn(q, k, v, return_lse=lse), got, equal_nan=True)
+    with _Band(False), _Whole(False):
+        gathered = attn(q, k, v, return_lse=lse)
+    for a, b in zip(*(x if lse else (x,) for x in (got, gathered))):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_band_path_applies_only_to_contiguous_spans_with_one_mask_for_every_head():
+    one_d = md.compile(md.causal() & md.window(64), (1024,), 2, backend="tiles")
+    assert plan_for(one_d.tiles_program, "cpu").band(one_d.tiles_program) is not None
+    per_head = md.compile(md.heads([md.window(8), md.window(16)]), (1024,), 2, backend="tiles")
+    assert plan_for(per_head.tiles_program, "cpu").band(per_head.tiles_program) is None
+    grid = md.compile(md.neighborhood((13, 13)), (64, 64), 2, backend="tiles")  # 8x8 tiles
+    assert not grid.tiles_program.layout.row_major_order
+    assert plan_for(grid.tiles_program, "cpu").band(grid.tiles_program) is None
+    rows = md.compile(md.neighborhood((7, 7)), (64, 64), 2, backend="tiles")   # runs of rows
+    assert rows.tiles_program.layout.row_major_order
+    assert plan_for(rows.tiles_program, "cpu").band(rows.tiles_program) is not None
 
 
 def _forward_and_gradients_match_reference(case, data):
@@ -86,10 +147,10 @@ def test_whole_grid_call_matches_the_reference_and_the_gathered_path(p, shape, H
     attn = md.compile(p, shape, H, backend="tiles")
     n = math.prod(shape)
     q, k, v = inputs(2, H, n, 8, dtype=dtype, grad=True, kv_heads=kv_heads)
-    with _Whole(True):
+    with _Whole(True), _Band(False):
         assert plan_for(attn.tiles_program, "cpu").whole
         whole = assert_matches_reference(attn, q, k, v, lse=lse)
-    with _Whole(False):
+    with _Whole(False), _Band(False):
         assert not plan_for(attn.tiles_program, "cpu").whole
         gathered = attn(q, k, v, return_lse=lse)
     for a, b in zip(*(x if lse else (x,) for x in (whole, gathered))):
