@@ -1,7 +1,7 @@
 """maskdsl benchmarks: one command, one table, one results file.
 
     python benchmarks/run.py                 # everything that runs on this device
-    python benchmarks/run.py --only build    # sections: build, scale, cli, tiling, attention, tiles, beyond, triton, compile
+    python benchmarks/run.py --only build    # sections: build, scale, cli, tiling, attention, tiles, beyond, triton, compile, sweep
     python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
     python benchmarks/run.py --only triton --case "2-D 256x256 window 80x80"   # one case by name
 
@@ -35,6 +35,11 @@ Sections:
              torch.compile(fullgraph=True) vs eager on CPU: the first call (the compile, caches
              off) and steady forward / forward+backward; not in the default list (minutes of
              compiling): run it with --only compile.
+  sweep      auto against torch's best SDPA call for the same mask (is_causal for the causal
+             mask, no mask for full, else a materialised bool or float mask, whichever is
+             faster), forward and forward+backward, at 1 and 2 threads: causal, causal &
+             window(w) for w from 64 to N/2, 2-D/3-D neighborhoods, N from 256 to 16,384;
+             not in the default list (about 15 minutes): run it with --only sweep.
   triton     (CUDA) the Triton kernel on NATTEN's published use cases and a 1M-token sliding
              window, fp16/bf16, D=128: vs dense SDPA, our flex backend and NATTEN (if
              installed), forward and forward+backward. On CPU, TRITON_INTERPRET=1 runs it on
@@ -480,6 +485,118 @@ def section_tiles(reps: int, quick: bool, rows: list):
         rows.append(row)
 
 
+# ---------------------------------------------------------------------------------- sweep
+
+def sweep_cases():
+    """(name, spec, shape, heads): causal, causal & window(w) for w from 64 to N/2, 2-D
+    neighborhoods from 7 to half the grid, 3-D ones, N from 256 to 16,384 (beyond, a
+    materialised-mask peer no longer fits this machine's memory)."""
+    out = []
+    for n in (256, 1024, 4096, 16384):
+        H = 4 if n < 16384 else 2
+        out.append((f"1-D {n} causal", "causal()", (n,), H))
+        for w in sorted({64, n // 8, n // 2}):
+            if 64 <= w <= n // 2:
+                out.append((f"1-D {n} causal & window({w})", f"causal() & window({w})", (n,), H))
+    for side, kernels in ((16, (7, 8)), (32, (7, 16)), (64, (7, 13, 32)), (128, (13, 64))):
+        H = 4 if side < 128 else 2
+        for kk in kernels:
+            out.append((f"2-D {side}x{side} neighborhood({kk})", f"neighborhood(({kk}, {kk}))",
+                        (side, side), H))
+    out.append(("3-D 8x16x16 neighborhood((3, 7, 7))", "neighborhood((3, 7, 7))", (8, 16, 16), 4))
+    out.append(("3-D 16x32x32 neighborhood((3, 7, 7))", "neighborhood((3, 7, 7))", (16, 32, 32),
+                2))
+    return out
+
+
+def sdpa_peers(p, shape, H):
+    """(name, kwargs) of the SDPA calls that compute this exact attention: no mask when the
+    pattern is full, is_causal=True when it is the causal mask, else a materialised bool and a
+    float mask (none when H * N^2 > SDPA_MASK_MAX_SCORES: it would not fit)."""
+    from maskdsl.kernels.sdpa import kind
+
+    n = math.prod(shape)
+    found = kind(p, shape)
+    if found == "full":
+        return [("sdpa", {})]
+    if found == "causal":
+        return [("sdpa is_causal", {"is_causal": True})]
+    if H * n * n > SDPA_MASK_MAX_SCORES:
+        return []
+    mask = md.reference.mask(p, shape, 1)[0]
+    return [("sdpa + bool mask", {"attn_mask": mask}),
+            ("sdpa + float mask", {"attn_mask": torch.zeros(n, n).masked_fill_(~mask,
+                                                                              float("-inf"))})]
+
+
+def interleaved(fns, reps: int) -> list:
+    """Median seconds of each of ``fns``, timed in turn within every repetition (one warm-up
+    call each), so that drift and noise fall on all of them alike."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def section_sweep(reps: int, quick: bool, rows: list):
+    import torch.nn.functional as F
+
+    print("\n== sweep: auto vs torch's best SDPA call for the same mask (CPU, fp32, D=64, B=1) ==")
+    print("ratio = best SDPA time / maskdsl time (>= 1: maskdsl at least as fast); each row's "
+          "calls timed in turn, median of R repetitions")
+    print(f"{'case':40} {'thr':>3} {'backend':>7} {'R':>3} {'fwd':>9} {'best sdpa':>9} "
+          f"{'ratio':>6} | {'fwd+bwd':>9} {'best sdpa':>9} {'ratio':>6}  peer")
+    cases = sweep_cases()
+    if quick:
+        cases = [c for c in cases if math.prod(c[2]) <= 1024]
+    saved = torch.get_num_threads()
+    for name, spec, shape, H in cases:
+        if not wanted(name):
+            continue
+        p = md.parse(spec)
+        n = math.prod(shape)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, H, n, 64, generator=g) for _ in range(3))
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        attn = md.compile(p, shape, H)
+        peers = sdpa_peers(p, shape, H)
+        # sub-millisecond calls need many repetitions for a stable median
+        r = 31 if n <= 1024 else reps if n <= 4096 else max(2, reps // 2)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                fwd = interleaved([lambda: attn(q, k, v)] + [
+                    (lambda kw=kw: F.scaled_dot_product_attention(q, k, v, **kw))
+                    for _, kw in peers], r)
+            fb = interleaved([lambda: attn(qg, kg, vg).sum().backward()] + [
+                (lambda kw=kw: F.scaled_dot_product_attention(qg, kg, vg, **kw).sum().backward())
+                for _, kw in peers], r)
+            t_ours, t_ours_fb = fwd[0], fb[0]
+            i = min(range(len(peers)), key=lambda j: fwd[1 + j]) if peers else None
+            j = min(range(len(peers)), key=lambda j: fb[1 + j]) if peers else None
+            t_peer = fwd[1 + i] if peers else float("nan")
+            t_peer_fb = fb[1 + j] if peers else float("nan")
+            peer = peers[i][0] if peers else "none fits"
+            peer_fb = peers[j][0] if peers else "none fits"
+            ratio, ratio_fb = t_peer / t_ours, t_peer_fb / t_ours_fb
+            print(f"{name:40} {threads:>3} {attn.backend:>7} {r:>3} {t_ours * 1e3:7.2f}ms "
+                  f"{t_peer * 1e3:7.2f}ms {ratio:5.2f}x | {t_ours_fb * 1e3:7.2f}ms "
+                  f"{t_peer_fb * 1e3:7.2f}ms {ratio_fb:5.2f}x  {peer}"
+                  + (f" / {peer_fb}" if peer_fb != peer else ""), flush=True)
+            rows.append({"section": "sweep", "case": name, "threads": threads, "heads": H,
+                         "backend": attn.backend, "repetitions": r, "ours_fwd_seconds": t_ours,
+                         "best_sdpa_fwd_seconds": t_peer, "best_sdpa_fwd": peer,
+                         "ratio_fwd": ratio, "ours_fwd_bwd_seconds": t_ours_fb,
+                         "best_sdpa_fwd_bwd_seconds": t_peer_fb, "best_sdpa_fwd_bwd": peer_fb,
+                         "ratio_fwd_bwd": ratio_fb})
+    torch.set_num_threads(saved)
+
+
 # ---------------------------------------------------------------------------------- triton
 
 # NATTEN's published use cases (forward, fp16, head dim 128) with its Hopper-FNA speedups over
@@ -798,6 +915,8 @@ def main():
         section_beyond(reps, rows)
     if "compile" in only:
         section_compile(reps, rows)
+    if "sweep" in only:
+        section_sweep(reps, args.quick, rows)
     os.makedirs(args.out, exist_ok=True)
     tag = ("cuda-" if torch.cuda.is_available() else "cpu-") + datetime.date.today().isoformat()
     path = os.path.join(args.out, f"{tag}.json")
