@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maskdsl._caching import outside_inference_mode
 from .softmax import FlashLSE
 
 __all__ = ["BandPlan", "band_plan", "pays", "run_band", "BAND_COPY", "MASK_CACHE_ELEMENTS"]
@@ -62,6 +63,7 @@ class BandPlan:
         return built
 
 
+@outside_inference_mode       # kept with the plan: never an inference tensor
 def _block_mask(program, block, dtype, device):
     a, b, lo, hi = block
     mask_mod, _ = program.mods(device)

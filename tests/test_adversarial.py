@@ -162,15 +162,23 @@ def test_document_ids_changed_in_place_are_honoured():
 
 
 def test_a_call_under_inference_mode_leaves_later_calls_working():
+    """The first call (which builds and caches plans, masks and programs) runs under
+    inference mode; later training calls must not meet an inference tensor in those caches.
+    Rows: tiles' gathered path with score terms, its whole-grid call (144 tokens), its band
+    path (1-D causal window), dense and sdpa."""
     table = torch.zeros(2, 5, 5, requires_grad=True)
-    for backend, score in [("tiles", md.relative_bias(table)), ("tiles", md.softcap(5.0)),
-                           ("dense", None), ("tiles", None)]:
-        attn = md.compile(md.neighborhood((3, 3)), (12, 12), 2, score=score, backend=backend)
-        q, k, v = inputs(1, 2, 144, 8, grad=True)
+    nb, win = (md.neighborhood((3, 3)), (12, 12)), (md.causal() & md.window(512), (1024,))
+    for backend, score, (p, shape) in [("tiles", md.relative_bias(table), nb),
+                                       ("tiles", md.softcap(5.0), nb), ("dense", None, nb),
+                                       ("tiles", None, nb), ("tiles", None, win),
+                                       ("sdpa", None, (md.causal(), (64,)))]:
+        attn = md.compile(p, shape, 2, score=score, backend=backend)
+        n = attn.n
+        q, k, v = inputs(1, 2, n, 8, grad=True)
         with torch.inference_mode():
             attn(q, k, v)
         attn(q, k, v).sum().backward()
-        again = md.compile(md.neighborhood((3, 3)), (12, 12), 2, score=score, backend=backend)
+        again = md.compile(p, shape, 2, score=score, backend=backend)
         again(q, k, v).sum().backward()
         assert torch.isfinite(q.grad).all()
 
