@@ -433,6 +433,16 @@ def tiles_peak_memory(spec: str, shape: tuple, heads: int, D: int = 64) -> float
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def case_inputs(spec: str, shape: tuple, H: int, D: int = 64):
+    """(pattern, N, q, k, v): a benchmark case's parsed pattern and seeded fp32 [1, H, N, D]
+    inputs."""
+    p = md.parse(spec)
+    n = math.prod(shape)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, D, generator=g) for _ in range(3))
+    return p, n, q, k, v
+
+
 def section_tiles(reps: int, quick: bool, rows: list):
     import torch.nn.functional as F
 
@@ -443,10 +453,7 @@ def section_tiles(reps: int, quick: bool, rows: list):
     for name, spec, shape, H, kernel in cases:
         if not wanted(name):
             continue
-        p = md.parse(spec)
-        n = math.prod(shape)
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, H, n, 64, generator=g) for _ in range(3))
+        p, n, q, k, v = case_inputs(spec, shape, H)
         attn = md.compile(p, shape, H, backend="tiles")
         with torch.no_grad():
             t_tiles = timeit(lambda: attn(q, k, v), reps)
@@ -558,10 +565,7 @@ def section_sweep(reps: int, quick: bool, rows: list):
     for name, spec, shape, H in cases:
         if not wanted(name):
             continue
-        p = md.parse(spec)
-        n = math.prod(shape)
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, H, n, 64, generator=g) for _ in range(3))
+        p, n, q, k, v = case_inputs(spec, shape, H)
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
         attn = md.compile(p, shape, H)
         peers = sdpa_peers(p, shape, H)

@@ -71,12 +71,13 @@ class Spec:
         return self.extent is not None
 
 
-def whole_grid_only(name: str, spec: Spec) -> Optional[str]:
-    """The refusal of a backend whose kernel runs the whole grid, for a sub-range request."""
+def whole_grid_only(runs: str, spec: Spec) -> Optional[str]:
+    """The refusal of a backend whose kernel runs the whole grid, for a sub-range request
+    (``runs``: who runs it, "the flex kernels run")."""
     if not spec.ranged:
         return None
-    return (f"{spec.extent.describe()}: the {name} kernels run the whole grid; sub-ranges run "
-            f"on backend='tiles' (PyTorch, any device) or 'dense'")
+    return (f"{spec.extent.describe()}: {runs} the whole grid; sub-ranges run on "
+            f"backend='tiles' (PyTorch, any device) or 'dense'")
 
 
 @dataclass

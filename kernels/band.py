@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from maskdsl._caching import outside_inference_mode
 from .softmax import FlashLSE
 
-__all__ = ["BandPlan", "band_plan", "pays", "run_band", "BAND_COPY", "MASK_CACHE_ELEMENTS"]
+__all__ = ["BandPlan", "band_plan", "pays", "run_band", "run_blocks", "additive", "BAND_COPY",
+           "MASK_CACHE_ELEMENTS"]
 
 # The gathered path copies each query tile's K keys: its cost per pair is about 1 + BAND_COPY / V
 # of the band's (V: tokens per query tile), so the band is taken up to that many times the
@@ -63,6 +64,20 @@ class BandPlan:
         return built
 
 
+def additive(ok: torch.Tensor, dtype):
+    """(additive 0 / -inf mask in ``dtype``, bool rows with a key [..., q, 1] or None when all
+    have one) of a bool mask ``ok`` [..., q, k]; a row with no key gets key 0 as a stand-in, so
+    SDPA never sees an all -inf row (its output is zeroed by ``run_blocks``)."""
+    some = ok.any(-1, keepdim=True)
+    rows = None
+    if not bool(some.all()):
+        ok = ok.clone()
+        ok[..., :1] |= ~some
+        rows = some
+    mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, float("-inf"))
+    return mask, rows
+
+
 @outside_inference_mode       # kept with the plan: never an inference tensor
 def _block_mask(program, block, dtype, device):
     a, b, lo, hi = block
@@ -70,15 +85,7 @@ def _block_mask(program, block, dtype, device):
     qi = torch.arange(a, b, device=device)[:, None]
     ki = torch.arange(lo, hi, device=device)[None, :]
     ok = mask_mod(0, torch.zeros((), dtype=torch.int64, device=device), qi, ki)
-    ok = ok.expand(b - a, hi - lo)
-    some = ok.any(-1, keepdim=True)
-    rows = None
-    if not bool(some.all()):
-        ok = ok.clone()
-        ok[:, :1] |= ~some            # a row with no key gets a stand-in key, zeroed after
-        rows = some
-    mask = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
-    return mask, rows
+    return additive(ok.expand(b - a, hi - lo), dtype)
 
 
 def band_plan(program) -> Optional[BandPlan]:
@@ -122,6 +129,15 @@ def pays(bp: Optional[BandPlan], gathered_pairs: int, V: int) -> bool:
 def run_band(bp: BandPlan, q, k, v, scale: float, dt, return_lse: bool):
     """[B, H, N, Dv] (and lse [B, H, N]) over the band's query blocks (see the module
     docstring); q, k, v in the user's order, k and v may have H_kv heads (GQA)."""
+    return run_blocks(bp.blocks, lambda i: bp.mask(i, dt, q.device), q, k, v, scale, dt,
+                      return_lse)
+
+
+def run_blocks(blocks, mask_of, q, k, v, scale: float, dt, return_lse: bool):
+    """One fused SDPA call per block ``(a, b, lo, hi)``: queries [a, b) against views of keys
+    [lo, hi), with ``mask_of(i)`` = (additive mask broadcast to [B, H, b - a, hi - lo], rows
+    with a key or None; see ``additive``); the blocks cover every query once. Also the tiles
+    backend's whole-grid call (one block). Rows with no key give zeros (and lse -inf)."""
     B, H, N, _ = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
     qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
@@ -130,8 +146,8 @@ def run_band(bp: BandPlan, q, k, v, scale: float, dt, return_lse: bool):
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     whole = None if grad else torch.empty(B, H, N, Dv, dtype=dt, device=q.device)
     outs, lses = [], []
-    for i, (a, b, lo, hi) in enumerate(bp.blocks):
-        mask, rows = bp.mask(i, dt, q.device)
+    for i, (a, b, lo, hi) in enumerate(blocks):
+        mask, rows = mask_of(i)
         qs, ks, vs = qd[:, :, a:b], kd[:, :, lo:hi], vd[:, :, lo:hi]
         if return_lse:
             o, lse = FlashLSE.apply(qs, ks, vs, mask, scale)
@@ -141,8 +157,9 @@ def run_band(bp: BandPlan, q, k, v, scale: float, dt, return_lse: bool):
         if rows is not None:
             o = torch.where(rows, o, torch.zeros((), dtype=o.dtype, device=o.device))
             if return_lse:
-                lse = torch.where(rows[:, 0], lse, torch.full((), float("-inf"), dtype=lse.dtype,
-                                                               device=lse.device))
+                lse = torch.where(rows[..., 0], lse, torch.full((), float("-inf"),
+                                                                dtype=lse.dtype,
+                                                                device=lse.device))
         if whole is None:
             outs.append(o)
         else:

@@ -202,7 +202,7 @@ def _beyond_flex(score):
 
 
 def refusal(spec, device) -> Optional[str]:
-    whole = whole_grid_only("flex", spec)
+    whole = whole_grid_only("the flex kernels run", spec)
     if whole is not None:
         return whole
     node = _beyond_flex(spec.score)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from maskdsl.codegen.simplify import simplify
 from maskdsl.dsl.pattern import Causal, Full
 from maskdsl.dsl.score import score_terms
+from .backends import whole_grid_only
 from .softmax import FlashLSE
 
 __all__ = ["refusal", "preference", "strength", "call_refusal", "prepare", "run", "kind"]
@@ -44,9 +45,9 @@ def kind(pattern, shape) -> Optional[str]:
 
 
 def refusal(spec, device) -> Optional[str]:
-    if spec.ranged:
-        return (f"{spec.extent.describe()}: torch's SDPA runs the whole grid; sub-ranges run on "
-                f"backend='tiles' or 'dense'")
+    whole = whole_grid_only("torch's SDPA runs", spec)
+    if whole is not None:
+        return whole
     if kind(spec.pattern, spec.shape) is None:
         return "torch's SDPA runs only full() and the plain causal mask"
     terms = score_terms(spec.score)

@@ -225,10 +225,9 @@ class TilePlan:
 
     @outside_inference_mode
     def whole_mask(self, dtype):
-        """The whole grid's SDPA mask [1, 1 or H, N, N] in the user's token order, additive 0 /
-        -inf in ``dtype``, scattered from the plan's token masks (built once per dtype); a row
-        with no key gets key 0 (its output is zeroed); and bool [1, 1 or H, N, 1]: rows with a
-        key."""
+        """The whole grid's SDPA mask [1, 1 or H, N, N] in the user's token order, scattered
+        from the plan's token masks, as ``band.additive`` gives it (with the rows that have a
+        key, [1, 1 or H, N, 1], or None), built once per dtype."""
         key = dtype
         if key not in self._whole_masks:
             n, T, V, K = self.n_users, self.T, self.V, self.K
@@ -247,12 +246,8 @@ class TilePlan:
                 sel = ok[h]
                 full[h].index_put_((qi[sel], ki[sel]),
                                    torch.ones((), dtype=torch.bool, device=dev))
-            full = full[:, :n, :n]
-            some = full.any(-1, keepdim=True)
-            full[:, :, :1] |= ~some
-            mask = torch.zeros(full.shape, dtype=dtype, device=dev).masked_fill_(
-                ~full, float("-inf"))
-            self._whole_masks[key] = (mask[None], some[None])
+            mask, rows = band.additive(full[None, :, :n, :n], dtype)
+            self._whole_masks[key] = (mask, rows)
         return self._whole_masks[key]
 
     def allowed_chunk(self, t0: int = 0, t1: Optional[int] = None) -> torch.Tensor:
@@ -461,26 +456,10 @@ def run_tiles(program, q, k, v, scale: float, *, sink=None, dropout_p=None,
 
 def _run_whole(plan, q, k, v, scale, dt, return_lse):
     """One fused SDPA call over the whole grid with the plan's mask materialised (see
-    ``WHOLE_FRACTION``); rows with no key give zeros (and lse -inf)."""
-    H, Hk = q.shape[1], k.shape[1]
-    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
-    mask, some = plan.whole_mask(dt)
-    if return_lse:
-        if Hk != H:
-            kd, vd = kd.repeat_interleave(H // Hk, 1), vd.repeat_interleave(H // Hk, 1)
-        out, lse = FlashLSE.apply(qd.contiguous(), kd.contiguous(), vd.contiguous(), mask, scale)
-    else:
-        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale,
-                                             enable_gqa=Hk != H)
-    if not plan.every_row_has_keys:
-        out = torch.where(some, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    out = out.to(q.dtype)
-    if not return_lse:
-        return out
-    if not plan.every_row_has_keys:
-        lse = torch.where(some[..., 0], lse, torch.full((), float("-inf"), dtype=lse.dtype,
-                                                          device=lse.device))
-    return out, lse.to(dt)
+    ``WHOLE_FRACTION``): ``band.run_blocks`` with one block."""
+    n = plan.n_users
+    return band.run_blocks([(0, n, 0, n)], lambda i: plan.whole_mask(dt), q, k, v, scale, dt,
+                           return_lse)
 
 
 def _attend(program, plan, qt, kg, vg, q, scale, sink, dropout_p, generator, keep, dt,

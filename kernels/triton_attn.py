@@ -369,7 +369,7 @@ def _python_leaf(pattern):
 
 
 def refusal(spec, device) -> Optional[str]:
-    whole = whole_grid_only("triton", spec)
+    whole = whole_grid_only("the triton kernels run", spec)
     if whole is not None:
         return whole
     leaf = _python_leaf(spec.pattern) or next(
