@@ -20,12 +20,12 @@ import torch
 
 from maskdsl._caching import LRU, outside_inference_mode
 from maskdsl._errors import MaskDSLError
-from maskdsl._memory import check_allocation, guard
+from maskdsl._memory import guard
 from maskdsl.dsl.node import walk
 from maskdsl.dsl.pattern import MaskFn
 from maskdsl.dsl.score import ScoreFn, score_terms, terms_with_role
 from maskdsl.codegen.program import Program
-from maskdsl.codegen.tileclasses import FULL, PARTIAL, TileClasses
+from maskdsl.codegen.tileclasses import FULL, PARTIAL
 from .backends import whole_grid_only
 
 __all__ = ["run_flex", "FLEX_DTYPES", "compiled_flex", "block_mask", "permutation",
@@ -59,18 +59,6 @@ def compiled_flex():
 
 # ---------------------------------------------------------------------- the BlockMask
 
-def _ordered(cls: TileClasses, which: int, width: int):
-    """(num [T], indices [T, width]) int32 of the entries of class ``which``, row by row."""
-    sel = cls.cls == which
-    rows, cols = cls.rows()[sel], cls.indices[sel]
-    num = np.bincount(rows, minlength=cls.Tq).astype(np.int32)
-    idx = np.zeros((cls.Tq, width), np.int32)
-    if len(rows):
-        starts = np.concatenate([[0], np.cumsum(num)[:-1]])
-        idx[rows, np.arange(len(rows)) - starts[rows]] = cols
-    return num, idx
-
-
 @outside_inference_mode
 @guard("block_mask()")
 def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True,
@@ -79,8 +67,6 @@ def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True,
 
     ``seq_len``: the sequence length it is made for (default: the layout's padded length, what
     the backend runs); a row-major layout may pass the user's N (the last block is partial)."""
-    from torch.nn.attention.flex_attention import BlockMask  # deferred (see compiled_flex)
-
     device = torch.device(device)
     r = program.recipe
     n = r.layout.n_padded if seq_len is None else seq_len
@@ -91,28 +77,29 @@ def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True,
     found = _BLOCK_MASKS.get(key)
     if found is not None:
         return found
+    from .compact import CompactBlockMask, compact_from_rows  # deferred with flex's import
+
     heads = [r.classes.distinct[0]] if r.classes.shared else [r.classes.head(h) for h in range(r.heads)]
     T = r.layout.n_tiles
-    check_allocation(f"a BlockMask of {len(heads)} x {T} x {T} blocks",
-                     (8 if compute_q_blocks else 4) * 4 * len(heads) * T * T,
-                     "use backend='triton' or 'tiles' (no BlockMask)")
 
-    def tensors(tables):
-        parts = [_ordered(c, which, T) for c in tables for which in (PARTIAL, FULL)]
-        pnum = np.stack([p[0] for p in parts[0::2]])
-        pidx = np.stack([p[1] for p in parts[0::2]])
-        fnum = np.stack([p[0] for p in parts[1::2]])
-        fidx = np.stack([p[1] for p in parts[1::2]])
-        return [torch.from_numpy(x)[None].to(device) for x in (pnum, pidx, fnum, fidx)]
+    def tables(classes):
+        """Per class (PARTIAL, FULL): compact (num, indices), the indices as wide as the
+        longest row (kernels/compact.py)."""
+        out = []
+        for which in (PARTIAL, FULL):
+            sel = [c.cls == which for c in classes]
+            counts = [np.bincount(c.rows()[s], minlength=c.Tq) for c, s in zip(classes, sel)]
+            out += compact_from_rows(counts, [c.indices[s] for c, s in zip(classes, sel)], T, device)
+        return out
 
-    kv_num, kv_idx, fkv_num, fkv_idx = tensors(heads)
+    kv_num, kv_idx, fkv_num, fkv_idx = tables(heads)
     if compute_q_blocks:
-        q_num, q_idx, fq_num, fq_idx = tensors([c.transpose() for c in heads])
+        q_num, q_idx, fq_num, fq_idx = tables([c.transpose() for c in heads])
     else:
         q_num = q_idx = fq_num = fq_idx = None
     mask_mod, _ = program.mods(device, flex=True)
-    bm = BlockMask((n, n), kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
-                   BLOCK_SIZE=(r.block, r.block), mask_mod=mask_mod)
+    bm = CompactBlockMask((n, n), kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+                          BLOCK_SIZE=(r.block, r.block), mask_mod=mask_mod)
     return _BLOCK_MASKS.put(key, bm)
 
 

@@ -173,6 +173,12 @@ class CompiledAttention:
             states[name] = backends.get(name).prepare(self._spec)
         return states[name]
 
+    def prepared_state(self, name: str):
+        """Backend ``name``'s prepared state if it is already built (None otherwise): nothing is
+        built here."""
+        self.refresh()
+        return self._prepared.backends.get(name)
+
     def prepared(self, name: str, build):
         """The derived artefact ``name`` (a field of :class:`Prepared`: ``row_major``,
         ``plain``, ``reach``, ``lookback``), built by ``build()`` on first use from the

@@ -76,14 +76,15 @@ class FlexInputs:
 
 
 def row_major_program(attn):
-    """The Program of ``attn``'s pattern in row-major token order: the tiled program itself when
-    its layout already is row-major order, otherwise the row-major-order layout (a tiling equal
-    to row-major where one exists, so the tile classes stay per-dimension and cheap)."""
-    tiled = attn.backend_state("flex")
-    lay = row_major(attn.shape, BLOCK_SIZE)
-    if tiled.layout.row_major_order:
+    """The Program of ``attn``'s pattern in row-major token order: the flex backend's own program
+    when it is already prepared and its layout is row-major order, otherwise the row-major-order
+    layout (a tiling equal to row-major where one exists, so the tile classes stay per-dimension
+    and cheap), built without the layout search the tiled program needs."""
+    tiled = attn.prepared_state("flex")
+    if tiled is not None and tiled.layout.row_major_order:
         return tiled
-    return Program(attn.pattern, attn.score, attn.shape, attn.heads, tile=lay)
+    return Program(attn.pattern, attn.score, attn.shape, attn.heads,
+                   tile=row_major(attn.shape, BLOCK_SIZE))
 
 
 def row_major_block_mask(program, device):
