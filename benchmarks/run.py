@@ -126,6 +126,7 @@ BUILD_CASES = [
     ("2-D 256x256 neighborhood((13, 13))", "neighborhood((13, 13))", (256, 256), True),
     ("1-D 65536 causal() & window(1024)", "causal() & window(1024)", (65536,), True),
     ("3-D 32x128x128 neighborhood((3, 13, 13))", "neighborhood((3, 13, 13))", (32, 128, 128), False),
+    ("1-D 4194304 causal() & window(1024)", "causal() & window(1024)", (4194304,), False),
 ]
 
 
@@ -160,18 +161,45 @@ def child_build(spec: str, shape: tuple) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _user_mask_mod(spec: str, shape: tuple):
+    """The mask_mod a Flex user writes for the case (attention-gym's formulas: its sliding
+    window, its NATTEN-style neighborhood with the window centre clamped inside the grid)."""
+    if spec.startswith("causal() & window("):
+        w = int(spec[len("causal() & window("):-1])
+
+        def sliding_window(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= w)
+        return sliding_window
+    if spec.startswith("neighborhood((") and len(shape) == 2:
+        kh, kw = (int(x) for x in spec[len("neighborhood(("):-2].split(","))
+        rows, cols = shape
+
+        def natten(b, h, q_idx, kv_idx):
+            qr, qc, kr, kc = q_idx // cols, q_idx % cols, kv_idx // cols, kv_idx % cols
+            cr = qr.clamp(kh // 2, rows - 1 - kh // 2)
+            cc = qc.clamp(kw // 2, cols - 1 - kw // 2)
+            return ((cr - kr).abs() <= kh // 2) & ((cc - kc).abs() <= kw // 2)
+        return natten
+    raise ValueError(f"no hand-written mask_mod for {spec}")
+
+
 def peer_build(spec: str, shape: tuple, reps: int) -> dict:
+    """torch.compile(create_block_mask) with the mask_mod a user writes: its first call (the
+    compile) and its steady state; its blocks are checked against ours."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    prog = _prog.Program(md.parse(spec), None, shape, 1, tile=None)   # row-major mask_mod
-    mask_mod, _ = prog.mods("cpu")
+    mask_mod = _user_mask_mod(spec, shape)
     n = math.prod(shape)
     cbm = torch.compile(create_block_mask)
     t0 = time.perf_counter()
-    cbm(mask_mod, 1, 1, n, n, device="cpu")
+    theirs = cbm(mask_mod, 1, 1, n, n, device="cpu")
     first = time.perf_counter() - t0
     steady = timeit(lambda: cbm(mask_mod, 1, 1, n, n, device="cpu"), reps, warmup=1)
-    return {"first_call_seconds": first, "steady_seconds": steady}
+    ours = md.compile(md.parse(spec), shape, 1).block_mask()
+    if not torch.equal(theirs.to_dense(), ours.to_dense()):
+        raise AssertionError(f"{spec}: the hand-written mask_mod's blocks differ from ours")
+    return {"first_call_seconds": first, "steady_seconds": steady,
+            "peer": f"torch.compile(create_block_mask)({mask_mod.__name__}, hand-written)"}
 
 
 def section_build(reps: int, rows: list):
@@ -200,7 +228,7 @@ def section_build(reps: int, rows: list):
                          "ours_tiled_seconds": ours_tiled,
                          "create_block_mask_steady_seconds": peer["steady_seconds"],
                          "create_block_mask_first_call_seconds": peer["first_call_seconds"],
-                         "speedup": speed, "layout": r["layout"], "blocks": r["blocks"],
+                         "speedup": speed, "peer": peer["peer"], "layout": r["layout"], "blocks": r["blocks"],
                          "tiled_layout": rt["layout"], "tiled_blocks": rt["blocks"]})
         else:
             r = child_build(spec, shape)

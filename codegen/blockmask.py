@@ -119,22 +119,27 @@ class _TileSets:
             order = np.arange(T * B)
             order[L:] = -1
             return TileClasses.from_dense(_TileSets._dim_classes_dense(dr, order, B))
-        x = np.arange(L)
-        lo, hi = key_range(dr, x, L)
         steps = [int(s) for s in dr.steps]
         step = math.lcm(*steps) if steps else 1
-        pad = T * B - L
-        # padding queries get the empty range [L, 0): they never count (int32: L < 2**31)
-        lo_t = np.pad(lo.astype(np.int32), (0, pad), constant_values=L).reshape(T, B)
-        hi_t = np.pad(hi.astype(np.int32), (0, pad), constant_values=0).reshape(T, B)
-        real = np.minimum(B, L - np.arange(T) * B)              # real tokens per tile
-        has = hi_t > lo_t                                       # queries with any key
+        # per-tile summaries of the key ranges, a chunk of tiles at a time: O(T) memory beside
+        # chunk-sized arrays (small arrays are reused by the allocator; token-sized ones would be
+        # fresh pages every time: most of the cost at 65,536 tokens)
+        min_lo, max_lo = np.empty(T, np.int64), np.empty(T, np.int64)
+        min_hi, max_hi = np.empty(T, np.int64), np.empty(T, np.int64)
+        all_have = np.empty(T, bool)
         big = np.iinfo(np.int64).max
-        min_lo = np.where(has, lo_t, big).min(1)
-        max_lo = np.where(has, lo_t, -1).max(1)
-        min_hi = np.where(has, hi_t, big).min(1)
-        max_hi = np.where(has, hi_t, 0).max(1)
-        all_have = has.sum(1) == real
+        ct = max(1, _CHUNK_TOKENS // B)
+        for t0 in range(0, T, ct):
+            t1 = min(T, t0 + ct)
+            lo_t, hi_t = _tile_ranges(dr, np.arange(t0, t1), B, L)
+            has = hi_t > lo_t                                   # queries with any key
+            real = np.minimum(B, L - np.arange(t0, t1) * B)     # real tokens per tile
+            min_lo[t0:t1] = np.where(has, lo_t, big).min(1)
+            max_lo[t0:t1] = np.where(has, lo_t, -1).max(1)
+            min_hi[t0:t1] = np.where(has, hi_t, big).min(1)
+            max_hi[t0:t1] = np.where(has, hi_t, 0).max(1)
+            all_have[t0:t1] = has.sum(1) == real
+        real = np.minimum(B, L - np.arange(T) * B)
         rows = np.nonzero(max_hi > 0)[0]
         if len(rows) == 0:
             return TileClasses.empty(T, T)
@@ -148,21 +153,25 @@ class _TileSets:
         full = (step == 1) & all_have[i_idx] & (max_lo[i_idx] <= b0) & (min_hi[i_idx] >= b1)
         empty = (b1 <= min_lo[i_idx]) | (b0 >= max_hi[i_idx])
         cls = np.where(full, FULL, np.where(empty, EMPTY, PARTIAL)).astype(np.int8)
-        # undecided boundary pairs: count exactly (a few per row for banded patterns)
+        # undecided boundary pairs: count exactly (a few per row for banded patterns), a chunk
+        # of pairs at a time
         und = np.nonzero(~full & ~empty)[0]
-        if len(und):
-            ii = i_idx[und]
-            bb0, bb1 = b0[und].astype(np.int32), b1[und].astype(np.int32)
-            s_ = np.maximum(lo_t[ii], bb0[:, None])                     # [P, B]
-            e_ = np.minimum(hi_t[ii], bb1[:, None])
+        cp = max(1, _CHUNK_TOKENS // B)
+        for u0 in range(0, len(und), cp):
+            u = und[u0:u0 + cp]
+            ii = i_idx[u]
+            lo_t, hi_t = _tile_ranges(dr, ii, B, L)
+            bb0, bb1 = b0[u], b1[u]
+            s_ = np.maximum(lo_t, bb0[:, None])                         # [P, B]
+            e_ = np.minimum(hi_t, bb1[:, None])
             if step == 1:
                 cnt = np.maximum(e_ - s_, 0).sum(1)
             else:
-                q = (ii[:, None] * B + np.arange(B, dtype=np.int32)[None, :]).astype(np.int32)
+                q = ii[:, None] * B + np.arange(B)[None, :]
                 first = s_ + np.mod(q - s_, step)
                 cnt = np.where(e_ > first, (e_ - first + step - 1) // step, 0).sum(1)
             size = real[ii] * (bb1 - bb0)
-            cls[und] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
+            cls[u] = np.where(cnt == 0, EMPTY, np.where(cnt == size, FULL, PARTIAL))
         return TileClasses.from_pairs(T, T, i_idx, j_idx, cls, sort=False)
 
     def boxes(self):
@@ -532,6 +541,20 @@ def _count_pow2_or_zero(dmin: np.ndarray, dmax: np.ndarray) -> np.ndarray:
     f_hi = _floor_log2(np.maximum(dmax, 1))
     f_below = np.where(lo > 1, _floor_log2(np.maximum(lo - 1, 1)), -1)
     return zero + np.where(ok, f_hi - f_below, 0)
+
+
+_CHUNK_TOKENS = 8192     # token-sized work in pieces of this many (64 KB int64 arrays)
+
+
+def _tile_ranges(dr: DimRange, tiles: np.ndarray, B: int, L: int):
+    """Key ranges [lo, hi) of every query of the given B-token tiles, [len(tiles), B]; padding
+    queries past L get the empty range [L, 0) (they never count)."""
+    x = tiles[:, None] * B + np.arange(B)[None, :]
+    lo, hi = key_range(dr, x, L)
+    pad = x >= L
+    if pad.any():
+        lo, hi = np.where(pad, L, lo), np.where(pad, 0, hi)
+    return lo, hi
 
 
 def key_range(dr: DimRange, x: np.ndarray, L: int):

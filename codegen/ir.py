@@ -203,7 +203,7 @@ class DimRange:
             terms.append(sp.Lt(k, self.hi.xreplace(sub), evaluate=False))
         for s in self.steps:
             terms.append(sp.Eq(sp.Mod(k - q, s), 0, evaluate=False))
-        return sp.And(*terms, evaluate=False) if terms else sp.true
+        return AllOf(*terms)
 
 
 @dataclass(frozen=True)
@@ -362,15 +362,20 @@ def tighten(expr, L: int):
     else:
         expr = expr.func(*args)
     if isinstance(expr, (sp.Min, sp.Max)):
-        q = np.arange(L, dtype=np.int64)
-        vals = []
-        for a in expr.args:
-            v = evaluate(a, {Q[0]: q})
-            vals.append(np.broadcast_to(np.asarray(v), q.shape))
-        best = np.minimum.reduce(vals) if isinstance(expr, sp.Min) else np.maximum.reduce(vals)
-        for a, v in zip(expr.args, vals):
-            if np.array_equal(v, best):
-                return a
+        # the arguments that win everywhere, checked over q in pieces of 8,192 (small arrays
+        # the allocator reuses; token-sized ones cost fresh pages at every compile)
+        winners = list(range(len(expr.args)))
+        reduce = np.minimum.reduce if isinstance(expr, sp.Min) else np.maximum.reduce
+        for q0 in range(0, L, 8192):
+            q = np.arange(q0, min(L, q0 + 8192), dtype=np.int64)
+            vals = [np.broadcast_to(np.asarray(evaluate(a, {Q[0]: q})), q.shape)
+                    for a in expr.args]
+            best = reduce(vals)
+            winners = [i for i in winners if np.array_equal(vals[i], best)]
+            if not winners:
+                break
+        if winners:
+            return expr.args[winners[0]]
     return expr
 
 
@@ -679,6 +684,32 @@ def contains(n, cls) -> bool:
     return any(contains(c, cls) for c in kids)
 
 
+class AllOf(sp.And):
+    """An And that keeps its arguments as given: sympy's And canonicalises and sorts every
+    relational argument to drop duplicates, most of a small mask_mod's generation time; the IR
+    is simplified already. Prints, substitutes and compares like And."""
+
+    def __new__(cls, *args):
+        args = [a for a in args if a is not sp.true]
+        if any(a is sp.false for a in args):
+            return sp.false
+        if not args:
+            return sp.true
+        return args[0] if len(args) == 1 else sp.Basic.__new__(cls, *args)
+
+
+class AnyOf(sp.Or):
+    """An Or that keeps its arguments as given (see :class:`AllOf`)."""
+
+    def __new__(cls, *args):
+        args = [a for a in args if a is not sp.false]
+        if any(a is sp.true for a in args):
+            return sp.true
+        if not args:
+            return sp.false
+        return args[0] if len(args) == 1 else sp.Basic.__new__(cls, *args)
+
+
 def predicate(n, coords_q, coords_k, qf, kf) -> sp.Basic:
     """The IR as one sympy boolean over the given coordinate/flat expressions (built
     unevaluated: the IR is already simplified, and boolean simplification is slow)."""
@@ -699,8 +730,7 @@ def _(n, at):
 @_predicate.register(Sep)
 def _(n, at):
     coords_q, coords_k, _, _ = at
-    return sp.And(*[d.condition(coords_q[i], coords_k[i]) for i, d in enumerate(n.dims)],
-                  evaluate=False)
+    return AllOf(*[d.condition(coords_q[i], coords_k[i]) for i, d in enumerate(n.dims)])
 
 
 @_predicate.register(Flat)
@@ -710,12 +740,12 @@ def _(n, at):
 
 @_predicate.register(AndN)
 def _(n, at):
-    return sp.And(*[_predicate(c, at) for c in n.children], evaluate=False)
+    return AllOf(*[_predicate(c, at) for c in n.children])
 
 
 @_predicate.register(OrN)
 def _(n, at):
-    return sp.Or(*[_predicate(c, at) for c in n.children], evaluate=False)
+    return AnyOf(*[_predicate(c, at) for c in n.children])
 
 
 @_predicate.register(NotN)
@@ -725,8 +755,8 @@ def _(n, at):
 
 @_predicate.register(HeadsN)
 def _(n, at):
-    return sp.Or(*[sp.And(sp.Eq(H, i, evaluate=False), _predicate(c, at), evaluate=False)
-                   for i, c in enumerate(n.children)], evaluate=False)
+    return AnyOf(*[AllOf(sp.Eq(H, i, evaluate=False), _predicate(c, at))
+                   for i, c in enumerate(n.children)])
 
 
 # ------------------------------------------------------------------------------ scores
