@@ -351,3 +351,79 @@ def test_dynamic_true_and_maybe_mark_dynamic_specialize_every_size_but_batch():
         x = torch.randn(1, 6, 8, 16)
         torch._dynamo.maybe_mark_dynamic(x, 1)
         _same_as_eager(torch.compile(model, fullgraph=True, backend="aot_eager"), model, x)
+
+
+def _counting_calls(monkeypatch):
+    """Counts the real (run-time) calls of CompiledAttention, not Dynamo's traces."""
+    from maskdsl.runtime import compiled
+
+    calls = {"n": 0}
+    orig = compiled.CompiledAttention.__call__
+
+    def counted(self, *args, **kw):
+        if not torch.compiler.is_compiling():
+            calls["n"] += 1
+        return orig(self, *args, **kw)
+
+    monkeypatch.setattr(compiled.CompiledAttention, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["tiles", "dense"])
+def test_compiled_backward_uses_the_recorded_forward(monkeypatch, backend):
+    """A training graph runs attention once per forward+backward (the backward takes the
+    forward's recorded autograd graph from the stash) and gets eager's gradients, also when the
+    graph writes into the op's output; the entry goes with its backward or with the graph."""
+    from maskdsl.runtime import ops
+
+    table = torch.randn(2, 5, 5, requires_grad=True)
+    attn = md.compile(md.neighborhood((3, 3)) | md.sink(2), shape=(8, 8), heads=2,
+                      score=md.relative_bias(table), backend=backend)
+
+    def f(q, k, v):
+        out = attn(q, k, v)
+        out.mul_(2.0)                     # the graph writes into the op's output
+        return out.square().sum()
+
+    g = torch.compile(f, fullgraph=True)
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 64, 8, requires_grad=True) for _ in range(3))
+    inputs = (q, k, v, table)
+    want = torch.autograd.grad(f(q, k, v), inputs)
+    g(q, k, v)                            # the compile
+    before = ops.stashed()
+    calls = _counting_calls(monkeypatch)
+    loss = g(q, k, v)
+    assert ops.stashed() == before + 1 and calls["n"] == 1
+    got = torch.autograd.grad(loss, inputs)
+    assert calls["n"] == 1 and ops.stashed() == before
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # a forward whose graph is dropped without a backward leaves nothing behind
+    loss = g(q, k, v)
+    assert ops.stashed() == before + 1
+    del loss
+    assert ops.stashed() == before
+    # no gradient wanted: nothing recorded
+    with torch.no_grad():
+        g(q, k, v)
+    assert ops.stashed() == before
+
+
+def test_a_second_backward_recomputes_with_the_same_dropout(monkeypatch):
+    """retain_graph=True and a second backward: the stash entry was taken by the first, so the
+    second recomputes the forward, replaying the dropout stream's state: the same gradients."""
+    attn = md.compile(md.neighborhood(5), shape=(32,), heads=2, backend="tiles",
+                      score=md.dropout(0.3, seed=5))
+    g = torch.compile(lambda q, k, v: attn(q, k, v).square().sum(), fullgraph=True)
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 32, 8, requires_grad=True) for _ in range(3))
+    g(q, k, v)
+    calls = _counting_calls(monkeypatch)
+    loss = g(q, k, v)
+    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    assert calls["n"] == 1
+    second = torch.autograd.grad(loss, (q, k, v))
+    assert calls["n"] == 2
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)

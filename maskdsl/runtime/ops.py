@@ -27,12 +27,19 @@ entry and a graph's constants are the same in every process. Two kinds of state 
 and get a per-object suffix: a dropout stream (each callable's generator advances on its own) and
 document ids (an in-place change is noticed by the object that holds them).
 
-Backward: ``maskdsl::attention_backward``, itself a custom op, recomputes the forward under
-``enable_grad`` and returns ``torch.autograd.grad`` of it (q, k, v and each parameter that needs
-one): correct on every backend, at the cost of one more forward per backward. Dropout keeps its
-eager semantics: the forward returns its generator's state from before the call, and the
-backward replays that state, so it drops exactly what the forward dropped; the stream advances
-once per call, as in eager.
+Backward: ``maskdsl::attention_backward``, itself a custom op. When the graph's forward needs a
+gradient (grad mode on, some input or score parameter requiring grad: static at trace time), the
+forward op runs the call with autograd recording, on detached inputs, keeps that autograd graph
+in a stash under a *token* (an int64 tensor it returns, saved for the backward) and hands out a
+copy of the output (the graph may write into it; the kept graph must not see that); the backward
+op takes the stashed graph by its token and runs ``torch.autograd.grad`` on it: no second
+forward, exactly eager's gradients. The stash entry goes when the backward takes it or when the
+token is freed (the graph that saved it was dropped), and the stash is bounded
+(``STASH_SIZE``); without an entry (a second backward, an evicted one), the backward recomputes
+the forward under ``enable_grad``, as correct at the cost of one more forward. Dropout keeps
+its eager semantics: the forward returns its generator's state from before the call, and a
+recomputing backward replays that state, so it drops exactly what the forward dropped; the
+stream advances once per call, as in eager.
 
 A call that eager would refuse compiles into a graph that raises the same ``MaskDSLError`` when
 it runs (``maskdsl::refuse``), so bad input raises ``MaskDSLError`` under
@@ -58,6 +65,7 @@ __all__ = ["compiled_call", "REGISTRY_SIZE", "handle_of"]
 
 REGISTRY_SIZE = 512                 # CompiledAttention entries (least recently used out)
 _REGISTRY = LRU(REGISTRY_SIZE)
+STASH_SIZE = 1024                   # forward autograd graphs kept for their backward
 _SERIAL = itertools.count()
 _NO_STATE = torch.empty(0, dtype=torch.uint8)
 
@@ -151,25 +159,83 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+# ---------------------------------------------------------------------- the stash
+
+_STASH: "dict[int, tuple]" = {}       # token id -> (inputs, outputs) of a recorded forward
+_STASH_IDS = itertools.count(1)
+_NO_TOKEN = torch.empty(0, dtype=torch.int64)
+
+
+def _recording(inputs: list, needs) -> list:
+    """The inputs a recorded call runs on: q, k, v detached, requiring grad where needed; a
+    score parameter that is a leaf already requiring grad (the module's own ``Parameter``) as
+    itself, so the call keeps its object's prepared state (``_with_params``), others detached."""
+    out = []
+    for i, (t, n) in enumerate(zip(inputs, needs)):
+        grad = bool(n) and t.is_floating_point()
+        if i >= 3 and t.is_leaf and t.requires_grad and (grad or not n):
+            out.append(t)
+        else:
+            out.append(t.detach().requires_grad_(grad))
+    return out
+
+
+def _stash_put(entry: tuple) -> torch.Tensor:
+    """Keep a recorded forward; returns its token (int64 [1]), whose freeing drops the entry."""
+    i = next(_STASH_IDS)
+    token = torch.tensor([i], dtype=torch.int64)
+    _STASH[i] = entry
+    weakref.finalize(token, _STASH.pop, i, None)
+    while len(_STASH) > STASH_SIZE:               # the oldest first (dicts keep insertion order)
+        _STASH.pop(next(iter(_STASH)), None)
+    return token
+
+
+def _stash_take(token: torch.Tensor):
+    """The recorded forward of ``token`` (removed from the stash), or None."""
+    return _STASH.pop(int(token[0]), None) if token.numel() else None
+
+
+def stashed() -> int:
+    """How many recorded forwards wait for their backward (tests, diagnostics)."""
+    return len(_STASH)
+
+
 @torch.library.custom_op("maskdsl::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: List[torch.Tensor],
               scale: float, training: bool, handle: str, return_lse: bool,
-              where: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              where: str, needs: List[bool]
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, H, N, Dv] attention of the registered CompiledAttention ``handle``, its lse [B, H, N]
-    (empty [0] unless ``return_lse``), and the dropout generator's state before the call (for
-    the backward's replay). ``where`` prefixes the eager call's MaskDSLError ("na2d: ")."""
+    (empty [0] unless ``return_lse``), the dropout generator's state before the call (for a
+    recomputing backward's replay) and the stash token (empty unless some ``needs``: which of
+    q, k, v and the params the graph differentiates; then the call is recorded for the
+    backward). ``where`` prefixes the eager call's MaskDSLError ("na2d: ")."""
     attn = _lookup(handle)
     state = _rng_state(attn, training)
+    keep = any(needs)
+    inputs = [q, k, v, *params]
     try:
-        res = _with_params(attn, params, training)(q, k, v, scale=scale, return_lse=return_lse)
+        if keep:
+            with _autograd_dispatch(), torch.enable_grad():
+                inputs = _recording(inputs, needs)
+                res = _with_params(attn, inputs[3:], training)(*inputs[:3], scale=scale,
+                                                               return_lse=return_lse)
+        else:
+            res = _with_params(attn, params, training)(q, k, v, scale=scale,
+                                                       return_lse=return_lse)
     except MaskDSLError as e:
         raise MaskDSLError(f"{where}{e}") from None
     out, lse = res if return_lse else (res, q.new_empty(0, dtype=_lse_dtype(q)))
-    return _fresh(out, (q, k, v, *params)), _fresh(lse, ()), state
+    token = _NO_TOKEN.clone()
+    if keep:
+        token = _stash_put((inputs, out, lse if return_lse else None))
+        out, lse = out.detach().clone(), lse.detach().clone()
+    return _fresh(out, (q, k, v, *params)), _fresh(lse, ()), state, token
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, params, scale, training, handle, return_lse, where):
+def _attention_fake(q, k, v, params, scale, training, handle, return_lse, where, needs):
     attn = _REGISTRY.get(handle)
     n_state = 0
     state = attn.dropout_state() if attn is not None and training else None
@@ -177,7 +243,8 @@ def _attention_fake(q, k, v, params, scale, training, handle, return_lse, where)
         n_state = state.numel()
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(*(q.shape[:-1] if return_lse else (0,)), dtype=_lse_dtype(q))
-    return out, lse, torch.empty(n_state, dtype=torch.uint8)
+    return (out, lse, torch.empty(n_state, dtype=torch.uint8),
+            torch.empty(1 if any(needs) else 0, dtype=torch.int64))
 
 
 def _autograd_dispatch():
@@ -193,29 +260,39 @@ def _autograd_dispatch():
 @torch.library.custom_op("maskdsl::attention_backward", mutates_args=())
 def attention_backward(grad: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tensor,
                        k: torch.Tensor, v: torch.Tensor, params: List[torch.Tensor],
-                       rng_state: torch.Tensor, scale: float, training: bool, handle: str,
-                       needs: List[bool]) -> List[torch.Tensor]:
+                       rng_state: torch.Tensor, token: torch.Tensor, scale: float,
+                       training: bool, handle: str, needs: List[bool]) -> List[torch.Tensor]:
     """Gradients of ``maskdsl::attention`` for q, k, v and each parameter (zeros where
-    ``needs`` is False): the forward recomputed under ``enable_grad``; ``grad_lse`` (empty when
-    the forward returned no lse) is the lse output's gradient."""
+    ``needs`` is False): from the forward's recorded graph when the stash still holds
+    ``token``'s, else from the forward recomputed under ``enable_grad``; ``grad_lse`` (empty
+    when the forward returned no lse) is the lse output's gradient."""
     attn = _lookup(handle)
-    inputs = [t.detach().requires_grad_(bool(n) and t.is_floating_point())
-              for t, n in zip((q, k, v, *params), needs)]
-    generator = None
-    if rng_state.numel():
-        generator = torch.Generator()
-        generator.set_state(rng_state)
-    run = _with_params(attn, inputs[3:], training, generator=generator)
-    wanted = [t for t in inputs if t.requires_grad]
+    stashed_call = _stash_take(token)
+    if stashed_call is not None and any(n and not t.requires_grad
+                                        for t, n in zip(stashed_call[0], needs)):
+        stashed_call = None            # recorded without a gradient now asked for: recompute
+    if stashed_call is not None:
+        inputs, out, lse = stashed_call
+    else:
+        inputs = _recording([q, k, v, *params], needs)
+    wanted = [t for t, n in zip(inputs, needs) if n and t.requires_grad]
     grads = {}
     if wanted:
         with _autograd_dispatch(), torch.enable_grad():
+            if stashed_call is None:
+                generator = None
+                if rng_state.numel():
+                    generator = torch.Generator()
+                    generator.set_state(rng_state)
+                run = _with_params(attn, inputs[3:], training, generator=generator)
+                if grad_lse.numel():
+                    out, lse = run(*inputs[:3], scale=scale, return_lse=True)
+                else:
+                    out, lse = run(*inputs[:3], scale=scale), None
             if grad_lse.numel():
-                out, lse = run(*inputs[:3], scale=scale, return_lse=True)
                 found = torch.autograd.grad([out, lse], wanted, [grad, grad_lse],
                                             allow_unused=True)
             else:
-                out = run(*inputs[:3], scale=scale)
                 found = torch.autograd.grad(out, wanted, grad, allow_unused=True)
         grads = {id(t): g for t, g in zip(wanted, found)}
     return [_fresh(grads[id(t)], ()) if grads.get(id(t)) is not None else
@@ -223,28 +300,28 @@ def attention_backward(grad: torch.Tensor, grad_lse: torch.Tensor, q: torch.Tens
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad, grad_lse, q, k, v, params, rng_state, scale, training, handle,
-                             needs):
+def _attention_backward_fake(grad, grad_lse, q, k, v, params, rng_state, token, scale, training,
+                             handle, needs):
     return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, *params)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, params, scale, training, handle, return_lse, _where = inputs
-    _, _, state = output
-    ctx.save_for_backward(q, k, v, state, *params)
+    q, k, v, params, scale, training, handle, return_lse, _where, _needs = inputs
+    _, _, state, token = output
+    ctx.save_for_backward(q, k, v, state, token, *params)
     ctx.scale, ctx.training, ctx.handle, ctx.return_lse = scale, training, handle, return_lse
 
 
-def _backward(ctx, grad, grad_lse, _grad_state):
-    q, k, v, state, *params = ctx.saved_tensors
+def _backward(ctx, grad, grad_lse, _grad_state, _grad_token):
+    q, k, v, state, token, *params = ctx.saved_tensors
     nq, nk, nv, nparams = ctx.needs_input_grad[:4]
     needs = [bool(nq), bool(nk), bool(nv), *(bool(n) for n in nparams)]
     if not ctx.return_lse or grad_lse is None:
         grad_lse = grad.new_empty(0, dtype=_lse_dtype(q))
-    grads = attention_backward(grad, grad_lse, q, k, v, params, state, ctx.scale, ctx.training,
-                               ctx.handle, needs)
+    grads = attention_backward(grad, grad_lse, q, k, v, params, state, token, ctx.scale,
+                               ctx.training, ctx.handle, needs)
     out = [g if n else None for g, n in zip(grads, needs)]
-    return out[0], out[1], out[2], out[3:], None, None, None, None, None
+    return out[0], out[1], out[2], out[3:], None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -416,8 +493,12 @@ def finish(prepared, score, q, k, v, training: bool, where: str = "", return_lse
         return (out, out[..., 0].float()) if return_lse else out
     terms = score_terms(score)
     params = [getattr(terms[i], name) for i, name in fields]
-    out, lse, _ = attention(q, k, v, params, scale, bool(training), handle, bool(return_lse),
-                            where)
+    # which inputs the graph differentiates: static while Dynamo traces (it guards on grad mode
+    # and requires_grad), so the op records its call for the backward only in training graphs
+    grad_on = torch.is_grad_enabled()
+    needs = [bool(grad_on and t.requires_grad) for t in (q, k, v, *params)]
+    out, lse, _, _ = attention(q, k, v, params, scale, bool(training), handle, bool(return_lse),
+                               where, needs)
     return (out, lse) if return_lse else out
 
 
