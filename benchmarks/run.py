@@ -1,7 +1,7 @@
 """maskdsl benchmarks: one command, one table, one results file.
 
     python benchmarks/run.py                 # everything that runs on this device
-    python benchmarks/run.py --only build    # sections: build, scale, cli, tiling, attention, tiles, beyond, triton, compile, sweep
+    python benchmarks/run.py --only build    # sections: build, scale, cli, tiling, attention, tiles, beyond, triton, compile, sweep, steady
     python benchmarks/run.py --quick         # fewer repetitions, smaller attention cases
     python benchmarks/run.py --only triton --case "2-D 256x256 window 80x80"   # one case by name
 
@@ -40,6 +40,9 @@ Sections:
              faster), forward and forward+backward, at 1 and 2 threads: causal, causal &
              window(w) for w from 64 to N/2, 2-D/3-D neighborhoods, N from 256 to 16,384;
              not in the default list (about 15 minutes): run it with --only sweep.
+  steady     identical forward calls back to back (1-D 1,024 tokens, 2-D 32x32): min / median /
+             p99 / max at 1 and 2 threads, idle and with another process spinning on one core;
+             not in the default list: run it with --only steady.
   triton     (CUDA) the Triton kernel on NATTEN's published use cases and a 1M-token sliding
              window, fp16/bf16, D=128: vs dense SDPA, our flex backend and NATTEN (if
              installed), forward and forward+backward. On CPU, TRITON_INTERPRET=1 runs it on
@@ -520,6 +523,72 @@ def section_tiles(reps: int, quick: bool, rows: list):
         rows.append(row)
 
 
+# ---------------------------------------------------------------------------------- steady
+
+STEADY_CASES = [
+    ("1-D 1024 causal & window(256)", "causal() & window(256)", (1024,), 4),
+    ("1-D 1024 causal", "causal()", (1024,), 4),
+    ("2-D 32x32 neighborhood(7)", "neighborhood((7, 7))", (32, 32), 4),
+]
+
+
+def _spin(stop):
+    """Busy-loops one core until ``stop`` is set (another process holding a core)."""
+    while not stop.is_set():
+        pass
+
+
+def section_steady(rows: list, calls: int = 300):
+    """Identical forward calls back to back: min / median / p99 / max, at 1 and 2 threads,
+    with the machine idle and with another process spinning on one core."""
+    import multiprocessing as mp
+
+    print("\n== steady timings: identical forward calls (CPU, fp32, D=64, B=1), "
+          f"{calls} calls each ==")
+    print(f"{'case':32} {'thr':>3} {'load':>10} {'backend':>7} {'min':>8} {'median':>8} "
+          f"{'p99':>8} {'max':>8} {'max/med':>8}")
+    saved = torch.get_num_threads()
+    for name, spec, shape, H in STEADY_CASES:
+        if not wanted(name):
+            continue
+        p, n, q, k, v = case_inputs(spec, shape, H)
+        attn = md.compile(p, shape, H)
+        for load in ("idle", "1 core busy"):
+            stop, proc = None, None
+            if load != "idle":
+                stop = mp.Event()
+                proc = mp.Process(target=_spin, args=(stop,), daemon=True)
+                proc.start()
+                time.sleep(0.2)
+            try:
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    times = []
+                    with torch.no_grad():
+                        for _ in range(20):
+                            attn(q, k, v)
+                        for _ in range(calls):
+                            t0 = time.perf_counter()
+                            attn(q, k, v)
+                            times.append(time.perf_counter() - t0)
+                    times.sort()
+                    med = statistics.median(times)
+                    p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
+                    print(f"{name:32} {threads:>3} {load:>10} {attn.backend:>7} "
+                          f"{times[0] * 1e3:6.2f}ms {med * 1e3:6.2f}ms {p99 * 1e3:6.2f}ms "
+                          f"{times[-1] * 1e3:6.2f}ms {times[-1] / med:7.1f}x")
+                    rows.append({"section": "steady", "case": name, "threads": threads,
+                                 "load": load, "heads": H, "backend": attn.backend,
+                                 "calls": calls, "min_seconds": times[0],
+                                 "median_seconds": med, "p99_seconds": p99,
+                                 "max_seconds": times[-1]})
+            finally:
+                if proc is not None:
+                    stop.set()
+                    proc.join()
+    torch.set_num_threads(saved)
+
+
 # ---------------------------------------------------------------------------------- sweep
 
 def sweep_cases():
@@ -949,6 +1018,8 @@ def main():
         section_compile(reps, rows)
     if "sweep" in only:
         section_sweep(reps, args.quick, rows)
+    if "steady" in only:
+        section_steady(rows)
     os.makedirs(args.out, exist_ok=True)
     tag = ("cuda-" if torch.cuda.is_available() else "cpu-") + datetime.date.today().isoformat()
     path = os.path.join(args.out, f"{tag}.json")
