@@ -8,8 +8,9 @@ each key once per query tile that reads it: at a wide window that copy costs as 
 attention. Here a block of ``Bq`` queries ``[a, b)`` attends ``k[:, :, lo:hi]`` through a view,
 with an additive mask [Bq, hi - lo] evaluated from the row-major program's ``mask_mod`` (FULL
 pairs are zeros, so torch's flash kernel runs them at dense speed; the partial edges carry the
--inf entries). The masks are built once and kept with the plan when they are small
-(``MASK_CACHE_ELEMENTS``), else per block per call.
+-inf entries). The masks are built once and kept with the plan, blocks whose masks are equal
+sharing one (a sliding window has a handful of distinct ones at any length), when the distinct
+ones hold at most ``MASK_CACHE_ELEMENTS`` entries; else they are built per block per call.
 
 Taken (``band_plan``) for a program whose layout is the user's order (1-D grids, or N-D grids
 whose spans are contiguous in flat order), with one mask for every head, when its spans hold at
@@ -37,7 +38,7 @@ __all__ = ["BandPlan", "band_plan", "pays", "run_band", "run_blocks", "additive"
 # 11.1/51.0; window(512) at 4096 (1.2) gathered 30.5/107.2, band 24.6/95.2; V=64: a 2-D
 # neighborhood((7, 7)) on 64x64 (1.43) gathered 26.6/96.5, band 22.5/82.8.
 BAND_COPY = 40.0
-MASK_CACHE_ELEMENTS = 1 << 25    # the blocks' float masks kept up to this many entries in all
+MASK_CACHE_ELEMENTS = 1 << 25    # the blocks' distinct masks kept up to this many entries in all
 _BLOCKS = (256, 512, 1024)       # query block sizes tried (multiples of the 128/64 token tiles)
 
 
@@ -54,14 +55,35 @@ class BandPlan:
     def mask(self, i: int, dtype, device):
         """(additive mask [Bq, span], rows with a key [Bq, 1] or None when all have one)."""
         key = (dtype, device)
-        cached = self.masks.get(key)
+        if key not in self.masks:
+            self.masks[key] = _distinct_masks(self.program, self.blocks, dtype, device)
+        cached = self.masks[key]
         if cached is not None:
             return cached[i]
-        built = _block_mask(self.program, self.blocks[i], dtype, device)
-        if self.pairs <= MASK_CACHE_ELEMENTS:
-            self.masks[key] = [built if j == i else _block_mask(self.program, blk, dtype, device)
-                               for j, blk in enumerate(self.blocks)]
-        return built
+        return _block_mask(self.program, self.blocks[i], dtype, device)
+
+
+def _distinct_masks(program, blocks, dtype, device) -> Optional[list]:
+    """Every block's mask, blocks with equal masks sharing one tensor (a sliding window's
+    interior blocks all look alike: a handful of distinct masks for any length), or None when
+    the distinct ones would exceed ``MASK_CACHE_ELEMENTS`` entries (then built per call)."""
+    import hashlib
+
+    seen: Dict[bytes, tuple] = {}
+    out, kept = [], 0
+    for blk in blocks:
+        ok = _block_ok(program, blk, device)
+        digest = hashlib.blake2b(ok.cpu().numpy().tobytes(), digest_size=16,
+                                 person=repr(tuple(ok.shape)).encode()[:16]).digest()
+        found = seen.get(digest)
+        if found is None or not torch.equal(found[0], ok):
+            kept += ok.numel()
+            if kept > MASK_CACHE_ELEMENTS:
+                return None
+            found = (ok, *_additive_outside(ok, dtype))
+            seen.setdefault(digest, found)
+        out.append(found[1:])
+    return out
 
 
 def additive(ok: torch.Tensor, dtype):
@@ -79,13 +101,23 @@ def additive(ok: torch.Tensor, dtype):
 
 
 @outside_inference_mode       # kept with the plan: never an inference tensor
-def _block_mask(program, block, dtype, device):
+def _block_ok(program, block, device) -> torch.Tensor:
+    """bool [b - a, hi - lo]: which keys of the block's span its queries attend."""
     a, b, lo, hi = block
     mask_mod, _ = program.mods(device)
     qi = torch.arange(a, b, device=device)[:, None]
     ki = torch.arange(lo, hi, device=device)[None, :]
     ok = mask_mod(0, torch.zeros((), dtype=torch.int64, device=device), qi, ki)
-    return additive(ok.expand(b - a, hi - lo), dtype)
+    return ok.expand(b - a, hi - lo).contiguous()
+
+
+@outside_inference_mode
+def _additive_outside(ok, dtype):
+    return additive(ok, dtype)
+
+
+def _block_mask(program, block, dtype, device):
+    return additive(_block_ok(program, block, device), dtype)
 
 
 def band_plan(program) -> Optional[BandPlan]:

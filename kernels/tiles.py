@@ -346,7 +346,9 @@ def _plan_bytes(plan) -> int:
     total += sum(m.nbytes for m, _ in plan._whole_masks.values())
     bp = getattr(plan, "_band", None)
     if bp is not None:
-        total += sum(m.nbytes for masks in bp.masks.values() for m, _ in masks)
+        # blocks with equal masks share one tensor: count each once
+        kept = {id(m): m for masks in bp.masks.values() if masks for m, _ in masks}
+        total += sum(m.nbytes for m in kept.values())
     return total
 
 
