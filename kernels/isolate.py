@@ -18,6 +18,7 @@ One mechanism for every backend, run by ``CompiledAttention.__call__``:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -31,8 +32,11 @@ def nonfinite_rows(q, k, v) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     if q.device.type == "meta" or q.numel() == 0:
         return None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    total = q.sum(dtype=acc) + k.sum(dtype=acc) + v.sum(dtype=acc)
-    if bool(torch.isfinite(total)):
+    if q.device.type == "cpu":       # host reads cost nothing here: three fewer small ops
+        if math.isfinite(q.sum(dtype=acc).item() + k.sum(dtype=acc).item()
+                         + v.sum(dtype=acc).item()):
+            return None
+    elif bool(torch.isfinite(q.sum(dtype=acc) + k.sum(dtype=acc) + v.sum(dtype=acc))):
         return None
     bad_q = ~torch.isfinite(q).all(-1)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
