@@ -347,6 +347,19 @@ def evaluate(expr, env: dict):
     return ev(sp.sympify(expr))
 
 
+def _affine(e) -> bool:
+    """Whether ``e`` is c0 + c1 * Q[0] with integer c0, c1 (nothing else free)."""
+    if not isinstance(e, sp.Expr) or not e.free_symbols <= {Q[0]}:
+        return False
+    if e.is_Integer or e == Q[0]:
+        return True
+    try:
+        poly = sp.Poly(e, Q[0])
+    except sp.PolynomialError:
+        return False
+    return poly.degree() <= 1 and all(c.is_Integer for c in poly.all_coeffs())
+
+
 def tighten(expr, L: int):
     """Drop the arguments of Min/Max that never win for q in [0, L) (checked numerically, once,
     at compile time): e.g. ``Min(15, q0)`` on a dim of length 16 is ``q0``."""
@@ -366,8 +379,12 @@ def tighten(expr, L: int):
         # the allocator reuses; token-sized ones cost fresh pages at every compile)
         winners = list(range(len(expr.args)))
         reduce = np.minimum.reduce if isinstance(expr, sp.Min) else np.maximum.reduce
-        for q0 in range(0, L, 8192):
-            q = np.arange(q0, min(L, q0 + 8192), dtype=np.int64)
+        # affine arguments (q + c, c, 2q ...): the winner over [0, L) is the winner at both ends
+        ends = None
+        if all(_affine(a) for a in expr.args):
+            ends = np.array([0, L - 1], dtype=np.int64)
+        for q0 in (range(0, L, 8192) if ends is None else (0,)):
+            q = np.arange(q0, min(L, q0 + 8192), dtype=np.int64) if ends is None else ends
             vals = [np.broadcast_to(np.asarray(evaluate(a, {Q[0]: q})), q.shape)
                     for a in expr.args]
             best = reduce(vals)
