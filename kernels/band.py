@@ -18,6 +18,7 @@ most ``1 + BAND_COPY / V`` times the pairs the gathered path computes (V: its qu
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -67,8 +68,6 @@ def _distinct_masks(program, blocks, dtype, device) -> Optional[list]:
     """Every block's mask, blocks with equal masks sharing one tensor (a sliding window's
     interior blocks all look alike: a handful of distinct masks for any length), or None when
     the distinct ones would exceed ``MASK_CACHE_ELEMENTS`` entries (then built per call)."""
-    import hashlib
-
     seen: Dict[bytes, tuple] = {}
     out, kept = [], 0
     for blk in blocks:
