@@ -19,10 +19,12 @@ evaluated token by token. O(tiles + partial pairs x tile^2), never N x N.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import numpy as np
 
 from maskdsl.codegen.layout_search import row_major as layout
@@ -59,7 +61,10 @@ def bad_rows(x) -> Optional[torch.Tensor]:
     if x.numel() == 0:
         return None
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(x.sum(dtype=acc))):
+    if x.device.type == "cpu":        # a host read costs nothing here: two ops fewer
+        if math.isfinite(x.sum(dtype=acc).item()):
+            return None
+    elif bool(torch.isfinite(x.sum(dtype=acc))):
         return None
     bad = ~torch.isfinite(x).all(-1)
     return bad if bool(bad.any()) else None
@@ -128,9 +133,7 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
     # term but a sink logit applies and the inputs are finite: one fused pass per chunk
     fast = (dev.type == "cpu" and program is not None and score_mod is None and cap is None
             and not any_bad and D == Dv and q.dtype in (torch.float32, torch.float64))
-    if fast:
-        kf = kd.repeat_interleave(g, 1) if g > 1 else kd
-        vf = vd.repeat_interleave(g, 1) if g > 1 else vd
+    kf = vf = None
     sk = sink.to(device=dev, dtype=dt).reshape(1, H, 1, 1) if sink is not None else None
     outs, lses, hits = [], [], []
     for a in range(0, nq, step):
@@ -140,7 +143,20 @@ def rect_attention(program, q, k, v, q_pos, k_pos, scale: float, *, sink=None,
         allowed = valid_k.reshape(1, 1, 1, nk)
         if mask_mod is not None:
             allowed = mask_mod(0, heads, qp, kp.reshape(1, 1, 1, nk)) & allowed
+        if fast and not return_lse and sink is None:
+            # no lse wanted: SDPA itself, its GQA without copying k and v, and no mask at all
+            # when every key is allowed (a decode step over a window's ring); rows with no
+            # key go the flash way below (its stand-in key)
+            every = bool(allowed.all())
+            if every or bool(allowed.any(-1).all()):
+                outs.append(F.scaled_dot_product_attention(
+                    qd[:, :, a:b], kd, vd, attn_mask=None if every else allowed, scale=scale,
+                    enable_gqa=g > 1))
+                continue
         if fast:
+            if kf is None:
+                kf = kd.repeat_interleave(g, 1) if g > 1 else kd
+                vf = vd.repeat_interleave(g, 1) if g > 1 else vd
             o, lse = flash(qd[:, :, a:b], kf, vf, allowed, scale, sink)
             outs.append(o)
             lses.append(lse)

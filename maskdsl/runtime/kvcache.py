@@ -307,6 +307,9 @@ class KVCache:
         self._k[:, :, slot] = k
         self._v[:, :, slot] = v
         self._pos[slot] = pos
+        if self._bad is None and k.device.type == "cpu" and math.isfinite(
+                k.sum(dtype=torch.float64).item() + v.sum(dtype=torch.float64).item()):
+            return                            # all finite (one sum each: the common case)
         bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))     # [B, Hk, c]
         if bool(bad.any()) or self._bad is not None:
             if self._bad is None:
