@@ -622,3 +622,73 @@ def test_a_cache_stepped_in_random_chunks_equals_attn_or_is_refused_by_name(requ
         _assert_exact(o, by_attn[:, :, t:t + c], f"rows {t}..{t + c} vs attn()")
         t += c
         assert cache.position == t and cache.held <= cache.lookback.tokens
+
+
+def _qkv_seq(B, H, Hk, n, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, n, D, generator=g, dtype=torch.float64),
+            torch.randn(B, Hk, n, D, generator=g, dtype=torch.float64),
+            torch.randn(B, Hk, n, D, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("p", [md.causal() & (md.window(8) | md.sink(2)), md.causal()],
+                         ids=["window+sinks", "causal (unbounded)"])
+def test_crop_serves_steps_as_if_the_later_tokens_never_came(p):
+    """Assisted decoding: 40 tokens stepped, the last 4 rejected (crop(36)), 4 others stepped:
+    the outputs are the rows of attn() over the sequence with those 4 replaced."""
+    n, H, Hk, D = 48, 4, 2, 8
+    attn = md.compile(p, (n,), H)
+    q, k, v = _qkv_seq(2, H, Hk, n, D, seed=0)
+    q2, k2, v2 = _qkv_seq(2, H, Hk, n, D, seed=1)
+    cache = attn.kv_cache(2, Hk, D, torch.float64)
+    for t in range(0, 40, 5):
+        cache.step(q[:, :, t:t + 5], k[:, :, t:t + 5], v[:, :, t:t + 5])
+    cache.crop(36)
+    assert cache.position == 36
+    got = torch.cat([cache.step(q2[:, :, t:t + 1], k2[:, :, t:t + 1], v2[:, :, t:t + 1])
+                     for t in range(36, 40)], 2)
+    qf, kf, vf = (torch.cat([a[:, :, :36], b[:, :, 36:]], 2) for a, b in ((q, q2), (k, k2), (v, v2)))
+    want = attn(qf, kf, vf)[:, :, 36:40]
+    torch.testing.assert_close(got, want)
+    cache.crop(40)                  # nothing beyond the position: a no-op at it
+    assert cache.position == 40
+
+
+def test_crop_further_back_than_the_ring_and_bad_n_are_refused():
+    attn = md.compile(md.causal() & (md.window(8) | md.sink(2)), (64,), 2)
+    q, k, v = _qkv_seq(1, 2, 2, 64, 8, seed=2)
+    cache = attn.kv_cache(1, 2, 8, torch.float64)
+    for t in range(40):             # token by token: the ring holds the last 8 + 1
+        cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+    with pytest.raises(md.MaskDSLError, match=r"cache.crop: n=20: a query at position 20 attends "
+                                              r"key 19, which this cache dropped.*expected "
+                                              r"39 <= n <= 40 or n <= 2"):
+        cache.crop(20)
+    assert cache.position == 40     # a refusal changes nothing
+    for bad, msg in [(41, r"n=41: expected 0 <= n <= position \(40\)"), (-1, r"n=-1"),
+                     (3.5, r"n=3.5: expected an int"), (True, r"n=True: expected an int")]:
+        with pytest.raises(md.MaskDSLError, match=msg):
+            cache.crop(bad)
+    cache.crop(39)                  # the ring's own span
+    assert cache.position == 39
+
+
+def test_reorder_follows_beams():
+    """Beam search: rows reordered as [2, 0, 0] after 20 tokens, then stepped on: each row's
+    outputs are attn() over its beam's history followed by its own new tokens."""
+    n, H, Hk, D = 32, 2, 1, 8
+    p = md.causal() & (md.window(6) | md.sink(1))
+    attn = md.compile(p, (n,), H)
+    q, k, v = _qkv_seq(3, H, Hk, n, D, seed=3)
+    cache = attn.kv_cache(3, Hk, D, torch.float64)
+    cache.step(q[:, :, :20], k[:, :, :20], v[:, :, :20])
+    order = torch.tensor([2, 0, 0])
+    cache.reorder(order)
+    got = cache.step(q[:, :, 20:26], k[:, :, 20:26], v[:, :, 20:26])
+    qf, kf, vf = (torch.cat([x[order, :, :20], x[:, :, 20:]], 2) for x in (q, k, v))
+    torch.testing.assert_close(got, attn(qf, kf, vf)[:, :, 20:26])
+    for bad, msg in [([0, 1], r"shape \[2\].*expected 3 ints in \[0, 3\)"),
+                     ([0, 1, 3], r"indices\[2\]=3: expected a batch row in \[0, 3\)"),
+                     (torch.tensor([0.0, 1.0, 2.0]), r"dtype float32"), ("abc", r"indices='abc'")]:
+        with pytest.raises(md.MaskDSLError, match=msg):
+            cache.reorder(bad)

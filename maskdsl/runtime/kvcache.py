@@ -31,6 +31,7 @@ back after a long step.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -424,6 +425,79 @@ class KVCache:
         self._tensor("cache.set_extra", "k", k, self.kv_heads, E, self.head_dim)
         self._tensor("cache.set_extra", "v", v, self.kv_heads, E, self.head_dim_v)
         self._extra = (k.detach(), v.detach())
+
+    def crop(self, n: int):
+        """Forget the tokens from position ``n`` on (assisted decoding's rejected draft tokens, a
+        retried step): the cache then serves steps from ``n`` as one that saw tokens ``[0, n)``
+        only. ``n`` must lie in ``[0, position]``, be a whole number of granules, and need no key
+        the cache already dropped (a window's ring holds the last ``window`` tokens of the
+        position it reached: cropping further back than that is refused, naming the key)."""
+        self._sync("cache.crop")
+        t, lb = self.position, self.lookback
+        try:
+            if isinstance(n, bool):
+                raise TypeError
+            n = operator.index(n)
+        except TypeError:
+            raise MaskDSLError(f"cache.crop: n={n!r}: expected an int in [0, {t}] (the "
+                               f"position)") from None
+        if not 0 <= n <= t:
+            raise MaskDSLError(f"cache.crop: n={n}: expected 0 <= n <= position ({t})")
+        if n % lb.granule:
+            raise MaskDSLError(f"cache.crop: n={n}: expected a whole number of slabs of dim 0 "
+                               f"({lb.granule} tokens each), as steps are")
+        if n == t:
+            return
+        pos = self._pos.cpu()
+        held = torch.zeros(t, dtype=torch.bool)
+        held[pos[(pos >= 0) & (pos < t)]] = True
+        need = torch.arange(n)
+        if lb.bounded:
+            lo = n // lb.granule * lb.granule - lb.window
+            need = need[(need < lb.sinks) | (need >= lo)]
+        missing = need[~held[need]]
+        if missing.numel():
+            j = int(missing[-1])
+            gaps = torch.nonzero(~held).reshape(-1)
+            m = int(gaps[-1]) + 1                      # [m, t) is held without a gap
+            g = lb.granule
+            least = -(-(m + lb.window) // g) * g
+            raise MaskDSLError(
+                f"cache.crop: n={n}: a query at position {n} attends key {j}, which this cache "
+                f"dropped when it moved on to position {t} (it {lb}); expected {least} <= n <= "
+                f"{t}{f' or n <= {lb.sinks // g * g}' if lb.sinks >= g else ''}, or reset() "
+                f"and step again")
+        self._pos[self._pos >= n] = -1
+        self.position = n
+
+    def reorder(self, indices):
+        """Batch row ``i`` becomes the old row ``indices[i]`` (beam search: transformers'
+        ``reorder_cache(beam_idx)``); the extra keys of ``set_extra`` too. ``indices``: B ints in
+        ``[0, B)`` (a list, or an integer tensor on any device)."""
+        B = self.batch
+        try:
+            idx = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError):
+            raise MaskDSLError(f"cache.reorder: indices={indices!r}: expected {B} ints in "
+                               f"[0, {B})") from None
+        if idx.dim() != 1 or idx.numel() != B or idx.dtype.is_floating_point or \
+                idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise MaskDSLError(f"cache.reorder: indices of shape {list(idx.shape)} and dtype "
+                               f"{str(idx.dtype).replace('torch.', '')}: expected {B} ints in "
+                               f"[0, {B}) (one per batch row)")
+        idx = idx.to(torch.int64).cpu()
+        bad = (idx < 0) | (idx >= B)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise MaskDSLError(f"cache.reorder: indices[{i}]={int(idx[i])}: expected a batch "
+                               f"row in [0, {B})")
+        idx = idx.to(self.device)
+        if self._k is not None:
+            self._k, self._v = self._k.index_select(0, idx), self._v.index_select(0, idx)
+            if self._bad is not None:
+                self._bad = self._bad.index_select(0, idx)
+        if self._extra is not None:
+            self._extra = tuple(x.index_select(0, idx) for x in self._extra)
 
     def append(self, k, v):
         """Store k, v [B, kv_heads, c, D] of the next c tokens without attending (a prompt
