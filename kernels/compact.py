@@ -30,7 +30,7 @@ torch does not check overlap this irregular); ``.contiguous()`` materialises one
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from torch.nn.attention.flex_attention import BlockMask, _sliced_mask_mod_error
 
 from maskdsl._memory import check_allocation
 
-__all__ = ["CompactBlockMask", "compact_from_rows", "compact_from_entries", "tables_of"]
+__all__ = ["CompactBlockMask", "compact_from_entries", "tables_from_classes", "tables_of"]
 
 
 def _view(storage: torch.Tensor, lead: Sequence[int], R: int, C: int, W: int) -> torch.Tensor:
@@ -56,24 +56,6 @@ def _buffer_len(rows: int, C: int, W: int) -> int:
     return rows * W + max(C - W, 0) + 1
 
 
-def compact_from_rows(counts: List[np.ndarray], cols: List[np.ndarray], C: int, device
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(num int32 [1, H, R], compact indices [1, H, R, C]) from per-head CSR rows: ``counts[h]``
-    [R] entries per row, ``cols[h]`` the key blocks row by row."""
-    H, R = len(counts), len(counts[0])
-    W = max(1, max((int(c.max()) if len(c) else 0) for c in counts))
-    check_allocation(f"a BlockMask table of {H} x {R} rows of up to {W} blocks",
-                     4 * _buffer_len(H * R, C, W), "use backend='triton' or 'tiles' (no BlockMask)")
-    buf = np.zeros(_buffer_len(H * R, C, W), np.int32)
-    for h, (cnt, col) in enumerate(zip(counts, cols)):
-        if len(col):
-            starts = np.cumsum(cnt) - cnt
-            row = np.repeat(np.arange(R), cnt)
-            buf[(h * R + row) * W + np.arange(len(col)) - starts[row]] = col
-    num = torch.from_numpy(np.stack(counts).astype(np.int32))[None].to(device)
-    return num, _view(torch.from_numpy(buf).to(device), (1, H), R, C, W)
-
-
 def compact_from_entries(lead: Sequence[int], R: int, C: int, flat: torch.Tensor, row: torch.Tensor,
                          col: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Tables from entries (leading index ``flat`` into ``lead``, ``row``, ``col``), sorted
@@ -86,12 +68,32 @@ def compact_from_entries(lead: Sequence[int], R: int, C: int, flat: torch.Tensor
     grow = torch.div(key, C, rounding_mode="floor")               # flat * R + row
     num = torch.bincount(grow, minlength=G * R)[:G * R]
     W = max(1, int(num.max())) if num.numel() else 1
+    check_allocation(f"a BlockMask table of {G} x {R} rows of up to {W} blocks",
+                     4 * _buffer_len(G * R, C, W), "use backend='triton' or 'tiles' (no BlockMask)")
     starts = torch.cumsum(num, 0) - num
     buf = torch.zeros(_buffer_len(G * R, C, W), dtype=torch.int32, device=device)
     if col.numel():
         pos = torch.arange(col.numel(), device=device) - starts[grow]
         buf[grow * W + pos] = col.to(torch.int32)
     return num.to(torch.int32).reshape(*lead, R), _view(buf, lead, R, C, W)
+
+
+def tables_from_classes(classes, which: int, C: int, device, q_side: bool = True) -> list:
+    """(kv num, kv idx, q num, q idx) of the entries of class ``which`` of per-head sparse tile
+    classes (``codegen.tileclasses.TileClasses``, one per head; ``C`` key tiles), built on the
+    host and moved to ``device``; the q side is None unless ``q_side``."""
+    flat, row, col = [], [], []
+    for h, c in enumerate(classes):
+        sel = c.cls == which
+        row.append(c.rows()[sel])
+        col.append(np.asarray(c.indices)[sel])
+        flat.append(np.full(len(row[-1]), h, np.int64))
+    flat, row, col = (torch.from_numpy(np.concatenate(x).astype(np.int64))
+                      for x in (flat, row, col))
+    R, lead = classes[0].Tq, (1, len(classes))
+    out = list(compact_from_entries(lead, R, C, flat, row, col))
+    out += compact_from_entries(lead, C, R, flat, col, row) if q_side else [None, None]
+    return [None if t is None else _move(t, device) for t in out]
 
 
 def _entries(num: torch.Tensor, idx: torch.Tensor, select=None):
@@ -141,7 +143,7 @@ class CompactBlockMask(BlockMask):
     flex_attention takes it as it is."""
 
     def _tables(self, rows=None, cols=None, select=None):
-        R, C = self.kv_num_blocks.shape[-1], self.kv_indices.shape[-1]
+        C = self.kv_indices.shape[-1]
         out = []
         for num, idx in ((self.kv_num_blocks, self.kv_indices),
                          (self.full_kv_num_blocks, self.full_kv_indices)):

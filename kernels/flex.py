@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
-import numpy as np
 import torch
 
 from maskdsl._caching import LRU, outside_inference_mode
@@ -77,26 +76,13 @@ def block_mask(program: Program, device="cpu", compute_q_blocks: bool = True,
     found = _BLOCK_MASKS.get(key)
     if found is not None:
         return found
-    from .compact import CompactBlockMask, compact_from_rows  # deferred with flex's import
+    from .compact import CompactBlockMask, tables_from_classes  # deferred with flex's import
 
     heads = [r.classes.distinct[0]] if r.classes.shared else [r.classes.head(h) for h in range(r.heads)]
     T = r.layout.n_tiles
-
-    def tables(classes):
-        """Per class (PARTIAL, FULL): compact (num, indices), the indices as wide as the
-        longest row (kernels/compact.py)."""
-        out = []
-        for which in (PARTIAL, FULL):
-            sel = [c.cls == which for c in classes]
-            counts = [np.bincount(c.rows()[s], minlength=c.Tq) for c, s in zip(classes, sel)]
-            out += compact_from_rows(counts, [c.indices[s] for c, s in zip(classes, sel)], T, device)
-        return out
-
-    kv_num, kv_idx, fkv_num, fkv_idx = tables(heads)
-    if compute_q_blocks:
-        q_num, q_idx, fq_num, fq_idx = tables([c.transpose() for c in heads])
-    else:
-        q_num = q_idx = fq_num = fq_idx = None
+    kv_num, kv_idx, q_num, q_idx = tables_from_classes(heads, PARTIAL, T, device, compute_q_blocks)
+    fkv_num, fkv_idx, fq_num, fq_idx = tables_from_classes(heads, FULL, T, device,
+                                                           compute_q_blocks)
     mask_mod, _ = program.mods(device, flex=True)
     bm = CompactBlockMask((n, n), kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
                           BLOCK_SIZE=(r.block, r.block), mask_mod=mask_mod)
