@@ -31,7 +31,7 @@ import torch
 from maskdsl._caching import LRU, function_key
 from maskdsl._errors import MaskDSLError
 from maskdsl.dsl.pattern import check_key_range_result, check_mask_result
-from .ir import (K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, FnFlat,
+from .ir import (CHUNK, K, KF, Q, QF, AndN, Const, DimRange, DocumentFlat, Flat, FnFlat,
     NotN, OrN, PowerFlat, RadialFlat, Sep, SinkFlat, contains, evaluate, predicate)
 from .printer_torch import emit_function, exec_source
 from .tileclasses import EMPTY, FULL, PARTIAL, UNDECIDED, TileClasses, combine, kron
@@ -128,7 +128,7 @@ class _TileSets:
         min_hi, max_hi = np.empty(T, np.int64), np.empty(T, np.int64)
         all_have = np.empty(T, bool)
         big = np.iinfo(np.int64).max
-        ct = max(1, _CHUNK_TOKENS // B)
+        ct = max(1, CHUNK // B)
         for t0 in range(0, T, ct):
             t1 = min(T, t0 + ct)
             lo_t, hi_t = _tile_ranges(dr, np.arange(t0, t1), B, L)
@@ -156,7 +156,7 @@ class _TileSets:
         # undecided boundary pairs: count exactly (a few per row for banded patterns), a chunk
         # of pairs at a time
         und = np.nonzero(~full & ~empty)[0]
-        cp = max(1, _CHUNK_TOKENS // B)
+        cp = max(1, CHUNK // B)
         for u0 in range(0, len(und), cp):
             u = und[u0:u0 + cp]
             ii = i_idx[u]
@@ -541,9 +541,6 @@ def _count_pow2_or_zero(dmin: np.ndarray, dmax: np.ndarray) -> np.ndarray:
     f_hi = _floor_log2(np.maximum(dmax, 1))
     f_below = np.where(lo > 1, _floor_log2(np.maximum(lo - 1, 1)), -1)
     return zero + np.where(ok, f_hi - f_below, 0)
-
-
-_CHUNK_TOKENS = 8192     # token-sized work in pieces of this many (64 KB int64 arrays)
 
 
 def _tile_ranges(dr: DimRange, tiles: np.ndarray, B: int, L: int):

@@ -347,6 +347,10 @@ def evaluate(expr, env: dict):
     return ev(sp.sympify(expr))
 
 
+CHUNK = 8192     # numeric compile-time work over coordinates in pieces of this many (64 KB
+                 # int64 arrays the allocator reuses; token-sized ones cost fresh pages each time)
+
+
 def _affine(e) -> bool:
     """Whether ``e`` is c0 + c1 * Q[0] with integer c0, c1 (nothing else free)."""
     if not isinstance(e, sp.Expr) or not e.free_symbols <= {Q[0]}:
@@ -375,16 +379,15 @@ def tighten(expr, L: int):
     else:
         expr = expr.func(*args)
     if isinstance(expr, (sp.Min, sp.Max)):
-        # the arguments that win everywhere, checked over q in pieces of 8,192 (small arrays
-        # the allocator reuses; token-sized ones cost fresh pages at every compile)
+        # the arguments that win everywhere, checked over q a CHUNK at a time
         winners = list(range(len(expr.args)))
         reduce = np.minimum.reduce if isinstance(expr, sp.Min) else np.maximum.reduce
         # affine arguments (q + c, c, 2q ...): the winner over [0, L) is the winner at both ends
         ends = None
         if all(_affine(a) for a in expr.args):
             ends = np.array([0, L - 1], dtype=np.int64)
-        for q0 in (range(0, L, 8192) if ends is None else (0,)):
-            q = np.arange(q0, min(L, q0 + 8192), dtype=np.int64) if ends is None else ends
+        for q0 in (range(0, L, CHUNK) if ends is None else (0,)):
+            q = np.arange(q0, min(L, q0 + CHUNK), dtype=np.int64) if ends is None else ends
             vals = [np.broadcast_to(np.asarray(evaluate(a, {Q[0]: q})), q.shape)
                     for a in expr.args]
             best = reduce(vals)
@@ -701,30 +704,31 @@ def contains(n, cls) -> bool:
     return any(contains(c, cls) for c in kids)
 
 
+def _as_given(cls, args, unit, absorbing):
+    """``cls`` over ``args`` kept in order: ``unit`` arguments dropped, an ``absorbing`` one
+    decides, none left is ``unit``, one left is itself."""
+    args = [a for a in args if a is not unit]
+    if any(a is absorbing for a in args):
+        return absorbing
+    if not args:
+        return unit
+    return args[0] if len(args) == 1 else sp.Basic.__new__(cls, *args)
+
+
 class AllOf(sp.And):
     """An And that keeps its arguments as given: sympy's And canonicalises and sorts every
     relational argument to drop duplicates, most of a small mask_mod's generation time; the IR
     is simplified already. Prints, substitutes and compares like And."""
 
     def __new__(cls, *args):
-        args = [a for a in args if a is not sp.true]
-        if any(a is sp.false for a in args):
-            return sp.false
-        if not args:
-            return sp.true
-        return args[0] if len(args) == 1 else sp.Basic.__new__(cls, *args)
+        return _as_given(cls, args, sp.true, sp.false)
 
 
 class AnyOf(sp.Or):
     """An Or that keeps its arguments as given (see :class:`AllOf`)."""
 
     def __new__(cls, *args):
-        args = [a for a in args if a is not sp.false]
-        if any(a is sp.true for a in args):
-            return sp.true
-        if not args:
-            return sp.false
-        return args[0] if len(args) == 1 else sp.Basic.__new__(cls, *args)
+        return _as_given(cls, args, sp.false, sp.true)
 
 
 def predicate(n, coords_q, coords_k, qf, kf) -> sp.Basic:
