@@ -23,7 +23,20 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["nonfinite_rows", "sanitize", "poison", "poison_lse"]
+__all__ = ["all_finite", "nonfinite_rows", "sanitize", "poison", "poison_lse"]
+
+
+def all_finite(*xs: torch.Tensor) -> bool:
+    """Whether every entry of ``xs`` is finite: one sum each (a finite total means all are; a
+    false alarm from an overflowing sum is for the caller's row check to clear) and one host
+    read (on CPU a read per sum costs nothing and saves the adds and the isfinite)."""
+    xs = [x for x in xs if x.numel()]
+    if not xs:
+        return True
+    acc = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    if xs[0].device.type == "cpu":
+        return math.isfinite(sum(x.sum(dtype=acc).item() for x in xs))
+    return bool(torch.isfinite(sum(x.sum(dtype=acc) for x in xs)))
 
 
 def nonfinite_rows(q, k, v) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
@@ -31,12 +44,7 @@ def nonfinite_rows(q, k, v) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     (bad_q [B, H, N], bad_kv [B, H_kv, N]): the rows of q, and of k or v, holding a NaN or inf."""
     if q.device.type == "meta" or q.numel() == 0:
         return None
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if q.device.type == "cpu":       # host reads cost nothing here: three fewer small ops
-        if math.isfinite(q.sum(dtype=acc).item() + k.sum(dtype=acc).item()
-                         + v.sum(dtype=acc).item()):
-            return None
-    elif bool(torch.isfinite(q.sum(dtype=acc) + k.sum(dtype=acc) + v.sum(dtype=acc))):
+    if all_finite(q, k, v):
         return None
     bad_q = ~torch.isfinite(q).all(-1)
     bad_kv = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))

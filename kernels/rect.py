@@ -19,7 +19,6 @@ evaluated token by token. O(tiles + partial pairs x tile^2), never N x N.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +31,7 @@ from maskdsl.codegen.program import BLOCK_SIZE, Program
 from maskdsl.codegen.recipe import varies_per_head
 from maskdsl.codegen.tileclasses import FULL
 from maskdsl.dsl.score import Softcap, per_head_tensor, score_terms
-from .isolate import poison, poison_lse, sanitize
+from .isolate import all_finite, poison, poison_lse, sanitize
 from .softmax import FlashLSE, add_sink, flash, softmax
 
 __all__ = ["plain_program", "rect_attention", "tiled_rect", "run_range", "dense_stripe",
@@ -60,11 +59,7 @@ def bad_rows(x) -> Optional[torch.Tensor]:
     """bool [B, H, n]: rows of x holding a NaN or inf; None when all are finite (one sum)."""
     if x.numel() == 0:
         return None
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.device.type == "cpu":        # a host read costs nothing here: two ops fewer
-        if math.isfinite(x.sum(dtype=acc).item()):
-            return None
-    elif bool(torch.isfinite(x.sum(dtype=acc))):
+    if all_finite(x):
         return None
     bad = ~torch.isfinite(x).all(-1)
     return bad if bool(bad.any()) else None

@@ -41,6 +41,7 @@ from maskdsl._errors import MaskDSLError
 from maskdsl._memory import check_allocation, guarded
 from maskdsl.dsl.inputs import FLOATS, check_call, check_count, check_device
 from maskdsl.dsl.score import Dropout, score_extras, score_terms
+from maskdsl.kernels.isolate import all_finite
 from maskdsl.kernels.softmax import combine
 from maskdsl.kernels.rect import dense_stripe, rect_attention, softcap_values
 from .rect import reach_of, row_major
@@ -308,9 +309,8 @@ class KVCache:
         self._k[:, :, slot] = k
         self._v[:, :, slot] = v
         self._pos[slot] = pos
-        if self._bad is None and k.device.type == "cpu" and math.isfinite(
-                k.sum(dtype=torch.float64).item() + v.sum(dtype=torch.float64).item()):
-            return                            # all finite (one sum each: the common case)
+        if self._bad is None and all_finite(k, v):
+            return                            # the common case: nothing to remember
         bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))     # [B, Hk, c]
         if bool(bad.any()) or self._bad is not None:
             if self._bad is None:
@@ -327,6 +327,13 @@ class KVCache:
         self._ensure(p0 + n_sink if n_sink else 0, (lb.window + room) if c > n_sink else 0,
                      p0 - lb.window)
         self._put(k, v, torch.arange(p0, p0 + c, device=self.device))
+
+    def _held_before(self, t: int) -> torch.Tensor:
+        """bool [t] on the host: which of the positions 0 .. t - 1 have a slot."""
+        held = torch.zeros(t, dtype=torch.bool)
+        pos = self._pos.cpu()
+        held[pos[(pos >= 0) & (pos < t)]] = True
+        return held
 
     # ------------------------------------------------------------------ the structure now
     def _sync(self, where: str):
@@ -351,10 +358,7 @@ class KVCache:
                 f"position 0")
         if t:
             last_query = reach_of(attn).last_query[:t]
-            held = torch.zeros(t, dtype=torch.bool)
-            pos = self._pos.cpu()
-            held[pos[(pos >= 0) & (pos < t)]] = True
-            missing = torch.nonzero((last_query >= t) & ~held).reshape(-1)
+            missing = torch.nonzero((last_query >= t) & ~self._held_before(t)).reshape(-1)
             if missing.numel():
                 j = int(missing[0])
                 i = _first_query(attn, j, t, int(last_query[j]))
@@ -448,9 +452,7 @@ class KVCache:
                                f"({lb.granule} tokens each), as steps are")
         if n == t:
             return
-        pos = self._pos.cpu()
-        held = torch.zeros(t, dtype=torch.bool)
-        held[pos[(pos >= 0) & (pos < t)]] = True
+        held = self._held_before(t)
         need = torch.arange(n)
         if lb.bounded:
             lo = n // lb.granule * lb.granule - lb.window
