@@ -64,6 +64,7 @@ class BandPlan:
         return _block_mask(self.program, self.blocks[i], dtype, device)
 
 
+@outside_inference_mode       # kept with the plan: never an inference tensor
 def _distinct_masks(program, blocks, dtype, device) -> Optional[list]:
     """Every block's mask, blocks with equal masks sharing one tensor (a sliding window's
     interior blocks all look alike: a handful of distinct masks for any length), or None when
@@ -79,7 +80,7 @@ def _distinct_masks(program, blocks, dtype, device) -> Optional[list]:
             kept += ok.numel()
             if kept > MASK_CACHE_ELEMENTS:
                 return None
-            found = (ok, *_additive_outside(ok, dtype))
+            found = (ok, *additive(ok, dtype))
             seen.setdefault(digest, found)
         out.append(found[1:])
     return out
@@ -99,7 +100,6 @@ def additive(ok: torch.Tensor, dtype):
     return mask, rows
 
 
-@outside_inference_mode       # kept with the plan: never an inference tensor
 def _block_ok(program, block, device) -> torch.Tensor:
     """bool [b - a, hi - lo]: which keys of the block's span its queries attend."""
     a, b, lo, hi = block
@@ -108,11 +108,6 @@ def _block_ok(program, block, device) -> torch.Tensor:
     ki = torch.arange(lo, hi, device=device)[None, :]
     ok = mask_mod(0, torch.zeros((), dtype=torch.int64, device=device), qi, ki)
     return ok.expand(b - a, hi - lo).contiguous()
-
-
-@outside_inference_mode
-def _additive_outside(ok, dtype):
-    return additive(ok, dtype)
 
 
 def _block_mask(program, block, dtype, device):
