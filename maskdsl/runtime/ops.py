@@ -170,14 +170,9 @@ def _recording(inputs: list, needs) -> list:
     """The inputs a recorded call runs on: q, k, v detached, requiring grad where needed; a
     score parameter that is a leaf already requiring grad (the module's own ``Parameter``) as
     itself, so the call keeps its object's prepared state (``_with_params``), others detached."""
-    out = []
-    for i, (t, n) in enumerate(zip(inputs, needs)):
-        grad = bool(n) and t.is_floating_point()
-        if i >= 3 and t.is_leaf and t.requires_grad and (grad or not n):
-            out.append(t)
-        else:
-            out.append(t.detach().requires_grad_(grad))
-    return out
+    return [t if i >= 3 and t.is_leaf and t.requires_grad else
+            t.detach().requires_grad_(bool(n) and t.is_floating_point())
+            for i, (t, n) in enumerate(zip(inputs, needs))]
 
 
 def _stash_put(entry: tuple) -> torch.Tensor:
